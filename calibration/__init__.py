@@ -1,0 +1,1 @@
+"""Scanner calibration: profiles, dark/gain/bad-pixel correction and conditioning of raw frames."""

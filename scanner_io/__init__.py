@@ -1,0 +1,1 @@
+"""Scanner I/O: frame model, wire codec, sources, MCAP recording and replay, THz simulator."""

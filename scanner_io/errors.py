@@ -1,0 +1,68 @@
+"""The one exception tree of thzedge.
+
+It lives in the bottom layer so every package can raise from it. Messages say what was
+expected, what was found and what to do; the CLI prints them as one line with no traceback.
+"""
+
+from __future__ import annotations
+
+# Exit codes follow sysexits, as systemd units and shell scripts expect (operations.md §7.3).
+EXIT_USER_ERROR = 1
+EXIT_USAGE = 2
+EXIT_DATA = 65
+EXIT_UNAVAILABLE = 69
+EXIT_SOFTWARE = 70
+EXIT_CONFIG = 78
+
+
+class ThzEdgeError(Exception):
+    """Base of every error thzedge raises on purpose; carries the CLI exit code."""
+
+    exit_code: int = EXIT_USER_ERROR
+
+
+class ConfigError(ThzEdgeError):
+    """A configuration file or setting is invalid (exit 78: systemd must not restart)."""
+
+    exit_code = EXIT_CONFIG
+
+
+class DataError(ThzEdgeError):
+    """Input data (a recording, a dataset, an image) is malformed."""
+
+    exit_code = EXIT_DATA
+
+
+class FrameDecodeError(DataError):
+    """A frame on the wire or in a recording is malformed; `reason` is a short metric label."""
+
+    reason: str = "malformed"
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+
+class SourceUnavailableError(ThzEdgeError):
+    """A frame source cannot be opened or named."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+class BundleError(ThzEdgeError):
+    """A model bundle is missing, incomplete, tampered with or of an unknown format."""
+
+
+class CheckpointError(ThzEdgeError):
+    """A research checkpoint cannot be imported (layout, keys, shapes, unsafe pickle)."""
+
+
+class CalibrationError(ThzEdgeError):
+    """A calibration profile is missing, invalid or does not match the scanner."""
+
+
+class MissingDependencyError(ThzEdgeError):
+    """An optional dependency (torch, tensorrt, pycuda, …) is not installed; says what to install."""
+
+    exit_code = EXIT_UNAVAILABLE

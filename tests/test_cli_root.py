@@ -1,0 +1,47 @@
+"""The root CLI: help works without extras, errors are one line with the right exit code."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from edge.cli import main
+from scanner_io.errors import EXIT_CONFIG, ConfigError
+
+
+def test_help_lists_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "thzedge" in out
+
+
+def test_usage_error_exits_2(capsys):
+    assert main(["no-such-command"]) == 2
+
+
+def test_console_script_runs_version():
+    out = subprocess.run(
+        [sys.executable, "-m", "edge", "version"], capture_output=True, text=True, check=True
+    )
+    from edge import __version__
+
+    assert out.stdout.strip() == __version__
+
+
+def test_thzedge_error_is_one_line_without_traceback(capsys):
+    import typer
+
+    from edge.cli import app
+
+    @app.command("_boom", hidden=True)
+    def _boom() -> None:
+        raise ConfigError("bad key 'x'; did you mean 'y'?")
+
+    try:
+        assert main(["_boom"]) == EXIT_CONFIG
+    finally:
+        app.registered_commands = [c for c in app.registered_commands if c.name != "_boom"]
+    err = capsys.readouterr().err
+    assert err.strip() == "thzedge: error: bad key 'x'; did you mean 'y'?"
+    assert "Traceback" not in err
+    assert typer  # imported to make sure typer is present
