@@ -14,6 +14,8 @@ import numpy as np
 PROTOCOL_VERSION = 1
 # Raw scanners deliver counts (uint16, sometimes uint8) or already-scaled float32 power.
 ALLOWED_DTYPES: tuple[str, ...] = ("uint8", "uint16", "float32")
+# Posture classes in the research model's index order; file codes b<k>b / n<k>n use k = index + 1.
+POSTURES: tuple[str, ...] = ("Front", "Left", "Right", "Up", "Down")
 
 
 @dataclass(frozen=True)
