@@ -1,0 +1,312 @@
+"""Evaluation of a model bundle on a research-format dataset: verification, posture, reconstruction.
+
+The metric functions are pure numpy so that the quantization gate and the demo-model checks can
+score arrays they already hold. `evaluate` runs a `Runner` over a triplet CSV and returns an
+`EvalReport`; `collect_outputs` + `report_from_outputs` split that in two for callers (the INT8
+gate) that also need the raw outputs.
+
+Conventions (docs/eval.md has the full text):
+- distances are Euclidean between unit embeddings (0..2; ranks pairs as cosine does);
+- a threshold `t` on distance **accepts a pair when d <= t**; FAR = share of negative pairs
+  accepted, FRR = share of positive pairs rejected, TAR = 1 - FRR;
+- SSIM follows pytorch_msssim (11x11 Gaussian window, sigma 1.5, valid filtering, K1=0.01,
+  K2=0.03, data range 1); PSNR = 20*log10(1/sqrt(MSE)).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from scanner_io.errors import ThzEdgeError
+from scanner_io.frame import POSTURES
+
+#: margin of the research "margin satisfied" rate: d(a,p) + MARGIN < d(a,n)
+MARGIN = 0.2
+#: false-accept rate at which TAR is reported
+FAR_TARGET = 0.01
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_K1 = 0.01
+SSIM_K2 = 0.03
+#: PSNR of a sample is capped here before averaging (a perfect reconstruction is +inf dB)
+PSNR_CAP_DB = 100.0
+ROUTINGS = ("predicted", "truth")
+
+
+# ---------------------------------------------------------------------------------------------
+# verification
+
+
+def _distances(name: str, d: Any) -> np.ndarray:
+    arr = np.asarray(d, dtype=np.float64).reshape(-1)
+    if arr.size == 0:
+        raise ThzEdgeError(f"{name}: no distances given; need at least one")
+    if not np.all(np.isfinite(arr)):
+        raise ThzEdgeError(f"{name}: distances contain NaN or inf")
+    return arr
+
+
+def pair_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Return the Euclidean distance between matching rows of two [N, D] embedding arrays (float64)."""
+    a64 = np.asarray(a, dtype=np.float64)
+    b64 = np.asarray(b, dtype=np.float64)
+    if a64.shape != b64.shape or a64.ndim != 2:
+        raise ThzEdgeError(f"embeddings must both be [N, D]; got {a64.shape} and {b64.shape}")
+    return np.sqrt(np.sum((a64 - b64) ** 2, axis=1))
+
+
+def roc_auc(d_pos: Any, d_neg: Any) -> float:
+    """Return ROC AUC = P(a negative pair is farther than a positive pair), ties counted half."""
+    pos = _distances("d_pos", d_pos)
+    neg = _distances("d_neg", d_neg)
+    values = np.concatenate([neg, pos])
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    # Average 1-based ranks within ties (Mann-Whitney U).
+    avg_rank = np.cumsum(counts) - (counts - 1) / 2.0
+    ranks = avg_rank[inverse]
+    u_neg = ranks[: neg.size].sum() - neg.size * (neg.size + 1) / 2.0
+    return float(u_neg / (neg.size * pos.size))
+
+
+def error_rates(d_pos: Any, d_neg: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (thresholds, FAR, FRR) at every distinct distance, accepting a pair when d <= threshold."""
+    pos = np.sort(_distances("d_pos", d_pos))
+    neg = np.sort(_distances("d_neg", d_neg))
+    thresholds = np.unique(np.concatenate([pos, neg]))
+    far = np.searchsorted(neg, thresholds, side="right") / neg.size
+    frr = 1.0 - np.searchsorted(pos, thresholds, side="right") / pos.size
+    return thresholds, far, frr
+
+
+def _eer_point(d_pos: Any, d_neg: Any) -> tuple[float, float]:
+    thresholds, far, frr = error_rates(d_pos, d_neg)
+    k = int(np.argmax(far >= frr))  # FAR rises and FRR falls with t; at the largest t FAR = 1 >= FRR = 0
+    if far[k] == frr[k]:
+        # Exact equality holds for every t in [thresholds[k], thresholds[k+1]); take its middle so a
+        # stored threshold sits inside the gap, not on a sample.
+        upper = thresholds[k + 1] if k + 1 < thresholds.size else thresholds[k]
+        return float(far[k]), float((thresholds[k] + upper) / 2.0)
+    # The ROC steps over the diagonal between the operating point before thresholds[k] and the
+    # one at it: interpolate linearly along that segment (the usual ROC-curve EER).
+    if k == 0:
+        far0, frr0, t0 = 0.0, 1.0, thresholds[0]
+    else:
+        far0, frr0, t0 = far[k - 1], frr[k - 1], thresholds[k - 1]
+    gap0 = frr0 - far0  # > 0
+    gap1 = frr[k] - far[k]  # < 0
+    alpha = gap0 / (gap0 - gap1)
+    eer = far0 + alpha * (far[k] - far0)
+    return float(eer), float(t0 + alpha * (thresholds[k] - t0))
+
+
+def equal_error_rate(d_pos: Any, d_neg: Any) -> float:
+    """Return the EER: the rate where FAR equals FRR (linear interpolation on the ROC steps)."""
+    return _eer_point(d_pos, d_neg)[0]
+
+
+def threshold_at_eer(d_pos: Any, d_neg: Any) -> float:
+    """Return the distance threshold at the EER point (accept when d <= threshold)."""
+    return _eer_point(d_pos, d_neg)[1]
+
+
+def threshold_at_far(d_pos: Any, d_neg: Any, far: float) -> float:
+    """Return the threshold giving the highest TAR with FAR <= `far` on these pairs (accept when d <= t).
+
+    At most floor(far * n_neg) negative pairs are accepted. Every threshold between the largest
+    distance below the first rejected negative and that negative gives the same FAR and TAR on
+    these data; the midpoint of that interval is returned so float rounding cannot flip a sample.
+    """
+    if not 0.0 <= far <= 1.0:
+        raise ThzEdgeError(f"target FAR must be in [0, 1]; got {far}")
+    pos = _distances("d_pos", d_pos)
+    neg = np.sort(_distances("d_neg", d_neg))
+    allowed = int(math.floor(far * neg.size + 1e-9))
+    if allowed >= neg.size:
+        return float(max(pos.max(), neg.max()))
+    first_rejected = neg[allowed]
+    everything = np.concatenate([pos, neg])
+    below = everything[everything < first_rejected]
+    # With ties, negatives equal to first_rejected are rejected too: FAR may end below the target.
+    lower = below.max() if below.size else first_rejected - 1e-3
+    return float((lower + first_rejected) / 2.0)
+
+
+def verification_metrics(
+    d_pos: Any, d_neg: Any, margin: float = MARGIN, far: float = FAR_TARGET
+) -> dict[str, float | int]:
+    """Score triplets from their anchor-positive and anchor-negative distances (paired by index).
+
+    Returns triplet accuracy (d_pos < d_neg), margin rate (d_pos + margin < d_neg), ROC AUC, EER
+    and its threshold, TAR at the target FAR and its threshold, and distance statistics.
+    """
+    pos = _distances("d_pos", d_pos)
+    neg = _distances("d_neg", d_neg)
+    if pos.shape != neg.shape:
+        raise ThzEdgeError(f"d_pos and d_neg must pair up; got {pos.size} and {neg.size} distances")
+    eer, t_eer = _eer_point(pos, neg)
+    t_far = threshold_at_far(pos, neg, far)
+    return {
+        "n": int(pos.size),
+        "triplet_accuracy": float(np.mean(pos < neg)),
+        "margin_rate": float(np.mean(pos + margin < neg)),
+        "margin": float(margin),
+        "roc_auc": roc_auc(pos, neg),
+        "eer": eer,
+        "threshold_eer": t_eer,
+        "far_target": float(far),
+        "tar_at_far": float(np.mean(pos <= t_far)),
+        "far_achieved": float(np.mean(neg <= t_far)),
+        "threshold_far": t_far,
+        "d_pos_mean": float(pos.mean()),
+        "d_pos_std": float(pos.std()),
+        "d_neg_mean": float(neg.mean()),
+        "d_neg_std": float(neg.std()),
+        "gap": float(neg.mean() - pos.mean()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# posture
+
+
+def confusion_matrix(y_true: Any, y_pred: Any, n_classes: int = len(POSTURES)) -> np.ndarray:
+    """Return the [K, K] confusion matrix: rows are true classes, columns predicted ones."""
+    t = np.asarray(y_true).reshape(-1).astype(np.int64)
+    p = np.asarray(y_pred).reshape(-1).astype(np.int64)
+    if t.shape != p.shape:
+        raise ThzEdgeError(f"labels and predictions differ in length: {t.size} vs {p.size}")
+    for name, arr in (("true label", t), ("prediction", p)):
+        bad = (arr < 0) | (arr >= n_classes)
+        if bad.any():
+            raise ThzEdgeError(f"{name} {int(arr[bad][0])} is outside 0..{n_classes - 1}")
+    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(cm, (t, p), 1)
+    return cm
+
+
+def posture_metrics(
+    y_true: Any, y_pred: Any, confidence: Any | None = None, n_classes: int = len(POSTURES)
+) -> dict[str, Any]:
+    """Score posture predictions: accuracy, per-class and macro F1, confusion matrix, mean confidence.
+
+    Macro F1 averages the F1 of every class that occurs in the truth or the predictions (as
+    sklearn does); a class never seen on either side has no F1 (None) and is left out.
+    """
+    cm = confusion_matrix(y_true, y_pred, n_classes)
+    n = int(cm.sum())
+    if n == 0:
+        raise ThzEdgeError("no posture predictions to score")
+    tp = np.diag(cm).astype(np.float64)
+    denom = 2 * tp + (cm.sum(axis=0) - tp) + (cm.sum(axis=1) - tp)
+    f1: list[float | None] = [float(2 * tp[k] / denom[k]) if denom[k] > 0 else None for k in range(n_classes)]
+    present = [v for v in f1 if v is not None]
+    out: dict[str, Any] = {
+        "n": n,
+        "accuracy": float(tp.sum() / n),
+        "macro_f1": float(np.mean(present)),
+        "f1": f1,
+        "confusion": cm.tolist(),
+    }
+    if confidence is not None:
+        conf = np.asarray(confidence, dtype=np.float64).reshape(-1)
+        if conf.size != n:
+            raise ThzEdgeError(f"confidence has {conf.size} values for {n} predictions")
+        correct = np.asarray(y_true).reshape(-1) == np.asarray(y_pred).reshape(-1)
+        out["mean_confidence"] = float(conf.mean())
+        out["mean_confidence_correct"] = float(conf[correct].mean()) if correct.any() else None
+        out["mean_confidence_incorrect"] = float(conf[~correct].mean()) if (~correct).any() else None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# reconstruction
+
+
+def _as_planes(name: str, x: Any) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Return x as float64 [M, H, W] planes plus the leading (N, C) shape it came in."""
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim == 2:
+        lead: tuple[int, ...] = (1, 1)
+    elif arr.ndim == 3:
+        lead = (arr.shape[0], 1)
+    elif arr.ndim == 4:
+        lead = (arr.shape[0], arr.shape[1])
+    else:
+        raise ThzEdgeError(f"{name}: expected [H,W], [N,H,W] or [N,C,H,W]; got shape {arr.shape}")
+    return arr.reshape(-1, arr.shape[-2], arr.shape[-1]), lead
+
+
+def _gaussian_band(size: int, window: int, sigma: float) -> np.ndarray:
+    """Return the [size - window + 1, size] matrix whose product is a valid 1-D Gaussian filter."""
+    coords = np.arange(window, dtype=np.float64) - window // 2
+    g = np.exp(-(coords**2) / (2.0 * sigma**2))
+    g /= g.sum()
+    out = size - window + 1
+    band = np.zeros((out, size), dtype=np.float64)
+    for i in range(out):
+        band[i, i : i + window] = g
+    return band
+
+
+def ssim(a: Any, b: Any, data_range: float = 1.0) -> np.ndarray:
+    """Return SSIM per sample, as pytorch_msssim computes it (channels averaged).
+
+    11x11 Gaussian window (sigma 1.5, separable), valid filtering (no padding), K1=0.01,
+    K2=0.03; the SSIM map is averaged over its valid area. Accepts [H,W], [N,H,W] or [N,C,H,W].
+    """
+    x, lead = _as_planes("ssim input a", a)
+    y, lead_b = _as_planes("ssim input b", b)
+    if x.shape != y.shape or lead != lead_b:
+        raise ThzEdgeError(f"ssim inputs differ in shape: {np.shape(a)} vs {np.shape(b)}")
+    h, w = x.shape[-2:]
+    if h < SSIM_WINDOW or w < SSIM_WINDOW:
+        raise ThzEdgeError(f"ssim needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}; got {h}x{w}")
+    gh = _gaussian_band(h, SSIM_WINDOW, SSIM_SIGMA)
+    gw = _gaussian_band(w, SSIM_WINDOW, SSIM_SIGMA)
+
+    def blur(z: np.ndarray) -> np.ndarray:
+        return gh @ z @ gw.T
+
+    c1 = (SSIM_K1 * data_range) ** 2
+    c2 = (SSIM_K2 * data_range) ** 2
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    cs_map = (2 * cov + c2) / (var_x + var_y + c2)
+    ssim_map = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1) * cs_map
+    per_plane = ssim_map.reshape(ssim_map.shape[0], -1).mean(axis=1)
+    return per_plane.reshape(lead).mean(axis=1)
+
+
+def psnr(a: Any, b: Any, data_range: float = 1.0) -> np.ndarray:
+    """Return PSNR per sample in dB: 20*log10(data_range / sqrt(MSE)); +inf where the images are equal."""
+    x, lead = _as_planes("psnr input a", a)
+    y, lead_b = _as_planes("psnr input b", b)
+    if x.shape != y.shape or lead != lead_b:
+        raise ThzEdgeError(f"psnr inputs differ in shape: {np.shape(a)} vs {np.shape(b)}")
+    mse = ((x - y) ** 2).reshape(lead[0], -1).mean(axis=1)
+    with np.errstate(divide="ignore"):
+        return 20.0 * np.log10(data_range / np.sqrt(mse))
+
+
+def reconstruction_metrics(reconstruction: Any, target: Any) -> dict[str, float | int]:
+    """Score reconstructions against their targets: SSIM, PSNR, L1 (mean and std) and SSIM bands."""
+    s = ssim(reconstruction, target)
+    p = np.minimum(psnr(reconstruction, target), PSNR_CAP_DB)
+    x, lead = _as_planes("reconstruction", reconstruction)
+    y, _ = _as_planes("target", target)
+    l1 = np.abs(x - y).reshape(lead[0], -1).mean(axis=1)
+    return {
+        "n": int(s.size),
+        "ssim_mean": float(s.mean()),
+        "ssim_std": float(s.std()),
+        "psnr_mean": float(p.mean()),
+        "psnr_std": float(p.std()),
+        "l1_mean": float(l1.mean()),
+        "share_ssim_below_0_7": float(np.mean(s < 0.7)),
+        "share_ssim_at_least_0_95": float(np.mean(s >= 0.95)),
+    }
