@@ -1,0 +1,639 @@
+"""The daemon's configuration: one TOML file, one frozen dataclass per section.
+
+`load_config(path)` reads and validates the file; every problem is a `ConfigError` (exit 78,
+so systemd does not restart a daemon whose config is wrong). Unknown keys name the nearest
+valid key. Relative paths are resolved against the config file's directory, and `${VAR}` in a
+path or endpoint is expanded from the environment (e.g. `${CREDENTIALS_DIRECTORY}` for keys
+delivered by systemd `LoadCredential=`, `${RUNTIME_DIRECTORY}` for `ipc://` sockets).
+
+Every key, its default and its meaning: docs/config.md; an annotated example:
+systemd/thzedge.toml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import os
+import re
+import sys
+import tempfile
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scanner_io.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+log = logging.getLogger("thzedge.config")
+
+DEFAULT_CONFIG_PATH = Path("/etc/thzedge/thzedge.toml")
+# Overrides the default path (not an explicit --config) so a unit or a shell can point elsewhere.
+CONFIG_ENV = "THZEDGE_CONFIG"
+DEFAULT_METRICS_PORT = 9464
+
+BACKENDS = ("auto", "ort", "trt")
+PRECISIONS = ("fp32", "fp16", "int8")
+VERIFICATION_MODES = ("auto", "1:1", "1:N", "off")
+
+
+def default_runtime_dir() -> Path:
+    """Return where `ipc://` sockets live: systemd's RuntimeDirectory, else a per-user temp dir."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY")
+    if runtime:
+        # systemd may pass several colon-separated directories; the first is this instance's.
+        return Path(runtime.split(":")[0])
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "thzedge"
+    return Path(tempfile.gettempdir()) / f"thzedge-{os.getuid()}"
+
+
+def default_results_endpoint() -> str:
+    """Return the default results endpoint: an `ipc://` socket in the runtime directory."""
+    return f"ipc://{default_runtime_dir() / 'results.sock'}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass(frozen=True)
+class ConditioningOverrides:
+    """Per-source overrides of the calibration profile's conditioning parameters.
+
+    Keys are the field names of `calibration.conditioning.ConditioningParams` (e.g. the dB
+    range and the ROI); only the keys set here replace the profile's values.
+    """
+
+    values: Mapping[str, Any] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.values)
+
+    def apply(self, params: Any) -> Any:
+        """Return `params` (a ConditioningParams) with these overrides applied."""
+        if not self.values:
+            return params
+        return dataclasses.replace(params, **dict(self.values))
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One named frame source: its URI, calibration profile and conditioning overrides."""
+
+    uri: str
+    calibration: Path | None = None
+    conditioning: ConditioningOverrides = field(default_factory=ConditioningOverrides)
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model bundle to run and how; `bundle = None` means the shipped demo bundle."""
+
+    bundle: Path | None = None
+    backend: str = field(default="auto", metadata={"choices": BACKENDS})
+    precision: str = field(default="fp32", metadata={"choices": PRECISIONS})
+    max_batch: int | None = field(default=None, metadata={"min": 1})
+
+
+@dataclass(frozen=True)
+class CurveConfig:
+    """CURVE encryption and ZAP client authentication for a `tcp://` endpoint we bind."""
+
+    enabled: bool = False
+    # Certificate file holding the server's public and secret key (`thzedge keys generate`).
+    secret_key_file: Path | None = None
+    # Directory of allowed clients' public certificates (`*.key`); re-read on SIGHUP.
+    allowed_clients_dir: Path | None = None
+    domain: str = "thzedge"
+
+
+@dataclass(frozen=True)
+class PublisherConfig:
+    """The results PUB socket."""
+
+    endpoint: str = field(default_factory=default_results_endpoint)
+    hwm: int = field(default=100, metadata={"min": 1})
+    curve: CurveConfig = field(default_factory=CurveConfig)
+    # Mode of `ipc://` socket files (R-NEW-2): 0o600, or 0o660 together with `ipc_group`.
+    ipc_mode: int = field(default=0o600, metadata={"choices": (0o600, 0o660), "octal": True})
+    ipc_group: str | None = None
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus / health HTTP server; loopback only unless configured (R-SEC-4)."""
+
+    enabled: bool = True
+    bind: str = f"127.0.0.1:{DEFAULT_METRICS_PORT}"
+
+    @property
+    def host(self) -> str:
+        return split_host_port(self.bind)[0]
+
+    @property
+    def port(self) -> int:
+        return split_host_port(self.bind)[1]
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Opt-in flags for biometric outputs; all off by default (R-SEC-5, R-NEW-1)."""
+
+    publish_embedding: bool = False
+    publish_reconstruction: bool = False
+    record_results: bool = False
+
+
+@dataclass(frozen=True)
+class VerificationConfig:
+    """Gallery matching: 1:1 with a claimed identity, 1:N otherwise (`auto`), or off."""
+
+    mode: str = field(default="auto", metadata={"choices": VERIFICATION_MODES})
+    gallery: Path | None = None
+    # Overrides the bundle's per-precision threshold (cosine similarity, accept if >=).
+    threshold: float | None = field(default=None, metadata={"min": -1.0, "max": 1.0})
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Queueing, shutdown and liveness settings of the streaming loop."""
+
+    queue_size: int = field(default=8, metadata={"min": 1})
+    # Frames older than this (capture to dequeue) are dropped as `stale`; 0 disables the check.
+    max_age_s: float = field(default=2.0, metadata={"min": 0.0})
+    stop_timeout_s: float = field(default=5.0, metadata={"min": 0.0})
+    # The watchdog is pinged only while the main loop's heartbeat is younger than this.
+    heartbeat_timeout_s: float = field(default=10.0, metadata={"min": 0.1})
+    # A source silent for this long is reported as `stalled` (not restarted).
+    stalled_after_s: float = field(default=5.0, metadata={"min": 0.1})
+    # Allows tcp:// endpoints without CURVE. For development only; logged at WARNING (R-SEC-1).
+    insecure_dev: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole daemon configuration; `path` is the file it came from (None: defaults)."""
+
+    sources: Mapping[str, SourceConfig] = field(default_factory=dict)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    publisher: PublisherConfig = field(default_factory=PublisherConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    verification: VerificationConfig = field(default_factory=VerificationConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    path: Path | None = None
+
+    def source_names(self) -> dict[str, str]:
+        """Return name → URI for `scanner_io.sources.open_source(uri, names=...)`."""
+        return {name: s.uri for name, s in self.sources.items()}
+
+    def resolve_source(self, name_or_uri: str) -> SourceConfig:
+        """Return the named source, or an ad-hoc one for a URI; unknown names are a ConfigError."""
+        if name_or_uri in self.sources:
+            return self.sources[name_or_uri]
+        if _URI_RE.match(name_or_uri) or name_or_uri.startswith(("sim", "replay:")):
+            return SourceConfig(uri=name_or_uri)
+        known = sorted(self.sources)
+        hint = _nearest(name_or_uri, known)
+        where = f" in {self.path}" if self.path else " (no config file loaded)"
+        raise ConfigError(
+            f"unknown source {name_or_uri!r}{where}{hint}; known sources: {', '.join(known) or 'none'}; "
+            "give a URI (sim, replay:FILE, tcp://, ipc://) or add [sources.NAME] to the config"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the effective configuration as TOML-ready plain values (for `config show`)."""
+        out: dict[str, Any] = {"sources": {}}
+        for name, src in self.sources.items():
+            entry: dict[str, Any] = {"uri": src.uri}
+            if src.calibration is not None:
+                entry["calibration"] = str(src.calibration)
+            if src.conditioning:
+                entry["conditioning"] = {k: _plain(v) for k, v in src.conditioning.values.items()}
+            out["sources"][name] = entry
+        for section in ("model", "publisher", "metrics", "privacy", "verification", "daemon"):
+            out[section] = _plain(getattr(self, section))
+        return out
+
+    def to_toml(self) -> str:
+        """Return the effective configuration as TOML text (paths resolved, defaults filled in)."""
+        return render_toml(self.to_dict())
+
+    def warnings(self) -> list[str]:
+        """Return the conditions that are allowed but must be logged at WARNING on every start."""
+        notes = []
+        if self.daemon.insecure_dev:
+            plain = [e for e in self._tcp_endpoints() if not e[2]]
+            if plain:
+                names = ", ".join(f"{what} {ep}" for what, ep, _ in plain)
+                notes.append(
+                    f"insecure_dev = true: {names} run without CURVE encryption or client "
+                    "authentication; never use this on a production network"
+                )
+            else:
+                notes.append("insecure_dev = true (no plaintext tcp endpoint configured right now)")
+        if self.metrics.enabled and self.metrics.host not in ("127.0.0.1", "::1", "localhost"):
+            notes.append(f"metrics server binds {self.metrics.bind}, reachable beyond this host")
+        return notes
+
+    def _tcp_endpoints(self) -> list[tuple[str, str, bool]]:
+        """Return (what, endpoint, curve on) for every tcp endpoint in the config."""
+        eps = []
+        if self.publisher.endpoint.startswith("tcp://"):
+            eps.append(("publisher endpoint", self.publisher.endpoint, self.publisher.curve.enabled))
+        for name, src in self.sources.items():
+            if src.uri.startswith("tcp://"):
+                # Sources connect without CURVE today (scanner_io has no client keys yet).
+                eps.append((f"source {name!r}", src.uri, False))
+        return eps
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "publisher": PublisherConfig,
+    "metrics": MetricsConfig,
+    "privacy": PrivacyConfig,
+    "verification": VerificationConfig,
+    "daemon": DaemonConfig,
+}
+TOP_LEVEL_KEYS = ("sources", *SECTIONS)
+SOURCE_KEYS = ("uri", "calibration", "conditioning")
+_URI_RE = re.compile(r"^[a-z][a-z0-9+.-]*://")
+_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: Path | str | None = None) -> Config:
+    """Read and validate a config file; `None` uses $THZEDGE_CONFIG or the default path.
+
+    With `None` and no file at the default path, the built-in defaults are returned. An
+    explicitly given path that does not exist is an error.
+    """
+    explicit = path is not None
+    if path is None:
+        env = os.environ.get(CONFIG_ENV)
+        path, explicit = (Path(env), True) if env else (DEFAULT_CONFIG_PATH, False)
+    path = Path(path)
+    if not path.exists():
+        if explicit:
+            raise ConfigError(f"config file {path} does not exist; create it or drop --config")
+        log.debug("no config file at %s; using built-in defaults", path)
+        return validate(Config())
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    return config_from_dict(raw, path=path)
+
+
+def config_from_dict(raw: Mapping[str, Any], path: Path | None = None) -> Config:
+    """Build and validate a Config from parsed TOML; `path` anchors relative paths."""
+    where = str(path) if path else "config"
+    base = path.resolve().parent if path else Path.cwd()
+    _check_keys(raw, TOP_LEVEL_KEYS, where)
+    kwargs: dict[str, Any] = {"path": path}
+    for name, cls in SECTIONS.items():
+        table = raw.get(name, {})
+        kwargs[name] = _build(cls, table, f"{where}: [{name}]", base)
+    kwargs["sources"] = _build_sources(raw.get("sources", {}), where, base)
+    return validate(Config(**kwargs))
+
+
+def apply_overrides(config: Config, **sections: Mapping[str, Any]) -> Config:
+    """Return `config` with some keys replaced (CLI flags), validated like the file.
+
+    Example: `apply_overrides(cfg, publisher={"endpoint": url}, model={"backend": "ort"})`.
+    """
+    changed: dict[str, Any] = {}
+    for name, values in sections.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"unknown config section {name!r}{_nearest(name, list(SECTIONS))}")
+        current = getattr(config, name)
+        _check_keys(values, [f.name for f in dataclasses.fields(current)], f"override [{name}]")
+        clean = {k: v for k, v in values.items() if v is not None}
+        # Re-run the same per-field checks as for the file, relative to the working directory.
+        table = {**_plain(current), **{k: _plain(v) for k, v in clean.items()}}
+        changed[name] = _build(type(current), table, f"override [{name}]", Path.cwd())
+    return validate(dataclasses.replace(config, **changed))
+
+
+def validate(config: Config) -> Config:
+    """Check rules spanning several sections (security, privacy); return the config unchanged."""
+    try:
+        return _validate(config)
+    except ConfigError as exc:
+        if config.path is None:
+            raise
+        raise ConfigError(f"{config.path}: {exc}") from None
+
+
+def _validate(config: Config) -> Config:
+    pub = config.publisher
+    scheme = _scheme(pub.endpoint)
+    if scheme not in ("ipc", "tcp", "inproc"):
+        raise ConfigError(f"[publisher] endpoint {pub.endpoint!r}: expected ipc://PATH or tcp://HOST:PORT")
+    curve = pub.curve
+    if curve.enabled:
+        if scheme != "tcp":
+            raise ConfigError(
+                "[publisher.curve] enabled = true needs a tcp:// endpoint; ipc uses file permissions"
+            )
+        if curve.secret_key_file is None or curve.allowed_clients_dir is None:
+            raise ConfigError(
+                "[publisher.curve] enabled = true needs secret_key_file (server certificate) and "
+                "allowed_clients_dir (client public keys); create them with `thzedge keys generate`"
+            )
+    if pub.ipc_group is not None and pub.ipc_mode != 0o660:
+        raise ConfigError(
+            "[publisher] ipc_group is set: set ipc_mode = 0o660 too (group members may connect)"
+        )
+    if pub.ipc_mode == 0o660 and pub.ipc_group is None:
+        raise ConfigError("[publisher] ipc_mode = 0o660 needs ipc_group (the group allowed to connect)")
+    # Biometric payloads only over an authenticated channel: CURVE+ZAP on tcp, file permissions
+    # on ipc (R-NEW-1, R-SEC-5). insecure_dev does not lift this rule.
+    biometric = [k for k in ("publish_embedding", "publish_reconstruction") if getattr(config.privacy, k)]
+    if biometric and scheme == "tcp" and not curve.enabled:
+        raise ConfigError(
+            f"[privacy] {' and '.join(biometric)} = true but [publisher] endpoint {pub.endpoint} has no "
+            "CURVE: biometric data only goes to an ipc:// endpoint or a tcp:// endpoint with "
+            "[publisher.curve] enabled (insecure_dev does not lift this)"
+        )
+    if not config.daemon.insecure_dev:
+        for what, ep, secured in config._tcp_endpoints():
+            if not secured:
+                raise ConfigError(
+                    f"{what} {ep} is tcp without CURVE: enable [publisher.curve], use ipc://, or set "
+                    "[daemon] insecure_dev = true for development (R-SEC-1)"
+                )
+    if config.metrics.enabled:
+        split_host_port(config.metrics.bind)
+    if config.verification.mode in ("1:1", "1:N") and config.verification.gallery is None:
+        raise ConfigError(f"[verification] mode = {config.verification.mode!r} needs gallery = PATH")
+    return config
+
+
+def log_start_warnings(config: Config, logger: logging.Logger | None = None) -> None:
+    """Log every allowed-but-dangerous setting at WARNING; call once on every daemon start."""
+    for note in config.warnings():
+        (logger or log).warning("%s", note)
+
+
+def split_host_port(bind: str) -> tuple[str, int]:
+    """Split `HOST:PORT` (IPv6 as `[::1]:PORT`); a bad value is a ConfigError."""
+    m = re.fullmatch(r"\[([0-9a-fA-F:]+)\]:(\d+)|([^:\[\]]+):(\d+)", bind)
+    if not m:
+        raise ConfigError(
+            f"[metrics] bind {bind!r}: expected HOST:PORT such as 127.0.0.1:{DEFAULT_METRICS_PORT}"
+        )
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"[metrics] bind {bind!r}: port must be 0..65535")
+    return host, port
+
+
+def render_toml(data: Mapping[str, Any]) -> str:
+    """Render nested dicts of str/int/float/bool/list values as TOML (tables after scalars)."""
+    lines: list[str] = []
+
+    def emit(table: Mapping[str, Any], prefix: str) -> None:
+        scalars = {k: v for k, v in table.items() if not isinstance(v, Mapping)}
+        tables = {k: v for k, v in table.items() if isinstance(v, Mapping)}
+        if prefix and (scalars or not tables):
+            lines.append(f"[{prefix}]")
+        for k, v in scalars.items():
+            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+        if prefix and (scalars or not tables):
+            lines.append("")
+        for k, v in tables.items():
+            emit(v, f"{prefix}.{_toml_key(k)}" if prefix else _toml_key(k))
+
+    emit(data, "")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else '"' + key.replace('"', '\\"') + '"'
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot render {type(value).__name__} as TOML")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _scheme(endpoint: str) -> str:
+    return endpoint.split("://", 1)[0] if "://" in endpoint else ""
+
+
+def _nearest(key: str, valid: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _check_keys(table: Mapping[str, Any], valid: list[str] | tuple[str, ...], where: str) -> None:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: expected a table, got {type(table).__name__}")
+    for key in table:
+        if key not in valid:
+            raise ConfigError(
+                f"{where}: unknown key {key!r}{_nearest(key, valid)} (valid keys: {', '.join(valid)})"
+            )
+
+
+def _build_sources(table: Any, where: str, base: Path) -> dict[str, SourceConfig]:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: [sources] must be a table of [sources.NAME] tables")
+    out = {}
+    for name, entry in table.items():
+        here = f"{where}: [sources.{name}]"
+        if isinstance(entry, str):  # shorthand: scanner0 = "tcp://..."
+            entry = {"uri": entry}
+        _check_keys(entry, SOURCE_KEYS, here)
+        if "uri" not in entry:
+            raise ConfigError(f"{here}: missing key 'uri' (e.g. uri = \"tcp://scanner0.local:5555\")")
+        uri = _expand(_expect(entry["uri"], str, f"{here} uri"), f"{here} uri")
+        if not (_URI_RE.match(uri) or uri.startswith(("sim", "replay:"))):
+            raise ConfigError(
+                f"{here} uri {uri!r}: expected sim…, replay:FILE, tcp://HOST:PORT or ipc://PATH"
+            )
+        calib = entry.get("calibration")
+        calib_path = _path(calib, f"{here} calibration", base) if calib is not None else None
+        cond = _conditioning(entry.get("conditioning", {}), f"{here}.conditioning")
+        out[name] = SourceConfig(uri=uri, calibration=calib_path, conditioning=cond, name=name)
+    return out
+
+
+def _conditioning(table: Any, where: str) -> ConditioningOverrides:
+    """Check overrides against ConditioningParams' fields when the calibration package has them."""
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: expected a table")
+    if not table:
+        return ConditioningOverrides()
+    try:
+        from calibration.conditioning import ConditioningParams
+    except ImportError:
+        # Without the conditioning module nothing can use the overrides; keep them as written.
+        return ConditioningOverrides(dict(table))
+    hints = typing.get_type_hints(ConditioningParams)
+    names = [f.name for f in dataclasses.fields(ConditioningParams)]
+    _check_keys(table, names, where)
+    values = {k: _coerce(v, hints.get(k, Any), f"{where} {k}", Path.cwd()) for k, v in table.items()}
+    try:
+        ConditioningParams(**values)  # its own checks (e.g. dB min < max) run here
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return ConditioningOverrides(values)
+
+
+def _build(cls: type, table: Any, where: str, base: Path) -> Any:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: expected a table, got {type(table).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_keys(table, list(fields), where)
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in table.items():
+        f = fields[key]
+        here = f"{where} {key}"
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value, f"{where[:-1]}.{key}]", base)
+            continue
+        v = _coerce(value, hints[key], here, base)
+        choices = f.metadata.get("choices")
+        if choices is not None and v not in choices:
+            show = (lambda c: oct(c)) if f.metadata.get("octal") else _show
+            shown = ", ".join(show(c) for c in choices)
+            raise ConfigError(f"{here} = {show(v)}: expected one of {shown}")
+        if v is not None and "min" in f.metadata and v < f.metadata["min"]:
+            raise ConfigError(f"{here} = {v}: must be >= {f.metadata['min']}")
+        if v is not None and "max" in f.metadata and v > f.metadata["max"]:
+            raise ConfigError(f"{here} = {v}: must be <= {f.metadata['max']}")
+        kwargs[key] = v
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, where: str, base: Path) -> Any:
+    """Check `value` against a type hint; returns it converted (Path, tuple) or raises."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(value, inner[0], where, base)
+        for a in inner:
+            try:
+                return _coerce(value, a, where, base)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where} = {_show(value)}: expected {_type_name(hint)}")
+    if hint is Any:
+        return value
+    if hint is Path:
+        return _path(value, where, base)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} = {_show(value)}: expected an array ({_type_name(hint)})")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where, base) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{where} = {_show(value)}: expected {len(args)} values ({_type_name(hint)})")
+        return tuple(_coerce(v, a, where, base) for v, a in zip(value, args, strict=True))
+    if hint is str:
+        return _expand(_expect(value, str, where), where)
+    return _expect(value, hint, where)
+
+
+def _expect(value: Any, typ: type, where: str) -> Any:
+    # TOML has no bool/int confusion but Python does: True is an int; refuse it explicitly.
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{where} = {_show(value)}: expected {_type_name(typ)}")
+    if not isinstance(value, typ):
+        raise ConfigError(f"{where} = {_show(value)}: expected {_type_name(typ)}")
+    return value
+
+
+def _expand(text: str, where: str) -> str:
+    def sub(m: re.Match[str]) -> str:
+        if m.group(1) not in os.environ:
+            name = m.group(1)
+            raise ConfigError(f"{where}: environment variable {name} is not set (used as ${{{name}}})")
+        return os.environ[m.group(1)]
+
+    return _VAR_RE.sub(sub, text)
+
+
+def _path(value: Any, where: str, base: Path) -> Path:
+    p = Path(_expand(_expect(value, str, where), where)).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _type_name(hint: Any) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", Path: "a path"}
+    if hint in names:
+        return names[hint]
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint) if a is not type(None))
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"an array of {_type_name(args[0])}"
+        return "[" + ", ".join(_type_name(a) for a in args) + "]"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value)
+
+
+def _plain(value: Any) -> Any:
+    """Turn dataclasses, paths and tuples into TOML-ready plain values (None left out)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: _plain(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if getattr(value, f.name) is not None
+        }
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
