@@ -16,12 +16,19 @@ Conventions (docs/eval.md has the full text):
 from __future__ import annotations
 
 import math
-from typing import Any
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from scanner_io.errors import ThzEdgeError
+from scanner_io.errors import DataError, ThzEdgeError
 from scanner_io.frame import POSTURES
+
+if TYPE_CHECKING:
+    from edge.runner import Runner
 
 #: margin of the research "margin satisfied" rate: d(a,p) + MARGIN < d(a,n)
 MARGIN = 0.2
@@ -310,3 +317,327 @@ def reconstruction_metrics(reconstruction: Any, target: Any) -> dict[str, float 
         "share_ssim_below_0_7": float(np.mean(s < 0.7)),
         "share_ssim_at_least_0_95": float(np.mean(s >= 0.95)),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# running a bundle over a triplet dataset
+
+
+@dataclass
+class EvalOutputs:
+    """Everything `evaluate` computed before scoring; the INT8 gate compares two of these.
+
+    Images are the distinct files of the triplet CSV, anchors first. Index arrays point into them.
+    """
+
+    routing: str
+    names: list[str]  # file names as written in the CSV
+    images: np.ndarray  # [M, 1, 64, 64] float32 model inputs
+    truth_posture: np.ndarray  # [M] posture class parsed from each file name
+    embedding: np.ndarray  # [M, D]
+    posture_logits: np.ndarray  # [M, 5]
+    posture: np.ndarray  # [M] predicted class
+    confidence: np.ndarray  # [M] softmax probability of the predicted class
+    triplets: np.ndarray  # [T, 3] indices (anchor, positive, negative)
+    anchors: np.ndarray  # [A] distinct anchor indices (= 0..A-1)
+    reconstruction: np.ndarray  # [A, 1, 64, 64] reconstruction of each anchor
+    recon_pairs: np.ndarray  # [P, 2] (row in `anchors`, positive index): distinct anchor/target pairs
+    inference_s: float = 0.0
+    model: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def d_pos(self) -> np.ndarray:
+        """Anchor-positive distance of every triplet."""
+        return pair_distances(self.embedding[self.triplets[:, 0]], self.embedding[self.triplets[:, 1]])
+
+    @property
+    def d_neg(self) -> np.ndarray:
+        """Anchor-negative distance of every triplet."""
+        return pair_distances(self.embedding[self.triplets[:, 0]], self.embedding[self.triplets[:, 2]])
+
+
+def _model_info(runner: Runner) -> dict[str, Any]:
+    bundle = getattr(runner, "bundle", None)
+    backend = getattr(runner, "backend", None)
+    return {
+        "bundle": str(getattr(bundle, "path", "")),
+        "sha256": str(getattr(bundle, "sha256", "")),
+        "backend": str(getattr(backend, "name", backend)),
+        "precision": str(getattr(runner, "precision", getattr(backend, "precision", "fp32"))),
+    }
+
+
+def collect_outputs(
+    runner: Runner, data_dir: str | Path, triplets_csv: str | Path, routing: str = "predicted"
+) -> EvalOutputs:
+    """Run the runner on every distinct image of a triplet CSV; anchors also get reconstructed.
+
+    routing "predicted" sends each anchor to the decoder of its predicted posture (the deployed
+    behaviour); "truth" to the decoder of the posture in its file name (the research scripts).
+    Missing files, unparsable names and malformed rows raise DataError naming them.
+    """
+    from scanner_io.dataset import load_crop, parse_crop_name, read_triplets
+
+    from edge.infer import run_batched
+
+    if routing not in ROUTINGS:
+        raise ThzEdgeError(f"unknown routing {routing!r}; use 'predicted' or 'truth'")
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: data directory does not exist")
+    rows = read_triplets(triplets_csv)
+    if not rows:
+        raise DataError(f"{triplets_csv}: no triplets in the CSV")
+
+    def resolve(p: str | Path) -> Path:
+        p = Path(p)
+        return p if p.is_absolute() else data_dir / p
+
+    # Distinct files, anchors first, so one encoder pass per file serves every triplet using it.
+    index: dict[Path, int] = {}
+    for t in rows:
+        index.setdefault(resolve(t.anchor), len(index))
+    n_anchors = len(index)
+    for t in rows:
+        index.setdefault(resolve(t.positive), len(index))
+        index.setdefault(resolve(t.negative), len(index))
+    paths = list(index)
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DataError(f"{missing[0]}: file named in {triplets_csv} does not exist{more}")
+    truth = np.array([parse_crop_name(p.name).posture for p in paths], dtype=np.int64)
+    images = np.stack([np.asarray(load_crop(p), dtype=np.float32) for p in paths])[:, None]
+    triplets = np.array(
+        [[index[resolve(t.anchor)], index[resolve(t.positive)], index[resolve(t.negative)]] for t in rows],
+        dtype=np.int64,
+    )
+    recon_pairs = np.unique(triplets[:, :2], axis=0)
+
+    t0 = time.perf_counter()
+    anchor_out = run_batched(
+        runner,
+        images[:n_anchors],
+        reconstruct=True,
+        postures=truth[:n_anchors] if routing == "truth" else None,
+    )
+    parts = [anchor_out]
+    if len(paths) > n_anchors:
+        parts.append(run_batched(runner, images[n_anchors:], reconstruct=False))
+    inference_s = time.perf_counter() - t0
+    assert anchor_out.reconstruction is not None
+    return EvalOutputs(
+        routing=routing,
+        names=[str(p.relative_to(data_dir)) if p.is_relative_to(data_dir) else str(p) for p in paths],
+        images=images,
+        truth_posture=truth,
+        embedding=np.concatenate([p.embedding for p in parts]),
+        posture_logits=np.concatenate([p.posture_logits for p in parts]),
+        posture=np.concatenate([p.posture for p in parts]),
+        confidence=np.concatenate([p.confidence for p in parts]),
+        triplets=triplets,
+        anchors=np.arange(n_anchors, dtype=np.int64),
+        reconstruction=anchor_out.reconstruction,
+        recon_pairs=recon_pairs,
+        inference_s=inference_s,
+        model=_model_info(runner),
+        data={
+            "data_dir": str(data_dir),
+            "triplets_csv": str(triplets_csv),
+            "n_triplets": int(len(rows)),
+            "n_images": len(paths),
+            "n_anchors": n_anchors,
+        },
+    )
+
+
+def _scores(out: EvalOutputs, keep_triplet: np.ndarray, keep_anchor: np.ndarray) -> dict[str, Any]:
+    """Verification, posture and reconstruction scores of the selected triplets and anchors."""
+    tri = out.triplets[keep_triplet]
+    d_pos = pair_distances(out.embedding[tri[:, 0]], out.embedding[tri[:, 1]])
+    d_neg = pair_distances(out.embedding[tri[:, 0]], out.embedding[tri[:, 2]])
+    anchors = out.anchors[keep_anchor]
+    pairs = out.recon_pairs[np.isin(out.recon_pairs[:, 0], np.flatnonzero(keep_anchor))]
+    return {
+        "verification": verification_metrics(d_pos, d_neg),
+        "posture": posture_metrics(out.truth_posture[anchors], out.posture[anchors], out.confidence[anchors]),
+        "reconstruction": reconstruction_metrics(out.reconstruction[pairs[:, 0]], out.images[pairs[:, 1]]),
+    }
+
+
+def report_from_outputs(out: EvalOutputs) -> EvalReport:
+    """Score collected outputs overall and per posture of the anchor."""
+    anchor_posture = out.truth_posture[out.anchors]
+    triplet_posture = out.truth_posture[out.triplets[:, 0]]
+    overall = _scores(out, np.ones(len(out.triplets), bool), np.ones(len(out.anchors), bool))
+    per_posture: dict[str, Any] = {}
+    for k, name in enumerate(POSTURES):
+        keep_t = triplet_posture == k
+        if not keep_t.any():
+            continue
+        s = _scores(out, keep_t, anchor_posture == k)
+        # Within one true class, accuracy is that class's recall; its F1 needs the other classes'
+        # predictions too, so it comes from the overall confusion matrix.
+        p = s["posture"]
+        s["posture"] = {
+            "n": p["n"],
+            "accuracy": p["accuracy"],
+            "f1": overall["posture"]["f1"][k],
+            "mean_confidence": p["mean_confidence"],
+        }
+        per_posture[name] = s
+    n_images = len(out.names)
+    return EvalReport(
+        routing=out.routing,
+        model=dict(out.model),
+        data=dict(out.data),
+        overall=overall,
+        per_posture=per_posture,
+        timing={
+            "inference_s": out.inference_s,
+            "images_per_s": n_images / out.inference_s if out.inference_s > 0 else None,
+        },
+    )
+
+
+def evaluate(
+    runner: Runner, data_dir: str | Path, triplets_csv: str | Path, routing: str = "predicted"
+) -> EvalReport:
+    """Evaluate a runner on a research-format dataset: overall and per posture of the anchor."""
+    return report_from_outputs(collect_outputs(runner, data_dir, triplets_csv, routing))
+
+
+def _json_ready(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _json_ready(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_json_ready(x) for x in v]
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    fmt = lambda cells: "  ".join(  # noqa: E731
+        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+    )
+    return [fmt(headers), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)]
+
+
+def _f(v: Any, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """Scores of one bundle on one dataset; `to_dict` for JSON, `render` for a terminal."""
+
+    routing: str
+    model: dict[str, Any]
+    data: dict[str, Any]
+    overall: dict[str, Any]  # {"verification": ..., "posture": ..., "reconstruction": ...}
+    per_posture: dict[str, Any]  # posture name -> same keys, for triplets whose anchor has it
+    timing: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the report as plain JSON types (non-finite floats become null)."""
+        return _json_ready(
+            {
+                "routing": self.routing,
+                "model": self.model,
+                "data": self.data,
+                "overall": self.overall,
+                "per_posture": self.per_posture,
+                "timing": self.timing,
+            }
+        )
+
+    def _groups(self) -> list[tuple[str, dict[str, Any]]]:
+        return [("all", self.overall), *self.per_posture.items()]
+
+    def render(self) -> str:
+        """Return the report as plain-text tables."""
+        m, d, ov = self.model, self.data, self.overall
+        v = ov["verification"]
+        lines = [
+            f"model    {m.get('bundle', '')}  sha256 {m.get('sha256', '')[:12]}  "
+            f"backend {m.get('backend', '')}  precision {m.get('precision', '')}",
+            f"data     {d.get('data_dir', '')}  {d.get('n_triplets', 0)} triplets, "
+            f"{d.get('n_images', 0)} images, {d.get('n_anchors', 0)} anchors",
+            f"routing  reconstruction decoder chosen by {self.routing} posture",
+            "",
+            "Verification (Euclidean distance of unit embeddings; a pair is accepted when d <= threshold)",
+        ]
+        rows = []
+        for name, g in self._groups():
+            x = g["verification"]
+            rows.append(
+                [
+                    name,
+                    str(x["n"]),
+                    _f(x["triplet_accuracy"]),
+                    _f(x["margin_rate"]),
+                    _f(x["roc_auc"]),
+                    _f(x["eer"]),
+                    _f(x["tar_at_far"]),
+                    f"{x['d_pos_mean']:.3f}±{x['d_pos_std']:.3f}",
+                    f"{x['d_neg_mean']:.3f}±{x['d_neg_std']:.3f}",
+                ]
+            )
+        far_pct = f"{v['far_target'] * 100:g}%"
+        lines += _table(
+            [
+                "posture",
+                "n",
+                "acc",
+                f"margin{v['margin']:g}",
+                "AUC",
+                "EER",
+                f"TAR@FAR{far_pct}",
+                "d_pos",
+                "d_neg",
+            ],
+            rows,
+        )
+        lines += [
+            f"thresholds (all): EER {v['threshold_eer']:.4f}; FAR {far_pct} {v['threshold_far']:.4f} "
+            f"(FAR achieved {v['far_achieved'] * 100:.2f}%)",
+            "",
+            "Posture (anchors; acc of one posture = its recall)",
+        ]
+        rows = []
+        for name, g in self._groups():
+            x = g["posture"]
+            f1 = x["macro_f1"] if name == "all" else x["f1"]
+            rows.append([name, str(x["n"]), _f(x["accuracy"]), _f(f1), _f(x["mean_confidence"])])
+        lines += _table(["posture", "n", "acc", "F1 (all: macro)", "confidence"], rows)
+        lines += ["", "Confusion matrix (rows: true posture, columns: predicted)"]
+        cm = ov["posture"]["confusion"]
+        lines += _table(["true\\pred", *POSTURES], [[POSTURES[i], *map(str, r)] for i, r in enumerate(cm)])
+        lines += ["", "Reconstruction (anchor reconstruction vs its unconcealed positive)"]
+        rows = []
+        for name, g in self._groups():
+            x = g["reconstruction"]
+            rows.append(
+                [
+                    name,
+                    str(x["n"]),
+                    f"{x['ssim_mean']:.4f}±{x['ssim_std']:.4f}",
+                    f"{x['psnr_mean']:.2f}±{x['psnr_std']:.2f}",
+                    _f(x["l1_mean"], ".4f"),
+                    _f(x["share_ssim_below_0_7"]),
+                    _f(x["share_ssim_at_least_0_95"]),
+                ]
+            )
+        lines += _table(["posture", "n", "SSIM", "PSNR dB", "L1", "SSIM<0.7", "SSIM>=0.95"], rows)
+        ips = self.timing.get("images_per_s")
+        lines += [
+            "",
+            f"inference {self.timing.get('inference_s', 0.0):.2f} s"
+            + (f" ({ips:.1f} images/s)" if ips else ""),
+        ]
+        return "\n".join(lines)
