@@ -594,7 +594,7 @@ class EvalReport:
                 "posture",
                 "n",
                 "acc",
-                f"margin{v['margin']:g}",
+                f"margin@{v['margin']:g}",
                 "AUC",
                 "EER",
                 f"TAR@FAR{far_pct}",

@@ -289,3 +289,81 @@ def test_reconstruction_metrics_summarise_per_sample_values():
     p = np.minimum(psnr(recon, target), 100.0)
     assert m["psnr_mean"] == pytest.approx(p.mean())
     assert m["l1_mean"] == pytest.approx(np.abs(recon - target).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring collected outputs (no runner needed)
+
+
+def _outputs(rng: np.random.Generator):
+    """Hand-built outputs: 4 anchors (postures 0, 0, 1, 3), 4 positives, negatives reuse anchors."""
+    from edge.evaluation import EvalOutputs
+
+    n_anchor = 4
+    emb = rng.normal(size=(8, 16)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    emb[4:] = emb[:4] + 0.05  # positives close to their anchors
+    emb[4:] /= np.linalg.norm(emb[4:], axis=1, keepdims=True)
+    truth = np.array([0, 0, 1, 3, 0, 0, 1, 3])
+    pred = np.array([0, 1, 1, 3, 0, 0, 1, 3])
+    images = rng.random((8, 1, 64, 64)).astype(np.float32)
+    # anchor i: positive 4+i, negative the next anchor; anchor 0 appears in two triplets
+    triplets = np.array([[0, 4, 1], [1, 5, 2], [2, 6, 3], [3, 7, 0], [0, 4, 2]])
+    recon = np.clip(images[4:] + rng.normal(0, 0.05, images[4:].shape), 0, 1).astype(np.float32)
+    return EvalOutputs(
+        routing="predicted",
+        names=[f"f{i}.png" for i in range(8)],
+        images=images,
+        truth_posture=truth,
+        embedding=emb,
+        posture_logits=np.zeros((8, 5), np.float32),
+        posture=pred,
+        confidence=np.linspace(0.5, 0.9, 8).astype(np.float32),
+        triplets=triplets,
+        anchors=np.arange(n_anchor),
+        reconstruction=recon,
+        recon_pairs=np.unique(triplets[:, :2], axis=0),
+        inference_s=0.5,
+        model={"bundle": "b", "sha256": "0" * 64, "backend": "ort", "precision": "fp32"},
+        data={"data_dir": "d", "triplets_csv": "t.csv", "n_triplets": 5, "n_images": 8, "n_anchors": 4},
+    )
+
+
+def test_report_groups_by_the_anchor_posture():
+    import json
+
+    from edge.evaluation import report_from_outputs
+
+    out = _outputs(np.random.default_rng(5))
+    rep = report_from_outputs(out)
+    assert list(rep.per_posture) == ["Front", "Left", "Up"]
+    front = rep.per_posture["Front"]
+    assert front["verification"]["n"] == 3  # triplets 0, 1 and 4 have a Front anchor
+    assert front["posture"]["n"] == 2  # distinct anchors 0 and 1
+    assert front["posture"]["accuracy"] == 0.5  # anchor 1 was predicted Left
+    assert front["reconstruction"]["n"] == 2  # distinct (anchor, positive) pairs
+    assert rep.overall["verification"]["n"] == 5
+    assert rep.overall["reconstruction"]["n"] == 4
+    assert rep.overall["posture"]["confusion"][0] == [1, 1, 0, 0, 0]
+    # distances are those of the embeddings, per triplet
+    d_pos = np.linalg.norm(out.embedding[[0, 1, 2, 3, 0]] - out.embedding[[4, 5, 6, 7, 4]], axis=1)
+    assert rep.overall["verification"]["d_pos_mean"] == pytest.approx(d_pos.mean(), rel=1e-6)
+    want = reconstruction_metrics(out.reconstruction[[0, 1]], out.images[[4, 5]])
+    assert front["reconstruction"]["ssim_mean"] == pytest.approx(want["ssim_mean"])
+    # JSON-ready: serialises with strict JSON (no NaN/Infinity)
+    text = json.dumps(rep.to_dict(), allow_nan=False)
+    assert json.loads(text)["per_posture"]["Up"]["posture"]["n"] == 1
+
+
+def test_report_renders_plain_tables():
+    from edge.evaluation import report_from_outputs
+
+    text = report_from_outputs(_outputs(np.random.default_rng(6))).render()
+    for heading in ("Verification", "Posture", "Confusion matrix", "Reconstruction", "TAR@FAR1%"):
+        assert heading in text
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Verification"))
+    stop = next(i for i, line in enumerate(lines) if line.startswith("thresholds"))
+    # header, rule, then one row per group: overall and the postures that have anchors
+    assert [line.split()[0] for line in lines[start + 3 : stop]] == ["all", "Front", "Left", "Up"]
+    assert "\x1b" not in text  # no terminal colour codes
