@@ -98,14 +98,14 @@ def load_inputs(inputs: Sequence[str | Path]) -> InputBatch:
     PNGs are 8-bit grayscale crops, resized bilinearly when not 64x64 (scanner_io.dataset.load_crop);
     an .npy gives one row per slice, named `file.npy[i]`.
     """
-    from scanner_io.dataset import load_crop
-
     rows: list[np.ndarray] = []
     names: list[str] = []
     paths: list[Path] = []
     for path in _expand(inputs):
         suffix = path.suffix.lower()
         if suffix in PNG_SUFFIXES:
+            from scanner_io.dataset import load_crop
+
             rows.append(np.asarray(load_crop(path), dtype=np.float32)[None, None])
             names.append(path.name)
             paths.append(path)
