@@ -13,6 +13,7 @@ def register(app: typer.Typer) -> None:
     """Attach this package's commands to the root `thzedge` app."""
     app.command("infer")(infer_command)
     app.command("eval")(eval_command)
+    app.command("run")(run_command)
 
 
 # --- infer / eval (H2) ---------------------------------------------------------------------------
@@ -96,3 +97,60 @@ def eval_command(
     with Runner.from_bundle(model, backend=backend.value, precision=precision) as runner:
         report = evaluate(runner, data, triplets, routing=routing.value)
     typer.echo(json.dumps(report.to_dict(), indent=2) if json_out else report.render())
+
+
+# --- run (H5) -----------------------------------------------------------------------------------
+
+
+def run_command(
+    source: Annotated[
+        str,
+        typer.Option(
+            "--source",
+            help="Frame source: a URI (sim?fps=30, replay:FILE.mcap?rate=max, tcp://HOST:PORT, ipc://PATH) "
+            "or a source name from the config file (e.g. scanner0).",
+        ),
+    ],
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="Model bundle directory (default: config, else the demo model)."),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="Config file (default /etc/thzedge/thzedge.toml if present)."),
+    ] = None,
+    backend: Annotated[BackendKind | None, typer.Option("--backend", help=_BACKEND_HELP)] = None,
+    publish: Annotated[
+        str | None,
+        typer.Option("--publish", help="Results endpoint to bind (default: config, else an ipc:// socket)."),
+    ] = None,
+    record: Annotated[
+        Path | None, typer.Option("--record", help="Also record the raw frames to this MCAP file.")
+    ] = None,
+    max_frames: Annotated[
+        int | None,
+        typer.Option("--max-frames", help="Stop after this many frames (default: run until stopped)."),
+    ] = None,
+    no_reconstruction: Annotated[
+        bool, typer.Option("--no-reconstruction", help="Skip the decoders (posture and verification only).")
+    ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the end-of-run summary as JSON.")] = False,
+) -> None:
+    """Stream frames through the model and publish results until the source ends or a signal stops it."""
+    import json
+
+    from edge.daemon import RunOptions, run_daemon
+
+    summary = run_daemon(
+        RunOptions(
+            source=source,
+            model=model,
+            config=config,
+            backend=backend.value if backend is not None else None,
+            publish=publish,
+            record=record,
+            max_frames=max_frames,
+            reconstruction=not no_reconstruction,
+        )
+    )
+    typer.echo(json.dumps(summary.to_dict(), sort_keys=True) if json_out else summary.render())
