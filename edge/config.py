@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scanner_io.errors import ConfigError
+from scanner_io.errors import ConfigError, ThzEdgeError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -75,15 +75,19 @@ class ConditioningOverrides:
     """
 
     values: Mapping[str, Any] = field(default_factory=dict)
+    where: str = "[sources.NAME.conditioning]"
 
     def __bool__(self) -> bool:
         return bool(self.values)
 
     def apply(self, params: Any) -> Any:
-        """Return `params` (a ConditioningParams) with these overrides applied."""
+        """Return `params` (a ConditioningParams) with these overrides applied; ConfigError if invalid."""
         if not self.values:
             return params
-        return dataclasses.replace(params, **dict(self.values))
+        try:
+            return dataclasses.replace(params, **dict(self.values))
+        except (TypeError, ValueError, ThzEdgeError) as exc:
+            raise ConfigError(f"{self.where}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -161,8 +165,9 @@ class VerificationConfig:
 
     mode: str = field(default="auto", metadata={"choices": VERIFICATION_MODES})
     gallery: Path | None = None
-    # Overrides the bundle's per-precision threshold (cosine similarity, accept if >=).
-    threshold: float | None = field(default=None, metadata={"min": -1.0, "max": 1.0})
+    # Overrides the bundle's per-precision threshold: Euclidean distance between unit-length
+    # embeddings (0..2), a match is accepted when distance <= threshold.
+    threshold: float | None = field(default=None, metadata={"min": 0.0, "max": 2.0})
 
 
 @dataclass(frozen=True)
@@ -485,7 +490,7 @@ def _build_sources(table: Any, where: str, base: Path) -> dict[str, SourceConfig
             )
         calib = entry.get("calibration")
         calib_path = _path(calib, f"{here} calibration", base) if calib is not None else None
-        cond = _conditioning(entry.get("conditioning", {}), f"{here}.conditioning")
+        cond = _conditioning(entry.get("conditioning", {}), f"{where}: [sources.{name}.conditioning]")
         out[name] = SourceConfig(uri=uri, calibration=calib_path, conditioning=cond, name=name)
     return out
 
@@ -505,11 +510,8 @@ def _conditioning(table: Any, where: str) -> ConditioningOverrides:
     names = [f.name for f in dataclasses.fields(ConditioningParams)]
     _check_keys(table, names, where)
     values = {k: _coerce(v, hints.get(k, Any), f"{where} {k}", Path.cwd()) for k, v in table.items()}
-    try:
-        ConditioningParams(**values)  # its own checks (e.g. dB min < max) run here
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    return ConditioningOverrides(values)
+    # Cross-field checks (db_min < db_max, ...) need the profile's values: `apply` runs them.
+    return ConditioningOverrides(values, where=where)
 
 
 def _build(cls: type, table: Any, where: str, base: Path) -> Any:

@@ -256,3 +256,25 @@ def test_shipped_example_is_valid():
         pytest.skip("systemd/thzedge.toml not written yet")
     cfg = load_config(EXAMPLE)
     assert "scanner0" in cfg.sources
+
+
+def test_conditioning_overrides_are_checked_against_conditioning_params():
+    from calibration.conditioning import ConditioningParams
+
+    cfg = config_from_dict(
+        {"sources": {"s0": {"uri": "sim", "conditioning": {"db_min": 5, "roi": [1, 2, 30, 40]}}}}
+    )
+    cond = cfg.sources["s0"].conditioning
+    params = cond.apply(ConditioningParams(db_max=60.0))
+    assert params.db_min == 5.0 and params.roi == (1, 2, 30, 40) and params.db_max == 60.0
+    with pytest.raises(
+        ConfigError, match=r"\[sources.s0.conditioning\]: unknown key 'dbmin'; did you mean 'db_min'"
+    ):
+        config_from_dict({"sources": {"s0": {"uri": "sim", "conditioning": {"dbmin": 3}}}})
+    with pytest.raises(ConfigError, match="roi = \\[1, 2, 3\\]: expected 4 values"):
+        config_from_dict({"sources": {"s0": {"uri": "sim", "conditioning": {"roi": [1, 2, 3]}}}})
+    # Cross-field rules are checked against the profile's own values when applied.
+    high = config_from_dict({"sources": {"s0": {"uri": "sim", "conditioning": {"db_min": 50}}}})
+    assert high.sources["s0"].conditioning.apply(ConditioningParams(db_max=60.0)).db_min == 50.0
+    with pytest.raises(ConfigError, match="db_max .* must be greater than db_min"):
+        high.sources["s0"].conditioning.apply(ConditioningParams(db_max=46.0))
