@@ -136,6 +136,7 @@ insecure_dev = true
         ({"daemon": {"queue_size": 1.5}}, "queue_size = 1.5: expected an integer"),
         ({"daemon": {"queue_size": 0}}, "must be >= 1"),
         ({"verification": {"threshold": "0.5"}}, 'threshold = "0.5": expected a number'),
+        ({"verification": {"threshold": 2.5}}, "threshold = 2.5: must be <= 2.0"),
         ({"verification": {"mode": "1:n"}}, "expected one of"),
         ({"verification": {"mode": "1:N"}}, "needs gallery"),
         ({"publisher": {"ipc_mode": 0o644}}, "ipc_mode = 0o644: expected one of 0o600, 0o660"),
