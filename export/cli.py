@@ -85,3 +85,9 @@ def onnx_command(
     typer.echo(
         f"wrote bundle {result.bundle.path} (id {result.bundle.id}, opset {opset}, max batch {max_batch})"
     )
+
+
+# quantize / check / engine (H8) live in their own module and register on the same sub-app.
+from export.quantize_cli import register as _register_quantization  # noqa: E402
+
+_register_quantization(export_app)

@@ -1,0 +1,299 @@
+"""Build TensorRT engines from a bundle's ONNX graphs, on the device, with the installed TensorRT's API.
+
+One engine per graph (encoder, one decoder per posture) and precision, an optimisation profile
+of batch 1..max, a timing cache kept per GPU and TensorRT version, and a sidecar manifest per
+engine (TensorRT version, GPU, compute capability, profile shapes, source ONNX sha256, engine
+sha256) that the `trt` backend checks before it deserialises anything.
+
+Per TensorRT generation (reference §2, §9; docs/quantization.md):
+- 8.6:  create_network(1 << EXPLICIT_BATCH); FP16 flag for fp16; INT8 (+FP16) flags on the Q/DQ graph.
+- 10.x: create_network(0); same flags (weakly typed), the Q/DQ / fp16 ONNX carries the precision.
+- 11.x: create_network(); no precision flags exist; the fp16 (AutoCast/float16) or Q/DQ ONNX is the
+        precision, so those variants must be in the bundle first (`thzedge export quantize`).
+
+`tensorrt` and the CUDA bindings are imported lazily, only here and in `edge/backends/trt.py`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from edge.backends.trt import (
+    ENGINE_MANIFEST_FORMAT,
+    ENGINES_DIR,
+    Platform,
+    current_platform,
+    engine_dir,
+    engine_paths,
+    import_tensorrt,
+    trt_generation,
+)
+from edge.bundle import sha256_file
+from scanner_io.errors import ThzEdgeError
+
+log = logging.getLogger(__name__)
+
+ENGINE_MANIFEST_VERSION = 1
+ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
+__all__ = ["EngineSettings", "Platform", "build_bundle_engines", "build_engine_from_onnx", "engine_paths"]
+
+
+class EngineBuildError(ThzEdgeError):
+    """TensorRT could not parse or build a graph."""
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What fixes an engine build (recorded in the engine manifest)."""
+
+    precision: str = "fp16"
+    max_batch: int = 8
+    opt_batch: int | None = None  # default: max_batch (the daemon batches what is queued)
+    workspace_mb: int = 1024
+    dla_core: int | None = None
+    optimization_level: int = 3
+
+    def __post_init__(self) -> None:
+        if self.precision not in ENGINE_PRECISIONS:
+            raise ThzEdgeError(f"unknown precision {self.precision!r}; use fp32, fp16 or int8")
+        if self.max_batch < 1:
+            raise ThzEdgeError(f"--max-batch must be >= 1, got {self.max_batch}")
+        if self.workspace_mb < 1:
+            raise ThzEdgeError(f"--workspace must be >= 1 MB, got {self.workspace_mb}")
+        if self.dla_core is not None and self.precision == "fp32":
+            raise ThzEdgeError("DLA runs fp16 or int8 only; use --precision fp16 or int8 with --dla-core")
+
+    @property
+    def opt(self) -> int:
+        return self.opt_batch or self.max_batch
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Building
+# --------------------------------------------------------------------------------------------
+
+
+def _onnx_inputs(onnx_path: Path) -> list[tuple[str, list[int | str]]]:
+    import onnx
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    out = []
+    for i in m.graph.input:
+        if i.name in inits:
+            continue
+        dims = [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or "N")
+            for d in i.type.tensor_type.shape.dim
+        ]
+        out.append((i.name, dims))
+    return out
+
+
+def _onnx_opset(onnx_path: Path) -> int:
+    import onnx
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    return max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def profile_shapes(onnx_path: Path, settings: EngineSettings) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """min/opt/max shape per input: batch 1 / opt / max, the other dims as the ONNX fixes them."""
+    shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
+    for name, dims in _onnx_inputs(onnx_path):
+        rest = dims[1:]
+        if any(not isinstance(d, int) or d <= 0 for d in rest):
+            raise EngineBuildError(f"{onnx_path.name}: input {name} has dynamic non-batch dims {dims}")
+        rest_t = tuple(int(d) for d in rest)
+        shapes[name] = ((1, *rest_t), (settings.opt, *rest_t), (settings.max_batch, *rest_t))
+    return shapes
+
+
+def build_engine_from_onnx(
+    trt: ModuleType,
+    onnx_path: Path,
+    settings: EngineSettings,
+    generation: int,
+    onnx_precision: str,
+    timing_cache: bytes | None = None,
+) -> tuple[bytes, bytes | None, dict[str, Any]]:
+    """Parse one ONNX and build a serialized engine; returns (plan, timing cache, build facts)."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    if generation == 8:
+        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH))
+    elif generation == 10:
+        network = builder.create_network(0)
+    else:
+        network = builder.create_network()
+    parser = trt.OnnxParser(network, logger)
+    if settings.dla_core is not None and generation >= 11 and hasattr(trt, "OnnxParserFlag"):
+        parser.set_flag(trt.OnnxParserFlag.ADJUST_FOR_DLA)
+    # parse_from_file resolves external weight files next to the ONNX.
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise EngineBuildError(
+            f"TensorRT could not parse {onnx_path.name}: {'; '.join(errors) or 'no detail'}"
+        )
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mb << 20)
+    if hasattr(config, "builder_optimization_level"):
+        config.builder_optimization_level = settings.optimization_level
+    flags: list[str] = []
+    if generation < 11:
+        # 8.6 / 10.x weakly typed: the flags allow the lower precision; the fp16 / Q/DQ ONNX
+        # already fixes what must be low precision. FP16 with INT8 lets non-quantized layers
+        # (Sigmoid, the embedding head kept float) run in fp16 instead of fp32.
+        if settings.precision in ("fp16", "int8"):
+            flags.append("FP16")
+        if settings.precision == "int8":
+            flags.append("INT8")
+    elif settings.precision != onnx_precision:
+        raise EngineBuildError(
+            f"TensorRT {trt.__version__} takes precision from the graph only; the bundle needs a "
+            f"{settings.precision} variant: run `thzedge export quantize --precision "
+            f"{settings.precision}` first"
+        )
+    if settings.dla_core is not None:
+        config.default_device_type = trt.DeviceType.DLA
+        config.DLA_core = int(settings.dla_core)
+        flags.append("GPU_FALLBACK")
+    for f in flags:
+        config.set_flag(getattr(trt.BuilderFlag, f))
+    profile = builder.create_optimization_profile()
+    shapes = profile_shapes(onnx_path, settings)
+    for name, (mn, opt, mx) in shapes.items():
+        profile.set_shape(name, mn, opt, mx)
+    config.add_optimization_profile(profile)
+    cache = config.create_timing_cache(timing_cache or b"")
+    config.set_timing_cache(cache, False)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise EngineBuildError(
+            f"TensorRT failed to build {onnx_path.name} ({settings.precision}); rerun with --log-level debug "
+            "and read TensorRT's log above"
+        )
+    cache_out = config.get_timing_cache()
+    cache_bytes = bytes(cache_out.serialize()) if cache_out is not None else None
+    facts = {
+        "api_generation": generation,
+        "strongly_typed": generation >= 11,
+        "builder_flags": flags,
+        "profile": {n: {"min": list(a), "opt": list(b), "max": list(c)} for n, (a, b, c) in shapes.items()},
+        "io": _network_io(network),
+    }
+    return bytes(plan), cache_bytes, facts
+
+
+def _network_io(network: Any) -> list[dict[str, Any]]:
+    io = []
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        io.append({"name": t.name, "mode": "input", "dtype": str(t.dtype), "shape": list(t.shape)})
+    for i in range(network.num_outputs):
+        t = network.get_output(i)
+        io.append({"name": t.name, "mode": "output", "dtype": str(t.dtype), "shape": list(t.shape)})
+    return io
+
+
+def _variant_for(bundle: Any, precision: str, generation: int) -> str:
+    """Which ONNX variant of the bundle to build a `precision` engine from."""
+    have = bundle.precisions
+    if precision in have:
+        return precision
+    if precision == "fp16" and generation < 11:
+        return "fp32"  # 8.6/10.x: the FP16 builder flag on the FP32 graph is fine
+    raise EngineBuildError(
+        f"the bundle has no {precision} variant (it has {', '.join(have)}); run "
+        f"`thzedge export quantize --bundle {bundle.path} --precision {precision}` first"
+    )
+
+
+def build_bundle_engines(
+    bundle_path: Path,
+    settings: EngineSettings,
+    trt: ModuleType | None = None,
+    platform: Platform | None = None,
+) -> list[dict[str, Any]]:
+    """Build an engine per graph of a bundle for one precision; returns the engine manifests written."""
+    from edge import __version__
+    from edge.bundle import Bundle
+
+    trt = trt or import_tensorrt()
+    generation = trt_generation(str(trt.__version__))
+    platform = platform or current_platform(trt)
+    bundle = Bundle.open(bundle_path)
+    variant = _variant_for(bundle, settings.precision, generation)
+    graphs = list(bundle.variant(variant)["graphs"])
+    out_dir = engine_dir(bundle.path, settings.precision)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache_path = bundle.path / ENGINES_DIR / "timing-cache" / f"{platform.cache_key()}.cache"
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    cache = cache_path.read_bytes() if cache_path.is_file() else None
+    manifests = []
+    for graph in graphs:
+        onnx_path = bundle.graph_file(graph, variant)
+        onnx_sha = sha256_file(onnx_path)
+        log.info("building %s engine for %s from %s", settings.precision, graph, onnx_path.name)
+        plan, cache_new, facts = build_engine_from_onnx(trt, onnx_path, settings, generation, variant, cache)
+        if cache_new:
+            cache = cache_new
+            cache_path.write_bytes(cache_new)
+        plan_path, man_path = engine_paths(bundle.path, settings.precision, graph)
+        plan_path.write_bytes(plan)
+        manifest = {
+            "format": ENGINE_MANIFEST_FORMAT,
+            "format_version": ENGINE_MANIFEST_VERSION,
+            "graph": graph,
+            "precision": settings.precision,
+            "onnx_variant": variant,
+            "onnx_file": str(onnx_path.relative_to(bundle.path)),
+            "onnx_sha256": onnx_sha,
+            "onnx_opset": _onnx_opset(onnx_path),
+            "engine_file": plan_path.name,
+            "engine_sha256": sha256_bytes(plan),
+            "bundle_sha256": bundle.sha256,
+            "tensorrt_version": platform.tensorrt_version,
+            "gpu_name": platform.gpu_name,
+            "compute_capability": platform.compute_capability,
+            "cuda_runtime_version": platform.cuda_runtime_version,
+            "l4t": platform.l4t,
+            "dla_core": settings.dla_core,
+            "max_batch": settings.max_batch,
+            "opt_batch": settings.opt,
+            "workspace_mb": settings.workspace_mb,
+            "optimization_level": settings.optimization_level,
+            "version_compatible": False,
+            "timing_cache": {"file": str(cache_path.relative_to(bundle.path)),
+                             "sha256": sha256_bytes(cache) if cache else None},
+            "thzedge_version": __version__,
+            "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **facts,
+        }  # fmt: skip
+        gate = bundle.variant(variant).get("gate")
+        if isinstance(gate, Mapping):
+            manifest["gate"] = {"passed": gate.get("passed"), "report": gate.get("report")}
+        man_path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        manifests.append(manifest)
+    return manifests
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
