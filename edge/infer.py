@@ -130,17 +130,15 @@ def load_inputs(inputs: Sequence[str | Path]) -> InputBatch:
 
 def truth_postures(batch: InputBatch) -> np.ndarray:
     """Return the posture class of every input parsed from its research-format PNG name."""
-    from scanner_io.dataset import parse_crop_name
-
-    out = np.empty(len(batch.names), dtype=np.int64)
-    for i, (name, path) in enumerate(zip(batch.names, batch.paths, strict=True)):
+    for name, path in zip(batch.names, batch.paths, strict=True):
         if path.suffix.lower() not in PNG_SUFFIXES:
             raise DataError(
                 f"{name}: --routing truth needs research-named PNG crops (<id>_b<k>b_<n>.png); "
                 "use --routing predicted for .npy inputs"
             )
-        out[i] = parse_crop_name(path.name).posture
-    return out
+    from scanner_io.dataset import parse_crop_name
+
+    return np.array([parse_crop_name(p.name).posture for p in batch.paths], dtype=np.int64)
 
 
 def run_batched(
