@@ -1078,7 +1078,7 @@ class Daemon:
         self._set_state("warming_up", "warm-up inference")
         self._warm_up()
         self.compose()
-        assert self.acquisition and self.inference and self.publisher and self.frames
+        assert self.acquisition and self.inference and self.publisher and self.frames is not None
         self.tracker.status("opening source")
         self.acquisition.start()
         self.acquisition.ready.wait()
