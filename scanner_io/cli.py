@@ -2,8 +2,269 @@
 
 from __future__ import annotations
 
+import json
+import math
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+
+from scanner_io.errors import ThzEdgeError
 
 
 def register(app: typer.Typer) -> None:
     """Attach this package's commands to the root `thzedge` app."""
+    register_acquisition(app)
+    register_sim(app)
+
+
+# --- acquisition: scanner serve, record, recording info (H4) ---------------------------------
+
+
+def register_acquisition(app: typer.Typer) -> None:
+    """Attach `scanner serve`, `record` and `recording info`."""
+    scanner = typer.Typer(help="Scanner acquisition: emulate a scanner's frame stream.", no_args_is_help=True)
+    scanner.command("serve")(scanner_serve)
+    app.add_typer(scanner, name="scanner")
+    app.command("record")(record)
+    recording = typer.Typer(help="Inspect MCAP recordings of raw frames.", no_args_is_help=True)
+    recording.command("info")(recording_info)
+    app.add_typer(recording, name="recording")
+
+
+@contextmanager
+def _stop_on_signals():
+    """Yield an Event set by SIGINT/SIGTERM, so loops end cleanly (handlers only set the event)."""
+    stop = threading.Event()
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _parse_rate(rate: str | None) -> float | str | None:
+    if rate is None:
+        return None
+    if rate == "max":
+        return "max"
+    try:
+        value = float(rate)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ThzEdgeError(f"--rate must be a positive number of frames/s or 'max', got {rate!r}")
+    return value
+
+
+def scanner_serve(
+    source: Annotated[
+        str, typer.Option("--source", help="sim[?seed=..] or replay:FILE.mcap[?rate=..&loop=N].")
+    ],
+    bind: Annotated[
+        str, typer.Option("--bind", help="Endpoint to bind, e.g. tcp://0.0.0.0:5555 or ipc:///run/thz.sock.")
+    ],
+    rate: Annotated[
+        str | None,
+        typer.Option(
+            "--rate",
+            help="Frames/s, or 'max' for lockstep (blocks, drops nothing). Default: "
+            "sim 30 frames/s, replay at recorded timing.",
+        ),
+    ] = None,
+    frames: Annotated[int | None, typer.Option("--frames", min=1, help="Stop after N frames.")] = None,
+    hwm: Annotated[int, typer.Option("--hwm", min=1, help="Send high-water mark, in frames.")] = 8,
+    inject_malformed: Annotated[int, typer.Option("--inject-malformed", hidden=True, min=0)] = 0,
+    skip_every: Annotated[int, typer.Option("--skip-every", hidden=True, min=0)] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the final counters as JSON.")] = False,
+) -> None:
+    """Stream frames in the acquisition protocol, as a scanner would (PUSH socket, bound)."""
+    from scanner_io.emulator import EmulatorSettings, serve_uri
+
+    settings = EmulatorSettings(
+        bind=bind,
+        rate=_parse_rate(rate),
+        frames=frames,
+        sndhwm=hwm,
+        inject_malformed_every=inject_malformed,
+        skip_every=skip_every,
+    )
+    with _stop_on_signals() as stop:
+        stats = serve_uri(source, settings, stop=stop)
+    if as_json:
+        typer.echo(json.dumps(stats.to_dict(), sort_keys=True))
+    else:
+        dropped = sum(stats.dropped.values())
+        typer.echo(f"sent {stats.sent} frames in {stats.elapsed_s:.1f} s, dropped {dropped}")
+
+
+def record(
+    source: Annotated[
+        str, typer.Option("--source", help="Source URI: tcp://, ipc://, sim[?..], replay:FILE.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="MCAP file to write (FILE.mcap.part until finished).")],
+    frames: Annotated[int | None, typer.Option("--frames", min=1, help="Stop after N frames.")] = None,
+    duration: Annotated[
+        float | None, typer.Option("--duration", min=0.0, help="Stop after S seconds.")
+    ] = None,
+    calibration: Annotated[
+        Path | None, typer.Option("--calibration", help="Calibration profile file to attach.")
+    ] = None,
+    chunk_kib: Annotated[
+        int, typer.Option("--chunk-kib", min=1, help="Chunk size in KiB (fsync'ed).")
+    ] = 1024,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Record raw frames from a source into an MCAP file (zstd chunks, manifest, calibration)."""
+    from scanner_io.recording import Recorder, default_manifest, record_source
+    from scanner_io.sources import open_source
+
+    if frames is not None and duration is not None:
+        raise ThzEdgeError("give --frames or --duration, not both")
+    src = open_source(source)
+    try:
+        manifest = default_manifest(source=source, extra={"frames_requested": frames, "duration_s": duration})
+        recorder = Recorder(out, manifest=manifest, calibration=calibration, chunk_bytes=chunk_kib * 1024)
+        with _stop_on_signals() as stop, _progress(frames, duration) as progress:
+            summary = record_source(
+                src, recorder, frames=frames, duration_s=duration, stop=stop, progress=progress
+            )
+    finally:
+        src.close()
+    if as_json:
+        typer.echo(json.dumps(summary.to_dict(), sort_keys=True))
+    else:
+        typer.echo(
+            f"recorded {summary.frames} frames to {summary.path} ({summary.bytes} bytes, "
+            f"{summary.duration_s:.1f} s, {summary.malformed} malformed, "
+            f"{summary.upstream_gaps} missing upstream)"
+        )
+
+
+@contextmanager
+def _progress(frames: int | None, duration: float | None):
+    """Yield a per-frame callback that drives a progress bar on a terminal, or None."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("recording", total=frames)
+        yield lambda n: bar.update(task, completed=n)
+
+
+def recording_info(
+    file: Annotated[Path, typer.Argument(help="An MCAP recording (a .part left by a crash works too).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Print frames, duration, rate, scanners, seq gaps, attachments of a recording."""
+    from scanner_io.recording import recording_info as scan
+
+    info = scan(file)
+    if as_json:
+        typer.echo(json.dumps(info.to_dict(), sort_keys=True))
+    else:
+        typer.echo(info.render())
+
+
+# --- simulator: sim dataset, sim preview (H3) --------------------------------------------------
+
+
+def register_sim(app: typer.Typer) -> None:
+    """Attach `sim dataset` and `sim preview`."""
+    sim = typer.Typer(
+        help="THz scanner simulator: datasets and previews with ground truth.", no_args_is_help=True
+    )
+    sim.command("dataset")(sim_dataset)
+    sim.command("preview")(sim_preview)
+    app.add_typer(sim, name="sim")
+
+
+def sim_dataset(
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the dataset into (created).")],
+    identities: Annotated[int, typer.Option("--identities", min=2, help="Number of simulated people.")] = 20,
+    samples: Annotated[
+        int, typer.Option("--samples", min=1, help="Concealed/unconcealed pairs per identity and posture.")
+    ] = 8,
+    seed: Annotated[int, typer.Option("--seed", help="Simulator seed (same seed, same dataset).")] = 0,
+    test_identities: Annotated[
+        int | None,
+        typer.Option(
+            "--test-identities", min=0, help="Identities held out for test.csv (default: a quarter)."
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Write a research-format dataset: 64×64 PNG crops plus train_val.csv / test.csv triplets."""
+    from scanner_io.dataset import write_dataset
+
+    if out.exists() and any(out.iterdir()):
+        raise ThzEdgeError(f"{out} exists and is not empty; choose a new --out directory or empty it")
+    with _sim_progress("simulating") as progress:
+        summary = write_dataset(
+            out,
+            identities=identities,
+            samples=samples,
+            seed=seed,
+            test_identities=test_identities,
+            progress=progress,
+        )
+    if as_json:
+        typer.echo(json.dumps(summary.to_dict(), sort_keys=True))
+    else:
+        typer.echo(
+            f"wrote {summary.images} crops of {summary.identities} identities to {summary.out_dir} in "
+            f"{summary.seconds:.1f} s: train_val.csv {summary.train_triplets} triplets "
+            f"({len(summary.train_identities)} identities), test.csv {summary.test_triplets} triplets "
+            f"({len(summary.test_identities)} identities), calibration profile {summary.profile_id}"
+        )
+
+
+def sim_preview(
+    out: Annotated[Path, typer.Option("--out", help="PNG file to write the contact sheet to.")],
+    identities: Annotated[
+        int, typer.Option("--identities", min=1, max=12, help="Rows (people) to show.")
+    ] = 4,
+    seed: Annotated[int, typer.Option("--seed", help="Simulator seed.")] = 0,
+    tile: Annotated[int, typer.Option("--tile", min=32, max=256, help="Tile size in pixels.")] = 64,
+) -> None:
+    """Render a contact sheet: concealed crop, unconcealed target and raw frame per posture."""
+    import cv2
+
+    from scanner_io.simulator import ScannerSimulator, preview_sheet
+
+    sheet = preview_sheet(ScannerSimulator(seed=seed, identities=max(identities, 1)), identities, tile=tile)
+    if out.suffix.lower() != ".png":
+        raise ThzEdgeError(f"--out {out} must end in .png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(out), sheet):
+        raise ThzEdgeError(f"cannot write {out}; check the directory is writable")
+    typer.echo(f"wrote {out} ({sheet.shape[1]}x{sheet.shape[0]})")
+
+
+@contextmanager
+def _sim_progress(label: str):
+    """Yield a (done, total) callback driving a progress bar on a terminal, or None."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)

@@ -12,6 +12,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,6 +53,26 @@ DECODE_REASONS: tuple[str, ...] = (
 
 _REQUIRED = ("v", "scanner", "seq", "t_capture_ns", "shape", "dtype")
 _OPTIONAL = ("settings", "sensor_temp_c", "claimed_identity")
+
+
+@dataclass(frozen=True)
+class MalformedFrame:
+    """A rejected message as sources and replay surface it: the stream goes on after it."""
+
+    reason: str
+    message: str
+    seq: int | None = None
+    scanner: str | None = None
+
+    @classmethod
+    def from_error(cls, exc: FrameDecodeError) -> MalformedFrame:
+        """Build the record of a rejection from the decoder's error."""
+        return cls(
+            reason=exc.reason,
+            message=str(exc),
+            seq=getattr(exc, "seq", None),
+            scanner=getattr(exc, "scanner", None),
+        )
 
 
 class FrameRejected(FrameDecodeError):
@@ -175,12 +196,10 @@ def header_from_dict(obj: dict[str, Any]) -> FrameHeader:
     if not _is_int(v):
         raise bad("bad_field", "header field 'v' must be an integer")
     if v != PROTOCOL_VERSION:
-        raise bad("bad_version", f"protocol version {v} is not supported (this receiver speaks v{PROTOCOL_VERSION})")
-    if (
-        scanner is None
-        or not 1 <= len(scanner) <= MAX_SCANNER_LEN
-        or not SCANNER_RE.fullmatch(scanner)
-    ):
+        raise bad(
+            "bad_version", f"protocol version {v} is not supported (this receiver speaks v{PROTOCOL_VERSION})"
+        )
+    if scanner is None or not 1 <= len(scanner) <= MAX_SCANNER_LEN or not SCANNER_RE.fullmatch(scanner):
         raise bad("bad_field", "header field 'scanner' must be 1-64 characters of [A-Za-z0-9_.-]")
     for name in ("seq", "t_capture_ns"):
         value = obj[name]
@@ -209,7 +228,9 @@ def header_from_dict(obj: dict[str, Any]) -> FrameHeader:
         raise bad("bad_field", "header field 'sensor_temp_c' must be a finite number or null")
     ident = obj.get("claimed_identity")
     if ident is not None and (not isinstance(ident, str) or len(ident) > MAX_IDENTITY_LEN):
-        raise bad("bad_field", f"header field 'claimed_identity' must be a string of at most {MAX_IDENTITY_LEN}")
+        raise bad(
+            "bad_field", f"header field 'claimed_identity' must be a string of at most {MAX_IDENTITY_LEN}"
+        )
     return FrameHeader(
         scanner=scanner,
         seq=obj["seq"],
@@ -240,7 +261,9 @@ def array_from_payload(header: FrameHeader, payload: Any) -> np.ndarray:
         # Frames are immutable once decoded: consumers copy before any in-place work.
         arr.flags.writeable = False
     if dtype.kind == "f" and not np.isfinite(arr).all():
-        raise _fail("non_finite", "float32 payload contains NaN or infinity", seq=header.seq, scanner=header.scanner)
+        raise _fail(
+            "non_finite", "float32 payload contains NaN or infinity", seq=header.seq, scanner=header.scanner
+        )
     return arr
 
 
@@ -263,7 +286,10 @@ def decode_frame(parts: Sequence[Any]) -> Frame:
         raise _fail("too_large", f"header of {raw_header.nbytes} bytes exceeds {MAX_HEADER_BYTES}")
     if payload.nbytes > MAX_PAYLOAD_BYTES:
         raise _fail("too_large", f"payload of {payload.nbytes} bytes exceeds {MAX_PAYLOAD_BYTES}")
-    if topic.nbytes > len(TOPIC_PREFIX) + MAX_SCANNER_LEN or bytes(topic[: len(TOPIC_PREFIX)]) != TOPIC_PREFIX:
+    if (
+        topic.nbytes > len(TOPIC_PREFIX) + MAX_SCANNER_LEN
+        or bytes(topic[: len(TOPIC_PREFIX)]) != TOPIC_PREFIX
+    ):
         raise _fail("bad_topic", "topic must be 'frame/<scanner>'")
     obj = _parse_header_json(raw_header)
     header = header_from_dict(obj)

@@ -176,23 +176,46 @@ def test_arbitrary_bytes_only_raise_frame_decode_error(parts: list[bytes]) -> No
 
 
 _json_scalar = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(allow_nan=False), st.text(max_size=20),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False),
+    st.text(max_size=20),
 )
-_json = st.recursive(_json_scalar, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=10)
+_json = st.recursive(
+    _json_scalar,
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+    max_leaves=10,
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    field=st.sampled_from(["v", "scanner", "seq", "t_capture_ns", "shape", "dtype", "settings",
-                           "sensor_temp_c", "claimed_identity", "extra"]),
+    field=st.sampled_from(
+        [
+            "v",
+            "scanner",
+            "seq",
+            "t_capture_ns",
+            "shape",
+            "dtype",
+            "settings",
+            "sensor_temp_c",
+            "claimed_identity",
+            "extra",
+        ]
+    ),
     value=_json,
     drop=st.booleans(),
     payload_cut=st.integers(min_value=-3, max_value=3),
-    flip=st.tuples(st.integers(min_value=0, max_value=2), st.integers(min_value=0, max_value=10_000), st.integers(1, 255)),
+    flip=st.tuples(
+        st.integers(min_value=0, max_value=2), st.integers(min_value=0, max_value=10_000), st.integers(1, 255)
+    ),
     do_flip=st.booleans(),
 )
-def test_mutated_valid_messages_decode_or_raise_frame_decode_error(field, value, drop, payload_cut, flip, do_flip) -> None:
+def test_mutated_valid_messages_decode_or_raise_frame_decode_error(
+    field, value, drop, payload_cut, flip, do_flip
+) -> None:
     arr = np.arange(12, dtype=np.float32).reshape(3, 4)
     topic, header, payload = _parts(_header(shape=(3, 4), dtype="float32"), arr)
     obj = json.loads(header)
@@ -200,7 +223,11 @@ def test_mutated_valid_messages_decode_or_raise_frame_decode_error(field, value,
         obj.pop(field, None)
     else:
         obj[field] = value
-    parts = [topic, json.dumps(obj).encode(), payload[: len(payload) + payload_cut] if payload_cut < 0 else payload + b"\0" * payload_cut]
+    parts = [
+        topic,
+        json.dumps(obj).encode(),
+        payload[: len(payload) + payload_cut] if payload_cut < 0 else payload + b"\0" * payload_cut,
+    ]
     if do_flip:
         which, pos, xor = flip
         buf = bytearray(parts[which])

@@ -1,0 +1,204 @@
+"""The scanner emulator: streams frames from a source in the acquisition protocol.
+
+It stands in for a scanner's acquisition service: it binds a PUSH socket and sends every frame
+as `[topic, header, payload]` (docs/protocol.md). Live streams are sent with NOBLOCK, so a slow
+or absent consumer never blocks it — such frames are dropped here and counted by reason, and
+the consumer sees the hole as a seq gap. Lockstep streams (`rate="max"`) block instead, so
+nothing is dropped (R-ZMQ-2).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+from scanner_io.codec import send_frame, topic_for
+from scanner_io.frame import Frame
+from scanner_io.sources import MalformedFrame, Source, open_source, zmq_context
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SNDHWM = 8  # frames
+DEFAULT_SIM_FPS = 30.0
+_MALFORMED_KINDS = ("size_mismatch", "bad_dtype", "bad_version")
+
+
+@dataclass
+class EmulatorStats:
+    """What the emulator did: frames sent, dropped (by reason), injected faults."""
+
+    sent: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    malformed_sent: int = 0
+    skipped: int = 0
+    source_malformed: int = 0
+    elapsed_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready copy."""
+        return {
+            "sent": self.sent,
+            "dropped": dict(self.dropped),
+            "malformed_sent": self.malformed_sent,
+            "skipped": self.skipped,
+            "source_malformed": self.source_malformed,
+            "elapsed_s": round(self.elapsed_s, 3),
+        }
+
+
+@dataclass(frozen=True)
+class EmulatorSettings:
+    """How the emulator streams: pacing, limits, socket options, injected faults."""
+
+    bind: str
+    rate: float | str | None = None  # frames/s; "max": lockstep (blocking); None: the source's pacing
+    frames: int | None = None
+    sndhwm: int = DEFAULT_SNDHWM
+    inject_malformed_every: int = 0  # every Nth frame goes out malformed (seq kept readable)
+    skip_every: int = 0  # every Nth frame is not sent at all (a seq gap downstream)
+    drain_ms: int = 1000  # at a normal end: time for frames in flight to be delivered
+
+
+def source_uri_for(uri: str, rate: float | str | None) -> str:
+    """Return the source URI the emulator opens: unpaced when the emulator paces itself."""
+    base, _, query = uri.partition("?")
+    params = dict(parse_qsl(query, keep_blank_values=True))
+    if base == "sim" or base.startswith("sim://"):
+        if rate is not None:
+            params.pop("fps", None)
+        elif "fps" not in params:
+            params["fps"] = str(DEFAULT_SIM_FPS)
+    elif base.startswith("replay:") and rate is not None:
+        params["rate"] = "max"
+    return base + ("?" + urlencode(params) if params else "")
+
+
+def _malformed_parts(frame: Frame, kind: str) -> list[bytes]:
+    header = frame.header.to_dict()
+    payload = bytes(memoryview(frame.data.tobytes()))
+    if kind == "size_mismatch":
+        payload = payload[:-1]
+    elif kind == "bad_dtype":
+        header["dtype"] = "float64"
+    else:
+        header["v"] = 99
+    return [topic_for(frame.header.scanner), json.dumps(header).encode(), payload]
+
+
+def serve(
+    source: Source,
+    settings: EmulatorSettings,
+    stop: threading.Event | None = None,
+    on_bound: Callable[[str], None] | None = None,
+) -> EmulatorStats:
+    """Bind, stream frames from `source` until it ends, `frames` are sent or `stop` is set.
+
+    Creates, uses and closes its socket in the calling thread. `on_bound` receives the bound
+    endpoint (useful with `tcp://127.0.0.1:*`).
+    """
+    import zmq
+
+    stop = stop or threading.Event()
+    stats = EmulatorStats()
+    lockstep = settings.rate == "max" or (settings.rate is None and not source.live)
+    fps = settings.rate if isinstance(settings.rate, (int, float)) else None
+    ctx = zmq_context()
+    sock = ctx.socket(zmq.PUSH)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, settings.sndhwm)
+        if settings.bind.startswith("tcp://"):
+            sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        sock.bind(settings.bind)
+        endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        log.info(
+            "scanner emulator: streaming %s on %s (%s)",
+            source.uri,
+            endpoint,
+            "lockstep" if lockstep else f"{fps} frames/s" if fps else "source pacing",
+        )
+        if on_bound is not None:
+            on_bound(endpoint)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLOUT)
+        t0 = time.monotonic()
+        n = 0  # frames taken from the source
+        while not stop.is_set():
+            if settings.frames is not None and n >= settings.frames:
+                break
+            if fps is not None:
+                due = t0 + n / fps
+                delay = due - time.monotonic()
+                if delay > 0 and stop.wait(delay):
+                    break
+            item = source.read(0.2)
+            if item is None:
+                if source.exhausted:
+                    break
+                continue
+            if isinstance(item, MalformedFrame):
+                stats.source_malformed += 1
+                continue
+            n += 1
+            if settings.skip_every and n % settings.skip_every == 0:
+                stats.skipped += 1
+                continue
+            malformed = bool(settings.inject_malformed_every and n % settings.inject_malformed_every == 0)
+            if lockstep:
+                # Block (interruptibly) until the consumer has room: nothing is dropped.
+                while not stop.is_set() and not poller.poll(100):
+                    pass
+                if stop.is_set():
+                    break
+                flags = 0
+            else:
+                flags = zmq.NOBLOCK
+            try:
+                if malformed:
+                    kind = _MALFORMED_KINDS[stats.malformed_sent % len(_MALFORMED_KINDS)]
+                    sock.send_multipart(_malformed_parts(item, kind), flags=flags)
+                    stats.malformed_sent += 1
+                else:
+                    # Each frame is a fresh array that is never written again, so a zero-copy
+                    # send cannot see it change (R-ZMQ-6); the tracker is not needed.
+                    send_frame(sock, item.header, item.data, flags=flags)
+                stats.sent += 1
+            except zmq.Again:
+                # Consumer queue full or no consumer connected: a live scanner drops, never waits.
+                stats.dropped["backpressure"] = stats.dropped.get("backpressure", 0) + 1
+        stats.elapsed_s = time.monotonic() - t0
+        if lockstep and not stop.is_set():
+            # Linger only covers handing frames to the kernel; a peer that is still reading
+            # would lose what sits in socket buffers when the connection closes, so a lockstep
+            # stream keeps the connection open a little longer before it goes.
+            stop.wait(settings.drain_ms / 1000)
+    finally:
+        # A normal end lets queued frames go out (bounded); a stop request closes at once.
+        sock.close(0 if stop.is_set() else settings.drain_ms)
+    dropped = sum(stats.dropped.values())
+    log.info("scanner emulator: sent %d frames, dropped %d", stats.sent, dropped)
+    return stats
+
+
+def serve_uri(
+    source_uri: str,
+    settings: EmulatorSettings,
+    stop: threading.Event | None = None,
+    on_bound: Callable[[str], None] | None = None,
+) -> EmulatorStats:
+    """Open `source_uri` (paced per `settings.rate`) and `serve` it; closes the source after."""
+    source = open_source(source_uri_for(source_uri, settings.rate))
+    try:
+        return serve(source, settings, stop=stop, on_bound=on_bound)
+    finally:
+        source.close()
+
+
+__all__ = ["EmulatorSettings", "EmulatorStats", "serve", "serve_uri", "source_uri_for"]

@@ -1,0 +1,634 @@
+"""MCAP recordings of raw frames: a crash-tolerant recorder, a recovering reader, `info`.
+
+Layout (docs/protocol.md, "Recording format"): one channel `/<scanner>/raw` per scanner with
+message encoding `thz-raw/v1`; each message is `u32 LE header length | header JSON | payload`,
+where header JSON and payload are byte-for-byte the acquisition wire parts. MCAP `sequence` is
+the frame seq (mod 2^32), `publish_time` the capture time, `log_time` the host receive time on a
+monotonic clock anchored to the wall clock at the start of the recording (so replay pacing
+never sees a wall-clock jump). A `/thzedge/events` JSON channel notes malformed frames and
+upstream gaps. The device/config manifest is a metadata record, the calibration profile an
+attachment. The file is written as `NAME.part` and renamed when finished; chunks are flushed
+and fsync'ed every ~1 MiB or 1 s, so a crash loses at most the open chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import struct
+import tempfile
+import time
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from scanner_io.codec import (
+    MAX_HEADER_BYTES,
+    MAX_PAYLOAD_BYTES,
+    FrameRejected,
+    MalformedFrame,
+    array_from_payload,
+    encode_header,
+    header_from_dict,
+    wire_array,
+)
+from scanner_io.errors import DataError, FrameDecodeError, SourceUnavailableError
+from scanner_io.frame import Frame
+
+RAW_ENCODING = "thz-raw/v1"
+RAW_SCHEMA_NAME = "thzedge.RawFrame"
+EVENTS_TOPIC = "/thzedge/events"
+MANIFEST_NAME = "thzedge.manifest"
+CALIBRATION_MEDIA_TYPE = "application/x-thzedge-calib"
+PROFILE = "thzedge"
+PART_SUFFIX = ".part"
+DEFAULT_CHUNK_BYTES = 1024 * 1024
+DEFAULT_CHUNK_SECONDS = 1.0
+# Bounds a reader applies before allocating (operations.md §3.3): no record, chunk or
+# attachment larger than this is read, so a corrupt length cannot exhaust memory.
+MAX_RECORD_BYTES = 256 * 1024 * 1024
+MAX_CHUNK_BYTES = 256 * 1024 * 1024
+_LEN = struct.Struct("<I")
+
+# The JSON Schema of the header part, stored in the MCAP Schema record so generic tools can
+# describe the channel. The message itself is the thz-raw/v1 envelope, not plain JSON.
+HEADER_JSON_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "thzedge raw frame header (acquisition protocol v1)",
+    "description": (
+        "Message encoding thz-raw/v1: uint32 little-endian N, then N bytes of this header as "
+        "UTF-8 JSON, then the raw C-contiguous little-endian array (prod(shape) * itemsize bytes)."
+    ),
+    "type": "object",
+    "required": ["v", "scanner", "seq", "t_capture_ns", "shape", "dtype"],
+    "properties": {
+        "v": {"const": 1},
+        "scanner": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
+        "seq": {"type": "integer", "minimum": 0},
+        "t_capture_ns": {"type": "integer", "minimum": 0},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 1, "maxItems": 3},
+        "dtype": {"enum": ["uint8", "uint16", "float32"]},
+        "settings": {"type": "object"},
+        "sensor_temp_c": {"type": ["number", "null"]},
+        "claimed_identity": {"type": ["string", "null"]},
+    },
+}
+
+
+def pack_frame(frame: Frame) -> bytes:
+    """Return the thz-raw/v1 message body of a frame (length-prefixed header JSON + payload)."""
+    header = encode_header(frame.header)
+    payload = wire_array(frame.header, np.asarray(frame.data))
+    return b"".join((_LEN.pack(len(header)), header, memoryview(payload).cast("B")))
+
+
+def unpack_frame(data: bytes | memoryview) -> Frame:
+    """Decode a thz-raw/v1 message body with the wire decoder's checks; raises FrameDecodeError."""
+    view = memoryview(data)
+    if view.nbytes < _LEN.size:
+        raise FrameRejected("recorded message is shorter than its length prefix", reason="bad_parts")
+    (n,) = _LEN.unpack_from(view)
+    if n > MAX_HEADER_BYTES or _LEN.size + n > view.nbytes:
+        raise FrameRejected(f"recorded header length {n} is out of bounds", reason="too_large")
+    payload = view[_LEN.size + n :]
+    if payload.nbytes > MAX_PAYLOAD_BYTES:
+        raise FrameRejected(f"recorded payload of {payload.nbytes} bytes is too large", reason="too_large")
+    try:
+        obj = json.loads(bytes(view[_LEN.size : _LEN.size + n]).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise FrameRejected(f"recorded header is not UTF-8 JSON: {exc}", reason="bad_json") from None
+    if not isinstance(obj, dict):
+        raise FrameRejected("recorded header is not a JSON object", reason="bad_json")
+    header = header_from_dict(obj)
+    return Frame(header=header, data=array_from_payload(header, payload))
+
+
+def default_manifest(source: str | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Return the device/config manifest stored as metadata: host, versions, source, extras."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        thz_version = version("thzedge")
+    except PackageNotFoundError:
+        thz_version = "unknown"
+    manifest = {
+        "thzedge_version": thz_version,
+        "host": platform.node(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if source is not None:
+        manifest["source"] = source
+    for key, value in (extra or {}).items():
+        manifest[str(key)] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return manifest
+
+
+def _calibration_bytes(calibration: Any) -> tuple[str, bytes, str | None]:
+    """Return (attachment name, bytes, profile id) for a profile file path or profile object."""
+    if isinstance(calibration, (str, os.PathLike)):
+        path = Path(calibration)
+        if not path.is_file():
+            raise SourceUnavailableError(f"calibration profile {path} does not exist or is not a file")
+        data = path.read_bytes()
+        return f"calibration/{path.name}", data, None
+    # A CalibrationProfile (calibration/profile.py) — duck-typed: scanner_io never imports calibration.
+    profile_id = str(getattr(calibration, "profile_id", "profile"))
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / f"{profile_id}.calib"
+        calibration.save(target)
+        files = [target] if target.is_file() else sorted(p for p in Path(tmp).rglob("*") if p.is_file())
+        if len(files) != 1:
+            raise DataError(
+                "the calibration profile did not save to exactly one file; attach its file instead"
+            )
+        return f"calibration/{files[0].name}", files[0].read_bytes(), profile_id
+
+
+class Recorder:
+    """Write frames to an MCAP file; a context manager whose exit always finishes the file.
+
+    The file is `path + ".part"` until `close()` renames it to `path`. Chunks are closed,
+    flushed and fsync'ed every `chunk_bytes` or `chunk_seconds` (call `tick()` while idle so a
+    quiet stream still reaches the disk).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        manifest: Mapping[str, str] | None = None,
+        calibration: Any | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        chunk_seconds: float = DEFAULT_CHUNK_SECONDS,
+        fsync: bool = True,
+    ) -> None:
+        from mcap.writer import CompressionType, Writer
+
+        self.path = Path(path)
+        self.part_path = self.path.with_name(self.path.name + PART_SUFFIX)
+        self.frames_written = 0
+        self.events_written = 0
+        self._chunk_bytes = chunk_bytes
+        self._chunk_seconds = chunk_seconds
+        self._fsync = fsync
+        self._pending = 0
+        self._pending_since: float | None = None
+        self._closed = False
+        self._stream: IO[bytes] = open(self.part_path, "wb")  # noqa: SIM115 - closed in close()
+        # The writer's own chunk limit is set high so chunks close only here, where they are
+        # also flushed and fsync'ed.
+        self._writer = Writer(
+            self._stream, chunk_size=1 << 40, compression=CompressionType.ZSTD, enable_data_crcs=False
+        )
+        self._writer.start(profile=PROFILE, library=f"thzedge {_thzedge_version()}")
+        self._schema_id = self._writer.register_schema(
+            RAW_SCHEMA_NAME, "jsonschema", json.dumps(HEADER_JSON_SCHEMA).encode()
+        )
+        self._channels: dict[str, int] = {}
+        self._events_channel: int | None = None
+        # log_time = wall clock at start + monotonic elapsed: deltas never jump.
+        self._wall0 = time.time_ns()
+        self._mono0 = time.monotonic_ns()
+        self._writer.add_metadata(MANIFEST_NAME, dict(manifest or default_manifest()))
+        if calibration is not None:
+            name, data, profile_id = _calibration_bytes(calibration)
+            now = time.time_ns()
+            self._writer.add_attachment(now, now, name, CALIBRATION_MEDIA_TYPE, data)
+            meta = {"attachment": name, "sha256": hashlib.sha256(data).hexdigest()}
+            if profile_id is not None:
+                meta["profile_id"] = profile_id
+            self._writer.add_metadata("thzedge.calibration", meta)
+        self._sync()
+
+    def now_ns(self) -> int:
+        """Return the recorder clock: start wall time plus monotonic time elapsed (ns)."""
+        return self._wall0 + (time.monotonic_ns() - self._mono0)
+
+    def write(self, frame: Frame, log_time_ns: int | None = None) -> None:
+        """Append one frame to its scanner's `/<scanner>/raw` channel."""
+        channel = self._channels.get(frame.header.scanner)
+        if channel is None:
+            channel = self._writer.register_channel(
+                f"/{frame.header.scanner}/raw",
+                RAW_ENCODING,
+                self._schema_id,
+                {"scanner": frame.header.scanner},
+            )
+            self._channels[frame.header.scanner] = channel
+        body = pack_frame(frame)
+        log_time = self.now_ns() if log_time_ns is None else log_time_ns
+        self._writer.add_message(
+            channel,
+            log_time=log_time,
+            data=body,
+            publish_time=frame.header.t_capture_ns,
+            sequence=frame.header.seq & 0xFFFFFFFF,
+        )
+        self.frames_written += 1
+        self._account(len(body))
+
+    def write_event(self, kind: str, **fields: Any) -> None:
+        """Append a JSON event (malformed frame, upstream gap, …) to `/thzedge/events`."""
+        if self._events_channel is None:
+            self._events_channel = self._writer.register_channel(EVENTS_TOPIC, "json", 0)
+        body = json.dumps({"kind": kind, **fields}, sort_keys=True).encode()
+        now = self.now_ns()
+        self._writer.add_message(self._events_channel, log_time=now, data=body, publish_time=now)
+        self.events_written += 1
+        self._account(len(body))
+
+    def _account(self, nbytes: int) -> None:
+        self._pending += nbytes
+        if self._pending_since is None:
+            self._pending_since = time.monotonic()
+        if self._pending >= self._chunk_bytes:
+            self._sync()
+        else:
+            self.tick()
+
+    def tick(self) -> None:
+        """Close the open chunk if it has been open longer than `chunk_seconds`."""
+        if self._pending_since is not None and time.monotonic() - self._pending_since >= self._chunk_seconds:
+            self._sync()
+
+    def _sync(self) -> None:
+        self._writer.flush()
+        if self._fsync:
+            os.fsync(self._stream.fileno())
+        self._pending = 0
+        self._pending_since = None
+
+    def close(self) -> Path:
+        """Finish the file (summary, indexes, footer), fsync it and rename it into place."""
+        if self._closed:
+            return self.path
+        self._closed = True
+        try:
+            self._writer.finish()
+            self._stream.flush()
+            if self._fsync:
+                os.fsync(self._stream.fileno())
+        finally:
+            self._stream.close()
+        os.replace(self.part_path, self.path)
+        return self.path
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _thzedge_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("thzedge")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class RecordedItem:
+    """One raw-frame message read back: the frame (or why it was rejected) and its times."""
+
+    item: Frame | MalformedFrame
+    log_time_ns: int
+    topic: str
+
+
+@dataclass(frozen=True)
+class AttachmentInfo:
+    """An attachment found in a recording."""
+
+    name: str
+    media_type: str
+    size: int
+    sha256: str
+
+
+def resolve_recording(path: str | os.PathLike[str]) -> Path:
+    """Return the file to read: `path`, or `path.part` left by a recorder that did not finish."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    part = p.with_name(p.name + PART_SUFFIX)
+    if part.is_file():
+        return part
+    raise SourceUnavailableError(f"recording {p} does not exist")
+
+
+class RecordingReader:
+    """Read a recording front to back, recovering what a crash left; never loads it whole.
+
+    Reads linearly (the footer and summary are not needed, so an unfinished file reads up to
+    its last complete chunk). After iteration, `complete` says whether the file ended with a
+    footer, `truncated`/`truncation` say why reading stopped early, and `frames`/`malformed`
+    count what was recovered. Attachments and metadata are collected along the way.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = resolve_recording(path)
+        self.complete = False
+        self.truncated = False
+        self.truncation: str | None = None
+        self.frames = 0
+        self.malformed = 0
+        self.events: list[dict[str, Any]] = []
+        self.metadata: dict[str, dict[str, str]] = {}
+        self.attachments: list[AttachmentInfo] = []
+        self._attachment_data: dict[str, bytes] = {}
+        self.keep_attachments = True
+
+    def __iter__(self) -> Iterator[RecordedItem]:
+        return self.items()
+
+    def items(self) -> Iterator[RecordedItem]:
+        """Yield every raw-frame message in file order, then record how reading ended."""
+        from mcap.exceptions import McapError
+        from mcap.records import Attachment, Channel, Chunk, Footer, Message, Metadata
+        from mcap.stream_reader import StreamReader, breakup_chunk
+
+        self.complete = self.truncated = False
+        self.truncation = None
+        self.frames = self.malformed = 0
+        self.events = []
+        channels: dict[int, Channel] = {}
+        with open(self.path, "rb") as fh:
+            reader = StreamReader(fh, emit_chunks=True, record_size_limit=MAX_RECORD_BYTES)
+            records = reader.records
+            while True:
+                try:
+                    record = next(records)
+                    if isinstance(record, Chunk):
+                        if record.uncompressed_size > MAX_CHUNK_BYTES:
+                            raise DataError(f"chunk claims {record.uncompressed_size} bytes uncompressed")
+                        inner = breakup_chunk(record, validate_crc=True)
+                    else:
+                        inner = [record]
+                except StopIteration:
+                    break
+                except (McapError, DataError, ValueError, EOFError, OSError, struct.error, zlib.error) as exc:
+                    # A crash leaves a torn record at the end: everything before it is good.
+                    self.truncated = True
+                    self.truncation = f"{type(exc).__name__}: {exc}"[:200]
+                    break
+                except Exception as exc:  # zstandard.ZstdError and other decoder failures
+                    self.truncated = True
+                    self.truncation = f"{type(exc).__name__}: {exc}"[:200]
+                    break
+                for rec in inner:
+                    if isinstance(rec, Channel):
+                        channels[rec.id] = rec
+                    elif isinstance(rec, Message):
+                        item = self._message(rec, channels)
+                        if item is not None:
+                            yield item
+                    elif isinstance(rec, Attachment):
+                        digest = hashlib.sha256(rec.data).hexdigest()
+                        self.attachments.append(
+                            AttachmentInfo(rec.name, rec.media_type, len(rec.data), digest)
+                        )
+                        if self.keep_attachments:
+                            self._attachment_data[rec.name] = bytes(rec.data)
+                    elif isinstance(rec, Metadata):
+                        self.metadata[rec.name] = dict(rec.metadata)
+                    elif isinstance(rec, Footer):
+                        self.complete = True
+
+    def _message(self, rec: Any, channels: Mapping[int, Any]) -> RecordedItem | None:
+        channel = channels.get(rec.channel_id)
+        if channel is None:
+            return None
+        if channel.topic == EVENTS_TOPIC:
+            with contextlib.suppress(ValueError):
+                self.events.append(json.loads(rec.data))
+            return None
+        if channel.message_encoding != RAW_ENCODING:
+            return None
+        try:
+            item: Frame | MalformedFrame = unpack_frame(rec.data)
+            self.frames += 1
+        except FrameDecodeError as exc:
+            item = MalformedFrame.from_error(exc)
+            self.malformed += 1
+        return RecordedItem(item=item, log_time_ns=rec.log_time, topic=channel.topic)
+
+    def attachment(self, name: str) -> bytes | None:
+        """Return an attachment's bytes (after iteration has reached it), or None."""
+        return self._attachment_data.get(name)
+
+    def calibration(self) -> tuple[str, bytes] | None:
+        """Return (name, bytes) of the calibration profile attachment seen so far, if any."""
+        for info in self.attachments:
+            if info.media_type == CALIBRATION_MEDIA_TYPE and info.name in self._attachment_data:
+                return info.name, self._attachment_data[info.name]
+        return None
+
+
+@dataclass
+class ScannerSummary:
+    """Per-scanner figures of a recording."""
+
+    frames: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+    seq_gaps: int = 0
+    seq_resets: int = 0
+    shapes: list[list[int]] = field(default_factory=list)
+    dtypes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RecordingInfo:
+    """What `thzedge recording info` reports."""
+
+    path: str
+    size_bytes: int
+    complete: bool
+    truncated: bool
+    truncation: str | None
+    frames: int
+    malformed: int
+    duration_s: float
+    mean_rate_hz: float
+    scanners: dict[str, ScannerSummary]
+    attachments: list[AttachmentInfo]
+    metadata: dict[str, dict[str, str]]
+    events: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON-ready form (`--json`)."""
+        return {
+            "path": self.path,
+            "size_bytes": self.size_bytes,
+            "complete": self.complete,
+            "truncated": self.truncated,
+            "truncation": self.truncation,
+            "frames": self.frames,
+            "recovered_frames": self.frames,
+            "malformed": self.malformed,
+            "duration_s": self.duration_s,
+            "mean_rate_hz": self.mean_rate_hz,
+            "scanners": {k: vars(v) for k, v in self.scanners.items()},
+            "seq_gaps": sum(s.seq_gaps for s in self.scanners.values()),
+            "attachments": [vars(a) for a in self.attachments],
+            "metadata": self.metadata,
+            "events": self.events,
+        }
+
+    def render(self) -> str:
+        """Return the human-readable report."""
+        status = "complete" if self.complete else "INCOMPLETE (recorder did not finish)"
+        lines = [
+            f"file        {self.path} ({self.size_bytes} bytes, {status})",
+            f"frames      {self.frames}" + (f" recovered ({self.truncation})" if self.truncated else ""),
+            f"malformed   {self.malformed}",
+            f"duration    {self.duration_s:.3f} s",
+            f"mean rate   {self.mean_rate_hz:.2f} frames/s",
+        ]
+        for name, s in sorted(self.scanners.items()):
+            lines.append(
+                f"scanner     {name}: {s.frames} frames, seq {s.first_seq}..{s.last_seq}, "
+                f"{s.seq_gaps} missing, {s.seq_resets} resets, shape {s.shapes}, dtype {s.dtypes}"
+            )
+        for a in self.attachments:
+            lines.append(f"attachment  {a.name} ({a.media_type}, {a.size} bytes, sha256 {a.sha256[:12]})")
+        for name in sorted(self.metadata):
+            lines.append(f"metadata    {name}: {len(self.metadata[name])} keys")
+        if self.events:
+            lines.append(f"events      {self.events}")
+        return "\n".join(lines)
+
+
+def recording_info(path: str | os.PathLike[str]) -> RecordingInfo:
+    """Scan a recording (finished or cut off by a crash) and summarise it."""
+    reader = RecordingReader(path)
+    reader.keep_attachments = False
+    scanners: dict[str, ScannerSummary] = {}
+    first_t = last_t = None
+    for rec in reader:
+        if not isinstance(rec.item, Frame):
+            continue
+        h = rec.item.header
+        s = scanners.setdefault(h.scanner, ScannerSummary())
+        s.frames += 1
+        if s.last_seq is not None:
+            if h.seq > s.last_seq + 1:
+                s.seq_gaps += h.seq - s.last_seq - 1
+            elif h.seq <= s.last_seq:
+                s.seq_resets += 1
+        else:
+            s.first_seq = h.seq
+        s.last_seq = h.seq
+        if list(h.shape) not in s.shapes:
+            s.shapes.append(list(h.shape))
+        if h.dtype not in s.dtypes:
+            s.dtypes.append(h.dtype)
+        first_t = rec.log_time_ns if first_t is None else min(first_t, rec.log_time_ns)
+        last_t = rec.log_time_ns if last_t is None else max(last_t, rec.log_time_ns)
+    duration = (last_t - first_t) / 1e9 if first_t is not None and last_t is not None else 0.0
+    rate = (reader.frames - 1) / duration if duration > 0 and reader.frames > 1 else 0.0
+    return RecordingInfo(
+        path=str(reader.path),
+        size_bytes=reader.path.stat().st_size,
+        complete=reader.complete,
+        truncated=reader.truncated,
+        truncation=reader.truncation,
+        frames=reader.frames,
+        malformed=reader.malformed,
+        duration_s=duration,
+        mean_rate_hz=rate,
+        scanners=scanners,
+        attachments=reader.attachments,
+        metadata=reader.metadata,
+        events=len(reader.events),
+    )
+
+
+@dataclass
+class RecordSummary:
+    """What one `record` run wrote."""
+
+    path: str
+    frames: int
+    malformed: int
+    upstream_gaps: int
+    duration_s: float
+    bytes: int
+    source: str
+    stopped_by: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready copy."""
+        return dict(vars(self))
+
+
+def record_source(
+    source: Any,
+    recorder: Recorder,
+    frames: int | None = None,
+    duration_s: float | None = None,
+    stop: Any | None = None,
+    progress: Any | None = None,
+) -> RecordSummary:
+    """Copy frames from an open source into `recorder` until a limit, the source's end or `stop`.
+
+    Malformed messages and upstream seq gaps are written as `/thzedge/events` records. The
+    recorder is closed (file finished and renamed) before returning. `progress(n)` is called
+    after each frame.
+    """
+    t0 = time.monotonic()
+    written = malformed = 0
+    gaps_seen = 0
+    stopped_by = "source_end"
+    try:
+        while True:
+            if stop is not None and stop.is_set():
+                stopped_by = "signal"
+                break
+            if frames is not None and written >= frames:
+                stopped_by = "frames"
+                break
+            if duration_s is not None and time.monotonic() - t0 >= duration_s:
+                stopped_by = "duration"
+                break
+            item = source.read(0.1)
+            if item is None:
+                recorder.tick()
+                if source.exhausted:
+                    break
+                continue
+            if isinstance(item, MalformedFrame):
+                malformed += 1
+                recorder.write_event("malformed", reason=item.reason, seq=item.seq, scanner=item.scanner)
+            else:
+                recorder.write(item)
+                written += 1
+                if progress is not None:
+                    progress(written)
+            gaps = source.stats.upstream_gaps
+            if gaps > gaps_seen:
+                recorder.write_event("upstream_gap", missing=gaps - gaps_seen, total=gaps)
+                gaps_seen = gaps
+    finally:
+        path = recorder.close()
+    return RecordSummary(
+        path=str(path),
+        frames=written,
+        malformed=malformed,
+        upstream_gaps=gaps_seen,
+        duration_s=round(time.monotonic() - t0, 3),
+        bytes=path.stat().st_size,
+        source=source.uri,
+        stopped_by=stopped_by,
+    )

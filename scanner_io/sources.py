@@ -1,0 +1,531 @@
+"""Frame sources behind one interface, opened from a URI with `open_source`.
+
+- `sim[?seed=0&fps=30&identities=20&frames=N&scanner=sim0]`: the THz simulator; paced at `fps`
+  (live) or, without `fps`, as fast as the consumer reads (lockstep).
+- `replay:PATH.mcap[?rate=1.0|max&loop=N]`: a recording; `max` is lockstep, a number paces by
+  the recorded timestamps on the monotonic clock; `loop=N` plays it N times (0: forever).
+- `tcp://HOST:PORT` / `ipc://PATH` (optional `?hwm=8&stall_s=2&reconnect_max_ms=5000`): the
+  acquisition protocol. The source connects a PULL socket to the scanner's bound PUSH socket,
+  reconnects with bounded backoff, reports up / stalled / down and counts sequence gaps.
+
+A source's `read(timeout_s)` returns a Frame, a MalformedFrame (rejected message; the stream
+goes on) or None (nothing within the timeout).
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import queue
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs
+
+from scanner_io.codec import MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES, MalformedFrame, decode_frame
+from scanner_io.errors import ConfigError, FrameDecodeError, SourceUnavailableError
+from scanner_io.frame import Frame
+
+__all__ = [
+    "MalformedFrame",
+    "ReplaySource",
+    "SimSource",
+    "Source",
+    "SourceStats",
+    "ZmqSource",
+    "open_source",
+    "zmq_context",
+]
+
+log = logging.getLogger(__name__)
+
+STATES = ("up", "stalled", "down", "ended")
+# Socket defaults for the acquisition PULL socket (docs/protocol.md, "Socket pattern").
+DEFAULT_RCVHWM = 8  # frames, not bytes: memory stays bounded by HWM × frame size
+DEFAULT_STALL_S = 2.0
+RECONNECT_IVL_MS = 100
+DEFAULT_RECONNECT_MAX_MS = 5000
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 3000
+HANDOFF_QUEUE = 4  # frames decoded ahead of the consumer
+
+
+def zmq_context() -> Any:
+    """Return the process's one zmq Context (created on first use)."""
+    import zmq
+
+    return zmq.Context.instance()
+
+
+@dataclass
+class SourceStats:
+    """Counters of one source; `upstream_gaps` counts frames missing from the seq sequence."""
+
+    received: int = 0
+    malformed: dict[str, int] = field(default_factory=dict)
+    upstream_gaps: int = 0
+    seq_resets: int = 0
+    connects: int = 0
+    disconnects: int = 0
+
+    @property
+    def malformed_total(self) -> int:
+        return sum(self.malformed.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready copy."""
+        return {
+            "received": self.received,
+            "malformed": dict(self.malformed),
+            "malformed_total": self.malformed_total,
+            "upstream_gaps": self.upstream_gaps,
+            "seq_resets": self.seq_resets,
+            "connects": self.connects,
+            "disconnects": self.disconnects,
+        }
+
+
+class _SeqTracker:
+    """Counts gaps in each scanner's seq; a seq that does not increase is a scanner restart."""
+
+    def __init__(self, stats: SourceStats) -> None:
+        self._last: dict[str, int] = {}
+        self._stats = stats
+
+    def observe(self, item: Frame | MalformedFrame) -> None:
+        if isinstance(item, MalformedFrame):
+            self._stats.malformed[item.reason] = self._stats.malformed.get(item.reason, 0) + 1
+            # A rejected frame with a readable seq still occupies its place in the sequence.
+            if item.scanner is None or item.seq is None:
+                return
+            scanner, seq = item.scanner, item.seq
+        else:
+            self._stats.received += 1
+            scanner, seq = item.header.scanner, item.header.seq
+        last = self._last.get(scanner)
+        if last is not None:
+            if seq > last + 1:
+                self._stats.upstream_gaps += seq - last - 1
+            elif seq <= last:
+                self._stats.seq_resets += 1
+        self._last[scanner] = seq
+
+
+class Source(ABC):
+    """A stream of raw frames; see the module docstring for the URIs."""
+
+    uri: str
+    live: bool  # True: the consumer drops oldest when behind; False: lockstep, nothing dropped
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.stats = SourceStats()
+        self._seq = _SeqTracker(self.stats)
+        self._closed = False
+
+    @abstractmethod
+    def read(self, timeout_s: float) -> Frame | MalformedFrame | None:
+        """Return the next frame, a rejected message, or None if nothing came within timeout_s."""
+
+    @property
+    def exhausted(self) -> bool:
+        """True once a finite source has delivered everything."""
+        return False
+
+    @property
+    def state(self) -> str:
+        """One of "up", "stalled", "down", "ended"."""
+        if self._closed or self.exhausted:
+            return "ended"
+        return "up"
+
+    def close(self) -> None:
+        """Release the source; safe to call twice."""
+        self._closed = True
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[Frame | MalformedFrame]:
+        """Yield items until the source is exhausted or closed (blocking reads)."""
+        while not self._closed:
+            item = self.read(0.25)
+            if item is not None:
+                yield item
+            elif self.exhausted:
+                return
+
+
+class _Pacer:
+    """Paces items on the monotonic clock against a schedule, without accumulating drift."""
+
+    def __init__(self) -> None:
+        self._t0: float | None = None
+
+    def wait_until(self, offset_s: float, timeout_s: float) -> bool:
+        """Sleep until start + offset_s; return False if that is further away than timeout_s."""
+        now = time.monotonic()
+        if self._t0 is None:
+            self._t0 = now - offset_s
+        delay = self._t0 + offset_s - now
+        if delay > timeout_s:
+            time.sleep(max(timeout_s, 0.0))
+            return False
+        if delay > 0:
+            time.sleep(delay)
+        elif delay < -1.0:
+            # More than a second behind (slow consumer): re-anchor instead of bursting.
+            self._t0 = now - offset_s
+        return True
+
+
+class SimSource(Source):
+    """The THz scanner simulator as a source (scanner_io.simulator.ScannerSimulator)."""
+
+    def __init__(
+        self,
+        uri: str,
+        seed: int = 0,
+        fps: float | None = None,
+        identities: int = 20,
+        frames: int | None = None,
+        scanner: str = "sim0",
+    ) -> None:
+        super().__init__(uri)
+        try:
+            from scanner_io.simulator import ScannerSimulator
+        except ImportError as exc:
+            raise SourceUnavailableError(f"the simulator is not available in this build: {exc}") from None
+        self.live = fps is not None
+        self._sim = ScannerSimulator(seed=seed, identities=identities, scanner=scanner)
+        self._fps = fps
+        self._limit = frames
+        self._count = 0
+        self._pacer = _Pacer()
+
+    @property
+    def exhausted(self) -> bool:
+        return self._limit is not None and self._count >= self._limit
+
+    def read(self, timeout_s: float) -> Frame | MalformedFrame | None:
+        if self._closed or self.exhausted:
+            return None
+        if self._fps is not None and not self._pacer.wait_until(self._count / self._fps, timeout_s):
+            return None
+        frame = self._sim.next_frame()
+        self._count += 1
+        self._seq.observe(frame)
+        return frame
+
+
+class ReplaySource(Source):
+    """Frames from an MCAP recording, bit-identical to what was recorded.
+
+    `rate=None` is lockstep (as fast as read, nothing dropped); a number paces by the
+    recorded log times divided by the rate. After the end, `recovered` is the number of frames
+    read and `truncated` says whether the file was cut off (crash) before its footer.
+    """
+
+    def __init__(self, uri: str, path: str, rate: float | None = 1.0, loop: int = 1) -> None:
+        from scanner_io.recording import RecordingReader
+
+        super().__init__(uri)
+        self.live = rate is not None
+        self._reader = RecordingReader(path)  # raises SourceUnavailableError if missing
+        self.path = self._reader.path
+        self._rate = rate
+        self._loops = loop
+        self._pass = 0
+        self._iter: Iterator[Any] | None = None
+        self._done = False
+        self._pacer = _Pacer()
+        self._first_t: int | None = None
+        self._pass_offset_s = 0.0
+        self._last_offset_s = 0.0
+        self._pending: Any = None
+        self.recovered = 0
+        self.truncated = False
+        self.truncation: str | None = None
+
+    @property
+    def exhausted(self) -> bool:
+        return self._done and self._pending is None
+
+    def calibration(self) -> tuple[str, bytes] | None:
+        """Return the embedded calibration profile attachment (name, bytes) once read, if any."""
+        return self._reader.calibration()
+
+    def _next_record(self) -> Any:
+        while not self._done:
+            if self._iter is None:
+                self._iter = self._reader.items()
+            try:
+                return next(self._iter)
+            except StopIteration:
+                self._iter = None
+                if self._pass == 0:
+                    self.recovered = self._reader.frames
+                    self.truncated = self._reader.truncated
+                    self.truncation = self._reader.truncation
+                    if self.truncated:
+                        log.warning(
+                            "recording %s is cut off (%s): recovered %d frames",
+                            self.path,
+                            self.truncation,
+                            self.recovered,
+                        )
+                self._pass += 1
+                if self._pass == 0 or (self._loops and self._pass >= self._loops) or self._reader.frames == 0:
+                    self._done = True
+                    return None
+                # The next pass starts one mean interval after the last frame of this one.
+                step = self._last_offset_s / max(self._reader.frames - 1, 1)
+                self._pass_offset_s = self._last_offset_s + step
+                self._first_t = None
+        return None
+
+    def read(self, timeout_s: float) -> Frame | MalformedFrame | None:
+        if self._closed:
+            return None
+        if self._pending is None:
+            self._pending = self._next_record()
+            if self._pending is None:
+                return None
+        rec = self._pending
+        if self._rate is not None:
+            if self._first_t is None:
+                self._first_t = rec.log_time_ns
+            offset = self._pass_offset_s + (rec.log_time_ns - self._first_t) / 1e9 / self._rate
+            if not self._pacer.wait_until(offset, timeout_s):
+                return None
+            self._last_offset_s = offset
+        self._pending = None
+        self._seq.observe(rec.item)
+        return rec.item
+
+
+class ZmqSource(Source):
+    """The acquisition protocol over ZeroMQ: a PULL socket connected to the scanner's PUSH.
+
+    The socket lives in one I/O thread that creates, uses and closes it (sockets are not
+    thread-safe); decoded frames reach `read()` through a small queue. When the consumer falls
+    behind, the thread stops receiving, ZeroMQ's high-water marks fill and the scanner, which
+    sends with NOBLOCK, drops and counts — it never blocks. Those losses show up here as
+    `upstream_gaps`.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        endpoint: str,
+        hwm: int = DEFAULT_RCVHWM,
+        stall_s: float = DEFAULT_STALL_S,
+        reconnect_max_ms: int = DEFAULT_RECONNECT_MAX_MS,
+    ) -> None:
+        super().__init__(uri)
+        self.live = True
+        self.endpoint = endpoint
+        self._hwm = hwm
+        self._stall_s = stall_s
+        self._reconnect_max_ms = reconnect_max_ms
+        self._queue: queue.Queue[Frame | MalformedFrame] = queue.Queue(maxsize=HANDOFF_QUEUE)
+        self._stop = threading.Event()
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._peers = 0
+        self._last_frame = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name=f"source {endpoint}", daemon=True)
+        self._thread.start()
+        self._started.wait(10)
+        if self._error is not None:
+            self._thread.join(2)
+            raise SourceUnavailableError(f"cannot connect to {endpoint}: {self._error}")
+
+    @property
+    def state(self) -> str:
+        if self._closed:
+            return "ended"
+        if self._peers <= 0:
+            return "down"
+        if time.monotonic() - self._last_frame > self._stall_s:
+            return "stalled"
+        return "up"
+
+    def read(self, timeout_s: float) -> Frame | MalformedFrame | None:
+        if self._closed:
+            return None
+        try:
+            return self._queue.get(timeout=max(timeout_s, 0.0)) if timeout_s > 0 else self._queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self._thread.join(5)
+
+    def _configure(self, sock: Any) -> None:
+        import zmq
+
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, self._hwm)
+        sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, self._reconnect_max_ms)
+        # Per-part limit: libzmq drops a peer that sends anything larger (oversized frames).
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_PAYLOAD_BYTES + MAX_HEADER_BYTES)
+        if self.endpoint.startswith("tcp://"):
+            sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+            sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
+
+    def _run(self) -> None:
+        import zmq
+        from zmq.utils.monitor import recv_monitor_message
+
+        ctx = zmq_context()
+        sock = mon = None
+        try:
+            sock = ctx.socket(zmq.PULL)
+            self._configure(sock)
+            mon = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            mon.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.endpoint)
+        except zmq.ZMQError as exc:
+            self._error = exc
+            self._started.set()
+            for s in (mon, sock):
+                if s is not None:
+                    s.close(0)
+            return
+        self._started.set()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(mon, zmq.POLLIN)
+        pending: Frame | MalformedFrame | None = None
+        try:
+            while not self._stop.is_set():
+                if pending is not None:
+                    # Consumer behind: hold this item and stop receiving, so HWMs apply upstream.
+                    try:
+                        self._queue.put(pending, timeout=0.05)
+                        pending = None
+                    except queue.Full:
+                        pass
+                    events = dict(poller.poll(0))
+                else:
+                    events = dict(poller.poll(50))
+                if mon in events:
+                    while mon.poll(0):
+                        event = recv_monitor_message(mon)["event"]
+                        if event == zmq.EVENT_CONNECTED:
+                            self._peers += 1
+                            self.stats.connects += 1
+                            self._last_frame = time.monotonic()
+                            log.info("source %s: connected", self.endpoint)
+                        elif event == zmq.EVENT_DISCONNECTED:
+                            self._peers = max(self._peers - 1, 0)
+                            self.stats.disconnects += 1
+                            log.warning("source %s: peer disconnected; reconnecting", self.endpoint)
+                if pending is None and sock in events:
+                    parts = sock.recv_multipart(copy=False)
+                    try:
+                        item: Frame | MalformedFrame = decode_frame(parts)
+                        self._last_frame = time.monotonic()
+                    except FrameDecodeError as exc:
+                        item = MalformedFrame.from_error(exc)
+                        log.warning(
+                            "source %s: rejected message (%s): %s", self.endpoint, item.reason, item.message
+                        )
+                    self._seq.observe(item)
+                    pending = item
+        finally:
+            sock.disable_monitor()
+            mon.close(0)
+            sock.close(0)
+
+
+# --- URI parsing ----------------------------------------------------------------------------
+
+
+def _query(uri: str, rest: str, allowed: dict[str, type]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, values in parse_qs(rest, keep_blank_values=True, strict_parsing=False).items():
+        if key not in allowed:
+            near = difflib.get_close_matches(key, list(allowed), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(
+                f"unknown parameter {key!r} in source {uri!r}{hint}; valid: {', '.join(allowed)}"
+            )
+        raw = values[-1]
+        kind = allowed[key]
+        try:
+            if kind is float and key == "rate" and raw == "max":
+                out[key] = None
+            elif kind is float:
+                value = float(raw)
+                if not math.isfinite(value) or value <= 0:
+                    raise ValueError("must be a positive number")
+                out[key] = value
+            elif kind is int:
+                out[key] = int(raw)
+                if out[key] < 0:
+                    raise ValueError("must not be negative")
+            else:
+                out[key] = raw
+        except ValueError as exc:
+            raise ConfigError(f"parameter {key}={raw!r} in source {uri!r} is invalid: {exc}") from None
+    return out
+
+
+def _split(uri: str, prefix_len: int) -> tuple[str, str]:
+    body = uri[prefix_len:]
+    base, _, rest = body.partition("?")
+    return base, rest
+
+
+URI_FORMS = "sim[?seed=..&fps=..], replay:FILE.mcap[?rate=1.0|max&loop=N], tcp://HOST:PORT, ipc://PATH"
+
+
+def open_source(uri: str, names: Mapping[str, str] | None = None) -> Source:
+    """Open a source from a URI, or from a name (`scanner0`) resolved through `names`."""
+    names = names or {}
+    if uri in names:
+        resolved = names[uri]
+        if resolved in names:
+            raise ConfigError(f"source name {uri!r} resolves to another name {resolved!r}; give a URI")
+        return open_source(resolved)
+    if uri == "sim" or uri.startswith(("sim?", "sim://")):
+        rest = uri.split("?", 1)[1] if "?" in uri else ""
+        q = _query(uri, rest, {"seed": int, "fps": float, "identities": int, "frames": int, "scanner": str})
+        return SimSource(uri, **q)
+    if uri.startswith("replay:"):
+        path, rest = _split(uri, len("replay:"))
+        if path.startswith("//"):
+            path = path[2:]
+        if not path:
+            raise ConfigError(f"source {uri!r} names no file; use replay:PATH.mcap")
+        q = _query(uri, rest, {"rate": float, "loop": int})
+        return ReplaySource(uri, path, rate=q.get("rate", 1.0), loop=q.get("loop", 1))
+    if uri.startswith(("tcp://", "ipc://")):
+        endpoint, rest = _split(uri, 0)
+        q = _query(uri, rest, {"hwm": int, "stall_s": float, "reconnect_max_ms": int})
+        if q.get("hwm", 1) < 1:
+            raise ConfigError(f"hwm in {uri!r} must be at least 1 frame")
+        return ZmqSource(uri, endpoint, **q)
+    if ":" not in uri and "/" not in uri:
+        known = ", ".join(sorted(names)) if names else "none configured"
+        near = difflib.get_close_matches(uri, list(names), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise SourceUnavailableError(
+            f"unknown source name {uri!r}{hint}; configured names: {known}; or give a URI: {URI_FORMS}"
+        )
+    raise SourceUnavailableError(f"unsupported source {uri!r}; use one of: {URI_FORMS}")
