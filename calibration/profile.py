@@ -1,0 +1,219 @@
+"""One scanner's calibration profile: dark offset, gain, bad pixels and conditioning.
+
+A profile is immutable and content-addressed: `profile_id` is a short sha256 of everything in
+it, so a result stamped with the id says exactly which correction produced it. On disk a
+profile is a directory holding `profile.json` (metadata, conditioning, id) and `arrays.npz`
+(dark, gain, bad-pixel mask); loading recomputes the id and refuses a mismatch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibration.conditioning import ConditioningParams
+from scanner_io.errors import CalibrationError
+
+__all__ = ["CalibrationProfile", "PROFILE_FORMAT"]
+
+PROFILE_FORMAT = 1
+_JSON_NAME = "profile.json"
+_ARRAYS_NAME = "arrays.npz"
+# Bad pixels take the median of valid pixels within this radius (5×5 window).
+_REPAIR_RADIUS = 2
+
+# (bad flat index [B], neighbour flat index [B, K], neighbour valid [B, K], valid count [B], any empty)
+RepairTable = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]
+
+
+def _build_repair_table(bad: np.ndarray) -> RepairTable | None:
+    """Precompute, for every bad pixel, its in-frame valid neighbours in the 5×5 window."""
+    ys, xs = np.nonzero(bad)
+    if len(ys) == 0:
+        return None
+    h, w = bad.shape
+    r = _REPAIR_RADIUS
+    dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
+    keep = (dy != 0) | (dx != 0)
+    dy, dx = dy[keep], dx[keep]
+    ny = ys[:, None] + dy[None, :]
+    nx = xs[:, None] + dx[None, :]
+    inside = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+    nyc, nxc = np.clip(ny, 0, h - 1), np.clip(nx, 0, w - 1)
+    valid = inside & ~bad[nyc, nxc]
+    idx = (nyc * w + nxc).astype(np.intp)
+    counts = valid.sum(axis=1).astype(np.intp)
+    return ((ys * w + xs).astype(np.intp), idx, valid, counts, bool((counts == 0).any()))
+
+
+@dataclass(frozen=True, eq=False)
+class CalibrationProfile:
+    """One scanner's calibration; `calibrate` computes (raw − dark) · gain and repairs bad pixels."""
+
+    scanner: str
+    shape: tuple[int, int]
+    dark: np.ndarray  # float32 offset (counts)
+    gain: np.ndarray  # float32 per-pixel gain: corrected power per count above dark
+    bad_pixels: np.ndarray  # bool mask, True = dead, hot or flickering
+    conditioning: ConditioningParams = field(default_factory=ConditioningParams)
+    # Free-form JSON metadata (sensor temperature at calibration, settings, …); part of the id.
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    _repair: RepairTable | None = field(init=False, repr=False, compare=False, default=None)
+    _id: str = field(init=False, repr=False, compare=False, default="")
+
+    def __post_init__(self) -> None:
+        shape = tuple(int(v) for v in self.shape)
+        if len(shape) != 2 or min(shape) < 1:
+            raise CalibrationError(f"profile shape must be (height, width), got {self.shape}")
+        object.__setattr__(self, "shape", shape)
+        arrays = {}
+        for name, dtype in (("dark", np.float32), ("gain", np.float32), ("bad_pixels", np.bool_)):
+            arr = np.asarray(getattr(self, name))
+            if arr.shape != shape:
+                raise CalibrationError(f"profile {name} has shape {arr.shape}, expected {shape}")
+            arr = np.ascontiguousarray(arr, dtype=dtype)
+            if dtype is np.float32 and not np.isfinite(arr).all():
+                raise CalibrationError(f"profile {name} contains NaN or infinite values")
+            arr.setflags(write=False)  # shared by every frame: nobody may change it in place
+            arrays[name] = arr
+            object.__setattr__(self, name, arr)
+        try:
+            json.dumps(dict(self.meta))
+        except (TypeError, ValueError) as exc:
+            raise CalibrationError(f"profile meta must be JSON-serialisable: {exc}") from exc
+        object.__setattr__(self, "meta", dict(self.meta))
+        object.__setattr__(self, "_repair", _build_repair_table(arrays["bad_pixels"]))
+        object.__setattr__(self, "_id", self._compute_id())
+
+    # -- identity ---------------------------------------------------------------------------
+    def _metadata(self) -> dict[str, Any]:
+        return {
+            "format": PROFILE_FORMAT,
+            "scanner": self.scanner,
+            "shape": list(self.shape),
+            "conditioning": self.conditioning.to_dict(),
+            "meta": self.meta,
+        }
+
+    def _compute_id(self) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps(self._metadata(), sort_keys=True, separators=(",", ":")).encode())
+        for arr in (self.dark, self.gain, self.bad_pixels.astype(np.uint8)):
+            h.update(arr.tobytes())
+        return h.hexdigest()[:16]
+
+    @property
+    def profile_id(self) -> str:
+        """Short sha256 of the profile's content (metadata, conditioning and arrays)."""
+        return self._id
+
+    @property
+    def repair_table(self) -> RepairTable | None:
+        """Precomputed bad-pixel neighbour tables used by `calibrate` (None: no bad pixels)."""
+        return self._repair
+
+    @property
+    def bad_pixel_fraction(self) -> float:
+        """Fraction of pixels flagged bad."""
+        return float(self.bad_pixels.mean())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CalibrationProfile) and other.profile_id == self.profile_id
+
+    def __hash__(self) -> int:
+        return hash(self._id)
+
+    # -- constructors -----------------------------------------------------------------------
+    @classmethod
+    def identity(
+        cls, scanner: str, shape: tuple[int, int], conditioning: ConditioningParams | None = None
+    ) -> CalibrationProfile:
+        """Return a profile that corrects nothing: zero dark, unit gain, no bad pixels."""
+        shape = (int(shape[0]), int(shape[1]))
+        return cls(
+            scanner=scanner,
+            shape=shape,
+            dark=np.zeros(shape, np.float32),
+            gain=np.ones(shape, np.float32),
+            bad_pixels=np.zeros(shape, bool),
+            conditioning=conditioning or ConditioningParams(),
+        )
+
+    def with_conditioning(self, conditioning: ConditioningParams) -> CalibrationProfile:
+        """Return a copy with other conditioning parameters (and so another id)."""
+        return CalibrationProfile(
+            self.scanner, self.shape, self.dark, self.gain, self.bad_pixels, conditioning, self.meta
+        )
+
+    # -- persistence ------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the profile into directory `path` (created) and return it."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        doc = self._metadata() | {"profile_id": self.profile_id}
+        _atomic_write(path / _ARRAYS_NAME, lambda f: np.savez_compressed(
+            f, dark=self.dark, gain=self.gain, bad_pixels=self.bad_pixels.astype(np.uint8)
+        ))
+        _atomic_write(path / _JSON_NAME, lambda f: f.write(json.dumps(doc, indent=2).encode() + b"\n"))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> CalibrationProfile:
+        """Read a profile directory (or its profile.json); refuses a changed or foreign file."""
+        path = Path(path)
+        if path.is_file() and path.name == _JSON_NAME:
+            path = path.parent
+        json_path, arrays_path = path / _JSON_NAME, path / _ARRAYS_NAME
+        if not json_path.is_file() or not arrays_path.is_file():
+            raise CalibrationError(
+                f"{path} is not a calibration profile (expected {_JSON_NAME} and {_ARRAYS_NAME} in it)"
+            )
+        try:
+            doc = json.loads(json_path.read_text())
+            with np.load(arrays_path, allow_pickle=False) as z:
+                dark, gain, bad = z["dark"], z["gain"], z["bad_pixels"].astype(bool)
+        except (OSError, ValueError, KeyError) as exc:
+            raise CalibrationError(f"cannot read calibration profile {path}: {exc}") from exc
+        if doc.get("format") != PROFILE_FORMAT:
+            raise CalibrationError(
+                f"calibration profile {path} has format {doc.get('format')!r}; this thzedge reads "
+                f"format {PROFILE_FORMAT}"
+            )
+        try:
+            profile = cls(
+                scanner=str(doc["scanner"]),
+                shape=tuple(doc["shape"]),
+                dark=dark,
+                gain=gain,
+                bad_pixels=bad,
+                conditioning=ConditioningParams.from_dict(doc.get("conditioning", {})),
+                meta=doc.get("meta", {}),
+            )
+        except KeyError as exc:
+            raise CalibrationError(f"calibration profile {path} lacks field {exc}") from exc
+        if doc.get("profile_id") != profile.profile_id:
+            raise CalibrationError(
+                f"calibration profile {path} does not match its id (stored {doc.get('profile_id')}, "
+                f"content {profile.profile_id}): the files were changed; recalibrate or restore them"
+            )
+        return profile
+
+
+def _atomic_write(target: Path, write: Any) -> None:
+    """Write via a temporary file and rename, so a crash never leaves half a profile."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

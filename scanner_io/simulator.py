@@ -1,0 +1,830 @@
+"""Active-THz face scanner simulator with ground truth (docs/simulator.md has the model).
+
+Real THz face data is not public, so this simulator makes every later stage testable with
+known truth. One frame is made in four steps, all vectorised numpy/cv2:
+
+1. **Geometry** (cached per identity and posture): a parametric head (ellipsoid plus brow,
+   eye sockets, nose, cheeks, lips, chin, jaw, ears, hair, beard) sampled on a (θ, φ) grid,
+   rotated to the posture and z-buffered into per-pixel normals and material maps.
+2. **Scene**: active THz at 340 GHz is strongly specular — the return is ρ·cos(n,beam)^m with
+   a large m plus a weak diffuse term — so only surfaces facing the beam light up. A cloth layer
+   (concealment) attenuates the face two-way with its own folds and weave and adds its own
+   faint return. Per-capture pose jitter rotates the normals and shifts/scales/rolls the head.
+3. **Capture**: optical blur, coherent speckle (L looks) and source-power fluctuation.
+4. **Sensor**: per-pixel dark offset and gain (with column pattern), temperature drift, read
+   noise, dead/hot/flickering pixels, 16-bit saturation → raw uint16 counts.
+
+Everything is deterministic for (seed, identity, posture, sample): each capture draws from its
+own seeded generator, so the order of calls never changes a frame.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import cv2
+import numpy as np
+
+from calibration.conditioning import (
+    ConditioningParams,
+    Roi,
+    calibrate,
+    condition_with_roi,
+)
+from calibration.profile import CalibrationProfile
+from scanner_io.frame import POSTURES, Frame, FrameHeader
+
+__all__ = [
+    "HeadParams",
+    "SimConfig",
+    "SimTruth",
+    "ScannerSimulator",
+    "identity_name",
+    "POSTURE_ANGLES",
+    "preview_sheet",
+]
+
+_DEG = math.pi / 180.0
+# Nominal (yaw, pitch) in degrees per posture class, in POSTURES order. Positive yaw turns the
+# face towards the image's left edge; positive pitch lifts the chin.
+POSTURE_ANGLES: tuple[tuple[float, float], ...] = (
+    (0.0, 0.0),
+    (35.0, 0.0),
+    (-35.0, 0.0),
+    (0.0, 25.0),
+    (0.0, -25.0),
+)
+# Seed-sequence tags, so each random stream is independent of the others.
+_TAG_IDENTITY, _TAG_SENSOR, _TAG_POSE, _TAG_CLOTH, _TAG_NOISE, _TAG_STREAM = 11, 12, 13, 14, 15, 16
+_STREAM_SAMPLE_OFFSET = 1 << 20  # stream frames never reuse a dataset sample number
+_BOX = 104  # geometry is rendered in a _BOX×_BOX head box (raw pixels at scale 1)
+_HEAD_Y = 0.42  # head centre sits at this fraction of the box height; the neck fills below
+
+
+def identity_name(index: int) -> str:
+    """Return the dataset / claimed-identity name of identity `index` (0-based): id001, id002…"""
+    return f"id{index + 1:03d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SimConfig:
+    """Physics and sensor parameters of the simulator (defaults: a 340 GHz active FPA scanner)."""
+
+    # Imaging
+    peak_power: float = 20000.0  # calibrated power of a skin facet facing the beam (counts)
+    specular_exponent: float = 40.0  # cos^m lobe: ~10° half width at half maximum
+    diffuse: float = 0.003  # diffuse skin return relative to the specular peak
+    psf_sigma_px: float = 0.7  # optical blur (diffraction-limited spot)
+    looks: int = 2  # speckle looks of one capture (1 = fully developed speckle)
+    reference_looks: int = 32  # frames averaged for the unconcealed reference (target) capture
+    source_jitter_db: float = 0.5  # capture-to-capture source power fluctuation (σ, dB)
+    # Pose jitter (σ, degrees / pixels / relative scale)
+    jitter_angle_deg: float = 3.0
+    jitter_roll_deg: float = 2.5
+    jitter_shift_px: float = 4.0
+    jitter_scale: float = 0.03
+    # Concealment (cloth)
+    cloth_attenuation_db: tuple[float, float] = (3.0, 7.0)  # two-way, range over materials
+    cloth_return: float = 0.02  # cloth's own return relative to the skin peak
+    # Sensor
+    dark_counts: float = 1500.0
+    dark_sigma: float = 120.0
+    column_sigma: float = 40.0  # fixed column pattern (line-scan readout)
+    gain_sigma: float = 0.08  # pixel response non-uniformity (relative)
+    read_noise: float = 14.0  # counts, per capture
+    dead_fraction: float = 0.003
+    hot_fraction: float = 0.002
+    flicker_fraction: float = 0.002
+    flicker_probability: float = 0.2  # chance a flickering pixel is off in one frame
+    # Temperature drift (stream only; `render` captures at the calibration temperature)
+    reference_temp_c: float = 35.0
+    drift_c: float = 3.0  # warm-up amplitude over the stream
+    drift_frames: float = 3000.0  # warm-up time constant, frames
+    dark_tc: float = 10.0  # mean dark change per °C (counts), per-pixel spread 30 %
+    gain_tc: float = -0.002  # relative responsivity change per °C
+
+
+# ---------------------------------------------------------------------------------------------
+# Identities
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HeadParams:
+    """One identity's parametric head; angles in degrees, radii in raw pixels, bumps relative."""
+
+    radii: tuple[float, float, float]  # half width, half height, half depth
+    jaw: float  # width of the lower face relative to the skull
+    brow_theta: float
+    brow_amp: float
+    eye_theta: float
+    eye_phi: float
+    eye_depth: float
+    eye_size: float
+    nose_tip_theta: float
+    nose_amp: float
+    nose_width: float
+    cheek_amp: float
+    cheek_phi: float
+    mouth_theta: float
+    mouth_width: float
+    lip_amp: float
+    chin_theta: float
+    chin_amp: float
+    chin_width: float
+    ear_theta: float
+    ear_amp: float
+    ear_size: float
+    hairline_theta: float
+    hair_side_phi: float
+    hair_spec: float
+    beard: float  # specular factor under a beard (1 = none)
+    skin_db: float  # skin reflectivity offset (moisture), dB
+    texture: tuple[tuple[float, float, float, float], ...]  # (amp dB, kθ, kφ, phase) skin patches
+
+    @classmethod
+    def sample(cls, rng: np.random.Generator) -> HeadParams:
+        """Draw one identity from the population distribution."""
+        u = rng.uniform
+        has_beard = rng.random() < 0.3
+        return cls(
+            radii=(u(23.0, 29.0), u(29.0, 36.0), u(26.0, 32.0)),
+            jaw=u(0.72, 0.98),
+            brow_theta=u(68.0, 76.0),
+            brow_amp=u(0.02, 0.09),
+            eye_theta=u(80.0, 88.0),
+            eye_phi=u(16.0, 25.0),
+            eye_depth=u(0.04, 0.12),
+            eye_size=u(6.0, 10.0),
+            nose_tip_theta=u(100.0, 110.0),
+            nose_amp=u(0.12, 0.30),
+            nose_width=u(5.0, 10.0),
+            cheek_amp=u(0.0, 0.08),
+            cheek_phi=u(28.0, 42.0),
+            mouth_theta=u(116.0, 124.0),
+            mouth_width=u(10.0, 20.0),
+            lip_amp=u(0.02, 0.08),
+            chin_theta=u(134.0, 145.0),
+            chin_amp=u(0.0, 0.12),
+            chin_width=u(10.0, 22.0),
+            ear_theta=u(88.0, 100.0),
+            ear_amp=u(0.10, 0.30),
+            ear_size=u(7.0, 12.0),
+            hairline_theta=u(35.0, 65.0),
+            hair_side_phi=u(55.0, 100.0),
+            hair_spec=u(0.05, 0.35),
+            beard=u(0.15, 0.5) if has_beard else 1.0,
+            skin_db=u(-1.5, 1.5),
+            texture=tuple((u(0.5, 2.0), u(-5.0, 5.0), u(-5.0, 5.0), u(0.0, 2 * math.pi)) for _ in range(3)),
+        )
+
+
+def _gauss(x: np.ndarray, mu: float, sigma: float) -> np.ndarray:
+    return np.exp(-0.5 * ((x - mu) / sigma) ** 2)
+
+
+def _smoothstep(x: np.ndarray, a: float, b: float) -> np.ndarray:
+    t = np.clip((x - a) / (b - a), 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """One identity in one posture, rendered into the head box (all maps _BOX×_BOX float32)."""
+
+    nx: np.ndarray
+    ny: np.ndarray
+    nz: np.ndarray
+    spec: np.ndarray  # specular reflectivity (0 outside the head)
+    diff: np.ndarray  # diffuse reflectivity
+    theta: np.ndarray  # head-surface coordinates (radians), for cloth and hair
+    phi: np.ndarray
+    head: np.ndarray  # 1 on the head, 0 on the neck and background
+    mask: np.ndarray  # 1 on head or neck
+
+
+def _head_surface(p: HeadParams, n_theta: int = 150, n_phi: int = 300) -> dict[str, np.ndarray]:
+    """Sample the head surface: points, outward normals and materials on a (θ, φ) grid."""
+    th = np.linspace(0.5, 179.5, n_theta) * _DEG
+    ph = np.linspace(-180.0, 180.0, n_phi, endpoint=False) * _DEG
+    T, F = np.meshgrid(th, ph, indexing="ij")
+    td, fd = T / _DEG, F / _DEG
+    afd = np.abs(fd)
+    front = np.exp(-((fd / 60.0) ** 4))  # facial features live on the front half
+    bump = np.zeros_like(T)
+    bump += p.brow_amp * _gauss(td, p.brow_theta, 5.0) * np.exp(-((fd / 38.0) ** 4))
+    bump -= p.eye_depth * _gauss(td, p.eye_theta, p.eye_size * 0.8) * _gauss(afd, p.eye_phi, p.eye_size)
+    ramp = np.clip((td - p.eye_theta) / (p.nose_tip_theta - p.eye_theta), 0.0, 1.0) ** 1.5
+    below = np.exp(-0.5 * (np.maximum(td - p.nose_tip_theta, 0.0) / 3.5) ** 2)
+    bump += p.nose_amp * ramp * below * _gauss(fd, 0.0, p.nose_width)
+    bump += p.cheek_amp * _gauss(td, 100.0, 10.0) * _gauss(afd, p.cheek_phi, 12.0)
+    bump += p.lip_amp * _gauss(td, p.mouth_theta, 3.5) * _gauss(fd, 0.0, p.mouth_width)
+    bump -= 0.02 * _gauss(td, p.mouth_theta + 2.0, 1.2) * _gauss(fd, 0.0, p.mouth_width)
+    bump += p.chin_amp * _gauss(td, p.chin_theta, 6.0) * _gauss(fd, 0.0, p.chin_width)
+    bump += p.ear_amp * _gauss(td, p.ear_theta, p.ear_size) * _gauss(afd, 90.0, p.ear_size * 0.6)
+    hair = (1.0 - _smoothstep(td, p.hairline_theta - 4.0, p.hairline_theta + 4.0)) * front + (1.0 - front) * (
+        1.0 - _smoothstep(td, 80.0, 95.0)
+    ) * _smoothstep(afd, p.hair_side_phi - 10.0, p.hair_side_phi + 10.0)
+    hair = np.maximum(hair, 1.0 - front * (1.0 - _smoothstep(afd, 110.0, 130.0)))  # back of the head
+    bump += 0.04 * hair
+    # The lower face narrows towards the jaw; the chin region sits below the skull ellipsoid.
+    sx = 1.0 - (1.0 - p.jaw) * _smoothstep(td, 100.0, 165.0)
+    ax, ay, az = p.radii
+    r = 1.0 + bump
+    st = np.sin(T)
+    pts = np.stack([ax * sx * st * np.sin(F) * r, ay * np.cos(T) * r, az * st * np.cos(F) * r], axis=-1)
+    d_th = np.gradient(pts, axis=0)
+    d_ph = np.roll(pts, -1, axis=1) - np.roll(pts, 1, axis=1)
+    nrm = np.cross(d_ph, d_th)
+    flip = (nrm * pts).sum(-1) < 0
+    nrm[flip] *= -1.0
+    nrm /= np.linalg.norm(nrm, axis=-1, keepdims=True) + 1e-9
+    tex_db = p.skin_db + sum(a * np.sin(kt * T + kp * F + c) for a, kt, kp, c in p.texture)
+    beard = np.where(
+        (p.beard < 1.0), 1.0 - (1.0 - p.beard) * _smoothstep(td, 112.0, 122.0) * (afd < 70.0), 1.0
+    )
+    spec = 10.0 ** (tex_db / 10.0) * (1.0 - hair * (1.0 - p.hair_spec)) * beard
+    diff = np.ones_like(spec) * (1.0 + 1.5 * hair)
+    return {"pts": pts, "nrm": nrm, "spec": spec, "diff": diff, "theta": T, "phi": F}
+
+
+def _rotation(yaw_deg: float, pitch_deg: float, roll_deg: float = 0.0) -> np.ndarray:
+    """Rotation matrix: yaw about y, then pitch about x, then roll about z (camera frame)."""
+    y, p, r = yaw_deg * _DEG, pitch_deg * _DEG, roll_deg * _DEG
+    ry = np.array([[math.cos(y), 0, math.sin(y)], [0, 1, 0], [-math.sin(y), 0, math.cos(y)]])
+    # Positive pitch lifts the chin: the face normal tilts up (towards image top, +y).
+    rx = np.array([[1, 0, 0], [0, math.cos(p), math.sin(p)], [0, -math.sin(p), math.cos(p)]])
+    rz = np.array([[math.cos(r), -math.sin(r), 0], [math.sin(r), math.cos(r), 0], [0, 0, 1]])
+    return rz @ rx @ ry
+
+
+def _render_geometry(p: HeadParams, yaw: float, pitch: float, surf: dict[str, np.ndarray] | None = None) -> _Geometry:
+    """Rotate the head to (yaw, pitch) about the neck pivot and z-buffer it into the head box."""
+    if surf is None:
+        surf = _head_surface(p)
+    ax, ay, az = p.radii
+    rot = _rotation(yaw, pitch)
+    pivot = np.array([0.0, -0.6 * ay, -0.1 * az])
+    pts = (surf["pts"].reshape(-1, 3) - pivot) @ rot.T + pivot
+    nrm = surf["nrm"].reshape(-1, 3) @ rot.T
+    attrs = [surf[k].reshape(-1) for k in ("spec", "diff", "theta", "phi")]
+    head_flag = np.ones(len(pts))
+    # Neck: a fixed cylinder under the head (it does not turn with the head).
+    rn = 0.62 * ax
+    ys = np.linspace(-0.45 * ay, -1.7 * ay, 50)
+    fs = np.linspace(-180.0, 180.0, 240, endpoint=False) * _DEG
+    Y, Fn = np.meshgrid(ys, fs, indexing="ij")
+    neck_pts = np.stack([rn * np.sin(Fn), Y, 0.9 * rn * np.cos(Fn) - 0.15 * az], axis=-1).reshape(-1, 3)
+    neck_nrm = np.stack([np.sin(Fn), np.zeros_like(Fn), np.cos(Fn)], axis=-1).reshape(-1, 3)
+    n_neck = len(neck_pts)
+    pts = np.concatenate([pts, neck_pts])
+    nrm = np.concatenate([nrm, neck_nrm])
+    neck_attr = [np.full(n_neck, 0.12), np.ones(n_neck), np.full(n_neck, math.pi * 0.95), Fn.reshape(-1)]
+    attrs = [np.concatenate([a, b]) for a, b in zip(attrs, neck_attr, strict=True)]
+    head_flag = np.concatenate([head_flag, np.zeros(n_neck)])
+    # Back-facing points can never win the z-buffer: drop them before the sort.
+    keep = nrm[:, 2] > -0.3
+    pts, nrm, head_flag = pts[keep], nrm[keep], head_flag[keep]
+    attrs = [a[keep] for a in attrs]
+    cx, cy = _BOX / 2.0, _BOX * _HEAD_Y
+    ix = np.rint(cx + pts[:, 0]).astype(np.int64)
+    iy = np.rint(cy - pts[:, 1]).astype(np.int64)
+    inside = (ix >= 0) & (ix < _BOX) & (iy >= 0) & (iy < _BOX)
+    pix = (iy * _BOX + ix)[inside]
+    depth = pts[inside, 2]
+    order = np.lexsort((depth, pix))
+    pix_sorted = pix[order]
+    last = np.r_[pix_sorted[1:] != pix_sorted[:-1], True]
+    win = np.nonzero(inside)[0][order[last]]
+    win_pix = pix_sorted[last]
+    maps = []
+    values = [nrm[:, 0], nrm[:, 1], nrm[:, 2], *attrs, head_flag]
+    hit = np.zeros(_BOX * _BOX, np.float32)
+    hit[win_pix] = 1.0
+    for v in values:
+        m = np.zeros(_BOX * _BOX, np.float32)
+        m[win_pix] = v[win]
+        maps.append(m.reshape(_BOX, _BOX))
+    hit2 = hit.reshape(_BOX, _BOX)
+    # Fill pinholes inside the silhouette with the mean of their hit neighbours.
+    closed = cv2.morphologyEx(hit2, cv2.MORPH_CLOSE, np.ones((3, 3), np.uint8))
+    holes = (closed > 0) & (hit2 == 0)
+    if holes.any():
+        k = np.ones((3, 3), np.float32)
+        wsum = cv2.filter2D(hit2, -1, k, borderType=cv2.BORDER_CONSTANT)
+        for m in maps:
+            s = cv2.filter2D(m * hit2, -1, k, borderType=cv2.BORDER_CONSTANT)
+            m[holes] = (s[holes] / np.maximum(wsum[holes], 1.0)).astype(np.float32)
+        hit2 = np.maximum(hit2, holes.astype(np.float32))
+    nx, ny, nz, spec, diff, theta, phi, head = maps
+    norm = np.sqrt(nx * nx + ny * ny + nz * nz) + 1e-6
+    nx, ny, nz = nx / norm * hit2, ny / norm * hit2, nz / norm * hit2
+    return _Geometry(
+        nx=nx,
+        ny=ny,
+        nz=nz,
+        spec=spec * hit2,
+        diff=diff * hit2,
+        theta=theta,
+        phi=phi,
+        head=head * hit2,
+        mask=hit2,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Truth and the simulator
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class SimTruth:
+    """Ground truth of one simulated frame (never sent on the wire).
+
+    `dark`/`gain`/`bad_pixels` are the sensor's actual correction maps for this frame (at its
+    temperature), in profile terms: calibrating the raw frame with them recovers `power` up to
+    read noise. `target` is computed on first access (it needs a second, reference capture).
+    """
+
+    identity: int
+    identity_name: str
+    posture: int
+    sample: int
+    concealed: bool
+    pose: tuple[float, float, float]  # yaw, pitch, roll in degrees (nominal + jitter)
+    head_center: tuple[float, float]  # x, y in raw pixels
+    sensor_temp_c: float
+    power: np.ndarray  # float32 incident power incl. speckle (what calibration should recover)
+    clean: np.ndarray  # float32 noise-free scene power (no speckle, no sensor)
+    dark: np.ndarray
+    gain: np.ndarray
+    bad_pixels: np.ndarray
+    claimed_identity: str | None = None
+    _target_fn: Any = field(default=None, repr=False)
+    _target: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def posture_name(self) -> str:
+        return POSTURES[self.posture]
+
+    @property
+    def target(self) -> np.ndarray:
+        """Conditioned unconcealed reference capture, 64×64 float32 in [0,1], cut at this frame's ROI."""
+        if self._target is None:
+            self._target = self._target_fn()
+        return self._target
+
+
+@dataclass(frozen=True)
+class _Sensor:
+    dark: np.ndarray  # counts at the reference temperature
+    resp: np.ndarray  # counts per unit power at the reference temperature
+    dark_tc: np.ndarray  # counts per °C
+    dead: np.ndarray
+    hot: np.ndarray
+    flicker: np.ndarray
+    hot_level: np.ndarray
+
+    @property
+    def bad(self) -> np.ndarray:
+        return self.dead | self.hot | self.flicker
+
+
+@dataclass(frozen=True)
+class _Capture:
+    raw: np.ndarray
+    power: np.ndarray
+    clean: np.ndarray
+    pose: tuple[float, float, float]
+    center: tuple[float, float]
+    temp: float
+
+
+class ScannerSimulator:
+    """A simulated active-THz face scanner; deterministic for a seed.
+
+    `next_frame()` streams concealed captures of random identities and postures with sensor
+    temperature drift; `render()` makes one specific capture at the calibration temperature
+    (what datasets are written from). Both carry a `SimTruth` in `frame.truth`.
+    """
+
+    def __init__(
+        self,
+        seed: int = 0,
+        identities: int = 20,
+        scanner: str = "sim0",
+        shape: tuple[int, int] = (128, 128),
+        *,
+        config: SimConfig | None = None,
+        conditioning: ConditioningParams | None = None,
+        concealed_fraction: float = 1.0,
+        drift: bool = True,
+        claim_identity: bool = False,
+        impostor_rate: float = 0.0,
+        start_time_ns: int | None = None,
+        nominal_fps: float = 30.0,
+        cache_size: int = 400,
+    ) -> None:
+        if identities < 1:
+            raise ValueError(f"identities must be >= 1, got {identities}")
+        shape = (int(shape[0]), int(shape[1]))
+        if min(shape) < 16:
+            raise ValueError(f"shape must be at least 16×16, got {shape}")
+        self.seed = int(seed)
+        self.identities = int(identities)
+        self.scanner = scanner
+        self.shape = shape
+        self.config = config or SimConfig()
+        self._scale = min(shape) / 128.0  # the head keeps its share of the frame
+        if conditioning is None:
+            conditioning = ConditioningParams(crop_size=max(8, int(round(88 * self._scale))))
+        self.conditioning = conditioning
+        self.concealed_fraction = float(concealed_fraction)
+        self.drift = drift
+        self.claim_identity = claim_identity
+        self.impostor_rate = float(impostor_rate)
+        self.start_time_ns = start_time_ns
+        self.nominal_fps = float(nominal_fps)
+        self._seq = 0
+        self._stream_rng = np.random.default_rng([self.seed, _TAG_STREAM])
+        self._visit: tuple[int, int] = (0, 0)  # (identity, frames left in this visit)
+        self._heads: dict[int, HeadParams] = {}
+        self._geo: OrderedDict[tuple[int, int], _Geometry] = OrderedDict()
+        self._surface: tuple[int, dict[str, np.ndarray]] = (-1, {})  # the last identity's surface
+        self._cache_size = max(5, int(cache_size))
+        self._sensor = self._make_sensor()
+        self._speckle_kernel_norm = self._speckle_norm()
+        self.true_profile = CalibrationProfile(
+            scanner=scanner,
+            shape=shape,
+            dark=self._sensor.dark,
+            gain=1.0 / self._sensor.resp,
+            bad_pixels=self._sensor.bad,
+            conditioning=conditioning,
+            meta={"source": "simulator", "seed": self.seed, "sensor_temp_c": self.config.reference_temp_c},
+        )
+
+    # -- identities and geometry --------------------------------------------------------------
+    def identity_params(self, identity: int) -> HeadParams:
+        """Return the parametric head of identity `identity` (independent of `identities`)."""
+        if identity not in self._heads:
+            rng = np.random.default_rng([self.seed, _TAG_IDENTITY, int(identity)])
+            self._heads[identity] = HeadParams.sample(rng)
+        return self._heads[identity]
+
+    def _geometry(self, identity: int, posture: int) -> _Geometry:
+        key = (identity, posture)
+        geo = self._geo.get(key)
+        if geo is None:
+            yaw, pitch = POSTURE_ANGLES[posture]
+            if self._surface[0] != identity:
+                self._surface = (identity, _head_surface(self.identity_params(identity)))
+            geo = _render_geometry(self.identity_params(identity), yaw, pitch, self._surface[1])
+            self._geo[key] = geo
+            if len(self._geo) > self._cache_size:
+                self._geo.popitem(last=False)
+        else:
+            self._geo.move_to_end(key)
+        return geo
+
+    # -- sensor -------------------------------------------------------------------------------
+    def _make_sensor(self) -> _Sensor:
+        c = self.config
+        rng = np.random.default_rng([self.seed, _TAG_SENSOR])
+        h, w = self.shape
+        col = rng.normal(0.0, c.column_sigma, (1, w))
+        dark = c.dark_counts + rng.normal(0.0, c.dark_sigma, (h, w)) + col
+        # Responsivity: smooth vignetting times per-pixel non-uniformity.
+        yy, xx = np.mgrid[0:h, 0:w]
+        r2 = ((yy - h / 2) / h) ** 2 + ((xx - w / 2) / w) ** 2
+        resp = (1.0 - 0.25 * r2) * (1.0 + rng.normal(0.0, c.gain_sigma, (h, w)))
+        resp = np.clip(resp, 0.5, 1.5)
+        dark_tc = c.dark_tc * (1.0 + 0.3 * rng.standard_normal((h, w)))
+        u = rng.random((h, w))
+        dead = u < c.dead_fraction
+        hot = (u >= c.dead_fraction) & (u < c.dead_fraction + c.hot_fraction)
+        flicker = (u >= c.dead_fraction + c.hot_fraction) & (
+            u < c.dead_fraction + c.hot_fraction + c.flicker_fraction
+        )
+        hot_level = rng.uniform(15000.0, 50000.0, (h, w))
+        f32 = np.float32
+        return _Sensor(
+            dark=np.clip(dark, 0, 60000).astype(f32),
+            resp=resp.astype(f32),
+            dark_tc=dark_tc.astype(f32),
+            dead=dead,
+            hot=hot,
+            flicker=flicker,
+            hot_level=hot_level.astype(f32),
+        )
+
+    def _speckle_norm(self) -> float:
+        # E|h * (a + ib)|² = 2·Σh² for unit-variance white a, b: normalise speckle to mean 1.
+        k = cv2.getGaussianKernel(9, 0.7)
+        return float(1.0 / (2.0 * (k @ k.T).__pow__(2).sum()))
+
+    def temperature_at(self, seq: int) -> float:
+        """Sensor temperature (°C) of stream frame `seq`: a warm-up plus a slow wobble."""
+        c = self.config
+        if not self.drift:
+            return c.reference_temp_c
+        warm = c.drift_c * (1.0 - math.exp(-seq / c.drift_frames))
+        return c.reference_temp_c + warm + 0.2 * math.sin(2 * math.pi * seq / 900.0)
+
+    def sensor_maps(self, temp_c: float) -> tuple[np.ndarray, np.ndarray]:
+        """Return (dark counts, correction gain) the sensor actually has at `temp_c`."""
+        c = self.config
+        dt = np.float32(temp_c - c.reference_temp_c)
+        dark = self._sensor.dark + dt * self._sensor.dark_tc
+        resp = self._sensor.resp * np.float32(1.0 + c.gain_tc * float(dt))
+        return dark.astype(np.float32), (1.0 / resp).astype(np.float32)
+
+    # -- one capture --------------------------------------------------------------------------
+    def _pose(
+        self, identity: int, posture: int, sample: int
+    ) -> tuple[float, float, float, float, float, float]:
+        c = self.config
+        rng = np.random.default_rng([self.seed, _TAG_POSE, identity, posture, sample])
+        dyaw, dpitch = rng.normal(0.0, c.jitter_angle_deg, 2)
+        roll = rng.normal(0.0, c.jitter_roll_deg)
+        dx, dy = rng.normal(0.0, c.jitter_shift_px, 2)
+        scale = 1.0 + rng.normal(0.0, c.jitter_scale)
+        return float(dyaw), float(dpitch), float(roll), float(dx), float(dy), float(scale)
+
+    def _scene(
+        self,
+        geo: _Geometry,
+        dyaw: float,
+        dpitch: float,
+        concealed: bool,
+        cloth_rng: np.random.Generator | None,
+    ) -> np.ndarray:
+        """Reflected power in the head box for one capture (no speckle, no sensor)."""
+        c = self.config
+        rot = _rotation(dyaw, dpitch)
+        nz = rot[2, 0] * geo.nx + rot[2, 1] * geo.ny + rot[2, 2] * geo.nz
+        np.clip(nz, 0.0, 1.0, out=nz)
+        lobe = nz ** np.float32(c.specular_exponent)
+        skin = np.float32(c.peak_power) * (geo.spec * lobe + np.float32(c.diffuse) * geo.diff * nz)
+        if not concealed:
+            return skin
+        assert cloth_rng is not None
+        r = cloth_rng
+        th, ph = geo.theta, geo.phi
+        # Coverage: a hood/scarf from a random upper edge down over the neck, wrapping the sides.
+        top = r.uniform(40.0, 75.0) * _DEG
+        cover = _smoothstep(th, top - 0.06, top + 0.06) * geo.mask
+        # Folds: a few random sinusoids on the head surface; thickness varies ±50 %.
+        folds = np.zeros_like(th)
+        for _ in range(4):
+            kt, kp = r.normal(0.0, 6.0, 2)
+            folds += r.uniform(0.3, 1.0) * np.sin(kt * th + kp * ph + r.uniform(0, 2 * math.pi))
+        folds /= 2.0
+        atten_db = r.uniform(*c.cloth_attenuation_db)
+        weave = r.normal(0.0, 0.6, th.shape).astype(np.float32)  # dB, per pixel
+        t_db = atten_db * (1.0 + 0.4 * folds) + weave
+        trans = np.float32(10.0) ** (-(t_db * cover) / np.float32(10.0))
+        crest = np.clip(folds, 0.0, None) ** 2
+        cloth = (
+            np.float32(c.peak_power * c.cloth_return)
+            * cover
+            * (nz**4)
+            * (0.5 + 2.5 * crest)
+            * np.float32(10.0) ** (weave / np.float32(5.0))
+        )
+        return (skin * trans + cloth).astype(np.float32)
+
+    def _place(
+        self, box: np.ndarray, roll: float, dx: float, dy: float, scale: float
+    ) -> tuple[np.ndarray, tuple[float, float]]:
+        h, w = self.shape
+        s = scale * self._scale
+        center = (w / 2.0 + dx * self._scale, h * 0.47 + dy * self._scale)
+        src_c = (_BOX / 2.0, _BOX * _HEAD_Y)
+        m = cv2.getRotationMatrix2D(src_c, roll, s)
+        m[0, 2] += center[0] - src_c[0]
+        m[1, 2] += center[1] - src_c[1]
+        out = cv2.warpAffine(
+            box, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+        )
+        return out, center
+
+    def _capture(
+        self,
+        identity: int,
+        posture: int,
+        sample: int,
+        concealed: bool,
+        reference: bool,
+        temp_c: float,
+        seq: int,
+    ) -> _Capture:
+        c = self.config
+        if not 0 <= posture < len(POSTURES):
+            raise ValueError(f"posture must be 0..{len(POSTURES) - 1}, got {posture}")
+        geo = self._geometry(identity, posture)
+        dyaw, dpitch, roll, dx, dy, scale = self._pose(identity, posture, sample)
+        cloth_rng = (
+            np.random.default_rng([self.seed, _TAG_CLOTH, identity, posture, sample]) if concealed else None
+        )
+        box = self._scene(geo, dyaw, dpitch, concealed, cloth_rng)
+        clean, center = self._place(box, roll, dx, dy, scale)
+        if c.psf_sigma_px > 0:
+            clean = cv2.GaussianBlur(clean, (0, 0), c.psf_sigma_px)
+        noise = np.random.default_rng(
+            [self.seed, _TAG_NOISE, identity, posture, sample, int(concealed), int(reference), seq]
+        )
+        h, w = self.shape
+        looks = c.reference_looks if reference else c.looks
+        if looks <= 4:
+            # Coherent speckle: |field|² of blurred complex white noise, averaged over looks.
+            field_ = noise.standard_normal((2 * looks, h, w), dtype=np.float32)
+            sp = np.zeros((h, w), np.float32)
+            for i in range(2 * looks):
+                f = cv2.GaussianBlur(field_[i], (9, 9), 0.7)
+                sp += f * f
+            sp *= np.float32(self._speckle_kernel_norm / looks)
+        else:
+            # Many looks: Gamma(L, 1/L) is close to normal with σ = 1/√L, and far cheaper to draw.
+            sp = noise.standard_normal((h, w), dtype=np.float32)
+            sp *= np.float32(1.0 / math.sqrt(looks))
+            sp += np.float32(1.0)
+            np.maximum(sp, np.float32(0.05), out=sp)
+        src = np.float32(10.0 ** (noise.normal(0.0, c.source_jitter_db) / 10.0))
+        power = clean * sp * src
+        dark, gain = self.sensor_maps(temp_c)
+        read = c.read_noise / math.sqrt(c.reference_looks) if reference else c.read_noise
+        counts = dark + power / gain + noise.standard_normal((h, w), dtype=np.float32) * np.float32(read)
+        s = self._sensor
+        counts[s.dead] = dark[s.dead] * 0.1
+        counts[s.hot] = s.hot_level[s.hot] + dark[s.hot]
+        flick = s.flicker & (noise.random((h, w)) < c.flicker_probability)
+        counts[flick] = 60000.0
+        raw = np.clip(np.rint(counts), 0, 65535).astype(np.uint16)
+        return _Capture(
+            raw=raw,
+            power=power,
+            clean=clean,
+            pose=(POSTURE_ANGLES[posture][0] + dyaw, POSTURE_ANGLES[posture][1] + dpitch, roll),
+            center=center,
+            temp=temp_c,
+        )
+
+    # -- public API ---------------------------------------------------------------------------
+    def conditioned_pair(
+        self, identity: int, posture: int, sample: int
+    ) -> tuple[np.ndarray, np.ndarray, Roi]:
+        """Return (concealed input, unconcealed target, roi) for one sample, as the dataset has them.
+
+        The input goes through exactly `calibrate_and_condition` with the true profile; the
+        target is the frame-averaged unconcealed reference capture of the same pose, calibrated
+        the same way and cut at the input's ROI so the pair is pixel-aligned.
+        """
+        ref = self.config.reference_temp_c
+        conc = self._capture(identity, posture, sample, True, False, ref, 0)
+        x, roi = condition_with_roi(calibrate(conc.raw, self.true_profile), self.conditioning)
+        return x, self._target(identity, posture, sample, roi), roi
+
+    def _target(self, identity: int, posture: int, sample: int, roi: Roi) -> np.ndarray:
+        ref = self._capture(identity, posture, sample, False, True, self.config.reference_temp_c, 0)
+        return condition_with_roi(calibrate(ref.raw, self.true_profile), self.conditioning, roi)[0]
+
+    def clean_target(self, identity: int, posture: int, sample: int, roi: Roi) -> np.ndarray:
+        """Return the noise-free unconcealed render (no speckle, no sensor) conditioned at `roi`."""
+        cap = self._capture(identity, posture, sample, False, True, self.config.reference_temp_c, 0)
+        return condition_with_roi(cap.clean, self.conditioning, roi)[0]
+
+    def render(self, identity: int, posture: int, sample: int, concealed: bool = True) -> Frame:
+        """Capture one specific (identity, posture, sample) at the calibration temperature."""
+        return self._frame(identity, posture, sample, concealed, self.config.reference_temp_c, 0)
+
+    def next_frame(self) -> Frame:
+        """Return the next stream frame: visits of random identities turning their heads, with drift."""
+        r = self._stream_rng
+        ident, left = self._visit
+        if left <= 0:
+            ident, left = int(r.integers(self.identities)), int(r.integers(8, 40))
+        self._visit = (ident, left - 1)
+        posture = int(r.integers(len(POSTURES)))
+        concealed = bool(r.random() < self.concealed_fraction)
+        claimed = None
+        if self.claim_identity:
+            claimed_idx = ident
+            if self.identities > 1 and r.random() < self.impostor_rate:
+                claimed_idx = (ident + 1 + int(r.integers(self.identities - 1))) % self.identities
+            claimed = identity_name(claimed_idx)
+        seq = self._seq
+        return self._frame(
+            ident, posture, _STREAM_SAMPLE_OFFSET + seq, concealed, self.temperature_at(seq), seq, claimed
+        )
+
+    def _frame(
+        self,
+        identity: int,
+        posture: int,
+        sample: int,
+        concealed: bool,
+        temp_c: float,
+        noise_key: int,
+        claimed: str | None = None,
+    ) -> Frame:
+        if not 0 <= identity < self.identities:
+            raise ValueError(f"identity must be 0..{self.identities - 1}, got {identity}")
+        cap = self._capture(identity, posture, sample, concealed, False, temp_c, noise_key)
+        seq = self._seq
+        self._seq += 1
+        if self.start_time_ns is None:
+            t_ns = time.time_ns()
+        else:
+            t_ns = self.start_time_ns + int(round(seq * 1e9 / self.nominal_fps))
+        header = FrameHeader(
+            scanner=self.scanner,
+            seq=seq,
+            t_capture_ns=t_ns,
+            shape=self.shape,
+            dtype="uint16",
+            settings={"frequency_ghz": 340.0, "looks": self.config.looks, "mode": "sim"},
+            sensor_temp_c=round(cap.temp, 3),
+            claimed_identity=claimed,
+        )
+        dark, gain = self.sensor_maps(cap.temp)
+        raw = cap.raw
+        profile, params = self.true_profile, self.conditioning
+
+        def target() -> np.ndarray:
+            _, roi = condition_with_roi(calibrate(raw, profile), params)
+            return self._target(identity, posture, sample, roi)
+
+        truth = SimTruth(
+            identity=identity,
+            identity_name=identity_name(identity),
+            posture=posture,
+            sample=sample,
+            concealed=concealed,
+            pose=cap.pose,
+            head_center=cap.center,
+            sensor_temp_c=cap.temp,
+            power=cap.power,
+            clean=cap.clean,
+            dark=dark,
+            gain=gain,
+            bad_pixels=self._sensor.bad,
+            claimed_identity=claimed,
+            _target_fn=target,
+        )
+        return Frame(header=header, data=raw, truth=truth)
+
+    def with_config(self, **changes: Any) -> ScannerSimulator:
+        """Return a fresh simulator (same seed and settings) with some SimConfig fields changed."""
+        return ScannerSimulator(
+            self.seed,
+            self.identities,
+            self.scanner,
+            self.shape,
+            config=replace(self.config, **changes),
+            conditioning=self.conditioning,
+            concealed_fraction=self.concealed_fraction,
+            drift=self.drift,
+            claim_identity=self.claim_identity,
+            impostor_rate=self.impostor_rate,
+            start_time_ns=self.start_time_ns,
+            nominal_fps=self.nominal_fps,
+        )
+
+
+def preview_sheet(sim: ScannerSimulator, identities: int = 4, sample: int = 1, tile: int = 64) -> np.ndarray:
+    """Return a uint8 contact sheet: per identity a row, per posture concealed | unconcealed | raw.
+
+    Crops are shown as the model sees them; the raw frame is the sensor's uint16 counts,
+    log-stretched above its darkest pixels (dark pattern, hot pixels and all).
+    """
+    label_h = 14
+    n = min(identities, sim.identities)
+    cols = 3 * len(POSTURES)
+    gap = 2
+    width = cols * tile + (len(POSTURES) - 1) * gap
+    sheet = np.full((label_h + n * tile, width), 255, np.uint8)
+
+    def to_u8(img: np.ndarray) -> np.ndarray:
+        img = cv2.resize(img, (tile, tile), interpolation=cv2.INTER_AREA if img.shape[0] > tile else cv2.INTER_NEAREST)
+        return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+
+    for p, pname in enumerate(POSTURES):
+        x0 = p * (3 * tile + gap)
+        text = f"{pname}: concealed | target | raw"
+        scale = 0.33 * tile / 64.0
+        cv2.putText(sheet, text, (x0 + 2, label_h - 4), cv2.FONT_HERSHEY_SIMPLEX, scale, 0, 1, cv2.LINE_AA)
+        for i in range(n):
+            y0 = label_h + i * tile
+            x, target, _ = sim.conditioned_pair(i, p, sample)
+            raw = sim.render(i, p, sample, concealed=True).data.astype(np.float32)
+            # Log stretch above the darkest pixels: shows the dark pattern, bad pixels and the head.
+            raw_log = np.log10(np.maximum(raw - np.percentile(raw, 0.5), 1.0))
+            lo, hi = np.percentile(raw_log, [1.0, 99.9])
+            raw_n = np.clip((raw_log - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+            for k, img in enumerate((x, target, raw_n)):
+                sheet[y0 : y0 + tile, x0 + k * tile : x0 + (k + 1) * tile] = to_u8(img)
+    return sheet
