@@ -14,6 +14,7 @@ def register(app: typer.Typer) -> None:
     app.command("infer")(infer_command)
     app.command("eval")(eval_command)
     app.command("run")(run_command)
+    register_services(app)
 
 
 # --- infer / eval (H2) ---------------------------------------------------------------------------
@@ -154,3 +155,199 @@ def run_command(
         )
     )
     typer.echo(json.dumps(summary.to_dict(), sort_keys=True) if json_out else summary.render())
+
+
+# --- config / keys / enroll / gallery (H6) ------------------------------------------------------
+
+
+def register_services(app: typer.Typer) -> None:
+    """Attach `config`, `keys`, `gallery` and `enroll` (daemon services) to the root app."""
+    config_app = typer.Typer(help="Show or check the daemon configuration file.", no_args_is_help=True)
+    config_app.command("show")(config_show_command)
+    config_app.command("validate")(config_validate_command)
+    app.add_typer(config_app, name="config")
+    keys_app = typer.Typer(
+        help="CURVE keys for encrypted, authenticated tcp endpoints.", no_args_is_help=True
+    )
+    keys_app.command("generate")(keys_generate_command)
+    keys_app.command("show")(keys_show_command)
+    app.add_typer(keys_app, name="keys")
+    gallery_app = typer.Typer(help="Inspect or edit an enrolment gallery.", no_args_is_help=True)
+    gallery_app.command("info")(gallery_info_command)
+    gallery_app.command("remove")(gallery_remove_command)
+    app.add_typer(gallery_app, name="gallery")
+    app.command("enroll")(enroll_command)
+
+
+_CONFIG_HELP = "Config file (default: $THZEDGE_CONFIG, else /etc/thzedge/thzedge.toml if present)."
+
+
+def config_show_command(
+    config: Annotated[Path | None, typer.Option("--config", help=_CONFIG_HELP)] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of TOML.")] = False,
+) -> None:
+    """Print the effective configuration: the file merged with every default, paths resolved."""
+    import json
+
+    from edge.config import load_config
+
+    cfg = load_config(config)
+    origin = str(cfg.path) if cfg.path else "built-in defaults (no config file)"
+    if json_out:
+        typer.echo(json.dumps({"path": str(cfg.path) if cfg.path else None, **cfg.to_dict()}, indent=2))
+    else:
+        typer.echo(f"# effective configuration from {origin}\n{cfg.to_toml()}", nl=False)
+    for note in cfg.warnings():
+        typer.echo(f"warning: {note}", err=True)
+
+
+def config_validate_command(
+    config: Annotated[Path | None, typer.Option("--config", help=_CONFIG_HELP)] = None,
+) -> None:
+    """Check a config file; exit 0 if valid, 78 with one line naming the problem otherwise."""
+    from edge.config import load_config
+
+    cfg = load_config(config)
+    for note in cfg.warnings():
+        typer.echo(f"warning: {note}", err=True)
+    typer.echo(f"{cfg.path or 'built-in defaults'}: ok ({len(cfg.sources)} source(s))")
+
+
+def keys_generate_command(
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for NAME.key and NAME.key_secret.")],
+    name: Annotated[str, typer.Option("--name", help="Key name: 'server', or a consumer's name.")] = "server",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing key files.")] = False,
+) -> None:
+    """Create a CURVE key pair: NAME.key (public, share it) and NAME.key_secret (mode 0600)."""
+    from edge.security import generate_keys, load_keypair
+
+    public_file, secret_file = generate_keys(out_dir, name, overwrite=force)
+    public = load_keypair(public_file, need_secret=False).public.decode()
+    typer.echo(f"public key {public}\nwrote {public_file} (public) and {secret_file} (secret, 0600)")
+
+
+def keys_show_command(
+    key_file: Annotated[Path, typer.Argument(help="A .key or .key_secret certificate file.")],
+) -> None:
+    """Print the public key of a certificate (never the secret)."""
+    from edge.security import load_keypair
+
+    typer.echo(load_keypair(key_file, need_secret=False).public.decode())
+
+
+def enroll_command(
+    inputs: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Conditioned crops, as `thzedge infer` reads: 8-bit PNGs, .npy, or dirs."),
+    ] = None,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="Model bundle (default: config, else demo).")
+    ] = None,
+    gallery: Annotated[
+        Path | None, typer.Option("--gallery", help="Gallery .npz to create or extend (default: config).")
+    ] = None,
+    identity: Annotated[str, typer.Option("--identity", help="Name to enrol (stored, never logged).")] = "",
+    source: Annotated[
+        str | None,
+        typer.Option("--source", help="Capture raw frames instead: a URI or a config source name."),
+    ] = None,
+    frames: Annotated[int, typer.Option("--frames", help="Frames to capture with --source.")] = 5,
+    calibration: Annotated[
+        Path | None, typer.Option("--calibration", help="Calibration profile for --source (default: config).")
+    ] = None,
+    config: Annotated[Path | None, typer.Option("--config", help=_CONFIG_HELP)] = None,
+    backend: Annotated[BackendKind, typer.Option("--backend", help=_BACKEND_HELP)] = BackendKind.auto,
+    precision: Annotated[str | None, typer.Option("--precision", help=_PRECISION_HELP)] = None,
+    replace: Annotated[
+        bool, typer.Option("--replace", help="Replace this identity's references instead of adding.")
+    ] = False,
+) -> None:
+    """Enrol one identity into a gallery from conditioned crops or from raw frames of a source."""
+    from edge.bundle import demo_bundle_path
+    from edge.config import load_config
+    from edge.gallery import enroll_from_inputs, enroll_from_source
+    from scanner_io.errors import ThzEdgeError
+
+    if not identity:
+        raise ThzEdgeError("--identity NAME is required")
+    if bool(inputs) == (source is not None):
+        raise ThzEdgeError(
+            "give either INPUT files (conditioned crops) or --source URI (raw frames), not both"
+        )
+    cfg = load_config(config)
+    bundle = model or cfg.model.bundle or demo_bundle_path()
+    gallery_path = gallery or cfg.verification.gallery
+    if gallery_path is None:
+        raise ThzEdgeError("--gallery FILE.npz is required (or [verification] gallery in the config)")
+    prec = precision or cfg.model.precision
+    if source is None:
+        g, added = enroll_from_inputs(
+            gallery_path, bundle, identity, inputs or [], backend.value, prec, replace
+        )
+    else:
+        if frames < 1:
+            raise ThzEdgeError("--frames must be at least 1")
+        src = cfg.resolve_source(source)
+        g, added = enroll_from_source(
+            gallery_path,
+            bundle,
+            identity,
+            src.uri,
+            frames,
+            calibration=calibration or src.calibration,
+            conditioning=src.conditioning,
+            backend=backend.value,
+            precision=prec,
+            replace=replace,
+        )
+    typer.echo(
+        f"enrolled {added} embedding(s); {identity!r} now has {g.reference_count(identity)}; "
+        f"gallery {gallery_path}: {len(g)} identities, bundle {g.bundle_sha256[:12]}"
+    )
+
+
+def gallery_info_command(
+    gallery: Annotated[Path, typer.Argument(help="Gallery .npz file.")],
+    names: Annotated[bool, typer.Option("--names", help="Also list identity names (personal data).")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show a gallery's bundle, threshold source and size; names only with --names."""
+    import json
+
+    from edge.gallery import Gallery
+
+    g = Gallery.load(gallery)
+    info = {
+        "path": str(gallery),
+        "bundle_sha256": g.bundle_sha256,
+        "embedding_dim": g.embedding_dim,
+        "precision": g.precision,
+        "identities": len(g),
+        "references": sum(g.reference_count(n) for n in g.identities),
+        "created": g.created,
+    }
+    if names:
+        info["names"] = {n: g.reference_count(n) for n in g.identities}
+    if json_out:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        if key != "names":
+            typer.echo(f"{key}: {value}")
+    for n, k in info.get("names", {}).items():
+        typer.echo(f"  {n}: {k} reference(s)")
+
+
+def gallery_remove_command(
+    gallery: Annotated[Path, typer.Argument(help="Gallery .npz file.")],
+    identity: Annotated[str, typer.Option("--identity", help="Identity to delete with all its references.")],
+) -> None:
+    """Delete one identity from a gallery (right to erasure); the file is rewritten atomically."""
+    from edge.gallery import Gallery
+    from scanner_io.errors import ThzEdgeError
+
+    g = Gallery.load(gallery)
+    if not g.remove(identity):
+        raise ThzEdgeError(f"{identity!r} is not enrolled in {gallery}")
+    g.save(gallery)
+    typer.echo(f"removed {identity!r}; {len(g)} identities left")
