@@ -134,6 +134,10 @@ def load_raw(path: Path, trust: bool = False) -> Any:
         if "Weights only load failed" not in msg:
             raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({_first_line(msg)})") from None
         culprit = _unsafe_global(msg)
+        if culprit is None:  # the unpickler choked on the bytes themselves, not on a global
+            raise CheckpointError(
+                f"checkpoint {path} is truncated or not a PyTorch checkpoint ({_weights_only_reason(msg)})"
+            ) from None
         if not trust:
             raise CheckpointError(
                 f"checkpoint {path} was refused: loading it would run code ({culprit}); "
@@ -155,23 +159,27 @@ def _first_line(msg: str) -> str:
     return line[:200]
 
 
-def _unsafe_global(msg: str) -> str:
-    """Pull the offending global out of torch's weights-only error message, for a one-line reason."""
-    for pattern in (
-        r"Unsupported global: GLOBAL ([\w.]+)",
-        r"but got <class '([\w.]+)'>",
-        r"GLOBAL ([\w.]+)",
-    ):
+def _unsafe_global(msg: str) -> str | None:
+    """The global torch's weights-only unpickler refused (the code the pickle would run), if any."""
+    for pattern in (r"GLOBAL ([\w.]+)", r"but got <class '([\w.]+)'>"):
         m = re.search(pattern, msg)
         if m:
             return f"it needs {m.group(1)}, which is not on the allowlist"
+    return None
+
+
+def _weights_only_reason(msg: str) -> str:
     for line in msg.splitlines():
-        if "WeightsUnpickler error" in line:
-            return (
-                line.split("WeightsUnpickler error:", 1)[-1].strip()[:160]
-                or "an object outside the allowlist"
-            )
-    return "an object outside the allowlist"
+        if "WeightsUnpickler error:" in line:
+            rest = line.split("WeightsUnpickler error:", 1)[1].strip()
+            if rest:
+                return rest[:160]
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    # torch puts the unpickler's own complaint on the line after the marker
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error" in line and i + 1 < len(lines):
+            return lines[i + 1][:160]
+    return "unreadable pickle"
 
 
 def extract_state_dict(obj: Any, path: Path | str = "checkpoint") -> dict[str, Any]:
