@@ -1,0 +1,156 @@
+"""Engine builder wiring against a fake `tensorrt` (8.6 / 10.x / 11.x API branches), no GPU needed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from fake_tensorrt import MAGIC, make_fake_tensorrt
+
+pytest.importorskip("onnx")
+
+from edge.backends.trt import Platform, check_engine_manifest, engine_paths  # noqa: E402
+from edge.bundle import Bundle, sha256_file  # noqa: E402
+from export.engine import EngineBuildError, EngineSettings, build_bundle_engines  # noqa: E402
+from scanner_io.errors import ThzEdgeError  # noqa: E402
+
+PLATFORM = Platform("10.3.0", "Orin (nvgpu)", "8.7", "12.6", "R36.4.3")
+
+
+@pytest.fixture
+def bundle(tiny_bundle: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, dst)
+    return dst
+
+
+def _platform(version: str) -> Platform:
+    return Platform(version, PLATFORM.gpu_name, PLATFORM.compute_capability, "12.6", None)
+
+
+def _builds(trt) -> list[dict]:
+    return [args for what, args in trt.calls if what == "build"]
+
+
+def test_trt86_uses_explicit_batch_and_fp16_flag(bundle: Path) -> None:
+    trt = make_fake_tensorrt("8.6.2")
+    mans = build_bundle_engines(
+        bundle, EngineSettings("fp16", max_batch=4, workspace_mb=64), trt, _platform("8.6.2")
+    )
+    explicit = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    assert [a for w, a in trt.calls if w == "create_network"] == [(explicit,)] * 6
+    builds = _builds(trt)
+    assert len(builds) == 6 and all(b["flags"] == ["FP16"] for b in builds)
+    assert builds[0]["pools"] == {"WORKSPACE": 64 << 20}
+    # No fp16 variant in the bundle: 8.6 builds fp16 from the fp32 graph with the flag.
+    assert {m["onnx_variant"] for m in mans} == {"fp32"}
+    assert not any(m["strongly_typed"] for m in mans)
+
+
+def test_trt10_network_flags_profile_and_manifest(bundle: Path) -> None:
+    trt = make_fake_tensorrt("10.3.0")
+    mans = build_bundle_engines(bundle, EngineSettings("fp32", max_batch=4, opt_batch=2), trt, PLATFORM)
+    assert [a for w, a in trt.calls if w == "create_network"][0] == (0,)
+    assert _builds(trt)[0]["flags"] == []
+    b = Bundle.open(bundle)
+    enc = next(m for m in mans if m["graph"] == "encoder")
+    assert enc["profile"]["thz"] == {"min": [1, 1, 64, 64], "opt": [2, 1, 64, 64], "max": [4, 1, 64, 64]}
+    dec = next(m for m in mans if m["graph"] == "decoder_2")
+    c1 = b.graphs["decoder_2"].inputs[0].shape[1]
+    assert dec["profile"]["feat1"]["max"] == [4, c1, 32, 32]
+    for m in mans:
+        plan, man = engine_paths(bundle, "fp32", m["graph"])
+        assert plan.read_bytes().startswith(MAGIC)
+        on_disk = json.loads(man.read_text())
+        assert on_disk["engine_sha256"] == sha256_file(plan)
+        assert on_disk["onnx_sha256"] == sha256_file(b.graph_file(m["graph"], "fp32"))
+        assert on_disk["tensorrt_version"] == "10.3.0"
+        assert on_disk["gpu_name"] == "Orin (nvgpu)" and on_disk["compute_capability"] == "8.7"
+        assert on_disk["bundle_sha256"] == b.sha256
+        assert check_engine_manifest(on_disk, PLATFORM, plan.read_bytes(), on_disk["onnx_sha256"]) == []
+    # The bundle itself is untouched (engines live beside it, with their own checksums).
+    Bundle.open(bundle)
+
+
+def test_trt10_int8_needs_the_int8_variant(bundle: Path) -> None:
+    trt = make_fake_tensorrt("10.3.0")
+    with pytest.raises(EngineBuildError, match="export quantize"):
+        build_bundle_engines(bundle, EngineSettings("int8", max_batch=4), trt, PLATFORM)
+
+
+def test_trt11_has_no_precision_flags(bundle: Path) -> None:
+    trt = make_fake_tensorrt("11.4.1")
+    assert not hasattr(trt.BuilderFlag, "FP16")
+    build_bundle_engines(bundle, EngineSettings("fp32", max_batch=4), trt, _platform("11.4.1"))
+    assert [a for w, a in trt.calls if w == "create_network"][0] == ()
+    assert all(b["flags"] == [] for b in _builds(trt))
+    # FP16 on 11.x comes only from an fp16 graph: without the variant it says what to run.
+    with pytest.raises(EngineBuildError, match="export quantize"):
+        build_bundle_engines(bundle, EngineSettings("fp16", max_batch=4), trt, _platform("11.4.1"))
+
+
+def test_timing_cache_is_kept_per_device_and_version(bundle: Path) -> None:
+    trt = make_fake_tensorrt("10.3.0")
+    build_bundle_engines(bundle, EngineSettings("fp32", max_batch=4), trt, PLATFORM)
+    caches = list((bundle / "engines" / "timing-cache").iterdir())
+    assert [c.name for c in caches] == [f"{PLATFORM.cache_key()}.cache"]
+    assert "sm87" in caches[0].name and "trt10.3.0" in caches[0].name
+    first = [a for w, a in trt.calls if w == "create_timing_cache"]
+    assert first[0] == b""  # nothing cached yet
+    assert first[1] == b"+"  # the next graph starts from the cache the previous one left
+    saved = caches[0].read_bytes()
+    assert saved.startswith(b"+")
+    trt2 = make_fake_tensorrt("10.3.0")
+    build_bundle_engines(bundle, EngineSettings("fp32", max_batch=4), trt2, PLATFORM)
+    assert [a for w, a in trt2.calls if w == "create_timing_cache"][0] == saved  # reused, not rebuilt
+    # A different TensorRT version gets its own cache file.
+    build_bundle_engines(
+        bundle, EngineSettings("fp32", max_batch=4), make_fake_tensorrt("10.4.0"), _platform("10.4.0")
+    )
+    assert len(list((bundle / "engines" / "timing-cache").iterdir())) == 2
+
+
+def test_dla_settings(bundle: Path) -> None:
+    trt = make_fake_tensorrt("10.3.0")
+    build_bundle_engines(bundle, EngineSettings("fp16", max_batch=4, dla_core=1), trt, PLATFORM)
+    b = _builds(trt)[0]
+    assert b["dla"] == ("DLA", 1) and "GPU_FALLBACK" in b["flags"] and "FP16" in b["flags"]
+    with pytest.raises(ThzEdgeError, match="DLA runs fp16 or int8"):
+        EngineSettings("fp32", dla_core=0)
+
+
+def test_manifest_check_names_each_mismatch(bundle: Path) -> None:
+    trt = make_fake_tensorrt("10.3.0")
+    (m,) = [x for x in build_bundle_engines(bundle, EngineSettings("fp32", max_batch=4), trt, PLATFORM)
+            if x["graph"] == "encoder"]  # fmt: skip
+    plan = engine_paths(bundle, "fp32", "encoder")[0].read_bytes()
+    other = Platform("10.4.0", "NVIDIA H200", "9.0")
+    reasons = check_engine_manifest(m, other, plan + b"x", "0" * 64)
+    assert any("TensorRT 10.3.0, running 10.4.0" in r for r in reasons)
+    assert any("compute capability 8.7" in r for r in reasons)
+    assert any("GPU" in r for r in reasons)
+    assert any("sha256" in r for r in reasons)
+    assert any("stale" in r for r in reasons)
+    assert check_engine_manifest({"format": "x"}, PLATFORM) != []
+
+
+def test_engine_command_without_tensorrt_is_one_line(bundle: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import sys
+
+    from edge.cli import main
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
+    rc = main(["export", "engine", "--bundle", str(bundle), "--precision", "fp16"])
+    err = capsys.readouterr().err
+    assert rc == 69
+    assert "TensorRT is not available" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (bundle / "engines").exists()
+
+
+def test_unsupported_tensorrt_version(bundle: Path) -> None:
+    with pytest.raises(ThzEdgeError, match="not supported"):
+        build_bundle_engines(bundle, EngineSettings("fp32"), make_fake_tensorrt("8.5.3"), PLATFORM)
