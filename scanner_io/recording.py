@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import platform
 import struct
+import tarfile
 import tempfile
 import time
 import zlib
@@ -132,25 +134,74 @@ def default_manifest(source: str | None = None, extra: Mapping[str, Any] | None 
     return manifest
 
 
+def _tar_dir(directory: Path) -> bytes:
+    """Pack a directory's regular files into a reproducible tar (fixed times and owners)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+            data = path.read_bytes()
+            info = tarfile.TarInfo(path.relative_to(directory).as_posix())
+            info.size, info.mtime, info.mode = len(data), 0, 0o600
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
 def _calibration_bytes(calibration: Any) -> tuple[str, bytes, str | None]:
-    """Return (attachment name, bytes, profile id) for a profile file path or profile object."""
+    """Return (attachment name, bytes, profile id) for a calibration profile.
+
+    A profile is a directory (calibration/profile.py: profile.json + arrays); it is attached as
+    a tar of that directory. A CalibrationProfile object is saved first (duck-typed: scanner_io
+    never imports calibration). Any other single file is attached as it is.
+    """
     if isinstance(calibration, (str, os.PathLike)):
         path = Path(calibration)
+        if path.is_file() and path.name == "profile.json":
+            path = path.parent
+        if path.is_dir():
+            profile_id = None
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                profile_id = json.loads((path / "profile.json").read_text()).get("profile_id")
+            return f"calibration/{profile_id or path.name}.tar", _tar_dir(path), profile_id
         if not path.is_file():
-            raise SourceUnavailableError(f"calibration profile {path} does not exist or is not a file")
-        data = path.read_bytes()
-        return f"calibration/{path.name}", data, None
-    # A CalibrationProfile (calibration/profile.py) — duck-typed: scanner_io never imports calibration.
+            raise SourceUnavailableError(f"calibration profile {path} does not exist")
+        return f"calibration/{path.name}", path.read_bytes(), None
     profile_id = str(getattr(calibration, "profile_id", "profile"))
     with tempfile.TemporaryDirectory() as tmp:
-        target = Path(tmp) / f"{profile_id}.calib"
-        calibration.save(target)
-        files = [target] if target.is_file() else sorted(p for p in Path(tmp).rglob("*") if p.is_file())
-        if len(files) != 1:
-            raise DataError(
-                "the calibration profile did not save to exactly one file; attach its file instead"
-            )
-        return f"calibration/{files[0].name}", files[0].read_bytes(), profile_id
+        target = Path(tmp) / "profile"
+        saved = calibration.save(target)
+        saved = Path(saved) if saved is not None else target
+        if saved.is_file():
+            return f"calibration/{saved.name}", saved.read_bytes(), profile_id
+        return f"calibration/{profile_id}.tar", _tar_dir(saved), profile_id
+
+
+def extract_calibration(name: str, data: bytes, dest: str | os.PathLike[str]) -> Path:
+    """Write a calibration attachment back to disk and return the profile path to load.
+
+    Tar attachments become a directory (only plain files with safe relative names, bounded in
+    size); other attachments become one file named after the attachment.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    base = Path(name).name
+    if not base.endswith(".tar"):
+        out = dest / base
+        out.write_bytes(data)
+        return out
+    root = dest / base[: -len(".tar")]
+    root.mkdir(exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar.getmembers():
+            rel = Path(member.name)
+            if not member.isfile() or rel.is_absolute() or ".." in rel.parts or member.size > MAX_CHUNK_BYTES:
+                raise DataError(f"calibration attachment {name} holds an unsafe entry {member.name!r}")
+            fh = tar.extractfile(member)
+            if fh is None:
+                continue
+            target = root / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(fh.read())
+    return root
 
 
 class Recorder:
