@@ -174,7 +174,9 @@ def read_triplets(csv_path: str | Path, check_files: bool = True) -> list[Triple
                 if not row or all(not c.strip() for c in row):
                     continue
                 if len(row) < 3 or any(not c.strip() for c in row[:3]):
-                    raise DataError(f"{csv_path} line {line}: expected 3 paths (anchor,positive,negative), got {row}")
+                    raise DataError(
+                        f"{csv_path} line {line}: expected 3 paths (anchor,positive,negative), got {row}"
+                    )
                 paths = [Path(c.strip()) for c in row[:3]]
                 paths = [p if p.is_absolute() else base / p for p in paths]
                 if check_files:
@@ -199,7 +201,9 @@ def write_triplets(csv_path: str | Path, rows: Sequence[tuple[str, str, str]]) -
         w.writerows(rows)
 
 
-def _split_identities(n: int, test_identities: int | None, test_fraction: float) -> tuple[list[int], list[int]]:
+def _split_identities(
+    n: int, test_identities: int | None, test_fraction: float
+) -> tuple[list[int], list[int]]:
     if test_identities is None:
         test_identities = max(2, int(round(n * test_fraction))) if n >= 4 else 0
     if test_identities < 0 or test_identities > n:

@@ -86,10 +86,10 @@ class SimConfig:
     reference_looks: int = 32  # frames averaged for the unconcealed reference (target) capture
     source_jitter_db: float = 0.5  # capture-to-capture source power fluctuation (σ, dB)
     # Pose jitter (σ, degrees / pixels / relative scale)
-    jitter_angle_deg: float = 3.0
-    jitter_roll_deg: float = 2.5
+    jitter_angle_deg: float = 2.5
+    jitter_roll_deg: float = 2.0
     jitter_shift_px: float = 4.0
-    jitter_scale: float = 0.03
+    jitter_scale: float = 0.02
     # Concealment (cloth)
     cloth_attenuation_db: tuple[float, float] = (3.0, 7.0)  # two-way, range over materials
     cloth_return: float = 0.02  # cloth's own return relative to the skin peak
@@ -151,9 +151,9 @@ class HeadParams:
     def sample(cls, rng: np.random.Generator) -> HeadParams:
         """Draw one identity from the population distribution."""
         u = rng.uniform
-        has_beard = rng.random() < 0.3
+        has_beard = rng.random() < 0.35
         return cls(
-            radii=(u(23.0, 29.0), u(29.0, 36.0), u(26.0, 32.0)),
+            radii=(u(22.0, 30.0), u(28.0, 37.0), u(25.0, 33.0)),
             jaw=u(0.72, 0.98),
             brow_theta=u(68.0, 76.0),
             brow_amp=u(0.02, 0.09),
@@ -175,12 +175,12 @@ class HeadParams:
             ear_theta=u(88.0, 100.0),
             ear_amp=u(0.10, 0.30),
             ear_size=u(7.0, 12.0),
-            hairline_theta=u(35.0, 65.0),
+            hairline_theta=u(30.0, 68.0),
             hair_side_phi=u(55.0, 100.0),
-            hair_spec=u(0.05, 0.35),
+            hair_spec=u(0.03, 0.4),
             beard=u(0.15, 0.5) if has_beard else 1.0,
             skin_db=u(-1.5, 1.5),
-            texture=tuple((u(0.5, 2.0), u(-5.0, 5.0), u(-5.0, 5.0), u(0.0, 2 * math.pi)) for _ in range(3)),
+            texture=tuple((u(1.0, 2.5), u(-4.0, 4.0), u(-4.0, 4.0), u(0.0, 2 * math.pi)) for _ in range(3)),
         )
 
 
@@ -263,7 +263,9 @@ def _rotation(yaw_deg: float, pitch_deg: float, roll_deg: float = 0.0) -> np.nda
     return rz @ rx @ ry
 
 
-def _render_geometry(p: HeadParams, yaw: float, pitch: float, surf: dict[str, np.ndarray] | None = None) -> _Geometry:
+def _render_geometry(
+    p: HeadParams, yaw: float, pitch: float, surf: dict[str, np.ndarray] | None = None
+) -> _Geometry:
     """Rotate the head to (yaw, pitch) about the neck pivot and z-buffer it into the head box."""
     if surf is None:
         surf = _head_surface(p)
@@ -448,7 +450,8 @@ class ScannerSimulator:
         self.impostor_rate = float(impostor_rate)
         self.start_time_ns = start_time_ns
         self.nominal_fps = float(nominal_fps)
-        self._seq = 0
+        self._seq = 0  # header seq: every frame made, stream or render
+        self._stream_index = 0  # stream position: drives temperature and stream samples
         self._stream_rng = np.random.default_rng([self.seed, _TAG_STREAM])
         self._visit: tuple[int, int] = (0, 0)  # (identity, frames left in this visit)
         self._heads: dict[int, HeadParams] = {}
@@ -526,13 +529,17 @@ class ScannerSimulator:
         k = cv2.getGaussianKernel(9, 0.7)
         return float(1.0 / (2.0 * (k @ k.T).__pow__(2).sum()))
 
-    def temperature_at(self, seq: int) -> float:
-        """Sensor temperature (°C) of stream frame `seq`: a warm-up plus a slow wobble."""
+    def temperature_at(self, index: int) -> float:
+        """Sensor temperature (°C) at stream frame `index`: a warm-up plus a slow wobble."""
         c = self.config
         if not self.drift:
             return c.reference_temp_c
-        warm = c.drift_c * (1.0 - math.exp(-seq / c.drift_frames))
-        return c.reference_temp_c + warm + 0.2 * math.sin(2 * math.pi * seq / 900.0)
+        warm = c.drift_c * (1.0 - math.exp(-index / c.drift_frames))
+        return c.reference_temp_c + warm + 0.2 * math.sin(2 * math.pi * index / 900.0)
+
+    def seek(self, index: int) -> None:
+        """Move the stream to frame `index` (e.g. past the warm-up); header seq keeps increasing."""
+        self._stream_index = max(0, int(index))
 
     def sensor_maps(self, temp_c: float) -> tuple[np.ndarray, np.ndarray]:
         """Return (dark counts, correction gain) the sensor actually has at `temp_c`."""
@@ -564,38 +571,46 @@ class ScannerSimulator:
     ) -> np.ndarray:
         """Reflected power in the head box for one capture (no speckle, no sensor)."""
         c = self.config
+        f32 = np.float32
         rot = _rotation(dyaw, dpitch)
-        nz = rot[2, 0] * geo.nx + rot[2, 1] * geo.ny + rot[2, 2] * geo.nz
-        np.clip(nz, 0.0, 1.0, out=nz)
-        lobe = nz ** np.float32(c.specular_exponent)
-        skin = np.float32(c.peak_power) * (geo.spec * lobe + np.float32(c.diffuse) * geo.diff * nz)
+        nz = f32(rot[2, 0]) * geo.nx + f32(rot[2, 1]) * geo.ny + f32(rot[2, 2]) * geo.nz
+        np.clip(nz, f32(0.0), f32(1.0), out=nz)
+        lobe = nz ** f32(c.specular_exponent)
+        skin = f32(c.peak_power) * (geo.spec * lobe + f32(c.diffuse) * geo.diff * nz)
         if not concealed:
             return skin
         assert cloth_rng is not None
         r = cloth_rng
         th, ph = geo.theta, geo.phi
+        # Python floats keep the maths in float32 (a numpy float64 scalar would promote it).
         # Coverage: a hood/scarf from a random upper edge down over the neck, wrapping the sides.
-        top = r.uniform(40.0, 75.0) * _DEG
+        top = float(r.uniform(40.0, 75.0)) * _DEG
         cover = _smoothstep(th, top - 0.06, top + 0.06) * geo.mask
-        # Folds: a few random sinusoids on the head surface; thickness varies ±50 %.
+        # Folds: a few random sinusoids on the head surface; thickness varies ±40 %.
+        k = r.normal(0.0, 6.0, (4, 2)).tolist()
+        amp = r.uniform(0.15, 0.5, 4).tolist()
+        phase = r.uniform(0.0, 2 * math.pi, 4).tolist()
         folds = np.zeros_like(th)
-        for _ in range(4):
-            kt, kp = r.normal(0.0, 6.0, 2)
-            folds += r.uniform(0.3, 1.0) * np.sin(kt * th + kp * ph + r.uniform(0, 2 * math.pi))
-        folds /= 2.0
-        atten_db = r.uniform(*c.cloth_attenuation_db)
-        weave = r.normal(0.0, 0.6, th.shape).astype(np.float32)  # dB, per pixel
-        t_db = atten_db * (1.0 + 0.4 * folds) + weave
-        trans = np.float32(10.0) ** (-(t_db * cover) / np.float32(10.0))
-        crest = np.clip(folds, 0.0, None) ** 2
+        for (kt, kp), a, c0 in zip(k, amp, phase, strict=True):
+            folds += f32(a) * np.sin(f32(kt) * th + f32(kp) * ph + f32(c0))
+        atten_db = float(r.uniform(*c.cloth_attenuation_db))
+        weave = r.standard_normal(th.shape, dtype=f32) * f32(0.6)  # dB, per pixel
+        t_db = f32(atten_db) * (f32(1.0) + f32(0.4) * folds) + weave
+        ln10_10 = f32(math.log(10.0) / 10.0)
+        trans = np.exp(-ln10_10 * t_db * cover)
+        crest = np.maximum(folds, f32(0.0))
+        crest *= crest
+        nz2 = nz * nz
         cloth = (
-            np.float32(c.peak_power * c.cloth_return)
+            f32(c.peak_power * c.cloth_return)
             * cover
-            * (nz**4)
-            * (0.5 + 2.5 * crest)
-            * np.float32(10.0) ** (weave / np.float32(5.0))
+            * (nz2 * nz2)
+            * (f32(0.5) + f32(2.5) * crest)
+            * np.exp(f32(2.0) * ln10_10 * weave)
         )
-        return (skin * trans + cloth).astype(np.float32)
+        skin *= trans
+        skin += cloth
+        return skin
 
     def _place(
         self, box: np.ndarray, roll: float, dx: float, dy: float, scale: float
@@ -716,9 +731,10 @@ class ScannerSimulator:
             if self.identities > 1 and r.random() < self.impostor_rate:
                 claimed_idx = (ident + 1 + int(r.integers(self.identities - 1))) % self.identities
             claimed = identity_name(claimed_idx)
-        seq = self._seq
+        k = self._stream_index
+        self._stream_index += 1
         return self._frame(
-            ident, posture, _STREAM_SAMPLE_OFFSET + seq, concealed, self.temperature_at(seq), seq, claimed
+            ident, posture, _STREAM_SAMPLE_OFFSET + k, concealed, self.temperature_at(k), k, claimed
         )
 
     def _frame(
@@ -809,7 +825,8 @@ def preview_sheet(sim: ScannerSimulator, identities: int = 4, sample: int = 1, t
     sheet = np.full((label_h + n * tile, width), 255, np.uint8)
 
     def to_u8(img: np.ndarray) -> np.ndarray:
-        img = cv2.resize(img, (tile, tile), interpolation=cv2.INTER_AREA if img.shape[0] > tile else cv2.INTER_NEAREST)
+        interp = cv2.INTER_AREA if img.shape[0] > tile else cv2.INTER_NEAREST
+        img = cv2.resize(img, (tile, tile), interpolation=interp)
         return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
 
     for p, pname in enumerate(POSTURES):
