@@ -241,10 +241,13 @@ class Gallery:
         bundle: Any | None = None,
         threshold: float | None = None,
         precision: str = "fp32",
+        require_threshold: bool = True,
     ) -> Gallery:
         """Read a gallery; refuse it when `bundle` (a Bundle) is not the one it was enrolled with.
 
-        The threshold is `threshold` if given, else the bundle's for `precision`.
+        The threshold is `threshold` if given, else the bundle's for `precision`; with a bundle
+        and no threshold at all, loading fails (ConfigError) unless `require_threshold` is False,
+        so a daemon never starts with verification it cannot decide.
         """
         path = Path(path)
         if not path.is_file():
@@ -278,6 +281,11 @@ class Gallery:
                 )
             if threshold is None:
                 threshold = bundle.threshold(precision)
+            if threshold is None and require_threshold:
+                raise ConfigError(
+                    f"bundle {bundle.sha256[:12]} has no verification threshold for {precision}: set "
+                    "[verification] threshold (Euclidean distance, e.g. the EER one from `thzedge eval`)"
+                )
         g = cls(meta["bundle_sha256"], dim, threshold, meta.get("precision", precision))
         g.created = meta.get("created", g.created)
         for i, name in enumerate(names):
@@ -313,7 +321,7 @@ def enroll_from_inputs(
     bundle = Bundle.open(bundle_path)
     batch = load_inputs(inputs)
     gallery = (
-        Gallery.load(gallery_path, bundle, precision=precision)
+        Gallery.load(gallery_path, bundle, precision=precision, require_threshold=False)
         if Path(gallery_path).exists()
         else Gallery.for_bundle(bundle, precision=precision)
     )
@@ -372,7 +380,7 @@ def enroll_from_source(
         source.close()
     x = np.stack(rows).astype(np.float32)[:, None]
     gallery = (
-        Gallery.load(gallery_path, bundle, precision=precision)
+        Gallery.load(gallery_path, bundle, precision=precision, require_threshold=False)
         if Path(gallery_path).exists()
         else Gallery.for_bundle(bundle, precision=precision)
     )

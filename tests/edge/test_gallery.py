@@ -131,6 +131,25 @@ def test_gallery_of_another_bundle_is_refused(gallery, tmp_path):
         Gallery.load(path, OtherBundle())
 
 
+def test_bundle_threshold_is_used_and_a_missing_one_refused(gallery, tmp_path):
+    class SameBundle:
+        sha256 = "a" * 64
+        embedding_dim = DIM
+
+        def __init__(self, t):
+            self.t = t
+
+        def threshold(self, precision: str = "fp32") -> float | None:
+            return self.t.get(precision)
+
+    path = gallery.save(tmp_path / "g.npz")
+    assert Gallery.load(path, SameBundle({"int8": 0.7}), precision="int8").threshold == 0.7
+    assert Gallery.load(path, SameBundle({"int8": 0.7}), threshold=0.2, precision="int8").threshold == 0.2
+    with pytest.raises(ConfigError, match=r"no verification threshold for fp32.*\[verification\] threshold"):
+        Gallery.load(path, SameBundle({}))
+    assert Gallery.load(path, SameBundle({}), require_threshold=False).threshold is None
+
+
 def test_bad_files_are_data_errors(tmp_path):
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"not a zip")
