@@ -31,20 +31,39 @@ def random_network(
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = MTLNetwork(embedding_dim=embedding_dim, num_postures=num_postures, width=width)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d)]
     with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d):
-                c = mod.num_features
-                mod.running_mean.copy_(torch.rand(c, generator=gen) * 0.4 - 0.2)
-                mod.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
-                mod.weight.copy_(torch.rand(c, generator=gen) * 0.8 + 0.6)
-                mod.bias.copy_(torch.rand(c, generator=gen) * 0.2 - 0.1)
-                mod.num_batches_tracked.fill_(1234)
+        # Running statistics as a trained network has them: measured on data (a probe batch),
+        # so activations stay well scaled, then perturbed so they differ from batch statistics.
+        for bn in bns:
+            bn.weight.copy_(torch.rand(bn.num_features, generator=gen) * 0.8 + 0.6)
+            bn.bias.copy_(torch.rand(bn.num_features, generator=gen) * 0.2 - 0.1)
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average over the probe pass
+        model.train()
+        model.encoder(torch.from_numpy(probe_frames(32, seed=seed + 7)))
+        for bn in bns:
+            c = bn.num_features
+            std = bn.running_var.sqrt()
+            bn.running_mean.add_(0.2 * std * torch.randn(c, generator=gen))
+            bn.running_var.mul_(torch.rand(c, generator=gen) * 0.7 + 0.7)
+            bn.num_batches_tracked.fill_(1234)
+            bn.momentum = 0.1
         if spread_postures:
-            # Default init gives near-equal logits and one predicted posture for every input; a
-            # larger head spreads predictions so routing by predicted posture hits several decoders.
-            model.encoder.classification_head.weight.mul_(40.0)
+            # Default init gives near-equal logits; a larger head spreads the predicted postures
+            # so routing by prediction exercises several decoders.
+            model.encoder.classification_head.weight.mul_(4.0)
     return model.eval()
+
+
+def probe_frames(n: int, seed: int = 0) -> np.ndarray:
+    """n varied frames [n,1,64,64] in [0,1]: brightness ramps, gradients and noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:64, 0:64] / 63.0
+    patterns = np.stack([(xx, yy, xx * yy, 1 - xx)[i % 4] for i in range(n)])[:, None]
+    level = rng.random((n, 1, 1, 1))
+    x = 0.5 * level + 0.4 * patterns * rng.random((n, 1, 1, 1)) + 0.1 * rng.random((n, 1, 64, 64))
+    return np.clip(x, 0.0, 1.0).astype(np.float32)
 
 
 def _research_names(sd: dict[str, Any], layout: str, decoder_ids: str) -> OrderedDict[str, Any]:
