@@ -139,6 +139,7 @@ class WatchdogPinger:
         heartbeat: Heartbeat,
         max_age_s: float | None = None,
         interval_s: float | None = None,
+        on_ping: Callable[[], object] | None = None,
     ) -> None:
         wd = notifier.watchdog_interval_s
         self.notifier = notifier
@@ -148,6 +149,7 @@ class WatchdogPinger:
         limits = [x for x in (max_age_s, wd) if x]
         self.max_age_s = min(limits) if limits else 2 * self.interval_s
         self.pings = 0
+        self.on_ping = on_ping  # e.g. DaemonMetrics.watchdog_pings.inc
         self.skipped = 0  # intervals where the heartbeat was stale: the loop is hung
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -164,6 +166,8 @@ class WatchdogPinger:
             return False
         self.notifier.watchdog()
         self.pings += 1
+        if self.on_ping is not None:
+            self.on_ping()
         return True
 
     def start(self) -> WatchdogPinger:

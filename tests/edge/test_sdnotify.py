@@ -91,13 +91,14 @@ def test_heartbeat_gates_pings():
     now = [100.0]
     hb = Heartbeat(clock=lambda: now[0])
     n = Notifier(env={})
-    p = WatchdogPinger(n, hb, max_age_s=5.0, interval_s=1.0)
+    counted = []
+    p = WatchdogPinger(n, hb, max_age_s=5.0, interval_s=1.0, on_ping=lambda: counted.append(1))
     assert p.tick()  # fresh
     now[0] += 4.9
     assert p.tick()
     now[0] += 0.2  # 5.1 s without a beat: the loop is hung
     assert not p.tick()
-    assert (p.pings, p.skipped) == (2, 1)
+    assert (p.pings, p.skipped, len(counted)) == (2, 1, 2)
     hb.beat()
     assert p.tick()
 
