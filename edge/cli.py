@@ -52,7 +52,12 @@ def configure_logging(level: str) -> None:
         raise ThzEdgeError(f"unknown log level {level!r}; use debug, info, warning or error")
     root = logging.getLogger()
     if not any(getattr(h, "_thzedge", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        from edge.sdnotify import JournaldHandler, stderr_is_journal
+
+        # Under systemd, structured journal fields (MESSAGE_ID, PRIORITY) instead of plain lines.
+        handler: logging.Handler = (
+            JournaldHandler() if stderr_is_journal() else logging.StreamHandler(sys.stderr)
+        )
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         handler._thzedge = True  # type: ignore[attr-defined]
         root.addHandler(handler)

@@ -9,13 +9,20 @@ swallowed, so a test with a fake socket sees it; the daemon may catch `OSError` 
 (including idle poll timeouts), and `WatchdogPinger` sends `WATCHDOG=1` only while that stamp is
 fresh, so a hung inference call stops the pings and systemd restarts the service, while a
 silent scanner (the loop still cycling) keeps them going (R-SYS-2, R-NEW-13).
+
+`JournaldHandler` speaks journald's native protocol so log records keep structured fields
+(`MESSAGE_ID`, `EVENT`, `PRIORITY`); the root CLI uses it when `$JOURNAL_STREAM` says stderr is
+the journal, and plain one-line stderr otherwise.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
+import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -221,3 +228,74 @@ def _watchdog_interval(env: Mapping[str, str]) -> float | None:
     except ValueError:
         return None
     return value / 1_000_000 if value > 0 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# journald: structured log records over the native protocol, when stderr goes to the journal
+
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+# Extra record attributes lifted into journal fields (e.g. StateTracker's MESSAGE_ID / EVENT).
+_JOURNAL_FIELDS = ("MESSAGE_ID", "EVENT", "SOURCE", "SEQ")
+
+
+def stderr_is_journal(env: Mapping[str, str] | None = None) -> bool:
+    """True when systemd connected our stderr to the journal (`$JOURNAL_STREAM` = its dev:inode)."""
+    env = os.environ if env is None else env
+    value = env.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(x) for x in value.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return st.st_dev == dev and st.st_ino == ino
+
+
+class JournaldHandler(logging.Handler):
+    """Sends each record to journald with MESSAGE, PRIORITY, SYSLOG_IDENTIFIER and event fields.
+
+    Falls back to stderr for a record the journal socket refuses, so nothing is lost.
+    """
+
+    def __init__(self, identifier: str = "thzedge", socket_path: str = JOURNAL_SOCKET) -> None:
+        super().__init__()
+        self.identifier = identifier
+        self.socket_path = socket_path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields = {
+                "MESSAGE": self.format(record),
+                "PRIORITY": str(_PRIORITY.get(record.levelno, 6)),
+                "SYSLOG_IDENTIFIER": self.identifier,
+                "LOGGER": record.name,
+                "CODE_FILE": record.pathname,
+                "CODE_LINE": str(record.lineno),
+                "CODE_FUNC": record.funcName,
+            }
+            for key in _JOURNAL_FIELDS:
+                value = getattr(record, key, None)
+                if value is not None:
+                    fields[key] = str(value)
+            self._sock.sendto(_journal_datagram(fields), self.socket_path)
+        except Exception:
+            # The journal is gone or the record too big for one datagram: say it on stderr instead.
+            with contextlib.suppress(Exception):
+                sys.stderr.write(self.format(record) + "\n")
+
+    def close(self) -> None:
+        self._sock.close()
+        super().close()
+
+
+def _journal_datagram(fields: Mapping[str, str]) -> bytes:
+    out = bytearray()
+    for key, value in fields.items():
+        data = value.encode("utf-8", "replace")
+        if b"\n" in data:
+            # Binary-safe form for multi-line values: KEY\n<64-bit LE length><value>\n
+            out += key.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+        else:
+            out += key.encode() + b"=" + data + b"\n"
+    return bytes(out)

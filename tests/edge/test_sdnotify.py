@@ -135,3 +135,93 @@ def test_pinger_stops_when_loop_hangs_and_continues_while_idle(notify_socket):
     stop.set()
     loop.join()
     n.close()
+
+
+# --- journald -------------------------------------------------------------------------------
+
+
+def parse_journal(datagram: bytes) -> dict[str, str]:
+    import struct
+
+    fields, i = {}, 0
+    while i < len(datagram):
+        nl = datagram.index(b"\n", i)
+        line = datagram[i:nl]
+        if b"=" in line:
+            k, v = line.split(b"=", 1)
+            fields[k.decode()] = v.decode()
+            i = nl + 1
+        else:  # binary-safe form
+            (n,) = struct.unpack("<Q", datagram[nl + 1 : nl + 9])
+            fields[line.decode()] = datagram[nl + 9 : nl + 9 + n].decode()
+            i = nl + 9 + n + 1
+    return fields
+
+
+def test_journald_handler_sends_structured_fields(tmp_path):
+    import logging
+
+    from edge.observability import StateTracker, message_id
+    from edge.sdnotify import JournaldHandler
+
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(str(tmp_path / "journal.sock"))
+    rx.settimeout(2)
+    handler = JournaldHandler(socket_path=str(tmp_path / "journal.sock"))
+    logger = logging.getLogger("thzedge.test-journal")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        StateTracker(logger=logger).set("stalled", "source silent 12 s", level=logging.WARNING)
+        fields = parse_journal(rx.recv(65536))
+        assert fields["MESSAGE_ID"] == message_id("state.stalled")
+        assert fields["EVENT"] == "state.stalled"
+        assert fields["PRIORITY"] == "4"
+        assert fields["SYSLOG_IDENTIFIER"] == "thzedge"
+        assert "source silent 12 s" in fields["MESSAGE"]
+        logger.error("two\nlines")
+        assert parse_journal(rx.recv(65536))["MESSAGE"] == "two\nlines"
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        rx.close()
+
+
+def test_journald_handler_falls_back_to_stderr(tmp_path, capsys):
+    import logging
+
+    from edge.sdnotify import JournaldHandler
+
+    handler = JournaldHandler(socket_path=str(tmp_path / "no-journal.sock"))
+    record = logging.LogRecord("thzedge", logging.INFO, __file__, 1, "kept %s", ("anyway",), None)
+    handler.emit(record)
+    handler.close()
+    assert "kept anyway" in capsys.readouterr().err
+
+
+def test_stderr_is_journal_only_when_journal_stream_matches(tmp_path):
+    import subprocess
+    import sys
+
+    code = "from edge.sdnotify import stderr_is_journal; print(stderr_is_journal())"
+    err_file = tmp_path / "stderr"
+    with open(err_file, "w") as err:
+        st = os.fstat(err.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        match = subprocess.run(
+            [sys.executable, "-c", code],
+            stderr=err,
+            capture_output=False,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+    other = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JOURNAL_STREAM": "1:2"},
+    )
+    assert match.stdout.strip() == "True"
+    assert other.stdout.strip() == "False"
