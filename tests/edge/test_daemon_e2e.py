@@ -1,0 +1,595 @@
+"""`thzedge run` end to end: real processes over real sockets.
+
+scanner (the emulator subprocess, or a PUSH socket in the test) → `thzedge run` subprocess →
+a plain pyzmq subscriber here that decodes results with docs/protocol.md's rules only (it does
+not import edge.results). Every frame sent is accounted for: a result, or a counted drop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from scanner_io.frame import POSTURES
+
+pytestmark = pytest.mark.timeout(120)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures and helpers
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny real ONNX bundle (H1's writer), built once for the module."""
+    import torch
+
+    from export.bundle_writer import write_bundle
+    from export.model import MTLNetwork
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("daemon") / "bundle"
+    write_bundle(MTLNetwork(embedding_dim=16, width=0.0625), out, max_batch=8)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(path: Path, extra: str = "") -> Path:
+    path.write_text(
+        "[metrics]\nenabled = false\n[daemon]\ninsecure_dev = true\nstop_timeout_s = 3.0\n" + extra
+    )
+    return path
+
+
+def thzedge(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `python -m edge ARGS`; output goes to temp files (a full pipe would block the child)."""
+    full_env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+    full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed by finish()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge", *args], cwd=REPO, env=full_env, stdout=out, stderr=err
+    )
+    proc.out_file, proc.err_file = out, err  # type: ignore[attr-defined]
+    return proc
+
+
+def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str, str]:
+    """Wait for the process; return (exit code, stdout, stderr)."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(
+            f"process did not finish in {timeout} s; stderr:\n{_read(proc.err_file)[-3000:]}"
+        ) from None
+    return proc.returncode, _read(proc.out_file), _read(proc.err_file)
+
+
+def _read(f) -> str:
+    f.flush()
+    f.seek(0)
+    text = f.read()
+    f.close()
+    return text
+
+
+class Subscriber:
+    """A consumer written from docs/protocol.md alone: SUB, topics, JSON header, described parts."""
+
+    def __init__(self, endpoint: str, rcvhwm: int = 100000) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.SUB)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        self.sock.setsockopt(zmq.SUBSCRIBE, b"result/")
+        self.sock.setsockopt(zmq.SUBSCRIBE, b"event/")
+        self.sock.connect(endpoint)
+        self.results: list[dict] = []
+        self.arrays: list[dict[str, np.ndarray]] = []
+        self.events: list[dict] = []
+
+    def decode(self, parts: list[bytes]) -> None:
+        topic = parts[0].decode()
+        header = json.loads(parts[1])
+        assert header["v"] == 1, header
+        if topic.startswith("result/"):
+            assert topic == f"result/{header['scanner']}"
+            arrays = {}
+            for spec in header["parts"]:
+                buf = parts[spec["index"]]
+                dt = np.dtype(spec["dtype"]).newbyteorder("<")
+                assert len(buf) == int(np.prod(spec["shape"])) * dt.itemsize
+                arrays[spec["kind"]] = np.frombuffer(buf, dtype=dt).reshape(spec["shape"])
+            assert len(parts) == 2 + len(header["parts"])
+            self.results.append(header)
+            self.arrays.append(arrays)
+        else:
+            assert topic.startswith("event/") and topic == f"event/{header['scanner']}"
+            self.events.append(header)
+
+    def pump(self, seconds: float, until=None) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if self.sock.poll(50):
+                while True:
+                    try:
+                        self.decode(self.sock.recv_multipart(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+            if until is not None and until(self):
+                return
+
+    def wait_state(self, seconds: float = 30) -> dict:
+        self.pump(seconds, until=lambda s: any(e["kind"] == "state" for e in s.events))
+        states = [e for e in self.events if e["kind"] == "state"]
+        assert states, "no state event from the daemon"
+        return states[-1]
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+
+def run_until_exit(proc: subprocess.Popen, sub: Subscriber, timeout: float = 60) -> tuple[int, str, str]:
+    end = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < end:
+        sub.pump(0.2)
+    rc, out, err = finish(proc, timeout=max(1.0, end - time.monotonic()))
+    sub.pump(0.5)  # anything still in flight
+    return rc, out, err
+
+
+def summary_of(out: str) -> dict:
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    assert lines, f"no JSON summary on stdout: {out!r}"
+    return json.loads(lines[-1])
+
+
+def check_result(h: dict, bundle_sha: str) -> None:
+    assert h["status"] in ("ok", "partial", "error")
+    assert isinstance(h["seq"], int) and h["t_publish_ns"] >= h["t_capture_ns"] > 0
+    if h["status"] != "error":
+        assert h["posture"]["label"] == POSTURES[h["posture"]["index"]]
+        assert 0.0 < h["posture"]["confidence"] <= 1.0
+    assert h["provenance"]["bundle"] == bundle_sha
+    assert h["provenance"]["precision"] == "fp32" and h["provenance"]["backend"]
+    assert h["provenance"]["calibration"]
+    for stage in ("queue", "condition", "encode", "publish", "total"):
+        assert h["latency_ms"][stage] >= 0.0
+
+
+def bundle_sha(bundle: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
+
+
+def accounted(summary: dict) -> int:
+    return summary["published"] + sum(summary["dropped"].values())
+
+
+# --------------------------------------------------------------------------------------------
+# End to end
+
+
+def test_emulator_to_daemon_to_subscriber_accounts_for_every_frame(bundle_dir: Path, tmp_path: Path) -> None:
+    port = free_port()
+    pub = f"ipc://{tmp_path}/results.sock"
+    cfg = write_config(tmp_path / "thzedge.toml")
+    sent, every = 47, 8  # every 8th frame goes out malformed (size, dtype, version in turn); last is valid
+    valid = sent - sent // every
+    sub = Subscriber(pub)
+    daemon = thzedge(
+        "run",
+        "--source",
+        f"tcp://127.0.0.1:{port}",
+        "--model",
+        str(bundle_dir),
+        "--config",
+        str(cfg),
+        "--publish",
+        pub,
+        "--max-frames",
+        str(valid),
+        "--json",
+    )
+    try:
+        state = sub.wait_state()
+        assert state["protocol"] == 1 and state["model"]["bundle"] == bundle_sha(bundle_dir)
+        assert state["calibration"] == "identity"
+        emu = thzedge(
+            "scanner",
+            "serve",
+            "--source",
+            "sim?seed=3",
+            "--bind",
+            f"tcp://127.0.0.1:{port}",
+            "--rate",
+            "max",
+            "--frames",
+            str(sent),
+            "--inject-malformed",
+            str(every),
+            "--json",
+        )
+        rc, out, err = run_until_exit(daemon, sub)
+        assert rc == 0, err[-3000:]
+        erc, eout, eerr = finish(emu)
+        assert erc == 0, eerr[-2000:]
+    finally:
+        for p in (daemon,):
+            if p.poll() is None:
+                p.kill()
+        sub.close()
+    summary = summary_of(out)
+    emu_stats = summary_of(eout)
+    assert emu_stats["sent"] == sent
+    # received + counted drops = frames sent (malformed and upstream gaps included).
+    assert len(sub.results) == summary["published"]
+    assert len(sub.results) + sum(summary["dropped"].values()) == sent
+    assert summary["unaccounted"] == 0
+    assert sum(summary["malformed"].values()) == sent // every == summary["dropped"]["malformed"]
+    errors = [e for e in sub.events if e["kind"] == "error" and e.get("stage") == "acquire"]
+    assert len(errors) == sent // every and all(e["reason"] and e["seq"] is not None for e in errors)
+    seqs = [h["seq"] for h in sub.results]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    sha = bundle_sha(bundle_dir)
+    for h in sub.results:
+        check_result(h, sha)
+        assert h["parts"] == [] and h["scanner"] == "sim0"
+
+
+def _valid_frame_parts(seq: int, scanner: str = "scn0") -> list[bytes]:
+    from scanner_io.codec import encode_frame
+    from scanner_io.frame import FrameHeader
+
+    rng = np.random.default_rng(seq)
+    data = rng.integers(0, 4000, size=(96, 96), dtype=np.uint16)
+    header = FrameHeader(
+        scanner=scanner, seq=seq, t_capture_ns=time.time_ns(), shape=(96, 96), dtype="uint16"
+    )
+    return [bytes(memoryview(p)) for p in encode_frame(header, data)]
+
+
+def _malformed_kinds(seq: int) -> dict[str, list[bytes]]:
+    """One message per decoder rejection reason (each checked against the real decoder below)."""
+    topic, header, payload = _valid_frame_parts(seq)
+    h = json.loads(header)
+
+    def with_header(**changes) -> list[bytes]:
+        d = {**h, **changes}
+        return [topic, json.dumps(d).encode(), payload]
+
+    missing = {k: v for k, v in h.items() if k != "dtype"}
+    nan_parts = _valid_frame_parts(seq)
+    fh = {**h, "dtype": "float32"}
+    nan = np.full((96, 96), np.nan, dtype="<f4").tobytes()
+    return {
+        "bad_parts": [topic, header],
+        "bad_topic": [b"nope/scn0", header, payload],
+        "bad_json": [topic, b"{not json", payload],
+        "missing_field": [topic, json.dumps(missing).encode(), payload],
+        "bad_field": with_header(seq="seven"),
+        "bad_version": with_header(v=99),
+        "bad_dtype": with_header(dtype="float64"),
+        "bad_shape": with_header(shape=[0, 96]),
+        "size_mismatch": [topic, header, payload[:-2]],
+        "topic_mismatch": [b"frame/other", header, payload],
+        "non_finite": [nan_parts[0], json.dumps(fh).encode(), nan],
+    }
+
+
+def test_malformed_frames_of_every_kind_mid_stream_are_counted_and_streaming_continues(
+    bundle_dir: Path, tmp_path: Path
+) -> None:
+    from scanner_io.codec import decode_frame
+    from scanner_io.errors import FrameDecodeError
+
+    pub = f"ipc://{tmp_path}/results.sock"
+    scan = f"ipc://{tmp_path}/scanner.sock"
+    cfg = write_config(tmp_path / "thzedge.toml")
+    # Build the stream: valid frames with every malformed kind in between, each verified to be
+    # rejected by the real decoder for the intended reason.
+    stream: list[tuple[str, list[bytes]]] = []
+    seq = 0
+    kinds = _malformed_kinds(0)
+    for kind in kinds:
+        stream.append(("ok", _valid_frame_parts(seq)))
+        seq += 1
+        msg = _malformed_kinds(seq)[kind]
+        with pytest.raises(FrameDecodeError) as exc:
+            decode_frame(msg)
+        assert exc.value.reason == kind
+        stream.append((kind, msg))
+        seq += 1
+    stream.append(("ok", _valid_frame_parts(seq)))
+    n_valid = sum(1 for k, _ in stream if k == "ok")
+
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.bind(scan)
+    sub = Subscriber(pub)
+    daemon = thzedge(
+        "run",
+        "--source",
+        scan,
+        "--model",
+        str(bundle_dir),
+        "--config",
+        str(cfg),
+        "--publish",
+        pub,
+        "--max-frames",
+        str(n_valid),
+        "--json",
+    )
+    try:
+        sub.wait_state()
+        for _, parts in stream:
+            push.send_multipart(parts)  # blocks until the daemon's PULL is connected: nothing lost
+        rc, out, err = run_until_exit(daemon, sub)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        push.close(0)
+        ctx.term()
+        sub.close()
+    assert rc == 0, err[-3000:]
+    summary = summary_of(out)
+    assert summary["malformed"] == dict.fromkeys(kinds, 1)
+    assert summary["dropped"]["upstream_gap"] == 0  # a rejected frame with a readable seq is no gap
+    # A burst into a live source may overflow the queue (drop-oldest): counted, never lost.
+    assert len(sub.results) == summary["published"] >= 1
+    assert len(sub.results) + sum(summary["dropped"].values()) == len(stream)
+    assert sub.results[-1]["seq"] == seq  # the frame after the last malformed one got through
+    reasons = sorted(e["reason"] for e in sub.events if e["kind"] == "error" and e.get("stage") == "acquire")
+    assert reasons == sorted(kinds)
+
+
+def test_config_errors_exit_78(bundle_dir: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[daemon]\nqueue_sise = 4\n")
+    rc, out, err = finish(
+        thzedge("run", "--source", "sim?frames=1", "--model", str(bundle_dir), "--config", str(bad))
+    )
+    assert rc == 78
+    assert "queue_size" in err and "Traceback" not in err
+    good = write_config(tmp_path / "ok.toml")
+    rc, _, err = finish(
+        thzedge("run", "--source", "scannr0", "--model", str(bundle_dir), "--config", str(good))
+    )
+    assert rc == 78 and "unknown source" in err
+
+
+def test_fake_notify_socket_sees_status_ready_watchdog_stopping_in_order(
+    bundle_dir: Path, tmp_path: Path
+) -> None:
+    path = str(tmp_path / "notify.sock")
+    ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ns.bind(path)
+    ns.settimeout(0.2)
+    cfg = write_config(tmp_path / "thzedge.toml")
+    env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"}
+    daemon = thzedge(
+        "run",
+        "--source",
+        "sim?frames=40&fps=25",
+        "--model",
+        str(bundle_dir),
+        "--config",
+        str(cfg),
+        "--publish",
+        f"ipc://{tmp_path}/r.sock",
+        "--json",
+        env=env,
+    )
+    messages: list[str] = []
+    try:
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            try:
+                messages.append(ns.recv(4096).decode())
+            except TimeoutError:
+                if daemon.poll() is not None:
+                    break
+        rc, out, err = finish(daemon)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        ns.close()
+    assert rc == 0, err[-2000:]
+    lines = [ln for m in messages for ln in m.splitlines()]
+    ready = lines.index("READY=1")
+    stopping = lines.index("STOPPING=1")
+    statuses_before = [ln for ln in lines[:ready] if ln.startswith("STATUS=")]
+    assert len(statuses_before) >= 3, lines[:ready]  # one per start-up step
+    assert not any(ln == "WATCHDOG=1" for ln in lines[:ready])  # no ping before READY
+    assert any(ln == "WATCHDOG=1" for ln in lines[ready:stopping])  # pinged while streaming
+    assert ready < stopping
+    assert lines.count("READY=1") == 1
+
+
+def test_sigterm_mid_stream_exits_0_in_time_with_nothing_unaccounted(
+    bundle_dir: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    pub = f"ipc://{tmp_path}/results.sock"
+    cfg = write_config(tmp_path / "thzedge.toml")
+    sub = Subscriber(pub)
+    daemon = thzedge(
+        "run",
+        "--source",
+        f"tcp://127.0.0.1:{port}",
+        "--model",
+        str(bundle_dir),
+        "--config",
+        str(cfg),
+        "--publish",
+        pub,
+        "--json",
+    )
+    emu = thzedge(
+        "scanner",
+        "serve",
+        "--source",
+        "sim?seed=1",
+        "--bind",
+        f"tcp://127.0.0.1:{port}",
+        "--rate",
+        "40",
+        "--frames",
+        "100000",
+    )
+    try:
+        sub.pump(60, until=lambda s: len(s.results) >= 15)
+        assert len(sub.results) >= 15
+        # The scanner vanishes and the consumer stops reading: peers unreachable.
+        emu.kill()
+        emu.wait()
+        t0 = time.monotonic()
+        daemon.send_signal(signal.SIGTERM)
+        rc, out, err = finish(daemon, timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        for p in (daemon, emu):
+            if p.poll() is None:
+                p.kill()
+        sub.close()
+    assert rc == 0, err[-3000:]
+    assert took < 3.0 + 1.5, took  # stop_timeout_s = 3 in the config, plus process exit
+    summary = summary_of(out)
+    assert summary["unaccounted"] == 0
+    assert summary["frames_in"] == summary["published"] + sum(
+        v for k, v in summary["dropped"].items() if k not in ("malformed", "upstream_gap")
+    )
+
+
+def test_privacy_flags_off_no_biometric_parts_nor_identities_in_stderr(
+    bundle_dir: Path, tmp_path: Path
+) -> None:
+    pub = f"ipc://{tmp_path}/results.sock"
+    cfg = write_config(tmp_path / "thzedge.toml")
+    sub = Subscriber(pub)
+    daemon = thzedge(
+        "--log-level",
+        "debug",
+        "run",
+        "--source",
+        "sim?frames=20&fps=50",
+        "--model",
+        str(bundle_dir),
+        "--config",
+        str(cfg),
+        "--publish",
+        pub,
+        "--json",
+    )
+    try:
+        sub.wait_state()
+        rc, out, err = run_until_exit(daemon, sub)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        sub.close()
+    assert rc == 0, err[-3000:]
+    assert sub.results and all(h["parts"] == [] for h in sub.results)
+    assert all(a == {} for a in sub.arrays)
+    assert all(h["verification"] is None for h in sub.results)
+    from scanner_io.simulator import identity_name
+
+    names = [identity_name(i) for i in range(20)]
+    assert not [n for n in names if n in err]
+    assert "embedding" not in err.replace("publish_embedding", "")
+
+
+def test_privacy_flags_on_publish_described_parts(bundle_dir: Path, tmp_path: Path) -> None:
+    pub = f"ipc://{tmp_path}/results.sock"
+    cfg = write_config(
+        tmp_path / "thzedge.toml", "[privacy]\npublish_embedding = true\npublish_reconstruction = true\n"
+    )
+    sub = Subscriber(pub)
+    daemon = thzedge(
+        "run",
+        "--source",
+        "sim?frames=10&fps=50",
+        "--model",
+        str(bundle_dir),
+        "--config",
+        str(cfg),
+        "--publish",
+        pub,
+        "--json",
+    )
+    try:
+        sub.wait_state()
+        rc, out, err = run_until_exit(daemon, sub)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        sub.close()
+    assert rc == 0, err[-3000:]
+    summary = summary_of(out)
+    assert (
+        1 <= len(sub.results) <= summary["published"]
+    )  # a paced live source: early results may precede the join
+    assert summary["published"] + sum(summary["dropped"].values()) == 10
+    for h, arrays in zip(sub.results, sub.arrays, strict=True):
+        assert [p["kind"] for p in h["parts"]] == ["embedding", "reconstruction"]
+        assert arrays["embedding"].shape == (16,)
+        assert arrays["reconstruction"].shape == (64, 64)
+        assert np.isfinite(arrays["reconstruction"]).all()
+
+
+def test_late_joiner_learns_state_within_a_second(bundle_dir: Path, tmp_path: Path) -> None:
+    pub = f"ipc://{tmp_path}/results.sock"
+    cfg = write_config(tmp_path / "thzedge.toml")
+    first = Subscriber(pub)
+    daemon = thzedge(
+        "run",
+        "--source",
+        "sim?fps=20",
+        "--model",
+        str(bundle_dir),
+        "--config",
+        str(cfg),
+        "--publish",
+        pub,
+        "--json",
+    )
+    try:
+        first.pump(60, until=lambda s: len(s.results) >= 5)
+        late = Subscriber(pub)
+        t0 = time.monotonic()
+        state = late.wait_state(seconds=5)
+        took = time.monotonic() - t0
+        late.close()
+        daemon.send_signal(signal.SIGTERM)
+        rc, _, err = finish(daemon)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        first.close()
+    assert rc == 0, err[-2000:]
+    assert took < 1.0, took
+    assert state["protocol"] == 1 and state["model"]["bundle"] == bundle_sha(bundle_dir)
+    assert state["calibration"] == "identity" and state["state"] in ("ready", "stalled")
