@@ -368,6 +368,37 @@ def _model_info(runner: Runner) -> dict[str, Any]:
     }
 
 
+def _locate_files(rows: Sequence[Any], data_dir: Path, csv_path: Path) -> list[tuple[Path, Path, Path]]:
+    """Resolve each triplet's files: relative names under `data_dir` first, then next to the CSV.
+
+    The research CSVs name files relative to the image folder, wherever the CSV lives; datasets
+    written by `thzedge sim dataset` keep the CSV in the dataset directory. Missing files are one
+    DataError naming the first (CSV row and column) and counting the rest.
+    """
+    csv_dir = csv_path.parent
+    out: list[tuple[Path, Path, Path]] = []
+    missing: list[str] = []
+    for i, t in enumerate(rows, start=1):
+        found = []
+        for col in ("anchor", "positive", "negative"):
+            p = Path(getattr(t, col))
+            shown, candidates, where = p, [p], ""
+            if p.is_relative_to(csv_dir):  # a relative name in the CSV, joined to the CSV's folder
+                shown = p.relative_to(csv_dir)
+                candidates = [data_dir / shown, p]
+                where = f" under {data_dir}" + (f" or {csv_dir}" if data_dir / shown != p else "")
+            hit = next((c for c in candidates if c.is_file()), None)
+            if hit is None:
+                missing.append(f"{csv_path} triplet {i}: {col} file {shown} not found{where}")
+                hit = candidates[0]
+            found.append(hit)
+        out.append((found[0], found[1], found[2]))
+    if missing:
+        more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
+        raise DataError(missing[0] + more)
+    return out
+
+
 def collect_outputs(
     runner: Runner, data_dir: str | Path, triplets_csv: str | Path, routing: str = "predicted"
 ) -> EvalOutputs:
@@ -377,42 +408,30 @@ def collect_outputs(
     behaviour); "truth" to the decoder of the posture in its file name (the research scripts).
     Missing files, unparsable names and malformed rows raise DataError naming them.
     """
-    from scanner_io.dataset import load_crop, parse_crop_name, read_triplets
-
     from edge.infer import run_batched
+    from scanner_io.dataset import load_crop, parse_crop_name, read_triplets
 
     if routing not in ROUTINGS:
         raise ThzEdgeError(f"unknown routing {routing!r}; use 'predicted' or 'truth'")
     data_dir = Path(data_dir)
+    triplets_csv = Path(triplets_csv)
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: data directory does not exist")
-    rows = read_triplets(triplets_csv)
-    if not rows:
-        raise DataError(f"{triplets_csv}: no triplets in the CSV")
-
-    def resolve(p: str | Path) -> Path:
-        p = Path(p)
-        return p if p.is_absolute() else data_dir / p
+    rows = read_triplets(triplets_csv, check_files=False)  # a malformed row -> DataError naming its line
+    paths_of = _locate_files(rows, data_dir, triplets_csv)
 
     # Distinct files, anchors first, so one encoder pass per file serves every triplet using it.
     index: dict[Path, int] = {}
-    for t in rows:
-        index.setdefault(resolve(t.anchor), len(index))
+    for a, _, _ in paths_of:
+        index.setdefault(a, len(index))
     n_anchors = len(index)
-    for t in rows:
-        index.setdefault(resolve(t.positive), len(index))
-        index.setdefault(resolve(t.negative), len(index))
+    for _, p, n in paths_of:
+        index.setdefault(p, len(index))
+        index.setdefault(n, len(index))
     paths = list(index)
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise DataError(f"{missing[0]}: file named in {triplets_csv} does not exist{more}")
     truth = np.array([parse_crop_name(p.name).posture for p in paths], dtype=np.int64)
     images = np.stack([np.asarray(load_crop(p), dtype=np.float32) for p in paths])[:, None]
-    triplets = np.array(
-        [[index[resolve(t.anchor)], index[resolve(t.positive)], index[resolve(t.negative)]] for t in rows],
-        dtype=np.int64,
-    )
+    triplets = np.array([[index[a], index[p], index[n]] for a, p, n in paths_of], dtype=np.int64)
     recon_pairs = np.unique(triplets[:, :2], axis=0)
 
     t0 = time.perf_counter()
