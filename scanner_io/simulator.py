@@ -389,10 +389,17 @@ class _Sensor:
     hot: np.ndarray
     flicker: np.ndarray
     hot_level: np.ndarray
+    bad: np.ndarray = field(init=False)
+    dead_idx: np.ndarray = field(init=False)
+    hot_idx: np.ndarray = field(init=False)
+    flicker_idx: np.ndarray = field(init=False)
 
-    @property
-    def bad(self) -> np.ndarray:
-        return self.dead | self.hot | self.flicker
+    def __post_init__(self) -> None:
+        bad = self.dead | self.hot | self.flicker
+        bad.setflags(write=False)
+        object.__setattr__(self, "bad", bad)
+        for name in ("dead", "hot", "flicker"):
+            object.__setattr__(self, f"{name}_idx", np.flatnonzero(getattr(self, name)))
 
 
 @dataclass(frozen=True)
@@ -403,6 +410,8 @@ class _Capture:
     pose: tuple[float, float, float]
     center: tuple[float, float]
     temp: float
+    dark: np.ndarray
+    gain: np.ndarray
 
 
 class ScannerSimulator:
@@ -544,6 +553,8 @@ class ScannerSimulator:
     def sensor_maps(self, temp_c: float) -> tuple[np.ndarray, np.ndarray]:
         """Return (dark counts, correction gain) the sensor actually has at `temp_c`."""
         c = self.config
+        if temp_c == c.reference_temp_c:
+            return self.true_profile.dark, self.true_profile.gain
         dt = np.float32(temp_c - c.reference_temp_c)
         dark = self._sensor.dark + dt * self._sensor.dark_tc
         resp = self._sensor.resp * np.float32(1.0 + c.gain_tc * float(dt))
@@ -653,31 +664,36 @@ class ScannerSimulator:
             [self.seed, _TAG_NOISE, identity, posture, sample, int(concealed), int(reference), seq]
         )
         h, w = self.shape
+        f32 = np.float32
         looks = c.reference_looks if reference else c.looks
         if looks <= 4:
             # Coherent speckle: |field|² of blurred complex white noise, averaged over looks.
-            field_ = noise.standard_normal((2 * looks, h, w), dtype=np.float32)
-            sp = np.zeros((h, w), np.float32)
+            field_ = noise.standard_normal((2 * looks, h, w), dtype=f32)
+            sp = np.zeros((h, w), f32)
             for i in range(2 * looks):
-                f = cv2.GaussianBlur(field_[i], (9, 9), 0.7)
-                sp += f * f
-            sp *= np.float32(self._speckle_kernel_norm / looks)
+                cv2.accumulateSquare(cv2.GaussianBlur(field_[i], (9, 9), 0.7), sp)
+            sp *= f32(self._speckle_kernel_norm / looks)
         else:
             # Many looks: Gamma(L, 1/L) is close to normal with σ = 1/√L, and far cheaper to draw.
-            sp = noise.standard_normal((h, w), dtype=np.float32)
-            sp *= np.float32(1.0 / math.sqrt(looks))
-            sp += np.float32(1.0)
-            np.maximum(sp, np.float32(0.05), out=sp)
-        src = np.float32(10.0 ** (noise.normal(0.0, c.source_jitter_db) / 10.0))
-        power = clean * sp * src
+            sp = noise.standard_normal((h, w), dtype=f32)
+            sp *= f32(1.0 / math.sqrt(looks))
+            sp += f32(1.0)
+            np.maximum(sp, f32(0.05), out=sp)
+        src = 10.0 ** (float(noise.normal(0.0, c.source_jitter_db)) / 10.0)
+        power = clean * sp
+        power *= f32(src)
         dark, gain = self.sensor_maps(temp_c)
         read = c.read_noise / math.sqrt(c.reference_looks) if reference else c.read_noise
-        counts = dark + power / gain + noise.standard_normal((h, w), dtype=np.float32) * np.float32(read)
+        counts = noise.standard_normal((h, w), dtype=f32)
+        counts *= f32(read)
+        counts += dark
+        counts += power / gain
         s = self._sensor
-        counts[s.dead] = dark[s.dead] * 0.1
-        counts[s.hot] = s.hot_level[s.hot] + dark[s.hot]
-        flick = s.flicker & (noise.random((h, w)) < c.flicker_probability)
-        counts[flick] = 60000.0
+        flat, dflat = counts.reshape(-1), dark.reshape(-1)
+        flat[s.dead_idx] = dflat[s.dead_idx] * f32(0.1)  # stuck near zero response
+        flat[s.hot_idx] = s.hot_level.reshape(-1)[s.hot_idx] + dflat[s.hot_idx]
+        off = s.flicker_idx[noise.random(len(s.flicker_idx)) < c.flicker_probability]
+        flat[off] = f32(60000.0)
         raw = np.clip(np.rint(counts), 0, 65535).astype(np.uint16)
         return _Capture(
             raw=raw,
@@ -686,6 +702,8 @@ class ScannerSimulator:
             pose=(POSTURE_ANGLES[posture][0] + dyaw, POSTURE_ANGLES[posture][1] + dpitch, roll),
             center=center,
             temp=temp_c,
+            dark=dark,
+            gain=gain,
         )
 
     # -- public API ---------------------------------------------------------------------------
@@ -766,7 +784,7 @@ class ScannerSimulator:
             sensor_temp_c=round(cap.temp, 3),
             claimed_identity=claimed,
         )
-        dark, gain = self.sensor_maps(cap.temp)
+        dark, gain = cap.dark, cap.gain
         raw = cap.raw
         profile, params = self.true_profile, self.conditioning
 
