@@ -126,8 +126,9 @@ def serve(
         )
         if on_bound is not None:
             on_bound(endpoint)
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLOUT)
+        # Live: never wait. Lockstep: block for room, waking every 100 ms to check `stop`.
+        flags = 0 if lockstep else zmq.NOBLOCK
+        sock.setsockopt(zmq.SNDTIMEO, 100)
         t0 = time.monotonic()
         n = 0  # frames taken from the source
         while not stop.is_set():
@@ -151,28 +152,29 @@ def serve(
                 stats.skipped += 1
                 continue
             malformed = bool(settings.inject_malformed_every and n % settings.inject_malformed_every == 0)
-            if lockstep:
-                # Block (interruptibly) until the consumer has room: nothing is dropped.
-                while not stop.is_set() and not poller.poll(100):
-                    pass
-                if stop.is_set():
+            parts = None
+            if malformed:
+                kind = _MALFORMED_KINDS[stats.malformed_sent % len(_MALFORMED_KINDS)]
+                parts = _malformed_parts(item, kind)
+            while True:
+                try:
+                    if parts is not None:
+                        sock.send_multipart(parts, flags=flags)
+                        stats.malformed_sent += 1
+                    else:
+                        # Each frame is a fresh array that is never written again, so a
+                        # zero-copy send cannot see it change (R-ZMQ-6); no tracker needed.
+                        send_frame(sock, item.header, item.data, flags=flags)
+                    stats.sent += 1
                     break
-                flags = 0
-            else:
-                flags = zmq.NOBLOCK
-            try:
-                if malformed:
-                    kind = _MALFORMED_KINDS[stats.malformed_sent % len(_MALFORMED_KINDS)]
-                    sock.send_multipart(_malformed_parts(item, kind), flags=flags)
-                    stats.malformed_sent += 1
-                else:
-                    # Each frame is a fresh array that is never written again, so a zero-copy
-                    # send cannot see it change (R-ZMQ-6); the tracker is not needed.
-                    send_frame(sock, item.header, item.data, flags=flags)
-                stats.sent += 1
-            except zmq.Again:
-                # Consumer queue full or no consumer connected: a live scanner drops, never waits.
-                stats.dropped["backpressure"] = stats.dropped.get("backpressure", 0) + 1
+                except zmq.Again:
+                    if not lockstep:
+                        # Consumer queue full or no consumer: a live scanner drops, never waits.
+                        stats.dropped["backpressure"] = stats.dropped.get("backpressure", 0) + 1
+                        break
+                    # Lockstep: the send timed out waiting for room; retry unless stopping.
+                    if stop.is_set():
+                        break
         stats.elapsed_s = time.monotonic() - t0
         if lockstep and not stop.is_set():
             # Linger only covers handing frames to the kernel; a peer that is still reading

@@ -387,6 +387,21 @@ class ZmqSource(Source):
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
             sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
 
+    def _drain_monitor(self, mon: Any, recv_monitor_message: Any) -> None:
+        import zmq
+
+        while mon.poll(0):
+            event = recv_monitor_message(mon)["event"]
+            if event == zmq.EVENT_CONNECTED:
+                self._peers += 1
+                self.stats.connects += 1
+                self._last_frame = time.monotonic()
+                log.info("source %s: connected", self.endpoint)
+            elif event == zmq.EVENT_DISCONNECTED:
+                self._peers = max(self._peers - 1, 0)
+                self.stats.disconnects += 1
+                log.warning("source %s: peer disconnected; reconnecting", self.endpoint)
+
     def _run(self) -> None:
         import zmq
         from zmq.utils.monitor import recv_monitor_message
@@ -407,45 +422,39 @@ class ZmqSource(Source):
                     s.close(0)
             return
         self._started.set()
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(mon, zmq.POLLIN)
+        # Blocking receives with a short timeout (not poll + recv): one GIL release per frame.
+        sock.setsockopt(zmq.RCVTIMEO, 50)
         pending: Frame | MalformedFrame | None = None
+        next_monitor = 0.0
         try:
             while not self._stop.is_set():
+                now = time.monotonic()
+                if now >= next_monitor:
+                    self._drain_monitor(mon, recv_monitor_message)
+                    next_monitor = now + 0.05
                 if pending is not None:
                     # Consumer behind: hold this item and stop receiving, so HWMs apply upstream.
                     try:
                         self._queue.put(pending, timeout=0.05)
-                        pending = None
                     except queue.Full:
-                        pass
-                    events = dict(poller.poll(0))
-                else:
-                    events = dict(poller.poll(50))
-                if mon in events:
-                    while mon.poll(0):
-                        event = recv_monitor_message(mon)["event"]
-                        if event == zmq.EVENT_CONNECTED:
-                            self._peers += 1
-                            self.stats.connects += 1
-                            self._last_frame = time.monotonic()
-                            log.info("source %s: connected", self.endpoint)
-                        elif event == zmq.EVENT_DISCONNECTED:
-                            self._peers = max(self._peers - 1, 0)
-                            self.stats.disconnects += 1
-                            log.warning("source %s: peer disconnected; reconnecting", self.endpoint)
-                if pending is None and sock in events:
-                    parts = sock.recv_multipart(copy=False)
-                    try:
-                        item: Frame | MalformedFrame = decode_frame(parts)
-                        self._last_frame = time.monotonic()
-                    except FrameDecodeError as exc:
-                        item = MalformedFrame.from_error(exc)
-                        log.warning(
-                            "source %s: rejected message (%s): %s", self.endpoint, item.reason, item.message
-                        )
-                    self._seq.observe(item)
+                        continue
+                    pending = None
+                try:
+                    parts = sock.recv_multipart(copy=True)
+                except zmq.Again:
+                    continue
+                try:
+                    item: Frame | MalformedFrame = decode_frame(parts)
+                    self._last_frame = time.monotonic()
+                except FrameDecodeError as exc:
+                    item = MalformedFrame.from_error(exc)
+                    log.warning(
+                        "source %s: rejected message (%s): %s", self.endpoint, item.reason, item.message
+                    )
+                self._seq.observe(item)
+                try:
+                    self._queue.put_nowait(item)
+                except queue.Full:
                     pending = item
         finally:
             sock.disable_monitor()
