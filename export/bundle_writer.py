@@ -141,7 +141,8 @@ def build_manifest(
     }
 
 
-def _prepare_destination(out_dir: Path, force: bool) -> None:
+def check_destination(out_dir: Path, force: bool) -> None:
+    """Refuse an --out that is a file, or a non-empty directory unless force."""
     if out_dir.exists():
         if not out_dir.is_dir():
             raise ThzEdgeError(f"{out_dir} exists and is not a directory; choose another --out")
@@ -166,7 +167,7 @@ def write_bundle(
     check_opset(opset)
     if max_batch < 1:
         raise ThzEdgeError(f"--max-batch must be >= 1, got {max_batch}")
-    _prepare_destination(out_dir, force)
+    check_destination(out_dir, force)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     model.eval()
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

@@ -331,7 +331,7 @@ def import_checkpoint(path: Path | str, trust: bool = False) -> ImportedCheckpoi
             value = _finite_number(obj.get(key))
             if value is not None:
                 extras[key] = int(value) if key == "epoch" else value
-    log.info(
+    log.debug(
         "imported %s checkpoint %s (%s), dropped %d training-only tensors", layout, path.name, config, dropped
     )
     return ImportedCheckpoint(model, config, layout, ids, sha256_of(path), dropped, extras)

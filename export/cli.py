@@ -62,8 +62,13 @@ def onnx_command(
 ) -> None:
     """Import a research checkpoint and write a checked ONNX model bundle."""
     require_export_extra()
-    from export.bundle_writer import write_bundle
+    from export.bundle_writer import check_destination, write_bundle
     from export.checkpoint import import_checkpoint
+    from export.onnx_export import check_opset
+
+    # Cheap checks before the (slow) import, so a typo fails fast.
+    check_opset(opset)
+    check_destination(out, force)
 
     imported = import_checkpoint(checkpoint, trust=trust_checkpoint)
     typer.echo(
