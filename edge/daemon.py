@@ -895,6 +895,7 @@ class Daemon:
         self.state_version = 0
         self.pinger: Any = None
         self._stop_at: float | None = None
+        self._ready_at = time.monotonic()
         self._ctx: ProcessingContext | None = None
         self._stages: list[Stage] = []
         self.frames: FrameQueue | None = None
@@ -1100,8 +1101,10 @@ class Daemon:
         with contextlib.suppress(OSError):
             self.notifier.ready()
         self.ready.set()
+        self._ready_at = time.monotonic()
+        on_ping = self.metrics_impl.watchdog_pings.inc if self.metrics_impl is not None else None
         self.pinger = WatchdogPinger(
-            self.notifier, self.heartbeat, max_age_s=self.settings.heartbeat_timeout_s
+            self.notifier, self.heartbeat, max_age_s=self.settings.heartbeat_timeout_s, on_ping=on_ping
         )
         self.pinger.start()
         if self.on_ready is not None:
@@ -1160,14 +1163,13 @@ class Daemon:
         src = acq.source_state
         self.metrics.source_state(src)
         last = acq.last_frame_t
-        silent = now - last if last is not None else 0.0
+        # Silence counts from the last frame, or from READY when none has come yet.
+        silent = now - (last if last is not None else self._ready_at)
         hung = self.heartbeat.age_s > self.settings.heartbeat_timeout_s and not self.inference.done.is_set()
         if hung:
             self._set_state("degraded", "inference not responding")
         elif src in ("down", "stalled") or silent > self.settings.stalled_after_s:
-            self._set_state(
-                "stalled", f"source stalled {silent:.0f} s" if last is not None else f"source {src}"
-            )
+            self._set_state("stalled", f"source stalled {silent:.0f} s ({src})")
         elif (
             not acq.live
             and self.frames is not None

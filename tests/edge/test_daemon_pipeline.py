@@ -1,0 +1,254 @@
+"""The daemon's loop run in-process to completion: queue policy, per-task failures, watchdog gating.
+
+These use the real `Daemon` (real stages, real ONNX Runtime runner, real XPUB socket over ipc,
+real sd_notify datagrams) with a scripted source, so a fault can be placed on one exact frame.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+
+from edge.daemon import DaemonSettings, FrameQueue, ProcessingContext, QueuedFrame
+from scanner_io.frame import Frame, FrameHeader
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    import torch
+
+    from edge.runner import Runner
+    from export.bundle_writer import write_bundle
+    from export.model import MTLNetwork
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("pipeline") / "bundle"
+    write_bundle(MTLNetwork(embedding_dim=16, width=0.0625), out, max_batch=4)
+    r = Runner.from_bundle(out, backend="ort")
+    yield r
+    r.close()
+
+
+def make_frame(seq: int, value: int | None = None) -> Frame:
+    rng = np.random.default_rng(seq)
+    data = rng.integers(100, 4000, size=(96, 96), dtype=np.uint16)
+    if value is not None:
+        data[:] = value
+    return Frame(
+        FrameHeader(scanner="t0", seq=seq, t_capture_ns=time.time_ns(), shape=(96, 96), dtype="uint16"), data
+    )
+
+
+class ScriptedSource:
+    """A source that plays a list of items; `None` items are silences (a read timing out)."""
+
+    def __init__(self, items: list[Any], live: bool = False, hold: threading.Event | None = None) -> None:
+        self.items = list(items)
+        self.live = live
+        self.hold = hold  # while set... nothing; while clear, the source is silent
+        self.closed = False
+
+    @property
+    def exhausted(self) -> bool:
+        return not self.items
+
+    @property
+    def state(self) -> str:
+        return "ended" if self.exhausted else "up"
+
+    def read(self, timeout_s: float) -> Any:
+        if self.hold is not None and not self.hold.is_set():
+            time.sleep(timeout_s)
+            return None
+        if not self.items:
+            return None
+        item = self.items.pop(0)
+        if item is None or self.live:
+            time.sleep(timeout_s)  # a silence; or a live source's pacing: one frame per poll
+        return item
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def identity_context(generation: int) -> ProcessingContext:
+    return ProcessingContext(profile=None, params=None, calibration_id="identity", generation=generation)
+
+
+def collect(endpoint: str, stop: threading.Event, out: list[dict]) -> threading.Thread:
+    import json
+
+    def run() -> None:
+        ctx = zmq.Context()
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"result/")
+        sub.connect(endpoint)
+        while not stop.is_set():
+            if sub.poll(50):
+                parts = sub.recv_multipart()
+                out.append(json.loads(parts[1]))
+        sub.close(0)
+        ctx.term()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_frame_queue_drop_oldest_and_block() -> None:
+    stop = threading.Event()
+    q = FrameQueue(2, block_when_full=False)
+    items = [QueuedFrame(make_frame(i), 0.0) for i in range(3)]
+    assert q.put(items[0], stop) is None and q.put(items[1], stop) is None
+    assert q.put(items[2], stop) is items[0]  # the oldest goes
+    assert [x.frame.seq for x in q.get_batch(8, 0.01)] == [1, 2]
+    b = FrameQueue(1, block_when_full=True)
+    assert b.put(items[0], stop) is None
+    stop.set()
+    assert b.put(items[1], stop) is items[1]  # blocked, then stopped: handed back to be counted
+
+
+class PoisonRunner:
+    """The real runner, but reconstruction raises for frames whose input equals `poison`."""
+
+    def __init__(self, inner: Any, poison: np.ndarray) -> None:
+        self.inner = inner
+        self.poison = poison
+        self.max_batch = inner.max_batch
+        self.bundle = inner.bundle
+        self.backend = inner.backend
+
+    def encode(self, x: np.ndarray) -> Any:
+        enc = self.inner.encode(x)
+        enc.features["poison"] = np.array([np.array_equal(row[0], self.poison) for row in x])
+        return enc
+
+    def reconstruct(self, enc: Any, postures: np.ndarray) -> np.ndarray:
+        if "poison" in enc.features and enc.features["poison"].any():
+            raise RuntimeError("decoder failed")
+        return self.inner.reconstruct(enc, postures)
+
+
+def test_a_failing_task_marks_only_its_frame_partial(runner: Any, tmp_path: Path) -> None:
+    from calibration.conditioning import calibrate_and_condition
+    from edge.daemon import Daemon
+
+    poison_frame = make_frame(5, value=3000)
+    poison = calibrate_and_condition(poison_frame.data, None)
+    frames = [make_frame(i) for i in range(5)] + [poison_frame] + [make_frame(i) for i in range(6, 12)]
+    endpoint = f"ipc://{tmp_path}/r.sock"
+    got: list[dict] = []
+    stop = threading.Event()
+    # Lockstep source: the subscriber joins before frames flow (a paced start keeps nothing from it).
+    src = ScriptedSource([None] * 10 + frames, live=False)
+    settings = DaemonSettings(endpoint=endpoint, poll_s=0.02)
+    t = collect(endpoint, stop, got)
+    daemon = Daemon(
+        settings,
+        PoisonRunner(runner, poison),
+        lambda: src,
+        identity_context,
+        model_info={"bundle": "b", "backend": "ort", "precision": "fp32"},
+    )
+    summary = daemon.run()
+    time.sleep(0.3)
+    stop.set()
+    t.join(5)
+    assert summary.published == 12 and summary.unaccounted == 0 and summary.partial == 1
+    by_seq = {h["seq"]: h for h in got}
+    assert sorted(by_seq) == list(range(12))
+    bad = by_seq[5]
+    assert bad["status"] == "partial" and bad["posture"] is not None
+    assert bad["errors"] == [{"task": "reconstruct", "error": "RuntimeError: decoder failed"}]
+    assert all(by_seq[s]["status"] == "ok" for s in range(12) if s != 5)
+
+
+class HangingRunner:
+    """The real runner until `hang` is set: then encode blocks (a stuck backend call)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.max_batch = inner.max_batch
+        self.bundle = inner.bundle
+        self.hang = threading.Event()
+        self.release = threading.Event()
+
+    def encode(self, x: np.ndarray) -> Any:
+        if self.hang.is_set():
+            self.release.wait(30)
+        return self.inner.encode(x)
+
+    def reconstruct(self, enc: Any, postures: np.ndarray) -> np.ndarray:
+        return self.inner.reconstruct(enc, postures)
+
+
+def test_watchdog_pings_continue_while_the_source_is_silent_and_stop_when_inference_hangs(
+    runner: Any, tmp_path: Path
+) -> None:
+    from edge.daemon import Daemon
+    from edge.sdnotify import Notifier
+
+    path = str(tmp_path / "notify.sock")
+    ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ns.bind(path)
+    ns.settimeout(0.05)
+    notifier = Notifier(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"})  # ping every 0.2 s
+    hold = threading.Event()
+    src = ScriptedSource([make_frame(i) for i in range(200)], live=True, hold=hold)
+    hr = HangingRunner(runner)
+    settings = DaemonSettings(
+        endpoint=f"ipc://{tmp_path}/r.sock",
+        poll_s=0.02,
+        heartbeat_timeout_s=0.4,
+        stalled_after_s=0.3,
+        stop_timeout_s=1.0,
+    )
+    daemon = Daemon(settings, hr, lambda: src, identity_context, notifier=notifier)
+    msgs: list[tuple[float, str]] = []
+
+    def drain(seconds: float) -> list[str]:
+        end = time.monotonic() + seconds
+        out = []
+        while time.monotonic() < end:
+            try:
+                m = ns.recv(4096).decode()
+            except TimeoutError:
+                continue
+            msgs.append((time.monotonic(), m))
+            out.extend(m.splitlines())
+        return out
+
+    result: dict[str, Any] = {}
+    th = threading.Thread(target=lambda: result.setdefault("summary", daemon.run()), daemon=True)
+    th.start()
+    try:
+        assert daemon.ready.wait(30)
+        # 1. A silent source: the loop still cycles, so pings go on, and STATUS says stalled.
+        silent = drain(1.5)
+        assert silent.count("WATCHDOG=1") >= 4, silent
+        assert any(ln.startswith("STATUS=stalled") for ln in silent), silent
+        # 2. Frames flow, then the backend hangs inside encode: pings stop, state degraded.
+        hold.set()
+        drain(0.5)
+        hr.hang.set()
+        drain(1.0)  # heartbeat goes stale after 0.4 s
+        hung = drain(1.5)
+        assert "WATCHDOG=1" not in hung, hung
+        assert daemon.state_name == "degraded"
+    finally:
+        hr.release.set()
+        daemon.request_stop()
+        th.join(15)
+        ns.close()
+    assert not th.is_alive()
+    assert result["summary"].unaccounted == 0
