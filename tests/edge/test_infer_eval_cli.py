@@ -303,6 +303,20 @@ def test_eval_json_matches_metrics_computed_by_hand(tmp_path, capsys, runner, bu
     assert up["verification"]["n"] == 3
     assert up["posture"]["accuracy"] == pytest.approx(np.mean(ea.posture[truth == 3] == 3))
 
+    # deployed routing: the decoder of the predicted posture
+    code, stdout, err = _run_cli(
+        capsys, "eval", "--model", bundle_dir, "--data", data, "--triplets", csv_path, "--json"
+    )
+    assert code == 0, err
+    rep_pred = json.loads(stdout)
+    assert rep_pred["routing"] == "predicted"
+    want_p = reconstruction_metrics(runner.infer(anchors).reconstruction, positives)
+    assert rep_pred["overall"]["reconstruction"]["ssim_mean"] == pytest.approx(want_p["ssim_mean"], abs=1e-5)
+    if (ea.posture != truth).any():  # routing changes what is scored
+        assert rep_pred["overall"]["reconstruction"]["ssim_mean"] != pytest.approx(
+            want_r["ssim_mean"], abs=1e-6
+        )
+
 
 def test_eval_renders_tables(tmp_path, capsys, bundle_dir):
     data = tmp_path / "data"
