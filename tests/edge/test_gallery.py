@@ -286,3 +286,65 @@ def test_enroll_from_raw_frames_uses_the_daemons_conditioning(tiny_bundle, tmp_p
     t /= np.linalg.norm(t)
     m = Gallery.load(gallery, threshold=0.1).match_1to1(t, "sim-7")
     assert m.score == pytest.approx(0.0, abs=1e-5)
+
+
+def test_daemon_publishes_the_gallerys_decision_for_each_frame(tiny_bundle, tmp_path):
+    """In-process daemon run: each result's verification equals Gallery.match_1toN on its embedding."""
+    import time
+
+    import zmq
+
+    from edge.daemon import RunOptions, run_daemon
+    from edge.gallery import enroll_from_source
+    from edge.results import decode_message
+
+    gpath = tmp_path / "gallery.npz"
+    enroll_from_source(gpath, tiny_bundle, "first", "sim?seed=3&frames=2", 2, backend="ort")
+    enroll_from_source(gpath, tiny_bundle, "second", "sim?seed=9&frames=2", 2, backend="ort")
+    endpoint = f"ipc://{tmp_path}/run/results.sock"
+    cfg = tmp_path / "thzedge.toml"
+    cfg.write_text(
+        f'[publisher]\nendpoint = "{endpoint}"\n[metrics]\nenabled = false\n'
+        "[privacy]\npublish_embedding = true\n"
+        f'[verification]\nmode = "1:N"\ngallery = "{gpath}"\nthreshold = 0.4\n'
+    )
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.linger = 0
+    sub.setsockopt(zmq.SUBSCRIBE, b"result/")
+
+    def on_ready(_daemon) -> None:
+        sub.connect(endpoint)
+        time.sleep(0.5)  # let the subscription reach the publisher before the first result
+
+    try:
+        run_daemon(
+            RunOptions(
+                source="sim?seed=3&frames=6",
+                model=tiny_bundle,
+                config=cfg,
+                backend="ort",
+                max_frames=6,
+                reconstruction=False,
+            ),
+            on_ready=on_ready,
+        )
+        results = []
+        while sub.poll(500):
+            results.append(decode_message(sub.recv_multipart()))
+    finally:
+        sub.close()
+        ctx.term()
+    assert len(results) == 6
+    g = Gallery.load(gpath, threshold=0.4)
+    decisions = set()
+    for r in results:
+        v = r.header["verification"]
+        expected = g.match_1toN(r.arrays["embedding"].reshape(-1))
+        assert v["mode"] == "1:N" and v["threshold"] == 0.4
+        assert v["decision"] == expected.decision and v["identity"] == expected.identity
+        assert v["score"] == pytest.approx(expected.score, abs=1e-5)
+        decisions.add(v["decision"])
+    # The two enrolled frames of seed 3 match "first"; the later ones are farther than 0.4.
+    assert decisions == {"accept", "unknown"}
+    assert {r.header["verification"]["identity"] for r in results} == {"first", None}
