@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""ONNX Runtime bundle vs PyTorch eager on the research-size network, measured side by side.
+
+One run: build the research-size MTL network (random weights, random BatchNorm statistics),
+export it to a bundle with the real exporter, then time, each in its own child process (so
+neither runtime's thread pool disturbs the other, see tensorrt-and-quantization.md §10b):
+
+  * eager: the PyTorch deploy path (encoder once, decoder of the predicted posture), eval mode,
+    `torch.inference_mode()`;
+  * ort:   `edge.runner.Runner` on the bundle (encoder + predicted-posture decoder, input checks
+    included), ONNX Runtime CPU.
+
+Per-frame latency at batch 1 (median and p90) and throughput at batch 8, same thread count for
+both, then the ratios. Usage:
+
+    nice .venv/bin/python benchmarks/bench_onnx_vs_eager.py [--threads 2] [--seconds 10] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _frames(n: int, seed: int) -> Any:
+    import numpy as np
+
+    return np.random.default_rng(seed).random((n, 1, 64, 64), dtype=np.float32)
+
+
+def _time(fn: Any, batch: int, seconds: float, warmup: int = 5) -> dict[str, float]:
+    """Run fn() repeatedly for about `seconds`; per-call times in ms -> per-frame stats."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds or len(times) < 10:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    total_s = sum(times) / 1e3
+    return {
+        "batch": batch,
+        "calls": len(times),
+        "ms_per_frame_median": statistics.median(times) / batch,
+        "ms_per_frame_p90": times[int(0.9 * (len(times) - 1))] / batch,
+        "frames_per_s": batch * len(times) / total_s,
+    }
+
+
+def measure_eager(state_path: str, threads: int, seconds: float) -> dict[str, Any]:
+    """Time the PyTorch eager deploy path (run in a child process)."""
+    import torch
+
+    from export.model import MTLNetwork
+
+    torch.set_num_threads(threads)
+    state = torch.load(state_path, weights_only=True)
+    model = MTLNetwork(embedding_dim=128, num_postures=5, width=1.0)
+    model.load_state_dict(state)
+    model.eval()
+    out = {}
+    for batch in (1, 8):
+        x = torch.from_numpy(_frames(batch, seed=batch))
+
+        def run(x: Any = x) -> None:
+            with torch.inference_mode():
+                model(x)  # encoder once, then the decoder of each frame's predicted posture
+
+        out[f"b{batch}"] = _time(run, batch, seconds)
+    return {"runtime": f"torch {torch.__version__} eager", "threads": threads, **out}
+
+
+def measure_ort(bundle: str, threads: int, seconds: float) -> dict[str, Any]:
+    """Time the ONNX Runtime bundle through the Runner (run in a child process, no torch)."""
+    import onnxruntime
+
+    from edge.runner import Runner
+
+    out = {}
+    with Runner.from_bundle(bundle, backend="ort", threads=threads) as runner:
+        for batch in (1, 8):
+            x = _frames(batch, seed=batch)
+            out[f"b{batch}"] = _time(lambda x=x: runner.infer(x), batch, seconds)
+    assert "torch" not in sys.modules, "torch leaked into the ORT timing process"
+    return {"runtime": f"onnxruntime {onnxruntime.__version__} CPU", "threads": threads, **out}
+
+
+def _child(kind: str, arg: str, threads: int, seconds: float) -> dict[str, Any]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        arg,
+        "--threads",
+        str(threads),
+        "--seconds",
+        str(seconds),
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if res.returncode != 0:
+        raise SystemExit(f"{kind} measurement failed:\n{res.stderr}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--seconds", type=float, default=10.0, help="timing window per runtime and batch")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--child", nargs=2, metavar=("KIND", "ARG"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        kind, arg = args.child
+        fn = measure_eager if kind == "eager" else measure_ort
+        print(json.dumps(fn(arg, args.threads, args.seconds)))
+        return
+
+    import torch
+
+    from export.bundle_writer import write_bundle
+    from export.model import MTLNetwork, count_parameters
+
+    load_before = os.getloadavg()[0]
+    torch.manual_seed(0)
+    model = MTLNetwork(embedding_dim=128, num_postures=5, width=1.0)
+    with torch.no_grad():
+        for bn in model.modules():
+            if isinstance(bn, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d):
+                bn.running_mean.uniform_(-0.1, 0.1)
+                bn.running_var.uniform_(0.5, 1.5)
+    model.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        state = Path(tmp) / "state.pt"
+        torch.save(model.state_dict(), state)
+        t0 = time.perf_counter()
+        result = write_bundle(model, Path(tmp) / "bundle", variant="bench-random", max_batch=8)
+        export_s = time.perf_counter() - t0
+        eager = _child("eager", str(state), args.threads, args.seconds)
+        ort = _child("ort", str(result.bundle.path), args.threads, args.seconds)
+
+    report = {
+        "network": f"research size, {count_parameters(model):,} parameters, random weights",
+        "export_seconds": round(export_s, 1),
+        "export_parity_max_abs_error": result.parity.worst,
+        "cpu_cores_visible": os.cpu_count(),
+        # Shared machines distort both runtimes (eager most): report the load next to the figures.
+        "load_average_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "eager": eager,
+        "ort": ort,
+        "speedup_latency_b1": eager["b1"]["ms_per_frame_median"] / ort["b1"]["ms_per_frame_median"],
+        "speedup_throughput_b8": ort["b8"]["frames_per_s"] / eager["b8"]["frames_per_s"],
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"{report['network']}; threads {args.threads}; {args.seconds:g} s per measurement")
+    print(f"load average (1 min) before/after: {report['load_average_1m_before_after']}")
+    print(f"export + self-check: {export_s:.1f} s, max abs error vs PyTorch {result.parity.worst:.1e}")
+    print(
+        f"{'runtime':<32} {'b1 ms/frame (median)':>21} {'b1 p90':>8} {'b8 frames/s':>12} {'b8 ms/frame':>12}"
+    )
+    for r in (eager, ort):
+        print(
+            f"{r['runtime']:<32} {r['b1']['ms_per_frame_median']:>21.2f} {r['b1']['ms_per_frame_p90']:>8.2f} "
+            f"{r['b8']['frames_per_s']:>12.1f} {r['b8']['ms_per_frame_median']:>12.2f}"
+        )
+    print(
+        f"ORT vs eager: {report['speedup_latency_b1']:.2f}x at batch 1 (latency), "
+        f"{report['speedup_throughput_b8']:.2f}x at batch 8 (throughput); target >= 2.5x at batch 1"
+    )
+
+
+if __name__ == "__main__":
+    main()
