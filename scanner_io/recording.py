@@ -444,7 +444,7 @@ class RecordingReader:
                         item = self._message(rec, channels)
                         if item is not None:
                             yield item
-                    elif isinstance(rec, Attachment):
+                    elif isinstance(rec, Attachment) and rec.name not in self._attachment_data:
                         digest = hashlib.sha256(rec.data).hexdigest()
                         self.attachments.append(
                             AttachmentInfo(rec.name, rec.media_type, len(rec.data), digest)
@@ -473,6 +473,33 @@ class RecordingReader:
             item = MalformedFrame.from_error(exc)
             self.malformed += 1
         return RecordedItem(item=item, log_time_ns=rec.log_time, topic=channel.topic)
+
+    def read_preamble(self) -> None:
+        """Collect the attachments and metadata written before the first chunk, reading no frames.
+
+        The recorder writes the manifest and the calibration profile first, so a replay knows
+        them before it yields anything. A torn or empty file simply yields nothing here.
+        """
+        from mcap.exceptions import McapError
+        from mcap.records import Attachment, Chunk, Message, Metadata
+        from mcap.stream_reader import StreamReader
+
+        with open(self.path, "rb") as fh:
+            reader = StreamReader(fh, emit_chunks=True, record_size_limit=MAX_RECORD_BYTES)
+            try:
+                for rec in reader.records:
+                    if isinstance(rec, (Chunk, Message)):
+                        break
+                    if isinstance(rec, Attachment) and rec.name not in self._attachment_data:
+                        digest = hashlib.sha256(rec.data).hexdigest()
+                        self.attachments.append(
+                            AttachmentInfo(rec.name, rec.media_type, len(rec.data), digest)
+                        )
+                        self._attachment_data[rec.name] = bytes(rec.data)
+                    elif isinstance(rec, Metadata):
+                        self.metadata[rec.name] = dict(rec.metadata)
+            except (McapError, ValueError, EOFError, OSError, struct.error):
+                pass
 
     def attachment(self, name: str) -> bytes | None:
         """Return an attachment's bytes (after iteration has reached it), or None."""

@@ -239,7 +239,10 @@ class ReplaySource(Source):
         super().__init__(uri)
         self.live = rate is not None
         self._reader = RecordingReader(path)  # raises SourceUnavailableError if missing
+        self._reader.read_preamble()
         self.path = self._reader.path
+        # The device/config manifest the recorder stored (empty for foreign files).
+        self.manifest: dict[str, str] = dict(self._reader.metadata.get("thzedge.manifest", {}))
         self._rate = rate
         self._loops = loop
         self._pass = 0
@@ -259,7 +262,7 @@ class ReplaySource(Source):
         return self._done and self._pending is None
 
     def calibration(self) -> tuple[str, bytes] | None:
-        """Return the embedded calibration profile attachment (name, bytes) once read, if any."""
+        """Return the embedded calibration profile attachment (name, bytes), if the file has one."""
         return self._reader.calibration()
 
     def _next_record(self) -> Any:

@@ -109,8 +109,9 @@ def test_info_reports_frames_gaps_scanners_and_attachments(tmp_path: Path) -> No
     assert "27" in info.render() and "3 missing" in info.render()
     # Replay hands back the embedded profile; it loads as the same content-addressed profile.
     src = open_source(f"replay:{path}?rate=max")
-    assert len(list(src)) == 27
-    name, data = src.calibration()
+    name, data = src.calibration()  # known before the first frame is read
+    assert src.manifest["site"] == "lab"
+    assert len(list(src)) == 27 and src.calibration() == (name, data)
     src.close()
     restored = CalibrationProfile.load(extract_calibration(name, data, tmp_path / "calib"))
     assert restored.profile_id == profile.profile_id
