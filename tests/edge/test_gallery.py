@@ -288,7 +288,7 @@ def test_enroll_from_raw_frames_uses_the_daemons_conditioning(tiny_bundle, tmp_p
     assert m.score == pytest.approx(0.0, abs=1e-5)
 
 
-def test_daemon_publishes_the_gallerys_decision_for_each_frame(tiny_bundle, tmp_path):
+def test_daemon_publishes_the_gallerys_decision_for_each_frame(tiny_bundle, tmp_path, caplog):
     """In-process daemon run: each result's verification equals Gallery.match_1toN on its embedding."""
     import time
 
@@ -299,8 +299,8 @@ def test_daemon_publishes_the_gallerys_decision_for_each_frame(tiny_bundle, tmp_
     from edge.results import decode_message
 
     gpath = tmp_path / "gallery.npz"
-    enroll_from_source(gpath, tiny_bundle, "first", "sim?seed=3&frames=2", 2, backend="ort")
-    enroll_from_source(gpath, tiny_bundle, "second", "sim?seed=9&frames=2", 2, backend="ort")
+    enroll_from_source(gpath, tiny_bundle, "person-alpha", "sim?seed=3&frames=2", 2, backend="ort")
+    enroll_from_source(gpath, tiny_bundle, "person-bravo", "sim?seed=9&frames=2", 2, backend="ort")
     endpoint = f"ipc://{tmp_path}/run/results.sock"
     cfg = tmp_path / "thzedge.toml"
     cfg.write_text(
@@ -313,10 +313,14 @@ def test_daemon_publishes_the_gallerys_decision_for_each_frame(tiny_bundle, tmp_
     sub.linger = 0
     sub.setsockopt(zmq.SUBSCRIBE, b"result/")
 
-    def on_ready(_daemon) -> None:
+    daemons = []
+
+    def on_ready(daemon) -> None:
+        daemons.append(daemon)
         sub.connect(endpoint)
         time.sleep(0.5)  # let the subscription reach the publisher before the first result
 
+    caplog.set_level(logging.DEBUG)
     try:
         run_daemon(
             RunOptions(
@@ -345,6 +349,12 @@ def test_daemon_publishes_the_gallerys_decision_for_each_frame(tiny_bundle, tmp_
         assert v["decision"] == expected.decision and v["identity"] == expected.identity
         assert v["score"] == pytest.approx(expected.score, abs=1e-5)
         decisions.add(v["decision"])
-    # The two enrolled frames of seed 3 match "first"; the later ones are farther than 0.4.
+    # The two enrolled frames of seed 3 match "person-alpha"; the later ones are farther than 0.4.
     assert decisions == {"accept", "unknown"}
-    assert {r.header["verification"]["identity"] for r in results} == {"first", None}
+    assert {r.header["verification"]["identity"] for r in results} == {"person-alpha", None}
+    # R-SEC-5: identities reach the result only, never the logs or the metrics.
+    scrape = daemons[0].metrics.impl.render().decode()
+    assert "thzedge_frames_processed_total 6.0" in scrape
+    for name in ("person-alpha", "person-bravo"):
+        assert name not in scrape
+        assert name not in caplog.text
