@@ -102,7 +102,7 @@ class SimConfig:
     dead_fraction: float = 0.003
     hot_fraction: float = 0.002
     flicker_fraction: float = 0.002
-    flicker_probability: float = 0.2  # chance a flickering pixel is off in one frame
+    flicker_probability: float = 0.2  # chance a flickering pixel spikes to 60000 in one frame
     # Temperature drift (stream only; `render` captures at the calibration temperature)
     reference_temp_c: float = 35.0
     drift_c: float = 3.0  # warm-up amplitude over the stream
