@@ -279,3 +279,19 @@ def test_conditioning_overrides_are_checked_against_conditioning_params():
     assert high.sources["s0"].conditioning.apply(ConditioningParams(db_max=60.0)).db_min == 50.0
     with pytest.raises(ConfigError, match="db_max .* must be greater than db_min"):
         high.sources["s0"].conditioning.apply(ConditioningParams(db_max=46.0))
+
+
+def test_env_vars_give_each_instance_its_own_port_and_socket(monkeypatch):
+    """The multi-scanner recipe in docs/operations.md: one file, per-instance values from drop-ins."""
+    raw = {
+        "metrics": {"bind": "127.0.0.1:${THZEDGE_METRICS_PORT}"},
+        "publisher": {"endpoint": "ipc://${RUNTIME_DIRECTORY}/results.sock"},
+    }
+    monkeypatch.setenv("THZEDGE_METRICS_PORT", "9465")
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/thzedge/scanner1")
+    cfg = config_from_dict(raw)
+    assert cfg.metrics.port == 9465
+    assert cfg.publisher.endpoint == "ipc:///run/thzedge/scanner1/results.sock"
+    monkeypatch.setenv("THZEDGE_METRICS_PORT", "http")
+    with pytest.raises(ConfigError, match="expected HOST:PORT"):
+        config_from_dict(raw)
