@@ -21,6 +21,7 @@ own seeded generator, so the order of calls never changes a frame.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -50,7 +51,8 @@ __all__ = [
 
 _DEG = math.pi / 180.0
 # Nominal (yaw, pitch) in degrees per posture class, in POSTURES order. Positive yaw turns the
-# face towards the image's left edge; positive pitch lifts the chin.
+# face towards the image's right edge (the subject's own left, facing the scanner); positive
+# pitch lifts the chin.
 POSTURE_ANGLES: tuple[tuple[float, float], ...] = (
     (0.0, 0.0),
     (35.0, 0.0),
@@ -464,6 +466,7 @@ class ScannerSimulator:
         self._stream_rng = np.random.default_rng([self.seed, _TAG_STREAM])
         self._visit: tuple[int, int] = (0, 0)  # (identity, frames left in this visit)
         self._heads: dict[int, HeadParams] = {}
+        self._lock = threading.RLock()
         self._geo: OrderedDict[tuple[int, int], _Geometry] = OrderedDict()
         self._surface: tuple[int, dict[str, np.ndarray]] = (-1, {})  # the last identity's surface
         self._cache_size = max(5, int(cache_size))
@@ -482,12 +485,19 @@ class ScannerSimulator:
     # -- identities and geometry --------------------------------------------------------------
     def identity_params(self, identity: int) -> HeadParams:
         """Return the parametric head of identity `identity` (independent of `identities`)."""
-        if identity not in self._heads:
-            rng = np.random.default_rng([self.seed, _TAG_IDENTITY, int(identity)])
-            self._heads[identity] = HeadParams.sample(rng)
-        return self._heads[identity]
+        with self._lock:
+            if identity not in self._heads:
+                rng = np.random.default_rng([self.seed, _TAG_IDENTITY, int(identity)])
+                self._heads[identity] = HeadParams.sample(rng)
+            return self._heads[identity]
 
     def _geometry(self, identity: int, posture: int) -> _Geometry:
+        # A lock, because a frame's lazy `truth.target` may be read on another thread than
+        # the one streaming; everything else in a capture is a pure function of its seeds.
+        with self._lock:
+            return self._geometry_locked(identity, posture)
+
+    def _geometry_locked(self, identity: int, posture: int) -> _Geometry:
         key = (identity, posture)
         geo = self._geo.get(key)
         if geo is None:
