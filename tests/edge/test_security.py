@@ -288,3 +288,92 @@ def test_world_writable_socket_dir_is_refused(ctx, tmp_path):
     finally:
         pub.close()
     assert Path(d).exists()
+
+
+# --- a real `thzedge run` process with a CURVE publisher: allow-list, SIGHUP reload (R-SEC-2/3) --
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_daemon_process_curve_allow_list_and_sighup_reload(tiny_bundle, tmp_path, ctx, keys):
+    import signal
+    import socket as pysocket
+    import subprocess
+    import sys
+    import tempfile
+
+    repo = Path(__file__).resolve().parents[2]
+    with pysocket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"tcp://127.0.0.1:{port}"
+    generate_keys(keys["other_dir"], "latecomer")
+    cfg = tmp_path / "thzedge.toml"
+    cfg.write_text(
+        f'[publisher]\nendpoint = "{endpoint}"\n'
+        f'[publisher.curve]\nenabled = true\nsecret_key_file = "{keys["server_secret_file"]}"\n'
+        f'allowed_clients_dir = "{keys["clients_dir"]}"\n'
+        "[metrics]\nenabled = false\n[daemon]\nstop_timeout_s = 3.0\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+    err = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in the finally block
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edge",
+            "run",
+            "--source",
+            "sim?fps=20",
+            "--model",
+            str(tiny_bundle),
+            "--config",
+            str(cfg),
+            "--backend",
+            "ort",
+        ],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=err,
+    )
+    sp = keys["server"].public
+    latecomer = load_keypair(keys["other_dir"] / "latecomer.key_secret")
+    socks: list[zmq.Socket] = []
+
+    def client(kp: KeyPair | None) -> zmq.Socket:
+        s = sub_client(ctx, endpoint, sp, kp)
+        socks.append(s)
+        return s
+
+    def receives(s: zmq.Socket, seconds: float) -> bool:
+        return bool(s.poll(int(seconds * 1000)))
+
+    try:
+        good = client(keys["good"])
+        assert receives(good, 60), "the allowed client got no result (daemon did not start?)"
+        assert not receives(client(latecomer), 2.0)
+        assert not receives(client(None), 1.0)
+        # Allow the latecomer and revoke the good key, then reload without a restart.
+        (keys["clients_dir"] / "latecomer.key").write_bytes(
+            (keys["other_dir"] / "latecomer.key").read_bytes()
+        )
+        (keys["clients_dir"] / "good.key").unlink()
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(2.0)
+        assert receives(client(latecomer), 10), "SIGHUP did not load the new client key"
+        assert not receives(client(keys["good"]), 2.0), "a revoked key still connects"
+        assert proc.poll() is None  # same process throughout
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        for s in socks:
+            s.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        err.seek(0)
+        stderr = err.read()
+        err.close()
+    assert keys["server"].secret.decode() not in stderr
+    assert "CURVE client rejected" in stderr
