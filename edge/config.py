@@ -229,6 +229,7 @@ class Config:
             out["sources"][name] = entry
         for section in ("model", "publisher", "metrics", "privacy", "verification", "daemon"):
             out[section] = _plain(getattr(self, section))
+        out["publisher"]["ipc_mode"] = _Octal(self.publisher.ipc_mode)  # shown as 0o600, not 384
         return out
 
     def to_toml(self) -> str:
@@ -437,7 +438,13 @@ def _toml_key(key: str) -> str:
     return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else '"' + key.replace('"', '\\"') + '"'
 
 
+class _Octal(int):
+    """An int that TOML output writes in octal (file modes)."""
+
+
 def _toml_value(value: Any) -> str:
+    if isinstance(value, _Octal):
+        return f"0o{int(value):o}"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
