@@ -1169,7 +1169,7 @@ class Daemon:
         if hung:
             self._set_state("degraded", "inference not responding")
         elif src in ("down", "stalled") or silent > self.settings.stalled_after_s:
-            self._set_state("stalled", f"source stalled {silent:.0f} s ({src})")
+            self._set_state("stalled", f"source {src}, no frame for {silent:.0f} s")
         elif (
             not acq.live
             and self.frames is not None

@@ -32,18 +32,22 @@ REPO = Path(__file__).resolve().parents[2]
 # Fixtures and helpers
 
 
-@pytest.fixture(scope="session")
-def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny real ONNX bundle (H1's writer), built once for the module."""
+def build_tiny_bundle(out: Path) -> Path:
+    """Export a tiny real network (H1's writer) to an ONNX bundle: 16-d embedding, width 1/16."""
     import torch
 
     from export.bundle_writer import write_bundle
     from export.model import MTLNetwork
 
     torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("daemon") / "bundle"
     write_bundle(MTLNetwork(embedding_dim=16, width=0.0625), out, max_batch=8)
     return out
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny real ONNX bundle, built once per module."""
+    return build_tiny_bundle(tmp_path_factory.mktemp("daemon") / "bundle")
 
 
 def free_port() -> int:
