@@ -15,6 +15,7 @@ def register(app: typer.Typer) -> None:
     app.command("eval")(eval_command)
     app.command("run")(run_command)
     register_services(app)
+    app.command("bench")(bench_command)
 
 
 # --- infer / eval (H2) ---------------------------------------------------------------------------
@@ -155,6 +156,43 @@ def run_command(
         )
     )
     typer.echo(json.dumps(summary.to_dict(), sort_keys=True) if json_out else summary.render())
+
+
+# --- bench (H8) ----------------------------------------------------------------------------------
+
+
+def bench_command(
+    model: Annotated[
+        Path | None, typer.Option("--model", help="Model bundle directory (default: the demo bundle).")
+    ] = None,
+    backend: Annotated[str, typer.Option("--backend", help="Comma list of backends: ort, trt.")] = "ort",
+    precision: Annotated[str, typer.Option("--precision", help="Comma list: fp32, fp16, int8.")] = "fp32",
+    batch: Annotated[str, typer.Option("--batch", help="Comma list of batch sizes.")] = "1,8",
+    seconds: Annotated[float, typer.Option("--seconds", help="Timing budget per backend x precision.")] = 4.0,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Dataset dir whose crops are the inputs (default: random).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print rows as JSON.")] = False,
+) -> None:
+    """Latency p50/p99 and frames/s per backend x precision x batch, with agreement to fp32."""
+    import json
+
+    from edge.bench import bench_model, render_bench
+    from edge.bundle import demo_bundle_path
+    from scanner_io.errors import ThzEdgeError
+
+    def split(v: str) -> list[str]:
+        return [x.strip() for x in v.split(",") if x.strip()]
+
+    try:
+        batches = [int(b) for b in split(batch)]
+    except ValueError:
+        raise ThzEdgeError(f"--batch must be a comma list of integers, got {batch!r}") from None
+    for b in split(backend):
+        if b not in ("ort", "trt", "auto"):
+            raise ThzEdgeError(f"unknown backend {b!r} in --backend; use ort, trt or auto")
+    rows = bench_model(model or demo_bundle_path(), split(backend), split(precision), batches, seconds, data)
+    typer.echo(json.dumps([r.to_dict() for r in rows], indent=2) if as_json else render_bench(rows))
 
 
 # --- config / keys / enroll / gallery (H6) ------------------------------------------------------

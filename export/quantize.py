@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("int8", "fp16")
 METHODS = ("max", "entropy", "percentile")
-KEEP_FLOAT_CHOICES = ("embedding", "sigmoid")
+KEEP_FLOAT_CHOICES = ("embedding", "sigmoid", "stem")
 DEFAULT_KEEP_FLOAT: tuple[str, ...] = ("embedding", "sigmoid")
 # Below this many routed frames a decoder's activation ranges are noise; top it up (see below).
 MIN_FRAMES_PER_DECODER = 16
@@ -53,6 +53,8 @@ class QuantizeSettings:
     keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT
     per_channel: bool = True
     symmetric_activations: bool = True
+    # TensorRT takes float biases (int32 bias Q/DQ is not parsed); ORT CPU alone may want them.
+    quantize_bias: bool = False
     quantizer: str = "auto"  # auto | modelopt | ort (int8); auto | autocast | onnxconverter (fp16)
     seed: int = 0
 
@@ -119,6 +121,10 @@ class CalibrationFeeds:
 
     def __len__(self) -> int:
         return self._n
+
+    @property
+    def batch(self) -> int:
+        return self._batch
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         """Return the next feed, or None when exhausted (ONNX Runtime's reader protocol)."""
@@ -243,43 +249,40 @@ def _calibration_from_dataset(root: Path, pngs: Sequence[Path], samples: int, se
 def _calibration_from_mcap(
     files: Sequence[Path], samples: int, seed: int, profile: Path | None, root: Path
 ) -> CalibrationSet:
-    """Condition recorded raw frames exactly as the daemon does (same function, same profile)."""
+    """Condition recorded raw frames exactly as the daemon does (same function, same profile).
+
+    The profile is `--profile` when given, else the one attached to each recording (as the
+    recorder stores it); without either, frames are conditioned uncorrected, with a warning.
+    """
     from calibration.conditioning import calibrate_and_condition
+    from calibration.profile import CalibrationProfile
+    from scanner_io.recording import RecordingReader, extract_calibration
+    from scanner_io.sources import MalformedFrame
 
-    prof = None
-    if profile is not None:
-        from calibration.profile import CalibrationProfile
-
-        prof = CalibrationProfile.load(profile)
+    given = CalibrationProfile.load(profile) if profile is not None else None
     frames: list[np.ndarray] = []
-    postures: list[int] = []
-    for f in files:
-        for frame in _read_mcap_frames(f):
-            frames.append(calibrate_and_condition(frame.data, prof))
-            truth = getattr(frame, "truth", None)
-            postures.append(int(getattr(truth, "posture", -1)) if truth is not None else -1)
+    with tempfile.TemporaryDirectory(prefix="thzedge-calib-") as tmp:
+        for k, f in enumerate(files):
+            reader = RecordingReader(f)
+            raw = [rec.item.data for rec in reader if not isinstance(rec.item, MalformedFrame)]
+            prof = given
+            attached = reader.calibration() if given is None else None
+            if attached is not None:
+                prof = CalibrationProfile.load(
+                    extract_calibration(attached[0], attached[1], Path(tmp) / str(k))
+                )
+            if prof is None:
+                log.warning(
+                    "%s has no calibration profile attached and no --profile was given: its frames are "
+                    "conditioned without dark/gain/bad-pixel correction",
+                    f.name,
+                )
+            frames += [calibrate_and_condition(r, prof) for r in raw]
     if not frames:
         raise DataError(f"{root}: the recordings hold no frames")
     arr = _as_nchw(np.stack(frames), str(root))
-    post = np.asarray(postures)
     idx = _subsample(len(arr), samples, seed)
-    known = post[idx] if (post >= 0).all() else None
-    return CalibrationSet(arr[idx], known, None, "mcap", str(root))
-
-
-def _read_mcap_frames(path: Path) -> Iterator[Any]:
-    """Yield the raw frames of one recording through the project's replay source (H4's reader)."""
-    from scanner_io.sources import MalformedFrame, open_source
-
-    src = open_source(f"replay:{path}?rate=max")
-    try:
-        while not src.exhausted:
-            item = src.read(timeout_s=1.0)
-            if item is None or isinstance(item, MalformedFrame):
-                continue
-            yield item
-    finally:
-        src.close()
+    return CalibrationSet(arr[idx], None, None, "mcap", str(root))
 
 
 def check_coverage(cal: CalibrationSet, routed_postures: np.ndarray) -> list[str]:
@@ -351,7 +354,9 @@ def nodes_to_keep_float(model: Any, keep_float: Sequence[str], embedding_output:
 
     `embedding`: the nodes that only the embedding output depends on (the verification head:
     Linear, BN, ReLU, Linear, L2 normalisation), i.e. its ancestors minus those the other
-    outputs share. `sigmoid`: every Sigmoid node (the reconstruction's last op).
+    outputs share. `sigmoid`: every Sigmoid node (the reconstruction's last op) and the conv
+    feeding it. `stem`: the
+    first convolution on the graph input and its activation.
     """
     names: set[str] = set()
     outputs = [o.name for o in model.graph.output]
@@ -363,7 +368,24 @@ def nodes_to_keep_float(model: Any, keep_float: Sequence[str], embedding_output:
                 shared |= _ancestors(model, o)
         names |= emb - shared
     if "sigmoid" in keep_float:
-        names |= {n.name for n in model.graph.node if n.op_type == "Sigmoid"}
+        # The Sigmoid and the conv feeding it: quantizing the logits would leave the
+        # reconstruction ~256 levels however the Sigmoid itself runs (16->1 channels: cheap).
+        prod = _producers(model)
+        for n in model.graph.node:
+            if n.op_type == "Sigmoid":
+                names.add(n.name)
+                src = prod.get(n.input[0])
+                if src is not None and src.op_type == "Conv":
+                    names.add(src.name)
+    if "stem" in keep_float:
+        # The first conv on the raw input (and its activation): the [0,1] dB image is the
+        # tensor symmetric int8 resolves worst, and the layer is ~1% of the encoder's MACs.
+        inputs = {i.name for i in model.graph.input}
+        for node in model.graph.node:
+            if node.op_type == "Conv" and node.input[0] in inputs:
+                names.add(node.name)
+                names |= {n.name for n in model.graph.node
+                          if n.op_type in ("LeakyRelu", "Relu") and n.input[0] == node.output[0]}  # fmt: skip
     return sorted(names)
 
 
@@ -487,6 +509,9 @@ def _quantize_ort(
         named = Path(tmp) / "named.onnx"
         onnx.save(m, str(named))
         quant_pre_process(str(named), str(pre), skip_symbolic_shape=True)
+        if settings.method != "max" and feeds.batch != 1:
+            # ORT's histogram collectors stack per-batch outputs and fail on a short last batch.
+            feeds = CalibrationFeeds(feeds.as_dict(), batch=1)
         feeds.rewind()
         quantize_static(
             str(pre),
@@ -504,7 +529,10 @@ def _quantize_ort(
                 "ActivationSymmetric": settings.symmetric_activations,
                 "WeightSymmetric": True,
                 # TensorRT takes float biases; int32 bias Q/DQ (ORT's default) is not parsed.
-                "QuantizeBias": False,
+                "QuantizeBias": settings.quantize_bias,
+                # One Q/DQ pair per consumer: ORT's CPU fusions (QLinearConv & co.) and TensorRT's
+                # both match DQ->op->Q units; a DQ shared by a conv and a shortcut matches neither.
+                "DedicatedQDQPair": True,
                 # Entropy/percentile histograms: keep them modest so calibration stays fast on a CPU.
                 "CalibNumBins": 2048 if settings.method == "percentile" else 512,
                 "CalibPercentile": 99.99,
@@ -810,43 +838,26 @@ def add_variant(
     entry: Mapping[str, Any],
     report: Any | None = None,
 ) -> None:
-    """Copy a variant's graphs (and gate report) into a bundle and record them in its manifest.
+    """Add a variant's graphs to a bundle (export.bundle_writer) and, if given, its gate report.
 
-    Files go to `<precision>/<graph>.onnx`; each gets a sha256 entry under `files`, so
-    `Bundle.open` verifies them like the fp32 graphs. The manifest is rewritten atomically last,
-    so a crash leaves the bundle as it was (plus unreferenced files).
+    Graphs go to `<precision>/<graph>.onnx` with sha256 entries, so `Bundle.open` verifies them
+    like the fp32 graphs. The report is stored in the manifest (`accuracy_gates[precision]`,
+    covered by the bundle id) and rendered as a table in `<precision>/gate_report.txt`.
     """
     from edge.bundle import MANIFEST_NAME, file_entry, save_manifest
+    from export.bundle_writer import add_variant as write_variant
+    from export.bundle_writer import set_accuracy_gate
 
     bundle_dir = Path(bundle_dir)
+    write_variant(bundle_dir, precision, graph_files, info=entry, replace=True)
+    if report is None:
+        return
+    set_accuracy_gate(bundle_dir, precision, report.to_dict())
+    rel = f"{precision}/gate_report.txt"
+    (bundle_dir / rel).write_text(report.render() + "\n", encoding="utf-8")
     manifest = json.loads((bundle_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
-    old = manifest.get("variants", {}).get(precision)
-    if old:  # re-quantizing: drop the old variant's files from the checksum list
-        for rel in old.get("graphs", {}).values():
-            manifest["files"].pop(rel, None)
-        for rel in (old.get("gate") or {}).get("files", []):
-            manifest["files"].pop(rel, None)
-    graphs: dict[str, str] = {}
-    for graph, src in graph_files.items():
-        rel = f"{precision}/{graph}.onnx"
-        copy_into(src, bundle_dir / rel)
-        manifest["files"][rel] = file_entry(bundle_dir, rel)
-        graphs[graph] = rel
-    variant = {"graphs": graphs, **dict(entry)}
-    if report is not None:
-        rel_json, rel_txt = f"{precision}/gate_report.json", f"{precision}/gate_report.txt"
-        (bundle_dir / rel_json).write_text(dumps(report.to_dict()) + "\n", encoding="utf-8")
-        (bundle_dir / rel_txt).write_text(report.render() + "\n", encoding="utf-8")
-        for rel in (rel_json, rel_txt):
-            manifest["files"][rel] = file_entry(bundle_dir, rel)
-        variant["gate"] = {
-            "passed": report.passed,
-            "report": rel_json,
-            "files": [rel_json, rel_txt],
-            "lines": {ln.name: {"value": ln.candidate, "delta": ln.delta, "passed": ln.passed}
-                      for ln in report.lines},
-        }  # fmt: skip
-    manifest.setdefault("variants", {})[precision] = variant
+    manifest["files"][rel] = file_entry(bundle_dir, rel)
+    manifest["variants"][precision]["gate"] = {"passed": report.passed, "report": rel}
     save_manifest(bundle_dir, manifest)
 
 
@@ -905,6 +916,13 @@ def quantize_bundle(
         report = run_gate(work, settings.precision, data_dir, triplets_csv, tolerances, target_far,
                           speed_seconds=speed_seconds)  # fmt: skip
         if report.passed:
-            entry["verification"] = report.threshold
+            t = report.threshold
+            entry["verification"] = {
+                "threshold": t["threshold"],
+                "metric": "euclidean",
+                "method": t["method"],
+                "chosen_on": {"data": t["data"], "n_pairs": t["n_pairs"], "eer": t["eer"],
+                              "far_target": t["far_target"], "fp32_threshold_same_data": t["reference"]},
+            }  # fmt: skip
             add_variant(bundle.path, settings.precision, graph_files, entry, report=report)
     return QuantizeOutcome(settings.precision, report.passed, report, result)
