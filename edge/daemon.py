@@ -1296,11 +1296,12 @@ def _verification_dict(outcome: Any, mode: str, threshold: float | None) -> dict
     if isinstance(outcome, tuple):
         identity, score, decision = outcome[:3]
         used = threshold
-    else:  # a match object with attributes
+    else:  # edge.gallery.Match
         identity = getattr(outcome, "identity", None)
         score = getattr(outcome, "score", None)
         decision = getattr(outcome, "decision", None)
         used = getattr(outcome, "threshold", threshold)
+        mode = getattr(outcome, "mode", mode)
     return {
         "mode": mode,
         "identity": identity,
@@ -1405,7 +1406,9 @@ def run_daemon(
         if verification.gallery is not None and verification.mode != "off":
             from edge.gallery import Gallery
 
-            gallery = Gallery.load(verification.gallery, bundle, threshold=threshold)
+            gallery = Gallery.load(
+                verification.gallery, bundle, threshold=verification.threshold, precision=cfg.model.precision
+            )
         return ProcessingContext(
             profile=profile,
             params=params,

@@ -142,9 +142,16 @@ class Subscriber:
             if until is not None and until(self):
                 return
 
-    def wait_state(self, seconds: float = 30) -> dict:
-        self.pump(seconds, until=lambda s: any(e["kind"] == "state" for e in s.events))
+    def wait_state(self, seconds: float = 30, proc: subprocess.Popen | None = None) -> dict:
+        def done(s: Subscriber) -> bool:
+            return any(e["kind"] == "state" for e in s.events) or (
+                proc is not None and proc.poll() is not None
+            )
+
+        self.pump(seconds, until=done)
         states = [e for e in self.events if e["kind"] == "state"]
+        if not states and proc is not None and proc.poll() is not None:
+            raise AssertionError(f"daemon exited {proc.returncode}: {_read(proc.err_file)[-3000:]}")
         assert states, "no state event from the daemon"
         return states[-1]
 
@@ -217,7 +224,7 @@ def test_emulator_to_daemon_to_subscriber_accounts_for_every_frame(bundle_dir: P
         "--json",
     )
     try:
-        state = sub.wait_state()
+        state = sub.wait_state(proc=daemon)
         assert state["protocol"] == 1 and state["model"]["bundle"] == bundle_sha(bundle_dir)
         assert state["calibration"] == "identity"
         emu = thzedge(
@@ -348,7 +355,7 @@ def test_malformed_frames_of_every_kind_mid_stream_are_counted_and_streaming_con
         "--json",
     )
     try:
-        sub.wait_state()
+        sub.wait_state(proc=daemon)
         for _, parts in stream:
             push.send_multipart(parts)  # blocks until the daemon's PULL is connected: nothing lost
         rc, out, err = run_until_exit(daemon, sub)
@@ -509,7 +516,7 @@ def test_privacy_flags_off_no_biometric_parts_nor_identities_in_stderr(
         "--json",
     )
     try:
-        sub.wait_state()
+        sub.wait_state(proc=daemon)
         rc, out, err = run_until_exit(daemon, sub)
     finally:
         if daemon.poll() is None:
@@ -545,7 +552,7 @@ def test_privacy_flags_on_publish_described_parts(bundle_dir: Path, tmp_path: Pa
         "--json",
     )
     try:
-        sub.wait_state()
+        sub.wait_state(proc=daemon)
         rc, out, err = run_until_exit(daemon, sub)
     finally:
         if daemon.poll() is None:
@@ -597,3 +604,103 @@ def test_late_joiner_learns_state_within_a_second(bundle_dir: Path, tmp_path: Pa
     assert took < 1.0, took
     assert state["protocol"] == 1 and state["model"]["bundle"] == bundle_sha(bundle_dir)
     assert state["calibration"] == "identity" and state["state"] in ("ready", "stalled")
+
+
+def _frame_parts_with_claim(seq: int, claimed: str | None) -> tuple[list[bytes], np.ndarray]:
+    from scanner_io.codec import encode_frame
+    from scanner_io.frame import FrameHeader
+
+    data = np.random.default_rng(seq % 2).integers(0, 4000, size=(96, 96), dtype=np.uint16)
+    header = FrameHeader(
+        scanner="scn0",
+        seq=seq,
+        t_capture_ns=time.time_ns(),
+        shape=(96, 96),
+        dtype="uint16",
+        claimed_identity=claimed,
+    )
+    return [bytes(memoryview(p)) for p in encode_frame(header, data)], data
+
+
+def test_verification_1to1_with_a_claim_else_1toN_and_identities_stay_out_of_logs(
+    bundle_dir: Path, tmp_path: Path
+) -> None:
+    from calibration.conditioning import calibrate_and_condition
+    from edge.bundle import Bundle
+    from edge.gallery import Gallery
+    from edge.runner import Runner
+
+    claimant = "person-7f3a"
+    # Enrol the claimant with the embedding the daemon will compute for frames like seq 0.
+    _, data0 = _frame_parts_with_claim(0, None)
+    _, data1 = _frame_parts_with_claim(1, None)
+    bundle = Bundle.open(bundle_dir)
+    with Runner.from_bundle(bundle, backend="ort") as r:
+        x = np.stack([calibrate_and_condition(d, None) for d in (data0, data1)])[:, None]
+        emb = r.encode(x).embedding
+    # An untrained tiny net maps faces close together: put the threshold between the two.
+    u = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    d01 = float(np.linalg.norm(u[0] - u[1]))
+    assert d01 > 1e-4
+    threshold = round(d01 / 2, 6)
+    gallery = Gallery.for_bundle(bundle, threshold=threshold)
+    gallery.enroll(claimant, emb[:1])
+    gpath = gallery.save(tmp_path / "gallery.npz")
+    cfg = write_config(
+        tmp_path / "thzedge.toml", f'[verification]\ngallery = "{gpath}"\nthreshold = {threshold}\n'
+    )
+    scan = f"ipc://{tmp_path}/scanner.sock"
+    pub = f"ipc://{tmp_path}/results.sock"
+    rec = tmp_path / "raw.mcap"
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.bind(scan)
+    sub = Subscriber(pub)
+    daemon = thzedge(
+        "--log-level",
+        "debug",
+        "run",
+        "--source",
+        scan,
+        "--model",
+        str(bundle_dir),
+        "--config",
+        str(cfg),
+        "--publish",
+        pub,
+        "--max-frames",
+        "8",
+        "--record",
+        str(rec),
+        "--json",
+    )
+    try:
+        sub.wait_state(proc=daemon)
+        for seq in range(8):
+            # even seqs look like seq 0 (the enrolled face); claims on seqs 0..3 only
+            push.send_multipart(_frame_parts_with_claim(seq, claimant if seq < 4 else None)[0])
+            time.sleep(0.05)
+        rc, out, err = run_until_exit(daemon, sub)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        push.close(0)
+        ctx.term()
+        sub.close()
+    assert rc == 0, err[-3000:]
+    v = {h["seq"]: h["verification"] for h in sub.results}
+    assert sorted(v) == list(range(8))
+    assert v[0]["mode"] == "1:1" and v[0]["decision"] == "accept" and v[0]["identity"] == claimant
+    assert v[1]["mode"] == "1:1" and v[1]["decision"] == "reject" and v[1]["threshold"] == threshold
+    assert v[4]["mode"] == "1:N" and v[4]["decision"] == "accept" and v[4]["identity"] == claimant
+    assert v[5]["mode"] == "1:N" and v[5]["decision"] == "unknown" and v[5]["identity"] is None
+    # Even at debug level, no identity and no score in the logs (R-SEC-5).
+    assert claimant not in err
+    assert f"{v[0]['score']:.4f}"[:6] not in err
+    # --record kept every raw frame, bit for bit.
+    from scanner_io.recording import RecordingReader
+
+    frames = [it.item for it in RecordingReader(rec)]
+    assert [f.header.seq for f in frames] == list(range(8))
+    assert frames[0].header.claimed_identity == claimant

@@ -76,7 +76,7 @@ def test_scanner_killed_and_restarted_reconnects_and_counts_the_gap(bundle_dir: 
     )
     emu1 = emu2 = None
     try:
-        sub.wait_state()
+        sub.wait_state(proc=daemon)
         emu1 = thzedge("scanner", "serve", "--source", f"replay:{rec1}", "--bind", bind, "--rate", "40")
         sub.pump(60, until=lambda s: len(s.results) >= 15)
         emu1.kill()  # SIGKILL mid-stream: no goodbye, frames in flight are lost
@@ -139,7 +139,7 @@ def test_a_stalled_subscriber_neither_blocks_others_nor_grows_memory(
     )
     samples = []
     try:
-        reader.wait_state()
+        reader.wait_state(proc=daemon)
         end = time.monotonic() + 60
         while daemon.poll() is None and time.monotonic() < end:
             reader.pump(0.25)
