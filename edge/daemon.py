@@ -72,6 +72,8 @@ class DaemonSettings:
     poll_s: float = 0.05
     ipc_mode: int = 0o600
     ipc_group: str | None = None
+    # "auto": follow the source (live → drop oldest, lockstep replay → block); "block"; "drop_oldest".
+    queue_policy: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -1085,6 +1087,8 @@ class Daemon:
         self.acquisition.ready.wait()
         if self.acquisition.error is not None:
             raise self.acquisition.error
+        if self.settings.queue_policy != "auto":
+            self.acquisition.live = self.settings.queue_policy == "drop_oldest"
         self.frames.block_when_full = not self.acquisition.live
         self.tracker.status("binding results socket")
         self.publisher.start()
@@ -1418,10 +1422,12 @@ def run_daemon(
             generation=generation,
         )
 
+    uri, queue_policy = split_queue_mode(src.uri)
+
     def open_src() -> Any:
         from scanner_io.sources import open_source
 
-        return open_source(src.uri, names=cfg.source_names())
+        return open_source(uri, names=cfg.source_names())
 
     open_recorder = None
     if opts.record is not None:
@@ -1458,6 +1464,7 @@ def run_daemon(
         verification_mode=verification.mode,
         ipc_mode=cfg.publisher.ipc_mode,
         ipc_group=cfg.publisher.ipc_group,
+        queue_policy=queue_policy,
     )
     daemon = Daemon(
         settings,
@@ -1486,6 +1493,33 @@ def run_daemon(
         security.close()
         with contextlib.suppress(Exception):
             runner.close()
+
+
+def split_queue_mode(uri: str) -> tuple[str, str]:
+    """Take the daemon's own `mode=live|lockstep` parameter off a tcp:// or ipc:// source URI.
+
+    A ZeroMQ source is live by default (drop oldest when inference falls behind). With
+    `mode=lockstep` the daemon's queue blocks instead, the PULL socket stops reading and the
+    scanner (e.g. `thzedge scanner serve --rate max`) blocks in turn: nothing is dropped end to
+    end. Returns (URI without the parameter, queue policy).
+    """
+    from urllib.parse import parse_qsl, urlencode
+
+    from scanner_io.errors import ConfigError
+
+    if not uri.startswith(("tcp://", "ipc://")) or "?" not in uri:
+        return uri, "auto"
+    base, _, query = uri.partition("?")
+    params = parse_qsl(query, keep_blank_values=True)
+    modes = [v for k, v in params if k == "mode"]
+    if not modes:
+        return uri, "auto"
+    if modes[-1] not in ("live", "lockstep"):
+        raise ConfigError(f"source {uri!r}: mode={modes[-1]!r}; expected mode=live or mode=lockstep")
+    rest = [(k, v) for k, v in params if k != "mode"]
+    return base + ("?" + urlencode(rest) if rest else ""), "block" if modes[
+        -1
+    ] == "lockstep" else "drop_oldest"
 
 
 def _version() -> str:

@@ -704,3 +704,55 @@ def test_verification_1to1_with_a_claim_else_1toN_and_identities_stay_out_of_log
     frames = [it.item for it in RecordingReader(rec)]
     assert [f.header.seq for f in frames] == list(range(8))
     assert frames[0].header.claimed_identity == claimant
+
+
+def test_lockstep_over_tcp_drops_nothing(bundle_dir: Path, tmp_path: Path) -> None:
+    port = free_port()
+    pub = f"tcp://127.0.0.1:{free_port()}"
+    cfg = write_config(tmp_path / "thzedge.toml")
+    sub = Subscriber(pub)
+    sent = 80
+    daemon = thzedge(
+        "run",
+        "--source",
+        f"tcp://127.0.0.1:{port}?mode=lockstep",
+        "--model",
+        str(bundle_dir),
+        "--config",
+        str(cfg),
+        "--publish",
+        pub,
+        "--max-frames",
+        str(sent),
+        "--json",
+    )
+    try:
+        state = sub.wait_state(proc=daemon)
+        assert state["mode"] == "lockstep"
+        emu = thzedge(
+            "scanner",
+            "serve",
+            "--source",
+            "sim?seed=5",
+            "--bind",
+            f"tcp://127.0.0.1:{port}",
+            "--rate",
+            "max",
+            "--frames",
+            str(sent),
+            "--hwm",
+            "2",
+            "--json",
+        )
+        rc, out, err = run_until_exit(daemon, sub)
+        erc, eout, _ = finish(emu)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        sub.close()
+    assert rc == 0 and erc == 0, err[-3000:]
+    summary = summary_of(out)
+    assert summary_of(eout)["sent"] == sent
+    assert summary["published"] == sent == len(sub.results)  # received == sent (R-ZMQ-2)
+    assert sum(summary["dropped"].values()) == 0
+    assert [h["seq"] for h in sub.results] == list(range(sent))
