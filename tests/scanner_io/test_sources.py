@@ -203,23 +203,28 @@ def test_state_goes_down_up_stalled_down(tcp_endpoint, zmq_ctx, sources) -> None
 def test_live_emulator_never_blocks_on_a_stalled_consumer(tcp_endpoint, emulators, sources) -> None:
     src = open_source(tcp_endpoint + "?hwm=2")
     sources.append(src)
-    frames = synthetic_frames(400, shape=(128, 128))
+    # 600 frames of 128 KiB (zero-copy sends) sharing one buffer: ~77 MiB, far more than the
+    # HWMs and kernel socket buffers can hold, so a consumer that reads nothing forces drops.
+    (proto,) = synthetic_frames(1, shape=(256, 256))
+    frames = [Frame(replace(proto.header, seq=i), proto.data) for i in range(600)]
     emu = EmulatorThread(
         ListSource(frames, live=True), EmulatorSettings(bind=tcp_endpoint, rate=2000.0, sndhwm=2)
     )
     emulators.append(emu)
     assert wait_for(lambda: src.state == "up")
-    stats = emu.join(timeout=20)  # the consumer reads nothing meanwhile
+    stats = emu.join(timeout=30)  # returns although the consumer reads nothing meanwhile
     dropped = sum(stats.dropped.values())
-    assert stats.sent + dropped == 400 and dropped > 0
+    assert stats.sent + dropped == 600 and dropped > 0 and set(stats.dropped) == {"backpressure"}
     got = []
     while (item := src.read(0.5)) is not None:
         got.append(item)
-    assert len(got) == stats.sent
+    assert 0 < len(got) <= stats.sent
+    assert all(g.data.tobytes() == proto.data.tobytes() for g in got[:5])
     # What the scanner dropped shows up here as upstream gaps, frame for frame.
     last = max(g.header.seq for g in got)
     first = min(g.header.seq for g in got)
     assert src.stats.received + src.stats.upstream_gaps == last - first + 1
+    assert src.stats.upstream_gaps > 0
 
 
 def test_lockstep_emulator_drops_nothing_for_a_slow_consumer(ipc_endpoint, emulators, sources) -> None:
