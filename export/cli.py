@@ -26,6 +26,10 @@ export_app = typer.Typer(
 def register(app: typer.Typer) -> None:
     """Attach this package's commands to the root `thzedge` app."""
     app.add_typer(export_app, name="export")
+    # `thzedge train` and `thzedge export threshold` (demo model, H7) live in export/train_cli.py.
+    from export.train_cli import register as _register_training
+
+    _register_training(app, export_app)
 
 
 def require_export_extra() -> None:
