@@ -486,6 +486,7 @@ class InferenceStage(Stage):
         self.drain_deadline = drain_deadline
         self.max_batch = max(1, max_batch)
         self.busy_since: float | None = None  # set while a batch is inside the backend
+        self._accounted = 0  # frames of the current batch already published or dropped
         self._warned_identity = False
 
     def loop(self) -> None:
@@ -508,8 +509,23 @@ class InferenceStage(Stage):
                     return
                 continue
             self.busy_since = time.monotonic()
+            self._accounted = 0
             try:
                 self.process(batch)
+            except Exception as exc:
+                # A bug outside the per-task handling: the frames not yet accounted are lost,
+                # and counted as such; the next batch starts clean.
+                lost = len(batch) - self._accounted
+                log.error(
+                    "inference stage error (%s): %d frame(s) dropped as task_error", type(exc).__name__, lost
+                )
+                if lost > 0:
+                    self.stats.drop("task_error", lost)
+                    self.metrics.dropped("task_error", lost)
+                    self.outbox.put_nowait(
+                        "event",
+                        ("drop", {"reason": "task_error", "count": lost, "seq": batch[-1].frame.header.seq}),
+                    )
             finally:
                 self.busy_since = None
 
@@ -521,6 +537,7 @@ class InferenceStage(Stage):
         fresh: list[QueuedFrame] = []
         for q in batch:
             if self.settings.max_age_s > 0 and now - q.t_received > self.settings.max_age_s:
+                self._accounted += 1
                 self.stats.drop("stale")
                 self.metrics.dropped("stale")
                 self.outbox.put_nowait("event", ("drop", {"reason": "stale", "seq": q.frame.header.seq}))
@@ -683,6 +700,7 @@ class InferenceStage(Stage):
             elif r.status == "error":
                 self.stats.errors += 1
         self.metrics.processed()
+        self._accounted += 1
         beat = self.beat.beat if self.beat is not None else None
         if not self.outbox.put("result", r, self.stop_deadline, self.settings.poll_s, beat):
             self.stats.drop("shutdown")
@@ -736,7 +754,7 @@ class PublisherStage(Stage):
                 or now - self._last_state >= self.settings.state_interval_s
                 or (st.get("version") != self._state_version)
             ):
-                pub.publish_event("state", st, self.stop_deadline())
+                pub.publish_event("state", st, self.stop_deadline)
                 self._last_state = now
                 self._state_version = st.get("version", 0)
             item = self.outbox.get(self.settings.poll_s)
@@ -749,14 +767,14 @@ class PublisherStage(Stage):
                 self._send_result(payload)
             else:
                 ekind, body = payload
-                pub.publish_event(ekind, body, self.stop_deadline())
+                pub.publish_event(ekind, body, self.stop_deadline)
 
     def _send_result(self, r: Any) -> None:
         with self.stats.lock:
             dropped_total = sum(self.stats.dropped.values())
         r.dropped_since_last = dropped_total - self._drops_reported
         self._drops_reported = dropped_total
-        t_pub = self.publisher.publish_result(r, self.stop_deadline())
+        t_pub = self.publisher.publish_result(r, self.stop_deadline)
         if t_pub is None:
             self.stats.drop("shutdown")
             self.metrics.dropped("shutdown")

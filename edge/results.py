@@ -35,6 +35,8 @@ import zmq
 log = logging.getLogger("thzedge.results")
 
 RESULTS_PROTOCOL_VERSION = 1
+# A monotonic deadline, or a callable giving it (None: wait as long as it takes).
+Deadline = float | Callable[[], float | None] | None
 RESULT_TOPIC_PREFIX = "result/"
 EVENT_TOPIC_PREFIX = "event/"
 STATUSES: tuple[str, ...] = ("ok", "partial", "error")
@@ -280,8 +282,12 @@ class ResultPublisher:
             if msg and msg[0] == 1:
                 joins += 1
 
-    def send(self, parts: list[bytes], deadline: float | None = None) -> bool:
-        """Send one message; in lockstep wait for room until `deadline` (monotonic). True if sent."""
+    def send(self, parts: list[bytes], deadline: Deadline = None) -> bool:
+        """Send one message; in lockstep wait for room until `deadline` (monotonic). True if sent.
+
+        `deadline` may be a callable, re-read while waiting, so a stop requested during the wait
+        still ends it in time.
+        """
         sock = self._owned.check()
         if not self.lockstep:
             sock.send_multipart(parts, copy=True)  # PUB semantics: never blocks, drops at HWM
@@ -293,14 +299,14 @@ class ResultPublisher:
                     sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=True)
                     return True
                 except zmq.Again:
-                    if deadline is not None and time.monotonic() >= deadline:
+                    limit = deadline() if callable(deadline) else deadline
+                    if limit is not None and time.monotonic() >= limit:
                         return False
-                    # Drain subscriptions while waiting: a blocked XPUB must still see joins.
                     sock.poll(20, zmq.POLLOUT)
         finally:
             self.blocked_s += time.monotonic() - t0
 
-    def publish_result(self, result: FrameResult, deadline: float | None = None) -> int | None:
+    def publish_result(self, result: FrameResult, deadline: Deadline = None) -> int | None:
         """Stamp t_publish_ns and the publish/total latencies, send; return t_publish_ns, None if not sent."""
         now_ns = time.time_ns()
         now = time.monotonic()
@@ -314,7 +320,7 @@ class ResultPublisher:
         self.sent_results += 1
         return now_ns
 
-    def publish_event(self, kind: str, body: dict[str, Any], deadline: float | None = None) -> bool:
+    def publish_event(self, kind: str, body: dict[str, Any], deadline: Deadline = None) -> bool:
         """Send one event on `event/<scanner>`."""
         return self.send(encode_event(self.scanner, kind, body), deadline)
 
