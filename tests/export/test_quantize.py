@@ -276,3 +276,13 @@ def test_calibration_set_coverage_without_labels() -> None:
     cal = CalibrationSet(np.zeros((5, 1, 64, 64), np.float32), None, None, "npy", "x")
     assert check_coverage(cal, np.arange(5)) == []
     assert "predicted posture Down" in check_coverage(cal, np.array([0, 1, 2, 3, 3]))[0]
+
+
+def test_calibration_leaves_out_the_gate_images(dataset: Path) -> None:
+    from scanner_io.dataset import read_triplets
+
+    rows = read_triplets(dataset / "test.csv")
+    held_out = {dataset / p for t in rows for p in (t.anchor, t.positive, t.negative)}
+    cal = load_calibration_set(dataset, samples=10_000, exclude=held_out)
+    total = len(list(dataset.rglob("*.png")))
+    assert len(held_out) > 0 and len(cal.inputs) == total - len(held_out)
