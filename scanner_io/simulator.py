@@ -546,7 +546,8 @@ class ScannerSimulator:
     def _speckle_norm(self) -> float:
         # E|h * (a + ib)|² = 2·Σh² for unit-variance white a, b: normalise speckle to mean 1.
         k = cv2.getGaussianKernel(9, 0.7)
-        return float(1.0 / (2.0 * (k @ k.T).__pow__(2).sum()))
+        kernel_2d = k @ k.T
+        return float(1.0 / (2.0 * np.square(kernel_2d).sum()))
 
     def temperature_at(self, index: int) -> float:
         """Sensor temperature (°C) at stream frame `index`: a warm-up plus a slow wobble."""

@@ -203,3 +203,16 @@ def test_invalid_arguments():
 def test_preview_sheet():
     sheet = preview_sheet(ScannerSimulator(seed=0, identities=2), identities=2)
     assert sheet.dtype == np.uint8 and sheet.shape[0] == 14 + 2 * 64 and sheet.shape[1] >= 15 * 64
+
+
+def test_speckle_has_unit_mean_and_l_look_contrast():
+    s = ScannerSimulator(seed=9, identities=2)
+    ratios = []
+    for n in range(1, 7):
+        t = s.render(0, 0, n, concealed=False).truth
+        m = t.clean > 100.0
+        ratios.append(t.power[m] / t.clean[m])
+    r = np.concatenate(ratios)
+    looks = s.config.looks
+    assert r.mean() == pytest.approx(1.0, abs=0.08)
+    assert r.std() == pytest.approx(1.0 / np.sqrt(looks), rel=0.2)
