@@ -32,22 +32,14 @@ REPO = Path(__file__).resolve().parents[2]
 # Fixtures and helpers
 
 
-def build_tiny_bundle(out: Path) -> Path:
-    """Export a tiny real network (H1's writer) to an ONNX bundle: 16-d embedding, width 1/16."""
-    import torch
-
-    from export.bundle_writer import write_bundle
-    from export.model import MTLNetwork
-
-    torch.manual_seed(0)
-    write_bundle(MTLNetwork(embedding_dim=16, width=0.0625), out, max_batch=8)
-    return out
-
-
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny real ONNX bundle, built once per module."""
-    return build_tiny_bundle(tmp_path_factory.mktemp("daemon") / "bundle")
+def bundle_dir(tiny_bundle: Path) -> Path:
+    """The shared tiny real ONNX bundle (tests/conftest.py, H1's exporter on random weights)."""
+    return tiny_bundle
+
+
+def embedding_dim(bundle: Path) -> int:
+    return int(json.loads((bundle / "manifest.json").read_text())["model"]["embedding_dim"])
 
 
 def free_port() -> int:
@@ -566,7 +558,7 @@ def test_privacy_flags_on_publish_described_parts(bundle_dir: Path, tmp_path: Pa
     assert summary["published"] + sum(summary["dropped"].values()) == 10
     for h, arrays in zip(sub.results, sub.arrays, strict=True):
         assert [p["kind"] for p in h["parts"]] == ["embedding", "reconstruction"]
-        assert arrays["embedding"].shape == (16,)
+        assert arrays["embedding"].shape == (embedding_dim(bundle_dir),)
         assert arrays["reconstruction"].shape == (64, 64)
         assert np.isfinite(arrays["reconstruction"]).all()
 

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from test_daemon_e2e import (
     Subscriber,
-    build_tiny_bundle,
     finish,
     free_port,
     summary_of,
@@ -29,8 +28,8 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_bundle(tmp_path_factory.mktemp("faults") / "bundle")
+def bundle_dir(tiny_bundle: Path) -> Path:
+    return tiny_bundle
 
 
 def write_recording(path: Path, seqs: range) -> Path:

@@ -23,17 +23,10 @@ pytestmark = pytest.mark.timeout(90)
 
 
 @pytest.fixture(scope="module")
-def runner(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    import torch
-
+def runner(tiny_bundle: Path) -> Any:
     from edge.runner import Runner
-    from export.bundle_writer import write_bundle
-    from export.model import MTLNetwork
 
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("pipeline") / "bundle"
-    write_bundle(MTLNetwork(embedding_dim=16, width=0.0625), out, max_batch=4)
-    r = Runner.from_bundle(out, backend="ort")
+    r = Runner.from_bundle(tiny_bundle, backend="ort")
     yield r
     r.close()
 
