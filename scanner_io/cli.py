@@ -185,13 +185,34 @@ def recording_info(
 
 
 def register_sim(app: typer.Typer) -> None:
-    """Attach `sim dataset` and `sim preview`."""
+    """Attach `sim dataset`, `sim preview` and `sim profile`."""
     sim = typer.Typer(
         help="THz scanner simulator: datasets and previews with ground truth.", no_args_is_help=True
     )
     sim.command("dataset")(sim_dataset)
     sim.command("preview")(sim_preview)
+    sim.command("profile")(sim_profile)
     app.add_typer(sim, name="sim")
+
+
+def sim_profile(
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the calibration profile into.")],
+    seed: Annotated[int, typer.Option("--seed", help="Simulator seed (the sensor depends on it).")] = 0,
+    scanner: Annotated[str, typer.Option("--scanner", help="Scanner id the profile is for.")] = "sim0",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the profile id and path as JSON.")] = False,
+) -> None:
+    """Write the simulated sensor's true calibration profile (for `--source sim?seed=S`)."""
+    from scanner_io.simulator import ScannerSimulator
+
+    profile = ScannerSimulator(seed=seed, identities=1, scanner=scanner).true_profile
+    path = profile.save(out)
+    if as_json:
+        typer.echo(json.dumps({"profile_id": profile.profile_id, "path": str(path), "scanner": scanner}))
+    else:
+        typer.echo(
+            f"wrote calibration profile {profile.profile_id} for {scanner} (simulator seed {seed}) to {path} "
+            f"({profile.bad_pixel_fraction:.2%} bad pixels)"
+        )
 
 
 def sim_dataset(

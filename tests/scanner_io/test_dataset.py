@@ -179,3 +179,12 @@ def test_cli_sim_dataset_and_preview(tmp_path, capsys):
     assert main(["sim", "preview", "--out", str(sheet), "--identities", "2"]) == 0
     img = cv2.imread(str(sheet), cv2.IMREAD_GRAYSCALE)
     assert img is not None and img.shape[0] == 14 + 2 * 64
+
+
+def test_cli_sim_profile_is_the_true_profile(tmp_path, capsys):
+    assert main(["sim", "profile", "--out", str(tmp_path / "p"), "--seed", "4", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    loaded = CalibrationProfile.load(tmp_path / "p")
+    want = ScannerSimulator(seed=4, identities=3).true_profile
+    assert loaded.profile_id == info["profile_id"] == want.profile_id
+    assert loaded.scanner == "sim0"
