@@ -45,7 +45,9 @@ __all__ = [
 CROP_SIZE = 64
 # <identity>_<b|n><k><b|n>_<sample>.png; the identity may itself contain underscores (the
 # research code takes the third-from-last "_" field as the identity).
-_NAME_RE = re.compile(r"^(?P<identity>.+)_(?P<code>([bn])([1-9])\3)_(?P<sample>\d+)\.png$", re.IGNORECASE)
+_NAME_RE = re.compile(
+    r"^(?P<identity>.+)_(?P<code>([bn])([1-9])\3)_(?P<sample>\d+)\.png\Z", re.IGNORECASE | re.DOTALL
+)
 _CSV_COLUMNS = ("anchor", "positive", "negative")
 
 
@@ -101,6 +103,8 @@ def crop_name(identity: str, posture: int, concealed: bool, sample: int) -> str:
     """Return the research file name, e.g. crop_name('id001', 0, True, 1) == 'id001_b1b_1.png'."""
     if not 0 <= posture < len(POSTURES):
         raise ValueError(f"posture must be 0..{len(POSTURES) - 1}, got {posture}")
+    if not identity or any(ch in identity for ch in "/\\\x00"):
+        raise ValueError(f"identity {identity!r} must be non-empty without '/', '\\' or NUL")
     c = "b" if concealed else "n"
     return f"{identity}_{c}{posture + 1}{c}_{sample}.png"
 

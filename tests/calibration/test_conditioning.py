@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from calibration.conditioning import (
     ConditioningParams,
@@ -228,3 +230,22 @@ def test_profile_arrays_are_read_only():
     profile = CalibrationProfile.identity("s0", (8, 8))
     with pytest.raises(ValueError):
         profile.dark[0, 0] = 1.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    h=st.integers(2, 160),
+    w=st.integers(2, 160),
+    dtype=st.sampled_from(["uint8", "uint16", "float32"]),
+    seed=st.integers(0, 2**32 - 1),
+    crop=st.integers(2, 120),
+)
+def test_any_frame_gives_a_valid_model_input(h, w, dtype, seed, crop):
+    rng = np.random.default_rng(seed)
+    if dtype == "float32":
+        raw = rng.choice([0.0, -5.0, 1e-30, 1e30, np.nan, np.inf, 3e4], size=(h, w)).astype(np.float32)
+    else:
+        raw = rng.integers(0, np.iinfo(dtype).max, (h, w), endpoint=True).astype(dtype)
+    out = calibrate_and_condition(raw, None, ConditioningParams(crop_size=crop))
+    assert out.shape == (64, 64) and out.dtype == np.float32
+    assert np.isfinite(out).all() and out.min() >= 0.0 and out.max() <= 1.0

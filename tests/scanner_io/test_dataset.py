@@ -8,6 +8,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from calibration.conditioning import calibrate_and_condition
 from calibration.profile import CalibrationProfile
@@ -47,7 +49,11 @@ def test_parse_crop_name(name, want):
 
 
 @pytest.mark.parametrize(
-    "name", ["id1_b1n_1.png", "id1_b6b_1.png", "id1_b0b_1.png", "id1_b1b.png", "b1b_1.png", "id1_b1b_1.jpg"]
+    "name",
+    [
+        "id1_b1n_1.png", "id1_b6b_1.png", "id1_b0b_1.png", "id1_b1b.png", "b1b_1.png", "id1_b1b_1.jpg",
+        "id1_b1b_1.png\n",
+    ],
 )
 def test_bad_crop_names_are_data_errors(name):
     with pytest.raises(DataError, match="crop file name"):
@@ -60,6 +66,8 @@ def test_crop_name_round_trip():
             assert parse_crop_name(crop_name("idX", p, concealed, 3)) == CropName("idX", p, concealed, 3)
     with pytest.raises(ValueError):
         crop_name("id1", 5, True, 1)
+    with pytest.raises(ValueError):
+        crop_name("a/b", 0, True, 1)
 
 
 def test_summary_and_layout(dataset):
@@ -188,3 +196,16 @@ def test_cli_sim_profile_is_the_true_profile(tmp_path, capsys):
     want = ScannerSimulator(seed=4, identities=3).true_profile
     assert loaded.profile_id == info["profile_id"] == want.profile_id
     assert loaded.scanner == "sim0"
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    identity=st.text(st.characters(blacklist_characters="/\\\x00", blacklist_categories=("Cs",)), min_size=1),
+    posture=st.integers(0, 4),
+    concealed=st.booleans(),
+    sample=st.integers(0, 10**6),
+)
+@example(identity="a\nb_c", posture=0, concealed=True, sample=1)
+def test_crop_names_round_trip_for_any_identity(identity, posture, concealed, sample):
+    name = crop_name(identity, posture, concealed, sample)
+    assert parse_crop_name(name) == CropName(identity, posture, concealed, sample)
