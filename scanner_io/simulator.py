@@ -37,6 +37,7 @@ from calibration.conditioning import (
     condition_with_roi,
 )
 from calibration.profile import CalibrationProfile
+from scanner_io.errors import ConfigError
 from scanner_io.frame import POSTURES, Frame, FrameHeader
 
 __all__ = [
@@ -442,10 +443,15 @@ class ScannerSimulator:
         cache_size: int = 400,
     ) -> None:
         if identities < 1:
-            raise ValueError(f"identities must be >= 1, got {identities}")
+            raise ConfigError(f"simulator identities must be >= 1, got {identities}")
         shape = (int(shape[0]), int(shape[1]))
         if min(shape) < 16:
-            raise ValueError(f"shape must be at least 16×16, got {shape}")
+            raise ConfigError(f"simulator frame shape must be at least 16×16, got {shape}")
+        if not 0.0 <= concealed_fraction <= 1.0 or not 0.0 <= impostor_rate <= 1.0:
+            raise ConfigError(
+                f"concealed_fraction ({concealed_fraction}) and impostor_rate ({impostor_rate}) "
+                "must be in [0, 1]"
+            )
         self.seed = int(seed)
         self.identities = int(identities)
         self.scanner = scanner

@@ -8,6 +8,7 @@ import pytest
 
 from calibration.conditioning import calibrate, calibrate_and_condition, condition_with_roi
 from calibration.profile import CalibrationProfile
+from scanner_io.errors import ConfigError
 from scanner_io.frame import POSTURES
 from scanner_io.simulator import ScannerSimulator, SimTruth, identity_name, preview_sheet
 
@@ -196,8 +197,10 @@ def test_invalid_arguments():
         s.render(2, 0, 1)
     with pytest.raises(ValueError):
         s.render(0, 5, 1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="identities"):
         ScannerSimulator(identities=0)
+    with pytest.raises(ConfigError, match="impostor_rate"):
+        ScannerSimulator(impostor_rate=2.0)
 
 
 def test_preview_sheet():
