@@ -187,7 +187,7 @@ def recording_info(
 def register_sim(app: typer.Typer) -> None:
     """Attach `sim dataset`, `sim preview` and `sim profile`."""
     sim = typer.Typer(
-        help="THz scanner simulator: datasets and previews with ground truth.", no_args_is_help=True
+        help="THz scanner simulator: datasets, previews, its true calibration.", no_args_is_help=True
     )
     sim.command("dataset")(sim_dataset)
     sim.command("preview")(sim_preview)
