@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("int8", "fp16")
 METHODS = ("max", "entropy", "percentile")
-KEEP_FLOAT_CHOICES = ("embedding", "sigmoid", "stem")
-DEFAULT_KEEP_FLOAT: tuple[str, ...] = ("embedding", "sigmoid")
+KEEP_FLOAT_CHOICES = ("embedding", "latent", "sigmoid", "stem")
+DEFAULT_KEEP_FLOAT: tuple[str, ...] = ("embedding", "latent", "sigmoid")
 # Below this many routed frames a decoder's activation ranges are noise; top it up (see below).
 MIN_FRAMES_PER_DECODER = 16
 
@@ -356,7 +356,8 @@ def nodes_to_keep_float(model: Any, keep_float: Sequence[str], embedding_output:
     Linear, BN, ReLU, Linear, L2 normalisation), i.e. its ancestors minus those the other
     outputs share. `sigmoid`: every Sigmoid node (the reconstruction's last op) and the conv
     feeding it. `stem`: the
-    first convolution on the graph input and its activation.
+    first convolution on the graph input and its activation. `latent`: the spatial reduction
+    and head trunk, i.e. what the embedding depends on but no skip feature does.
     """
     names: set[str] = set()
     outputs = [o.name for o in model.graph.output]
@@ -367,6 +368,14 @@ def nodes_to_keep_float(model: Any, keep_float: Sequence[str], embedding_output:
             if o != embedding_output:
                 shared |= _ancestors(model, o)
         names |= emb - shared
+    if "latent" in keep_float and embedding_output in outputs:
+        # The 4x4 spatial reduction to the latent and everything after it on the way to the
+        # embedding: what the embedding depends on but no skip feature does (~2 % of the MACs).
+        feats: set[str] = set()
+        for o in outputs:
+            if o not in (embedding_output, "posture_logits"):
+                feats |= _ancestors(model, o)
+        names |= _ancestors(model, embedding_output) - feats
     if "sigmoid" in keep_float:
         # The Sigmoid and the conv feeding it: quantizing the logits would leave the
         # reconstruction ~256 levels however the Sigmoid itself runs (16->1 channels: cheap).

@@ -93,8 +93,11 @@ def quantize_command(
         int, typer.Option("--samples", help="Calibration frames (stratified by posture).")
     ] = 512,
     keep_float: Annotated[
-        str, typer.Option("--keep-float", help="Comma list kept in float: embedding, sigmoid; '' for none.")
-    ] = "embedding,sigmoid",
+        str,
+        typer.Option(
+            "--keep-float", help="Comma list kept in float: embedding, latent, sigmoid, stem; '' for none."
+        ),
+    ] = "embedding,latent,sigmoid",
     quantizer: Annotated[
         Quantizer, typer.Option("--quantizer", help="auto: Model Optimizer if installed, else ONNX Runtime.")
     ] = Quantizer.auto,

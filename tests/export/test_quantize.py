@@ -146,6 +146,9 @@ def test_int8_graphs_have_the_qdq_tensorrt_accepts(bundle: Path, dataset: Path, 
     # Kept in float: the embedding head (Gemm weights not quantized) and the final Sigmoid.
     enc = res.graphs[0]
     assert any("Gemm" in n or "MatMul" in n for n in enc.kept_float)
+    # `latent` (default): the spatial reduction to the latent, but nothing the skip features need.
+    assert any("spatial_reduction" in n for n in enc.kept_float)
+    assert not any("stage" in n or "initial_conv" in n for n in enc.kept_float)
     m = onnx.load(str(enc.path))
     dq_out = {n.output[0] for n in m.graph.node if n.op_type == "DequantizeLinear"}
     for node in m.graph.node:
