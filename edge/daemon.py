@@ -105,6 +105,8 @@ class Stats:
     processed: int = 0
     errors: int = 0  # results published with status `error`
     partial: int = 0
+    batches: int = 0
+    batched_frames: int = 0
     dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
     malformed: dict[str, int] = field(default_factory=dict)
     latency_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=LATENCY_WINDOW))
@@ -133,6 +135,7 @@ class RunSummary:
     latency_p50_ms: float | None
     latency_p99_ms: float | None
     stage_p50_ms: dict[str, float]
+    mean_batch: float | None
     duration_s: float
     endpoint: str
     exit_reason: str
@@ -546,6 +549,9 @@ class InferenceStage(Stage):
         if not fresh:
             return
         self.metrics.batch_size(len(fresh))
+        with self.stats.lock:
+            self.stats.batches += 1
+            self.stats.batched_frames += len(fresh)
         results = []
         inputs: list[np.ndarray] = []
         ok: list[int] = []
@@ -1258,6 +1264,7 @@ class Daemon:
                 latency_p50_ms=float(np.percentile(lat, 50)) if lat.size else None,
                 latency_p99_ms=float(np.percentile(lat, 99)) if lat.size else None,
                 stage_p50_ms=stage,
+                mean_batch=s.batched_frames / s.batches if s.batches else None,
                 duration_s=time.monotonic() - t_start,
                 endpoint=endpoint,
                 exit_reason=self.acquisition.exit_reason if self.acquisition else "error",
