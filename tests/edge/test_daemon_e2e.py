@@ -748,3 +748,49 @@ def test_lockstep_over_tcp_drops_nothing(bundle_dir: Path, tmp_path: Path) -> No
     assert summary["published"] == sent == len(sub.results)  # received == sent (R-ZMQ-2)
     assert sum(summary["dropped"].values()) == 0
     assert [h["seq"] for h in sub.results] == list(range(sent))
+
+
+def test_metrics_and_health_while_streaming(bundle_dir: Path, tmp_path: Path) -> None:
+    import urllib.request
+
+    port = free_port()
+    cfg = tmp_path / "thzedge.toml"
+    cfg.write_text(f'[metrics]\nbind = "127.0.0.1:{port}"\n')
+    pub = f"ipc://{tmp_path}/results.sock"
+    sub = Subscriber(pub)
+    daemon = thzedge(
+        "run",
+        "--source",
+        "sim?fps=30",
+        "--model",
+        str(bundle_dir),
+        "--config",
+        str(cfg),
+        "--publish",
+        pub,
+        "--json",
+    )
+    try:
+        sub.wait_state(proc=daemon)
+        sub.pump(60, until=lambda s: len(s.results) >= 10)
+        base = f"http://127.0.0.1:{port}"
+        metrics = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
+        ready = json.loads(urllib.request.urlopen(f"{base}/readyz", timeout=5).read())
+        daemon.send_signal(signal.SIGTERM)
+        rc, _, err = finish(daemon)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        sub.close()
+    assert rc == 0, err[-2000:]
+    assert ready["ok"] is True and ready["state"] == "ready"
+
+    def value(name: str) -> float:
+        return sum(float(ln.split()[-1]) for ln in metrics.splitlines() if ln.startswith(name))
+
+    assert value("thzedge_frames_received_total") >= 10
+    assert value("thzedge_frames_processed_total") >= 10
+    assert value('thzedge_results_published_total{status="ok"}') >= 10
+    assert value('thzedge_stage_duration_seconds_count{stage="infer"}') >= 10
+    assert value("thzedge_end_to_end_latency_seconds_count") >= 10
+    assert 'thzedge_state{thzedge_state="ready"} 1.0' in metrics
