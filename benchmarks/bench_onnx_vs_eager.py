@@ -11,7 +11,8 @@ neither runtime's thread pool disturbs the other, see tensorrt-and-quantization.
     included), ONNX Runtime CPU.
 
 Per-frame latency at batch 1 (median and p90) and throughput at batch 8, same thread count for
-both, then the ratios. Usage:
+both, then the ratios. The two runtimes alternate in rounds (median over rounds), so on a shared
+machine both see the same load; the 1-minute load average is printed with the figures. Usage:
 
     nice .venv/bin/python benchmarks/bench_onnx_vs_eager.py [--threads 2] [--seconds 10] [--json]
 """
@@ -117,10 +118,23 @@ def _child(kind: str, arg: str, threads: int, seconds: float) -> dict[str, Any]:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def _combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Merge the rounds of one runtime: median of the per-round figures."""
+    out: dict[str, Any] = {"runtime": runs[0]["runtime"], "threads": runs[0]["threads"], "rounds": len(runs)}
+    for key in ("b1", "b8"):
+        out[key] = {
+            stat: statistics.median(r[key][stat] for r in runs)
+            for stat in ("ms_per_frame_median", "ms_per_frame_p90", "frames_per_s")
+        }
+        out[key]["calls"] = sum(r[key]["calls"] for r in runs)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--seconds", type=float, default=10.0, help="timing window per runtime and batch")
+    parser.add_argument("--rounds", type=int, default=3, help="alternate eager/ORT this many times")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "ARG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -151,8 +165,13 @@ def main() -> None:
         t0 = time.perf_counter()
         result = write_bundle(model, Path(tmp) / "bundle", variant="bench-random", max_batch=8)
         export_s = time.perf_counter() - t0
-        eager = _child("eager", str(state), args.threads, args.seconds)
-        ort = _child("ort", str(result.bundle.path), args.threads, args.seconds)
+        # Alternate the two runtimes in rounds so both see the same (shared-machine) load over time.
+        per_round = args.seconds / args.rounds
+        eager_runs, ort_runs = [], []
+        for _ in range(args.rounds):
+            eager_runs.append(_child("eager", str(state), args.threads, per_round))
+            ort_runs.append(_child("ort", str(result.bundle.path), args.threads, per_round))
+        eager, ort = _combine(eager_runs), _combine(ort_runs)
 
     report = {
         "network": f"research size, {count_parameters(model):,} parameters, random weights",
@@ -169,7 +188,10 @@ def main() -> None:
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"{report['network']}; threads {args.threads}; {args.seconds:g} s per measurement")
+    print(
+        f"{report['network']}; threads {args.threads}; {args.seconds:g} s per runtime and batch "
+        f"in {args.rounds} alternating rounds"
+    )
     print(f"load average (1 min) before/after: {report['load_average_1m_before_after']}")
     print(f"export + self-check: {export_s:.1f} s, max abs error vs PyTorch {result.parity.worst:.1e}")
     print(
