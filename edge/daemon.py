@@ -275,8 +275,32 @@ class Stage(threading.Thread):
 class Outbox:
     """The handoff from acquisition/inference to the publisher (a queue; the socket stays put)."""
 
-    def __init__(self, maxsize: int = 64) -> None:
+    def __init__(self, maxsize: int = 64, drop_event_interval_s: float = 0.25) -> None:
         self._q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=maxsize)
+        # Drop events are rate-limited (R-INT-1): counts accumulate per reason and go out as one
+        # `drop` event per reason at most every `drop_event_interval_s`; the counters stay exact.
+        self._drops: dict[str, list[int]] = {}  # reason -> [count, last seq]
+        self._drops_lock = threading.Lock()
+        self._drop_interval = drop_event_interval_s
+        self._drops_sent_at: dict[str, float] = {}
+
+    def report_drop(self, reason: str, seq: int, count: int = 1) -> None:
+        """Note `count` dropped frames (the latest `seq`) for the next rate-limited `drop` event."""
+        with self._drops_lock:
+            entry = self._drops.setdefault(reason, [0, seq])
+            entry[0] += count
+            entry[1] = seq
+
+    def take_drop_events(self, now: float, force: bool = False) -> list[dict[str, Any]]:
+        """Return the `drop` event bodies due now (one per reason), clearing what they report."""
+        out = []
+        with self._drops_lock:
+            for reason in list(self._drops):
+                if force or now - self._drops_sent_at.get(reason, -1e9) >= self._drop_interval:
+                    count, seq = self._drops.pop(reason)
+                    self._drops_sent_at[reason] = now
+                    out.append({"reason": reason, "count": count, "seq": seq})
+        return out
 
     def put(
         self,
@@ -422,9 +446,7 @@ class AcquisitionStage(Stage):
                     self.stats.drop("upstream_gap", gap)
                     self.metrics.dropped("upstream_gap", gap)
                     log.warning("upstream gap: %d frame(s) missing before seq %d", gap, frame.header.seq)
-                    self.outbox.put_nowait(
-                        "event", ("drop", {"reason": "upstream_gap", "count": gap, "seq": frame.header.seq})
-                    )
+                    self.outbox.report_drop("upstream_gap", frame.header.seq, gap)
             elif gap < -1 or gap == -1:
                 # The scanner restarted its counter (or repeated a seq): start tracking afresh.
                 log.warning("seq went back from %d to %d: scanner restarted", last, frame.header.seq)
@@ -443,7 +465,7 @@ class AcquisitionStage(Stage):
             reason = "shutdown" if evicted.frame is frame else "queue_full"
             self.stats.drop(reason)
             self.metrics.dropped(reason)
-            self.outbox.put_nowait("event", ("drop", {"reason": reason, "seq": evicted.frame.header.seq}))
+            self.outbox.report_drop(reason, evicted.frame.header.seq)
         self.metrics.queue_depth(len(self.frames))
 
     def teardown(self) -> None:
@@ -525,10 +547,7 @@ class InferenceStage(Stage):
                 if lost > 0:
                     self.stats.drop("task_error", lost)
                     self.metrics.dropped("task_error", lost)
-                    self.outbox.put_nowait(
-                        "event",
-                        ("drop", {"reason": "task_error", "count": lost, "seq": batch[-1].frame.header.seq}),
-                    )
+                    self.outbox.report_drop("task_error", batch[-1].frame.header.seq, lost)
             finally:
                 self.busy_since = None
 
@@ -543,7 +562,7 @@ class InferenceStage(Stage):
                 self._accounted += 1
                 self.stats.drop("stale")
                 self.metrics.dropped("stale")
-                self.outbox.put_nowait("event", ("drop", {"reason": "stale", "seq": q.frame.header.seq}))
+                self.outbox.report_drop("stale", q.frame.header.seq)
             else:
                 fresh.append(q)
         if not fresh:
@@ -763,9 +782,13 @@ class PublisherStage(Stage):
                 pub.publish_event("state", st, self.stop_deadline)
                 self._last_state = now
                 self._state_version = st.get("version", 0)
+            for body in self.outbox.take_drop_events(now):
+                pub.publish_event("drop", body, self.stop_deadline)
             item = self.outbox.get(self.settings.poll_s)
             if item is None:
                 if self.upstream_done.is_set() and self.outbox.qsize() == 0:
+                    for body in self.outbox.take_drop_events(time.monotonic(), force=True):
+                        pub.publish_event("drop", body, self.stop_deadline)
                     return
                 continue
             kind, payload = item

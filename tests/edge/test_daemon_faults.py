@@ -100,6 +100,10 @@ def test_scanner_killed_and_restarted_reconnects_and_counts_the_gap(bundle_dir: 
     seqs = [h["seq"] for h in sub.results]
     assert any(s >= 70 for s in seqs), "no frame after the restart"
     assert summary["dropped"]["upstream_gap"] >= 10
+    # The rate-limited drop events add up to the counters.
+    for reason in ("upstream_gap", "queue_full"):
+        reported = sum(e["count"] for e in sub.events if e["kind"] == "drop" and e["reason"] == reason)
+        assert reported == summary["dropped"][reason], reason
     # Every seq between the first and last received is a result or a counted drop.
     assert len(sub.results) + sum(summary["dropped"].values()) == max(seqs) - min(seqs) + 1
     assert summary["unaccounted"] == 0
