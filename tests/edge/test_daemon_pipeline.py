@@ -284,3 +284,21 @@ def test_stale_frames_and_an_inference_bug_are_counted_not_lost(runner: Any, tmp
     assert summary.unaccounted == 0
     assert summary.published + summary.dropped["stale"] + summary.dropped["task_error"] == 60
     assert slow.calls > 2 and summary.published > 0  # inference went on after the broken batch
+
+
+def test_without_a_model_the_demo_bundle_is_used_and_announced(
+    tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import edge.bundle
+    from edge.daemon import RunOptions, run_daemon
+
+    # Stand-in for the shipped demo bundle (edge/demo_bundle), whichever bundle is installed there.
+    monkeypatch.setattr(edge.bundle, "demo_bundle_path", lambda: tiny_bundle)
+    cfg = tmp_path / "thzedge.toml"
+    cfg.write_text("[metrics]\nenabled = false\n")
+    with caplog.at_level("WARNING", logger="thzedge.daemon"):
+        summary = run_daemon(
+            RunOptions(source="sim?frames=5", config=cfg, publish=f"ipc://{tmp_path}/r.sock", max_frames=4)
+        )
+    assert summary.frames_in == 4 and summary.published == 4 and summary.exit_reason == "max_frames"
+    assert any("demo model" in r.getMessage() and "simulated" in r.getMessage() for r in caplog.records)
