@@ -177,8 +177,8 @@ def write_bundle(
         parity = check_parity(model, stage, files, max_batch=max_batch, tolerance=tolerance)
         if not parity.passed:
             raise ExportError(
-                f"ONNX Runtime differs from PyTorch by {parity.worst:.2e} > {tolerance:g} on "
-                f"{', '.join(parity.failures())}; the export was not written"
+                f"ONNX Runtime differs from PyTorch beyond the tolerance ({tolerance:g}) on "
+                f"{', '.join(parity.failures())} (worst {parity.worst:.2e}); the export was not written"
             )
         manifest = build_manifest(
             model,

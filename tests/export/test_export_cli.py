@@ -162,3 +162,16 @@ def test_parity_failure_writes_nothing(tmp_path: Path, small) -> None:
         write_bundle(small, tmp_path / "bundle", max_batch=2, tolerance=0.0)
     assert not (tmp_path / "bundle").exists()
     assert list(tmp_path.iterdir()) == []  # the staging directory was removed too
+
+
+def test_parity_limit_is_absolute_within_unit_range_and_relative_beyond() -> None:
+    from export.onnx_export import ParityReport
+
+    r = ParityReport(tolerance=1e-4, batches=(1, 8))
+    r.record("encoder", "embedding", 9e-5, 0.4)
+    r.record("encoder", "feat4", 3e-3, 40.0)  # 40 x 1e-4 allowed
+    assert r.passed
+    r.record("encoder", "feat4", 5e-3, 40.0)
+    r.record("decoder_0", "reconstruction", 2e-4, 0.9)
+    assert r.failures() == ["encoder/feat4", "decoder_0/reconstruction"]
+    assert "FAIL" in r.render() and r.to_dict()["passed"] is False
