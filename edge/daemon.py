@@ -510,7 +510,6 @@ class InferenceStage(Stage):
         self.stop_deadline = stop_deadline
         self.drain_deadline = drain_deadline
         self.max_batch = max(1, max_batch)
-        self.busy_since: float | None = None  # set while a batch is inside the backend
         self._accounted = 0  # frames of the current batch already published or dropped
         self._warned_identity = False
 
@@ -533,7 +532,6 @@ class InferenceStage(Stage):
                 if self.upstream_done.is_set() and len(self.frames) == 0:
                     return
                 continue
-            self.busy_since = time.monotonic()
             self._accounted = 0
             try:
                 self.process(batch)
@@ -548,8 +546,6 @@ class InferenceStage(Stage):
                     self.stats.drop("task_error", lost)
                     self.metrics.dropped("task_error", lost)
                     self.outbox.report_drop("task_error", batch[-1].frame.header.seq, lost)
-            finally:
-                self.busy_since = None
 
     def process(self, batch: list[QueuedFrame]) -> None:
         """Turn one batch of queued frames into results handed to the publisher."""
@@ -717,7 +713,6 @@ class InferenceStage(Stage):
             r.posture = None
             r.embedding = None
         r.t_ready_mono = time.monotonic()
-        r.latency_ms["queue"] = r.latency_ms.get("queue", 0.0)
         with self.stats.lock:
             self.stats.processed += 1
             if r.status == "partial":
@@ -758,7 +753,6 @@ class PublisherStage(Stage):
         self.stop_deadline = stop_deadline
         self.scanner = scanner
         self.publisher: Any = None
-        self._last_seq: dict[str, int] = {}
         self._drops_reported = 0
         self._last_state = 0.0
         self._state_version = -1
