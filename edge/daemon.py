@@ -53,7 +53,7 @@ LATENCY_WINDOW = 100_000  # frames kept for the summary's percentiles
 
 @dataclass(frozen=True)
 class DaemonSettings:
-    """How the loop behaves; built from the config file and CLI flags by `settings_from_config`."""
+    """How the loop behaves; `run_daemon` builds it from the config file and the CLI flags."""
 
     endpoint: str
     scanner: str = "scanner"  # instance name used on event topics until a frame names its scanner
