@@ -851,7 +851,7 @@ def add_variant(
 
     Graphs go to `<precision>/<graph>.onnx` with sha256 entries, so `Bundle.open` verifies them
     like the fp32 graphs. The report is stored in the manifest (`accuracy_gates[precision]`,
-    covered by the bundle id) and rendered as a table in `<precision>/gate_report.txt`.
+    covered by the bundle id) and, with its rendered table, in `<precision>/gate_report.json`.
     """
     from edge.bundle import MANIFEST_NAME, file_entry, save_manifest
     from export.bundle_writer import add_variant as write_variant
@@ -862,8 +862,10 @@ def add_variant(
     if report is None:
         return
     set_accuracy_gate(bundle_dir, precision, report.to_dict())
-    rel = f"{precision}/gate_report.txt"
-    (bundle_dir / rel).write_text(report.render() + "\n", encoding="utf-8")
+    # JSON (packaged with the bundle like the manifest) holding the report and its table.
+    rel = f"{precision}/gate_report.json"
+    doc = {"table": report.render().splitlines(), **report.to_dict()}
+    (bundle_dir / rel).write_text(dumps(doc) + "\n", encoding="utf-8")
     manifest = json.loads((bundle_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
     manifest["files"][rel] = file_entry(bundle_dir, rel)
     manifest["variants"][precision]["gate"] = {"passed": report.passed, "report": rel}

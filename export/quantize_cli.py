@@ -145,7 +145,8 @@ def quantize_command(
         typer.echo(outcome.report.render())
         if outcome.added:
             typer.echo(
-                f"added the {precision.value} variant to {bundle} (report: {precision.value}/gate_report.txt)"
+                f"added the {precision.value} variant to {bundle} "
+                f"(report: {precision.value}/gate_report.json)"
             )
     if not outcome.added:
         typer.echo(

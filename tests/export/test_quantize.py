@@ -215,7 +215,8 @@ def test_fp16_variant_is_added_when_the_gate_passes(bundle: Path, dataset: Path)
     assert b.threshold("fp16") == pytest.approx(out.report.threshold["threshold"])
     assert b.variant("fp16")["verification"]["method"] == "eer"
     assert b.manifest["accuracy_gates"]["fp16"]["passed"] is True
-    assert "embedding cosine" in (bundle / "fp16" / "gate_report.txt").read_text()
+    doc = json.loads((bundle / "fp16" / "gate_report.json").read_text())
+    assert doc["passed"] is True and any("embedding cosine" in line for line in doc["table"])
     q = b.variant("fp16")["quantization"]
     assert q["calibration"]["sha256"] and q["settings"]["precision"] == "fp16"
     # Calibration left out the gate's held-out images.
