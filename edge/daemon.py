@@ -1394,7 +1394,7 @@ def run_daemon(
     from edge.observability import DaemonMetrics, health_from, serve_http
     from edge.runner import Runner
     from edge.sdnotify import Notifier
-    from scanner_io.errors import ConfigError
+    from scanner_io.errors import CalibrationError, ConfigError
 
     cfg = load_config(opts.config)
     overrides: dict[str, dict[str, Any]] = {}
@@ -1445,7 +1445,12 @@ def run_daemon(
         if generation > 0:
             security.reload()  # SIGHUP: client certificates too (R-SEC-3)
 
-        profile = CalibrationProfile.load(src.calibration) if src.calibration is not None else None
+        try:
+            profile = CalibrationProfile.load(src.calibration) if src.calibration is not None else None
+        except CalibrationError as exc:
+            # At start-up a missing or foreign profile is a configuration error (exit 78, no
+            # restart loop); on SIGHUP the caller keeps the current profile instead.
+            raise ConfigError(f"[sources] calibration: {exc}") from None
         base = profile.conditioning if profile is not None else ConditioningParams()
         params = src.conditioning.apply(base)
         gallery = None

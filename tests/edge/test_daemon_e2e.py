@@ -382,6 +382,11 @@ def test_config_errors_exit_78(bundle_dir: Path, tmp_path: Path) -> None:
         thzedge("run", "--source", "scannr0", "--model", str(bundle_dir), "--config", str(good))
     )
     assert rc == 78 and "unknown source" in err
+    nocal = write_config(
+        tmp_path / "nocal.toml", f'[sources.s]\nuri = "sim?frames=2"\ncalibration = "{tmp_path}/none"\n'
+    )
+    rc, _, err = finish(thzedge("run", "--source", "s", "--model", str(bundle_dir), "--config", str(nocal)))
+    assert rc == 78 and "calibration" in err
 
 
 def test_fake_notify_socket_sees_status_ready_watchdog_stopping_in_order(
