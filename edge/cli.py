@@ -45,6 +45,22 @@ def version() -> None:
     typer.echo(__version__)
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """A stderr handler that writes to whatever `sys.stderr` is when a record is emitted.
+
+    The handler outlives one `main()` call (tests run many in one process and swap stderr);
+    binding the stream at creation would log into a closed file.
+    """
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def configure_logging(level: str) -> None:
     """Log one line per event to stderr, in a form journald keeps readable."""
     numeric = logging.getLevelName(level.upper())
@@ -56,7 +72,7 @@ def configure_logging(level: str) -> None:
 
         # Under systemd, structured journal fields (MESSAGE_ID, PRIORITY) instead of plain lines.
         handler: logging.Handler = (
-            JournaldHandler() if stderr_is_journal() else logging.StreamHandler(sys.stderr)
+            JournaldHandler() if stderr_is_journal() else _CurrentStderrHandler()
         )
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         handler._thzedge = True  # type: ignore[attr-defined]

@@ -45,3 +45,20 @@ def test_thzedge_error_is_one_line_without_traceback(capsys):
     assert err.strip() == "thzedge: error: bad key 'x'; did you mean 'y'?"
     assert "Traceback" not in err
     assert typer  # imported to make sure typer is present
+
+
+def test_log_handler_follows_the_current_stderr(capsys, monkeypatch):
+    """A handler made under one stderr logs to the stderr current at emit time."""
+    import io
+    import logging
+
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, "_thzedge", False)]:
+        root.removeHandler(h)
+    first = io.StringIO()
+    monkeypatch.setattr("sys.stderr", first)
+    assert main(["version"]) == 0  # the handler is created while stderr is `first`
+    monkeypatch.undo()
+    first.close()
+    logging.getLogger("thzedge.test").warning("second call")
+    assert "second call" in capsys.readouterr().err
