@@ -61,4 +61,6 @@ def test_log_handler_follows_the_current_stderr(capsys, monkeypatch):
     monkeypatch.undo()
     first.close()
     logging.getLogger("thzedge.test").warning("second call")
-    assert "second call" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "WARNING thzedge.test: second call" in err
+    assert "Logging error" not in err
