@@ -31,13 +31,15 @@ def calibration_inputs(n: int, random: bool, seed: int = 0) -> np.ndarray:
     if random:
         return np.random.default_rng(seed).random((n, 1, 64, 64), dtype=np.float32)
     from calibration.conditioning import calibrate_and_condition
+    from calibration.simulated import true_profile
     from scanner_io.simulator import ScannerSimulator
 
     sim = ScannerSimulator(seed=seed, identities=10)
+    profile = true_profile(sim)
     out = []
     for i in range(n):
         frame = sim.render(identity=i % 10, posture=i % 5, sample=i // 50, concealed=bool(i % 2))
-        out.append(calibrate_and_condition(frame.data, sim.true_profile))
+        out.append(calibrate_and_condition(frame.data, profile))
     return np.stack(out)[:, None].astype(np.float32)
 
 

@@ -31,6 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calibration.conditioning import calibrate, calibrate_and_condition, condition  # noqa: E402
+from calibration.simulated import CalibratedSimulator  # noqa: E402
 from scanner_io.simulator import ScannerSimulator  # noqa: E402
 
 
@@ -72,16 +73,17 @@ def bench_speed(frames: int) -> dict[str, float]:
         for _ in range(frames):
             sim.next_frame()
     n_pairs = max(20, frames // 4)
+    cal_sim = CalibratedSimulator(sim)
     with _Clock() as pairs:
         for k in range(n_pairs):
-            sim.conditioned_pair(k % 20, k % 5, 1000 + k)
+            cal_sim.conditioned_pair(k % 20, k % 5, 1000 + k)
     fresh = ScannerSimulator(seed=0, identities=30)
     with _Clock() as geo:
         for i in range(20, 30):
             fresh._geometry(i, 0)  # includes the identity's surface (shared by its 5 postures)
 
     raws = [sim.next_frame().data for _ in range(50)]
-    prof = sim.true_profile
+    prof = cal_sim.profile
     powers = [calibrate(r, prof) for r in raws]
     reps = 40
     with _Clock() as cc:
@@ -114,7 +116,7 @@ def bench_speed(frames: int) -> dict[str, float]:
 def bench_sanity(identities: int, samples: int = 4) -> dict[str, float]:
     # Identities 1000+ were never part of any default training set (test-like, unseen people).
     first = 1000
-    sim = ScannerSimulator(seed=0, identities=first + identities)
+    sim = CalibratedSimulator(ScannerSimulator(seed=0, identities=first + identities))
     n, p_n = identities, 5
     x = np.zeros((n, p_n, samples, 64, 64), np.float32)
     y = np.zeros_like(x)

@@ -1,9 +1,135 @@
-"""Commands owned by the calibration package, attached to the root CLI by `register`."""
+"""Commands owned by the calibration package, attached to the root CLI by `register`.
+
+`thzedge sim dataset|preview|profile` live here rather than in scanner_io: each of them needs the
+simulated sensor's calibration profile or the conditioning, and scanner_io never imports
+calibration (DESIGN.md, layers).
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from scanner_io.errors import ThzEdgeError
 
 
 def register(app: typer.Typer) -> None:
     """Attach this package's commands to the root `thzedge` app."""
+    register_sim(app)
+
+
+# --- simulator: sim dataset, sim preview, sim profile ------------------------------------------
+
+
+def register_sim(app: typer.Typer) -> None:
+    """Attach `sim dataset`, `sim preview` and `sim profile`."""
+    sim = typer.Typer(
+        help="THz scanner simulator: datasets, previews, its true calibration.", no_args_is_help=True
+    )
+    sim.command("dataset")(sim_dataset)
+    sim.command("preview")(sim_preview)
+    sim.command("profile")(sim_profile)
+    app.add_typer(sim, name="sim")
+
+
+def sim_profile(
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the calibration profile into.")],
+    seed: Annotated[int, typer.Option("--seed", help="Simulator seed (the sensor depends on it).")] = 0,
+    scanner: Annotated[str, typer.Option("--scanner", help="Scanner id the profile is for.")] = "sim0",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the profile id and path as JSON.")] = False,
+) -> None:
+    """Write the simulated sensor's true calibration profile (for `--source sim?seed=S`)."""
+    from calibration.simulated import true_profile
+    from scanner_io.simulator import ScannerSimulator
+
+    profile = true_profile(ScannerSimulator(seed=seed, identities=1, scanner=scanner))
+    path = profile.save(out)
+    if as_json:
+        typer.echo(json.dumps({"profile_id": profile.profile_id, "path": str(path), "scanner": scanner}))
+    else:
+        typer.echo(
+            f"wrote calibration profile {profile.profile_id} for {scanner} (simulator seed {seed}) to {path} "
+            f"({profile.bad_pixel_fraction:.2%} bad pixels)"
+        )
+
+
+def sim_dataset(
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the dataset into (created).")],
+    identities: Annotated[int, typer.Option("--identities", min=2, help="Number of simulated people.")] = 20,
+    samples: Annotated[
+        int, typer.Option("--samples", min=1, help="Concealed/unconcealed pairs per identity and posture.")
+    ] = 8,
+    seed: Annotated[int, typer.Option("--seed", help="Simulator seed (same seed, same dataset).")] = 0,
+    test_identities: Annotated[
+        int | None,
+        typer.Option(
+            "--test-identities", min=0, help="Identities held out for test.csv (default: a quarter)."
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Write a research-format dataset: 64×64 PNG crops plus train_val.csv / test.csv triplets."""
+    from calibration.simulated import write_dataset
+
+    if out.exists() and any(out.iterdir()):
+        raise ThzEdgeError(f"{out} exists and is not empty; choose a new --out directory or empty it")
+    with _sim_progress("simulating") as progress:
+        summary = write_dataset(
+            out,
+            identities=identities,
+            samples=samples,
+            seed=seed,
+            test_identities=test_identities,
+            progress=progress,
+        )
+    if as_json:
+        typer.echo(json.dumps(summary.to_dict(), sort_keys=True))
+    else:
+        typer.echo(
+            f"wrote {summary.images} crops of {summary.identities} identities to {summary.out_dir} in "
+            f"{summary.seconds:.1f} s: train_val.csv {summary.train_triplets} triplets "
+            f"({len(summary.train_identities)} identities), test.csv {summary.test_triplets} triplets "
+            f"({len(summary.test_identities)} identities), calibration profile {summary.profile_id}"
+        )
+
+
+def sim_preview(
+    out: Annotated[Path, typer.Option("--out", help="PNG file to write the contact sheet to.")],
+    identities: Annotated[
+        int, typer.Option("--identities", min=1, max=12, help="Rows (people) to show.")
+    ] = 4,
+    seed: Annotated[int, typer.Option("--seed", help="Simulator seed.")] = 0,
+    tile: Annotated[int, typer.Option("--tile", min=32, max=256, help="Tile size in pixels.")] = 64,
+) -> None:
+    """Render a contact sheet: concealed crop, unconcealed target and raw frame per posture."""
+    import cv2
+
+    from calibration.simulated import preview_sheet
+    from scanner_io.simulator import ScannerSimulator
+
+    sheet = preview_sheet(ScannerSimulator(seed=seed, identities=max(identities, 1)), identities, tile=tile)
+    if out.suffix.lower() != ".png":
+        raise ThzEdgeError(f"--out {out} must end in .png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(out), sheet):
+        raise ThzEdgeError(f"cannot write {out}; check the directory is writable")
+    typer.echo(f"wrote {out} ({sheet.shape[1]}x{sheet.shape[0]})")
+
+
+@contextmanager
+def _sim_progress(label: str):
+    """Yield a (done, total) callback driving a progress bar on a terminal, or None."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)

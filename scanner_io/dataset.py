@@ -1,6 +1,6 @@
 """Datasets in the research format: 64×64 8-bit PNG crops plus triplet CSV files.
 
-Layout written by `write_dataset` (paths in the CSVs are relative to the dataset directory):
+Layout (paths in the CSVs are relative to the dataset directory):
 
     DIR/images/<id>_b<k>b_<n>.png   concealed crop, posture k = 1..5, sample n = 1..K
     DIR/images/<id>_n<k>n_<n>.png   unconcealed crop of the same pose (the reconstruction target)
@@ -8,19 +8,18 @@ Layout written by `write_dataset` (paths in the CSVs are relative to the dataset
     DIR/calibration/                 the simulated sensor's true calibration profile
     DIR/dataset.json                 seed, counts, split, profile id, conditioning
 
-Every crop is made from a simulated raw frame by the same calibrate-and-condition function the
-daemon applies, with the sensor's true profile (see scanner_io.simulator.conditioned_pair).
+This module reads and writes the format (names, crops, triplet CSVs). Simulated datasets are
+written by calibration.simulated.write_dataset, which conditions every crop with the daemon's own
+calibrate-and-condition function and the sensor's true profile (scanner_io never conditions).
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
@@ -31,14 +30,12 @@ from scanner_io.frame import POSTURES
 __all__ = [
     "CropName",
     "Triplet",
-    "DatasetSummary",
     "crop_name",
     "parse_crop_name",
     "load_crop",
     "save_crop",
     "read_triplets",
     "write_triplets",
-    "write_dataset",
     "CROP_SIZE",
 ]
 
@@ -72,31 +69,6 @@ class Triplet:
     anchor: Path
     positive: Path
     negative: Path
-
-
-@dataclass(frozen=True)
-class DatasetSummary:
-    """What `write_dataset` wrote."""
-
-    out_dir: Path
-    seed: int
-    identities: int
-    samples: int
-    train_identities: list[str]
-    test_identities: list[str]
-    images: int
-    train_triplets: int
-    test_triplets: int
-    profile_id: str
-    split: str
-    seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-ready dict."""
-        d = asdict(self)
-        d["out_dir"] = str(self.out_dir)
-        return d
 
 
 def crop_name(identity: str, posture: int, concealed: bool, sample: int) -> str:
@@ -203,133 +175,3 @@ def write_triplets(csv_path: str | Path, rows: Sequence[tuple[str, str, str]]) -
         w = csv.writer(f)
         w.writerow(_CSV_COLUMNS)
         w.writerows(rows)
-
-
-def _split_identities(
-    n: int, test_identities: int | None, test_fraction: float
-) -> tuple[list[int], list[int]]:
-    if test_identities is None:
-        test_identities = max(2, int(round(n * test_fraction))) if n >= 4 else 0
-    if test_identities < 0 or test_identities > n:
-        raise DataError(f"test identities must be 0..{n}, got {test_identities}")
-    if 0 < test_identities < 2 or 0 < n - test_identities < 2:
-        raise DataError(
-            f"{n} identities split {n - test_identities}/{test_identities}: each split needs at least 2 "
-            "identities so triplets have negatives"
-        )
-    # The last identities are the test set: deterministic, and adding identities keeps earlier ones.
-    return list(range(n - test_identities)), list(range(n - test_identities, n))
-
-
-def write_dataset(
-    out_dir: str | Path,
-    identities: int = 20,
-    samples: int = 8,
-    seed: int = 0,
-    test_identities: int | None = None,
-    test_fraction: float = 0.25,
-    split: str = "identity",
-    negatives: int = 1,
-    simulator: Any | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> DatasetSummary:
-    """Simulate and write a research-format dataset; test identities are disjoint by default.
-
-    `split="identity"` puts the last `test_identities` identities (default: a quarter) in
-    test.csv; `split="sample"` instead keeps every identity and puts the last quarter of the
-    sample numbers in test.csv (closed set). Each anchor (concealed) gets `negatives` triplets
-    whose negative is a concealed crop of another identity of the same split in the same
-    posture, with a random sample.
-    """
-    import time
-
-    from scanner_io.simulator import ScannerSimulator, identity_name
-
-    t0 = time.perf_counter()
-    if identities < 2:
-        raise DataError(f"a dataset needs at least 2 identities, got {identities}")
-    if samples < 1:
-        raise DataError(f"samples must be >= 1, got {samples}")
-    if negatives < 1:
-        raise DataError(f"negatives must be >= 1, got {negatives}")
-    if split not in ("identity", "sample"):
-        raise DataError(f"split must be 'identity' or 'sample', got {split!r}")
-    out = Path(out_dir)
-    images = out / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    sim = simulator if simulator is not None else ScannerSimulator(seed=seed, identities=identities)
-    if sim.identities < identities:
-        raise DataError(f"the simulator has {sim.identities} identities, fewer than {identities}")
-
-    total = identities * len(POSTURES) * samples
-    done = 0
-    for ident in range(identities):
-        name = identity_name(ident)
-        for posture in range(len(POSTURES)):
-            for n in range(1, samples + 1):
-                x, target, _ = sim.conditioned_pair(ident, posture, n)
-                save_crop(images / crop_name(name, posture, True, n), x)
-                save_crop(images / crop_name(name, posture, False, n), target)
-                done += 1
-                if progress is not None:
-                    progress(done, total)
-
-    rng = np.random.default_rng([seed, 0x7219])
-    if split == "identity":
-        train_ids, test_ids = _split_identities(identities, test_identities, test_fraction)
-        parts = {"train_val": (train_ids, range(1, samples + 1)), "test": (test_ids, range(1, samples + 1))}
-    else:
-        n_test = max(1, int(round(samples * test_fraction))) if samples >= 2 else 0
-        if n_test == 0:
-            raise DataError("a sample split needs samples >= 2")
-        all_ids = list(range(identities))
-        train_ids = test_ids = all_ids
-        parts = {
-            "train_val": (all_ids, range(1, samples - n_test + 1)),
-            "test": (all_ids, range(samples - n_test + 1, samples + 1)),
-        }
-    counts = {}
-    for part, (ids, sample_range) in parts.items():
-        rows: list[tuple[str, str, str]] = []
-        sample_list = list(sample_range)
-        for ident in ids:
-            others = [j for j in ids if j != ident]
-            for posture in range(len(POSTURES)):
-                for n in sample_list:
-                    anchor = f"images/{crop_name(identity_name(ident), posture, True, n)}"
-                    positive = f"images/{crop_name(identity_name(ident), posture, False, n)}"
-                    for _ in range(negatives):
-                        j = others[int(rng.integers(len(others)))] if others else ident
-                        m = sample_list[int(rng.integers(len(sample_list)))]
-                        negative = f"images/{crop_name(identity_name(j), posture, True, m)}"
-                        rows.append((anchor, positive, negative))
-        if rows:
-            write_triplets(out / f"{part}.csv", rows)
-        counts[part] = len(rows)
-
-    sim.true_profile.save(out / "calibration")
-    summary = DatasetSummary(
-        out_dir=out,
-        seed=seed,
-        identities=identities,
-        samples=samples,
-        train_identities=[identity_name(i) for i in train_ids],
-        test_identities=[identity_name(i) for i in test_ids],
-        images=2 * total,
-        train_triplets=counts.get("train_val", 0),
-        test_triplets=counts.get("test", 0),
-        profile_id=sim.true_profile.profile_id,
-        split=split,
-        seconds=round(time.perf_counter() - t0, 3),
-    )
-    manifest = summary.to_dict() | {
-        "format": "thzedge-sim-dataset/1",
-        "layout": "images/<id>_b<k>b_<n>.png concealed, images/<id>_n<k>n_<n>.png unconcealed; "
-        "CSV paths relative to this directory",
-        "postures": list(POSTURES),
-        "conditioning": sim.conditioning.to_dict(),
-        "negatives_per_anchor": negatives,
-    }
-    manifest.pop("out_dir")
-    (out / "dataset.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return summary

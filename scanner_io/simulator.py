@@ -16,6 +16,10 @@ known truth. One frame is made in four steps, all vectorised numpy/cv2:
 
 Everything is deterministic for (seed, identity, posture, sample): each capture draws from its
 own seeded generator, so the order of calls never changes a frame.
+
+Everything here is raw: frames in counts, truth as powers and the sensor's own maps
+(`SensorMaps`). Turning those into calibration profiles, conditioned crops and datasets is the
+calibration package's job (calibration/simulated.py); scanner_io never imports calibration.
 """
 
 from __future__ import annotations
@@ -24,30 +28,25 @@ import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import cv2
 import numpy as np
 
-from calibration.conditioning import (
-    ConditioningParams,
-    Roi,
-    calibrate,
-    condition_with_roi,
-)
-from calibration.profile import CalibrationProfile
 from scanner_io.errors import ConfigError
 from scanner_io.frame import POSTURES, Frame, FrameHeader
 
 __all__ = [
+    "Capture",
     "HeadParams",
+    "SensorMaps",
     "SimConfig",
     "SimTruth",
     "ScannerSimulator",
     "identity_name",
     "POSTURE_ANGLES",
-    "preview_sheet",
 ]
 
 _DEG = math.pi / 180.0
@@ -351,7 +350,9 @@ class SimTruth:
 
     `dark`/`gain`/`bad_pixels` are the sensor's actual correction maps for this frame (at its
     temperature), in profile terms: calibrating the raw frame with them recovers `power` up to
-    read noise. `target` is computed on first access (it needs a second, reference capture).
+    read noise. `reference` is the raw unconcealed, frame-averaged capture of the same pose at
+    the calibration temperature, made on first access (calibration.simulated conditions it into
+    the reconstruction target at this frame's ROI).
     """
 
     identity: int
@@ -368,19 +369,38 @@ class SimTruth:
     gain: np.ndarray
     bad_pixels: np.ndarray
     claimed_identity: str | None = None
-    _target_fn: Any = field(default=None, repr=False)
-    _target: np.ndarray | None = field(default=None, repr=False)
+    _reference_fn: Callable[[], np.ndarray] | None = field(default=None, repr=False)
+    _reference: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def posture_name(self) -> str:
         return POSTURES[self.posture]
 
     @property
-    def target(self) -> np.ndarray:
-        """Conditioned unconcealed reference capture, 64×64 float32 in [0,1], cut at this frame's ROI."""
-        if self._target is None:
-            self._target = self._target_fn()
-        return self._target
+    def reference(self) -> np.ndarray:
+        """Raw uint16 unconcealed reference capture of this pose (frame-averaged, calibration temperature)."""
+        if self._reference is None:
+            if self._reference_fn is None:
+                raise ValueError("this truth has no reference capture")
+            self._reference = self._reference_fn()
+        return self._reference
+
+
+@dataclass(frozen=True, eq=False)
+class SensorMaps:
+    """A simulated sensor's true correction maps, as plain arrays (no conditioning, no profile).
+
+    `dark` is the offset in counts, `gain` the correction gain (power per count above dark),
+    `bad_pixels` the dead/hot/flickering mask; `meta` says where the maps come from (JSON-ready).
+    calibration.simulated.profile_from_sensor_maps turns them into a CalibrationProfile.
+    """
+
+    scanner: str
+    shape: tuple[int, int]
+    dark: np.ndarray  # float32 counts
+    gain: np.ndarray  # float32 power per count above dark
+    bad_pixels: np.ndarray  # bool
+    meta: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -406,15 +426,17 @@ class _Sensor:
 
 
 @dataclass(frozen=True)
-class _Capture:
-    raw: np.ndarray
-    power: np.ndarray
-    clean: np.ndarray
-    pose: tuple[float, float, float]
-    center: tuple[float, float]
-    temp: float
-    dark: np.ndarray
-    gain: np.ndarray
+class Capture:
+    """One raw capture and its truth, before it is wrapped into a Frame."""
+
+    raw: np.ndarray  # uint16 counts
+    power: np.ndarray  # float32 incident power incl. speckle and source fluctuation
+    clean: np.ndarray  # float32 noise-free scene power
+    pose: tuple[float, float, float]  # yaw, pitch, roll in degrees
+    center: tuple[float, float]  # head centre, raw pixels
+    temp: float  # sensor temperature, °C
+    dark: np.ndarray  # the sensor's dark offset at `temp`
+    gain: np.ndarray  # the sensor's correction gain at `temp`
 
 
 class ScannerSimulator:
@@ -433,7 +455,6 @@ class ScannerSimulator:
         shape: tuple[int, int] = (128, 128),
         *,
         config: SimConfig | None = None,
-        conditioning: ConditioningParams | None = None,
         concealed_fraction: float = 1.0,
         drift: bool = True,
         claim_identity: bool = False,
@@ -458,9 +479,6 @@ class ScannerSimulator:
         self.shape = shape
         self.config = config or SimConfig()
         self._scale = min(shape) / 128.0  # the head keeps its share of the frame
-        if conditioning is None:
-            conditioning = ConditioningParams(crop_size=max(8, int(round(88 * self._scale))))
-        self.conditioning = conditioning
         self.concealed_fraction = float(concealed_fraction)
         self.drift = drift
         self.claim_identity = claim_identity
@@ -478,15 +496,7 @@ class ScannerSimulator:
         self._cache_size = max(5, int(cache_size))
         self._sensor = self._make_sensor()
         self._speckle_kernel_norm = self._speckle_norm()
-        self.true_profile = CalibrationProfile(
-            scanner=scanner,
-            shape=shape,
-            dark=self._sensor.dark,
-            gain=1.0 / self._sensor.resp,
-            bad_pixels=self._sensor.bad,
-            conditioning=conditioning,
-            meta={"source": "simulator", "seed": self.seed, "sensor_temp_c": self.config.reference_temp_c},
-        )
+        self._true_maps = self._maps(self._sensor.dark, 1.0 / self._sensor.resp, self.config.reference_temp_c)
 
     # -- identities and geometry --------------------------------------------------------------
     def identity_params(self, identity: int) -> HeadParams:
@@ -498,7 +508,7 @@ class ScannerSimulator:
             return self._heads[identity]
 
     def _geometry(self, identity: int, posture: int) -> _Geometry:
-        # A lock, because a frame's lazy `truth.target` may be read on another thread than
+        # A lock, because a frame's lazy `truth.reference` may be read on another thread than
         # the one streaming; everything else in a capture is a pure function of its seeds.
         with self._lock:
             return self._geometry_locked(identity, posture)
@@ -567,15 +577,34 @@ class ScannerSimulator:
         """Move the stream to frame `index` (e.g. past the warm-up); header seq keeps increasing."""
         self._stream_index = max(0, int(index))
 
-    def sensor_maps(self, temp_c: float) -> tuple[np.ndarray, np.ndarray]:
-        """Return (dark counts, correction gain) the sensor actually has at `temp_c`."""
+    def sensor_maps(self, temp_c: float | None = None) -> SensorMaps:
+        """Return the maps the sensor actually has at `temp_c` (default: the calibration temperature).
+
+        At the calibration temperature these are the sensor's true calibration: what a perfect
+        dark/reference calibration would measure (calibration.simulated makes the profile).
+        """
         c = self.config
-        if temp_c == c.reference_temp_c:
-            return self.true_profile.dark, self.true_profile.gain
+        if temp_c is None or temp_c == c.reference_temp_c:
+            return self._true_maps
         dt = np.float32(temp_c - c.reference_temp_c)
         dark = self._sensor.dark + dt * self._sensor.dark_tc
         resp = self._sensor.resp * np.float32(1.0 + c.gain_tc * float(dt))
-        return dark.astype(np.float32), (1.0 / resp).astype(np.float32)
+        return self._maps(dark.astype(np.float32), (1.0 / resp).astype(np.float32), temp_c)
+
+    def _maps(self, dark: np.ndarray, gain: np.ndarray, temp_c: float) -> SensorMaps:
+        arrays = []
+        for arr in (dark, gain):
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
+            arr.setflags(write=False)  # shared by every frame's truth
+            arrays.append(arr)
+        return SensorMaps(
+            scanner=self.scanner,
+            shape=self.shape,
+            dark=arrays[0],
+            gain=arrays[1],
+            bad_pixels=self._sensor.bad,
+            meta={"source": "simulator", "seed": self.seed, "sensor_temp_c": temp_c},
+        )
 
     # -- one capture --------------------------------------------------------------------------
     def _pose(
@@ -655,17 +684,25 @@ class ScannerSimulator:
         )
         return out, center
 
-    def _capture(
+    def capture(
         self,
         identity: int,
         posture: int,
         sample: int,
-        concealed: bool,
-        reference: bool,
-        temp_c: float,
-        seq: int,
-    ) -> _Capture:
+        concealed: bool = True,
+        reference: bool = False,
+        temp_c: float | None = None,
+        seq: int = 0,
+    ) -> Capture:
+        """Make one raw capture (no Frame, no header seq used): the building block of every frame.
+
+        `reference=True` is the frame-averaged capture (`SimConfig.reference_looks`) used as the
+        reconstruction target; `temp_c` defaults to the calibration temperature; `seq` keys the
+        noise (0 for `render`, the stream index for `next_frame`).
+        """
         c = self.config
+        if temp_c is None:
+            temp_c = c.reference_temp_c
         if not 0 <= posture < len(POSTURES):
             raise ValueError(f"posture must be 0..{len(POSTURES) - 1}, got {posture}")
         geo = self._geometry(identity, posture)
@@ -699,7 +736,8 @@ class ScannerSimulator:
         src = 10.0 ** (float(noise.normal(0.0, c.source_jitter_db)) / 10.0)
         power = clean * sp
         power *= f32(src)
-        dark, gain = self.sensor_maps(temp_c)
+        maps = self.sensor_maps(temp_c)
+        dark, gain = maps.dark, maps.gain
         read = c.read_noise / math.sqrt(c.reference_looks) if reference else c.read_noise
         counts = noise.standard_normal((h, w), dtype=f32)
         counts *= f32(read)
@@ -712,7 +750,7 @@ class ScannerSimulator:
         off = s.flicker_idx[noise.random(len(s.flicker_idx)) < c.flicker_probability]
         flat[off] = f32(60000.0)
         raw = np.clip(np.rint(counts), 0, 65535).astype(np.uint16)
-        return _Capture(
+        return Capture(
             raw=raw,
             power=power,
             clean=clean,
@@ -724,29 +762,6 @@ class ScannerSimulator:
         )
 
     # -- public API ---------------------------------------------------------------------------
-    def conditioned_pair(
-        self, identity: int, posture: int, sample: int
-    ) -> tuple[np.ndarray, np.ndarray, Roi]:
-        """Return (concealed input, unconcealed target, roi) for one sample, as the dataset has them.
-
-        The input goes through exactly `calibrate_and_condition` with the true profile; the
-        target is the frame-averaged unconcealed reference capture of the same pose, calibrated
-        the same way and cut at the input's ROI so the pair is pixel-aligned.
-        """
-        ref = self.config.reference_temp_c
-        conc = self._capture(identity, posture, sample, True, False, ref, 0)
-        x, roi = condition_with_roi(calibrate(conc.raw, self.true_profile), self.conditioning)
-        return x, self._target(identity, posture, sample, roi), roi
-
-    def _target(self, identity: int, posture: int, sample: int, roi: Roi) -> np.ndarray:
-        ref = self._capture(identity, posture, sample, False, True, self.config.reference_temp_c, 0)
-        return condition_with_roi(calibrate(ref.raw, self.true_profile), self.conditioning, roi)[0]
-
-    def clean_target(self, identity: int, posture: int, sample: int, roi: Roi) -> np.ndarray:
-        """Return the noise-free unconcealed render (no speckle, no sensor) conditioned at `roi`."""
-        cap = self._capture(identity, posture, sample, False, True, self.config.reference_temp_c, 0)
-        return condition_with_roi(cap.clean, self.conditioning, roi)[0]
-
     def render(self, identity: int, posture: int, sample: int, concealed: bool = True) -> Frame:
         """Capture one specific (identity, posture, sample) at the calibration temperature."""
         return self._frame(identity, posture, sample, concealed, self.config.reference_temp_c, 0)
@@ -784,7 +799,7 @@ class ScannerSimulator:
     ) -> Frame:
         if not 0 <= identity < self.identities:
             raise ValueError(f"identity must be 0..{self.identities - 1}, got {identity}")
-        cap = self._capture(identity, posture, sample, concealed, False, temp_c, noise_key)
+        cap = self.capture(identity, posture, sample, concealed, False, temp_c, noise_key)
         seq = self._seq
         self._seq += 1
         if self.start_time_ns is None:
@@ -803,11 +818,9 @@ class ScannerSimulator:
         )
         dark, gain = cap.dark, cap.gain
         raw = cap.raw
-        profile, params = self.true_profile, self.conditioning
 
-        def target() -> np.ndarray:
-            _, roi = condition_with_roi(calibrate(raw, profile), params)
-            return self._target(identity, posture, sample, roi)
+        def reference() -> np.ndarray:
+            return self.capture(identity, posture, sample, False, True).raw
 
         truth = SimTruth(
             identity=identity,
@@ -824,7 +837,7 @@ class ScannerSimulator:
             gain=gain,
             bad_pixels=self._sensor.bad,
             claimed_identity=claimed,
-            _target_fn=target,
+            _reference_fn=reference,
         )
         return Frame(header=header, data=raw, truth=truth)
 
@@ -836,7 +849,6 @@ class ScannerSimulator:
             self.scanner,
             self.shape,
             config=replace(self.config, **changes),
-            conditioning=self.conditioning,
             concealed_fraction=self.concealed_fraction,
             drift=self.drift,
             claim_identity=self.claim_identity,
@@ -844,39 +856,3 @@ class ScannerSimulator:
             start_time_ns=self.start_time_ns,
             nominal_fps=self.nominal_fps,
         )
-
-
-def preview_sheet(sim: ScannerSimulator, identities: int = 4, sample: int = 1, tile: int = 64) -> np.ndarray:
-    """Return a uint8 contact sheet: per identity a row, per posture concealed | unconcealed | raw.
-
-    Crops are shown as the model sees them; the raw frame is the sensor's uint16 counts,
-    log-stretched above its darkest pixels (dark pattern, hot pixels and all).
-    """
-    label_h = 14
-    n = min(identities, sim.identities)
-    cols = 3 * len(POSTURES)
-    gap = 2
-    width = cols * tile + (len(POSTURES) - 1) * gap
-    sheet = np.full((label_h + n * tile, width), 255, np.uint8)
-
-    def to_u8(img: np.ndarray) -> np.ndarray:
-        interp = cv2.INTER_AREA if img.shape[0] > tile else cv2.INTER_NEAREST
-        img = cv2.resize(img, (tile, tile), interpolation=interp)
-        return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
-
-    for p, pname in enumerate(POSTURES):
-        x0 = p * (3 * tile + gap)
-        text = f"{pname}: concealed | target | raw"
-        scale = 0.33 * tile / 64.0
-        cv2.putText(sheet, text, (x0 + 2, label_h - 4), cv2.FONT_HERSHEY_SIMPLEX, scale, 0, 1, cv2.LINE_AA)
-        for i in range(n):
-            y0 = label_h + i * tile
-            x, target, _ = sim.conditioned_pair(i, p, sample)
-            raw = sim.render(i, p, sample, concealed=True).data.astype(np.float32)
-            # Log stretch above the darkest pixels: shows the dark pattern, bad pixels and the head.
-            raw_log = np.log10(np.maximum(raw - np.percentile(raw, 0.5), 1.0))
-            lo, hi = np.percentile(raw_log, [1.0, 99.9])
-            raw_n = np.clip((raw_log - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
-            for k, img in enumerate((x, target, raw_n)):
-                sheet[y0 : y0 + tile, x0 + k * tile : x0 + (k + 1) * tile] = to_u8(img)
-    return sheet

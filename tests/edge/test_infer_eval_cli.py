@@ -365,7 +365,7 @@ def test_eval_names_a_file_outside_the_research_format(tmp_path, capsys, bundle_
 
 
 def test_eval_on_a_simulated_dataset_written_by_write_dataset(tmp_path, capsys, bundle_dir):
-    from scanner_io.dataset import write_dataset
+    from calibration.simulated import write_dataset
 
     summary = write_dataset(tmp_path / "sim", identities=4, samples=1, seed=0, test_identities=2)
     sim = tmp_path / "sim"

@@ -20,7 +20,7 @@ from export.quantize import add_variant  # noqa: E402
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from scanner_io.dataset import write_dataset
+    from calibration.simulated import write_dataset
 
     out = tmp_path_factory.mktemp("gate_ds") / "ds"
     write_dataset(out, identities=4, samples=2, seed=1, test_identities=2)

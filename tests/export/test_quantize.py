@@ -59,7 +59,7 @@ def spread_network(images: np.ndarray, seed: int = 0):  # -> MTLNetwork
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from scanner_io.dataset import write_dataset
+    from calibration.simulated import write_dataset
 
     out = tmp_path_factory.mktemp("ds") / "ds"
     write_dataset(out, identities=5, samples=2, seed=0, test_identities=2)
@@ -258,6 +258,7 @@ def test_quantize_cli_exit_codes(bundle: Path, dataset: Path, capsys: pytest.Cap
 
 def test_mcap_recordings_are_conditioned_like_the_daemon(tmp_path: Path) -> None:
     from calibration.conditioning import calibrate_and_condition
+    from calibration.simulated import true_profile
     from scanner_io.recording import Recorder
     from scanner_io.simulator import ScannerSimulator
 
@@ -265,12 +266,12 @@ def test_mcap_recordings_are_conditioned_like_the_daemon(tmp_path: Path) -> None
     frames = [sim.render(identity=i % 3, posture=i % 5, sample=0, concealed=bool(i % 2)) for i in range(10)]
     rec_dir = tmp_path / "recs"
     rec_dir.mkdir()
-    with Recorder(rec_dir / "a.mcap", calibration=sim.true_profile, fsync=False) as rec:
+    with Recorder(rec_dir / "a.mcap", calibration=true_profile(sim), fsync=False) as rec:
         for f in frames:
             rec.write(f)
     cal = load_calibration_set(rec_dir, samples=100)
     assert cal.source == "mcap" and cal.inputs.shape == (10, 1, 64, 64)
-    expected = np.stack([calibrate_and_condition(f.data, sim.true_profile) for f in frames])[:, None]
+    expected = np.stack([calibrate_and_condition(f.data, true_profile(sim)) for f in frames])[:, None]
     np.testing.assert_allclose(np.sort(cal.inputs.ravel()), np.sort(expected.ravel()), atol=1e-6)
 
 

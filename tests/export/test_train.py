@@ -13,6 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from calibration.simulated import write_dataset  # noqa: E402
 from edge.cli import main  # noqa: E402
 from export import losses  # noqa: E402
 from export.train import (  # noqa: E402
@@ -23,7 +24,6 @@ from export.train import (  # noqa: E402
     train,
     train_on,
 )
-from scanner_io.dataset import write_dataset  # noqa: E402
 from scanner_io.errors import EXIT_DATA, DataError, ThzEdgeError  # noqa: E402
 
 # A tiny network (width 0.0625 -> 4 base channels) keeps every step in the milliseconds.
