@@ -22,7 +22,7 @@ import numpy as np
 from calibration.conditioning import ConditioningParams
 from scanner_io.errors import CalibrationError
 
-__all__ = ["CalibrationProfile", "PROFILE_FORMAT"]
+__all__ = ["CalibrationProfile", "PROFILE_FORMAT", "profile_from_attachment"]
 
 PROFILE_FORMAT = 1
 _JSON_NAME = "profile.json"
@@ -205,6 +205,32 @@ class CalibrationProfile:
                 f"content {profile.profile_id}): the files were changed; recalibrate or restore them"
             )
         return profile
+
+
+def profile_from_attachment(name: str, data: bytes) -> CalibrationProfile:
+    """Load the calibration profile a recording carries (`ReplaySource.calibration()`'s (name, bytes)).
+
+    The recorder attaches a profile directory as a tar (scanner_io/recording.py); it is unpacked
+    into a temporary directory and loaded with the usual checks (format, id). Anything that is not
+    a valid profile is a CalibrationError naming the attachment.
+    """
+    import tarfile
+
+    from scanner_io.errors import DataError
+    from scanner_io.recording import extract_calibration
+
+    with tempfile.TemporaryDirectory(prefix="thzedge-calibration-") as tmp:
+        try:
+            path = extract_calibration(name, data, tmp)
+        except (tarfile.TarError, DataError, OSError, ValueError) as exc:
+            raise CalibrationError(
+                f"the recording's calibration attachment {name!r} cannot be unpacked ({exc}); "
+                "configure the source's calibration profile instead"
+            ) from exc
+        try:
+            return CalibrationProfile.load(path)
+        except CalibrationError as exc:
+            raise CalibrationError(f"the recording's calibration attachment {name!r}: {exc}") from exc
 
 
 def _atomic_write(target: Path, write: Any) -> None:

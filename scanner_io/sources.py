@@ -23,12 +23,15 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 from scanner_io.codec import MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES, MalformedFrame, decode_frame
 from scanner_io.errors import ConfigError, FrameDecodeError, SourceUnavailableError
 from scanner_io.frame import Frame
+
+if TYPE_CHECKING:
+    from scanner_io.simulator import SensorMaps
 
 __all__ = [
     "MalformedFrame",
@@ -136,6 +139,14 @@ class Source(ABC):
         """True once a finite source has delivered everything."""
         return False
 
+    def sensor_maps(self) -> SensorMaps | None:
+        """Return the sensor's true dark/gain/bad-pixel maps if the source knows them, else None.
+
+        Only the simulator knows them; calibration.simulated.profile_from_sensor_maps turns them into a
+        calibration profile, so `--source sim` can be calibrated without a configured profile.
+        """
+        return None
+
     @property
     def state(self) -> str:
         """One of "up", "stalled", "down", "ended"."""
@@ -223,6 +234,10 @@ class SimSource(Source):
         self._count += 1
         self._seq.observe(frame)
         return frame
+
+    def sensor_maps(self) -> SensorMaps:
+        """Return the simulated sensor's true maps at its calibration temperature."""
+        return self._sim.sensor_maps()
 
 
 class ReplaySource(Source):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from calibration.conditioning import calibrate, calibrate_and_condition, condition_with_roi
-from calibration.profile import CalibrationProfile
+from calibration.profile import CalibrationProfile, profile_from_attachment
 from calibration.simulated import (
     CalibratedSimulator,
     preview_sheet,
@@ -21,7 +21,7 @@ from calibration.simulated import (
 )
 from edge.cli import main
 from scanner_io.dataset import load_crop, parse_crop_name, read_triplets
-from scanner_io.errors import DataError
+from scanner_io.errors import CalibrationError, DataError
 from scanner_io.simulator import ScannerSimulator
 
 
@@ -70,6 +70,57 @@ def test_true_profile_is_the_sensor_maps_plus_conditioning(sim, cal):
     assert other.profile_id != profile.profile_id and other.conditioning.db_max == 50.0
     assert true_profile(ScannerSimulator(seed=3, identities=2)).profile_id == profile.profile_id
     assert true_profile(ScannerSimulator(seed=4, identities=2)).profile_id != profile.profile_id
+
+
+def test_sim_source_exposes_its_sensor_maps_for_calibration():
+    from scanner_io.sources import open_source
+
+    with open_source("sim?seed=5&identities=3") as src:
+        maps = src.sensor_maps()
+        assert maps is not None
+        profile = profile_from_sensor_maps(maps)
+        frame = src.read(1.0)
+    want = true_profile(ScannerSimulator(seed=5, identities=3))
+    assert profile.profile_id == want.profile_id
+    # The stream's first frame is at the calibration temperature: its truth maps are the profile's.
+    np.testing.assert_array_equal(frame.truth.dark, profile.dark)
+
+
+def test_non_sim_sources_have_no_sensor_maps(tmp_path):
+    from scanner_io.sources import open_source
+
+    src = open_source(f"ipc://{tmp_path}/scanner.sock")
+    try:
+        assert src.sensor_maps() is None
+    finally:
+        src.close()
+
+
+def test_profile_from_a_recording_attachment(tmp_path, sim):
+    from scanner_io.recording import Recorder
+    from scanner_io.sources import open_source
+
+    profile = true_profile(sim)
+    rec = tmp_path / "r.mcap"
+    with Recorder(rec, calibration=profile, fsync=False) as r:
+        r.write(sim.render(0, 0, 1))
+    src = open_source(f"replay:{rec}?rate=max")
+    try:
+        attachment = src.calibration()
+    finally:
+        src.close()
+    assert attachment is not None
+    loaded = profile_from_attachment(*attachment)
+    assert loaded == profile and loaded.conditioning == profile.conditioning
+    np.testing.assert_array_equal(loaded.bad_pixels, profile.bad_pixels)
+
+
+def test_bad_attachments_are_calibration_errors():
+    name = "calibration/abc.tar"
+    with pytest.raises(CalibrationError, match="abc.tar"):
+        profile_from_attachment(name, b"not a tar at all")
+    with pytest.raises(CalibrationError, match="not a calibration profile"):
+        profile_from_attachment("calibration/profile.bin", b"\x00\x01")
 
 
 def test_truth_maps_are_what_the_sensor_applied():
