@@ -255,29 +255,26 @@ def _calibration_from_mcap(
     recorder stores it); without either, frames are conditioned uncorrected, with a warning.
     """
     from calibration.conditioning import calibrate_and_condition
-    from calibration.profile import CalibrationProfile
-    from scanner_io.recording import RecordingReader, extract_calibration
+    from calibration.profile import CalibrationProfile, profile_from_attachment
+    from scanner_io.recording import RecordingReader
     from scanner_io.sources import MalformedFrame
 
     given = CalibrationProfile.load(profile) if profile is not None else None
     frames: list[np.ndarray] = []
-    with tempfile.TemporaryDirectory(prefix="thzedge-calib-") as tmp:
-        for k, f in enumerate(files):
-            reader = RecordingReader(f)
-            raw = [rec.item.data for rec in reader if not isinstance(rec.item, MalformedFrame)]
-            prof = given
-            attached = reader.calibration() if given is None else None
-            if attached is not None:
-                prof = CalibrationProfile.load(
-                    extract_calibration(attached[0], attached[1], Path(tmp) / str(k))
-                )
-            if prof is None:
-                log.warning(
-                    "%s has no calibration profile attached and no --profile was given: its frames are "
-                    "conditioned without dark/gain/bad-pixel correction",
-                    f.name,
-                )
-            frames += [calibrate_and_condition(r, prof) for r in raw]
+    for f in files:
+        reader = RecordingReader(f)
+        raw = [rec.item.data for rec in reader if not isinstance(rec.item, MalformedFrame)]
+        prof = given
+        attached = reader.calibration() if given is None else None
+        if attached is not None:
+            prof = profile_from_attachment(*attached)
+        if prof is None:
+            log.warning(
+                "%s has no calibration profile attached and no --profile was given: its frames are "
+                "conditioned without dark/gain/bad-pixel correction",
+                f.name,
+            )
+        frames += [calibrate_and_condition(r, prof) for r in raw]
     if not frames:
         raise DataError(f"{root}: the recordings hold no frames")
     arr = _as_nchw(np.stack(frames), str(root))
