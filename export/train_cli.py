@@ -12,10 +12,20 @@ from typing import Annotated
 
 import typer
 
+from export.train import TrainConfig
+
+# Defaults are the shipped demo recipe (export.train imports no torch at module level).
+D = TrainConfig()
+
 
 class Augment(str, Enum):
     gentle = "gentle"
     none = "none"
+
+
+class Sampler(str, Enum):
+    random = "random"
+    pk = "pk"
 
 
 class LabelScheme(str, Enum):
@@ -34,32 +44,36 @@ def train_command(
     data: Annotated[
         Path, typer.Option("--data", help="Research-format dataset directory (with train_val.csv).")
     ],
-    out: Annotated[
-        Path, typer.Option("--out", help="Checkpoint file to write (best epoch by validation SSIM).")
-    ],
+    out: Annotated[Path, typer.Option("--out", help="Checkpoint to write (best epoch by validation SSIM).")],
     width: Annotated[
-        float,
-        typer.Option("--width", help="Channel width multiplier; width x 64 must be whole (0.125, 0.25, 1)."),
-    ] = 0.125,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the training triplets.")] = 8,
+        float, typer.Option("--width", help="Channel width multiplier; width x 64 must be whole (0.125, 1).")
+    ] = D.width,
+    epochs: Annotated[
+        int, typer.Option("--epochs", min=1, help="Passes over the training triplets.")
+    ] = D.epochs,
     seed: Annotated[
-        int, typer.Option("--seed", help="Seed of initialisation, shuffling and augmentation.")
-    ] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Triplets per step.")] = 32,
+        int, typer.Option("--seed", help="Seed of initialisation, order and augmentation.")
+    ] = D.seed,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Triplets per step.")] = D.batch_size,
     lr: Annotated[
-        float, typer.Option("--lr", help="Peak AdamW learning rate (warm-up, then cosine decay).")
-    ] = 3e-3,
+        float, typer.Option("--lr", help="Peak AdamW learning rate (warm-up, cosine decay).")
+    ] = D.lr,
+    dropout: Annotated[
+        float, typer.Option("--dropout", min=0.0, max=0.9, help="Dropout of latent and head (research: 0.5).")
+    ] = D.dropout,
     threads: Annotated[
         int, typer.Option("--threads", min=1, help="torch CPU threads (fixed, for reproducibility).")
-    ] = 2,
+    ] = D.threads,
     augment: Annotated[
         Augment, typer.Option("--augment", help="Input augmentation profile.")
     ] = Augment.gentle,
+    sampler: Annotated[
+        Sampler, typer.Option("--sampler", help="Batches: random triplets, or runs of one identity (pk).")
+    ] = Sampler.random,
     supcon_labels: Annotated[
         LabelScheme,
         typer.Option(
-            "--supcon-labels",
-            help="SupCon labels: true identities, or per triplet as in the research code.",
+            "--supcon-labels", help="SupCon labels: true identities, or per triplet (research code)."
         ),
     ] = LabelScheme.identity,
     max_steps: Annotated[
@@ -80,6 +94,8 @@ def train_command(
         batch_size=batch_size,
         lr=lr,
         threads=threads,
+        dropout=dropout,
+        sampler=sampler.value,
         augment=augment.value,
         label_scheme=supcon_labels.value,
         max_steps=max_steps,

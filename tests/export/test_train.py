@@ -96,6 +96,25 @@ def test_split_identities_is_seeded_and_disjoint() -> None:
         split_identities(["a"], 0.5)
 
 
+def test_epoch_batches_random_and_pk(tiny_dataset: Path) -> None:
+    from export.train import epoch_batches
+
+    data = load_triplet_data(tiny_dataset, tiny_dataset / "train_val.csv")
+    rows = np.arange(len(data.triplets))
+    gen = torch.Generator().manual_seed(0)
+    plain = epoch_batches(data, rows, replace(TINY, sampler="random"), gen)
+    assert all(len(b) == TINY.batch_size for b in plain)
+    assert len(np.unique(np.concatenate(plain))) == len(plain) * TINY.batch_size
+    pk = epoch_batches(data, rows, replace(TINY, sampler="pk", samples_per_identity=2), gen)
+    anchors = [data.triplets[b, 0] for b in pk]
+    # Rows come in runs of two sharing identity and posture (the tiny set has 2 samples each).
+    for a in anchors:
+        key = data.identity[a] * 10 + data.posture[a]
+        assert all(key[i] == key[i + 1] for i in range(0, len(key) - 1, 2))
+    # Postures are mixed within a batch (one-posture batches break BatchNorm's statistics).
+    assert any(len(np.unique(data.posture[a])) > 1 for a in anchors)
+
+
 def test_training_lowers_the_losses_and_is_deterministic(tiny_dataset: Path, tmp_path: Path) -> None:
     data = load_triplet_data(tiny_dataset, tiny_dataset / "train_val.csv")
     rows = np.arange(len(data.triplets))
