@@ -368,6 +368,7 @@ class AcquisitionStage(Stage):
         self.stop_deadline = stop_deadline
         self.source: Any = None
         self.recorder: Any = None
+        self.source_profile: tuple[Any, str] | None = None
         self.live = True
         self.exit_reason = "running"
         self.last_frame_t: float | None = None
@@ -378,6 +379,8 @@ class AcquisitionStage(Stage):
     def setup(self) -> None:
         self.source = self._open_source()
         self.live = bool(getattr(self.source, "live", True))
+        # Read here, in the thread that owns the source, before any frame is read.
+        self.source_profile = profile_from_source(self.source)
         if self._open_recorder is not None:
             self.recorder = self._open_recorder()
 
@@ -905,7 +908,7 @@ class Daemon:
         settings: DaemonSettings,
         runner: Any,
         open_source: Callable[[], Any],
-        load_context: Callable[[int], ProcessingContext],
+        load_context: Callable[[int, Any | None], ProcessingContext],
         notifier: Any | None = None,
         metrics: Any | None = None,
         open_recorder: Callable[[], Any] | None = None,
@@ -940,6 +943,7 @@ class Daemon:
         self._stop_at: float | None = None
         self._ready_at = time.monotonic()
         self._ctx: ProcessingContext | None = None
+        self._source_profile: Any | None = None  # calibration the source carries (sim maps, recording)
         self._stages: list[Stage] = []
         self.frames: FrameQueue | None = None
         self.acquisition: AcquisitionStage | None = None
@@ -1117,8 +1121,7 @@ class Daemon:
         from edge.sdnotify import WatchdogPinger
 
         self.tracker.status("loading calibration and gallery")
-        self._ctx = self._load_context(0)
-        self.metrics.calibration(self._ctx.calibration_id)
+        self._ctx = self._load_context(0, None)
         self._set_state("warming_up", "warm-up inference")
         self._warm_up()
         self.compose()
@@ -1128,6 +1131,15 @@ class Daemon:
         self.acquisition.ready.wait()
         if self.acquisition.error is not None:
             raise self.acquisition.error
+        if self.acquisition.source_profile is not None and self._ctx.profile is None:
+            # No profile configured, but the source carries one: the simulator's true sensor maps
+            # or the profile embedded in a recording (R-REC-2). Inference has not started yet.
+            self._source_profile, origin = self.acquisition.source_profile
+            self._ctx = self._load_context(0, self._source_profile)
+            log.info(
+                "no calibration profile configured: using %s (profile %s)", origin, self._ctx.calibration_id
+            )
+        self.metrics.calibration(self._ctx.calibration_id)
         if self.settings.queue_policy != "auto":
             self.acquisition.live = self.settings.queue_policy == "drop_oldest"
         self.frames.block_when_full = not self.acquisition.live
@@ -1236,7 +1248,7 @@ class Daemon:
         with contextlib.suppress(OSError):
             self.notifier.reloading()
         try:
-            new = self._load_context(self.context.generation + 1)
+            new = self._load_context(self.context.generation + 1, self._source_profile)
         except Exception as exc:
             # Keep streaming with what we have; the message names files, never identities.
             log.error("reload failed, keeping the current calibration and gallery: %s", exc)
@@ -1357,6 +1369,28 @@ def _verification_dict(outcome: Any, mode: str, threshold: float | None) -> dict
     }
 
 
+def profile_from_source(source: Any) -> tuple[Any, str] | None:
+    """Return (profile, origin) for a source that carries its own calibration, else None.
+
+    The simulator knows its sensor's true maps; a recording may embed the profile it was taken
+    with. A configured profile always wins over these (see `run_daemon`).
+    """
+    try:
+        maps = source.sensor_maps() if callable(getattr(source, "sensor_maps", None)) else None
+        if maps is not None:
+            from calibration.simulated import profile_from_sensor_maps
+
+            return profile_from_sensor_maps(maps), "the simulator's true sensor maps"
+        attached = source.calibration() if callable(getattr(source, "calibration", None)) else None
+        if attached is not None:
+            from calibration.profile import profile_from_attachment
+
+            return profile_from_attachment(*attached), "the recording's embedded calibration profile"
+    except Exception as exc:  # a bad attachment must not stop streaming: fall back to identity
+        log.warning("the source's own calibration cannot be used (%s): %s", type(exc).__name__, exc)
+    return None
+
+
 def _short(item: Any) -> str:
     return str(getattr(item, "message", "") or "")[:200]
 
@@ -1438,7 +1472,7 @@ def run_daemon(
     if threshold is None:
         threshold = bundle.threshold(cfg.model.precision)
 
-    def load_context(generation: int) -> ProcessingContext:
+    def load_context(generation: int, source_profile: Any | None = None) -> ProcessingContext:
         from calibration.conditioning import ConditioningParams
         from calibration.profile import CalibrationProfile
 
@@ -1451,6 +1485,8 @@ def run_daemon(
             # At start-up a missing or foreign profile is a configuration error (exit 78, no
             # restart loop); on SIGHUP the caller keeps the current profile instead.
             raise ConfigError(f"[sources] calibration: {exc}") from None
+        if profile is None:
+            profile = source_profile  # None, or what the source carries (see Daemon._run)
         base = profile.conditioning if profile is not None else ConditioningParams()
         params = src.conditioning.apply(base)
         gallery = None

@@ -73,7 +73,7 @@ class ScriptedSource:
         self.closed = True
 
 
-def identity_context(generation: int) -> ProcessingContext:
+def identity_context(generation: int, source_profile: Any = None) -> ProcessingContext:
     return ProcessingContext(profile=None, params=None, calibration_id="identity", generation=generation)
 
 
@@ -302,3 +302,22 @@ def test_without_a_model_the_demo_bundle_is_used_and_announced(
         )
     assert summary.frames_in == 4 and summary.published == 4 and summary.exit_reason == "max_frames"
     assert any("demo model" in r.getMessage() and "simulated" in r.getMessage() for r in caplog.records)
+
+
+def test_a_recording_calibrates_with_its_embedded_profile(tmp_path: Path) -> None:
+    from calibration.conditioning import ConditioningParams
+    from calibration.profile import CalibrationProfile
+    from edge.daemon import profile_from_source
+    from scanner_io.recording import Recorder
+    from scanner_io.sources import open_source
+
+    profile = CalibrationProfile.identity("t0", (96, 96), ConditioningParams(db_min=11.0))
+    with Recorder(tmp_path / "r.mcap", calibration=profile, fsync=False) as rec:
+        rec.write(make_frame(0))
+    with open_source(f"replay:{tmp_path / 'r.mcap'}?rate=max") as src:
+        found, origin = profile_from_source(src)
+    assert found.profile_id == profile.profile_id and "recording" in origin
+    with Recorder(tmp_path / "bare.mcap", fsync=False) as rec:
+        rec.write(make_frame(0))
+    with open_source(f"replay:{tmp_path / 'bare.mcap'}?rate=max") as src:
+        assert profile_from_source(src) is None
