@@ -408,7 +408,8 @@ class _Progress:
 
     def step(self, epoch: int, losses: dict[str, float]) -> None:
         if self._bar is not None:
-            text = " ".join(f"{k} {v:.3f}" for k, v in losses.items())
+            short = {"total": "loss", "verification": "ver", "posture": "pos", "reconstruction": "rec"}
+            text = " ".join(f"{short.get(k, k)} {v:.3f}" for k, v in losses.items())
             self._bar.update(self._task, advance=1, description=f"epoch {epoch}", losses=text)
 
     def close(self) -> None:
