@@ -90,10 +90,19 @@ class ProcessingContext:
 
 @dataclass
 class QueuedFrame:
-    """A frame in the queue, stamped with the host monotonic time it arrived."""
+    """A frame in the queue: arrival time (host monotonic) and, once prepared, its model input.
+
+    `prepare_frame` runs in the acquisition thread, so conditioning overlaps inference; the
+    context it used travels with the frame, so a reload switches calibration (and gallery) at
+    exactly one seq.
+    """
 
     frame: Frame
     t_received: float
+    x: np.ndarray | None = None  # [64, 64] float32 model input
+    ctx: ProcessingContext | None = None
+    error: BaseException | None = None  # conditioning failed
+    condition_ms: float = 0.0
 
 
 @dataclass
@@ -355,8 +364,11 @@ class AcquisitionStage(Stage):
         metrics: Metrics,
         stop_deadline: Callable[[], float | None],
         open_recorder: Callable[[], Any] | None = None,
+        prepare: Callable[[QueuedFrame], None] | None = None,
     ) -> None:
         super().__init__("acquire")
+        self.prepare = prepare
+        self.go = threading.Event()
         self._open_source = open_source
         self._open_recorder = open_recorder
         self.frames = frames
@@ -390,6 +402,12 @@ class AcquisitionStage(Stage):
 
     def loop(self) -> None:
         limit = self.settings.max_frames
+        # Frames are read only once the daemon has its final context and a bound results socket.
+        while not self.go.wait(self.settings.poll_s):
+            self.heartbeat = time.monotonic()
+            if self.stop.is_set():
+                self.exit_reason = "stopped"
+                return
         while not self.stop.is_set():
             self.heartbeat = time.monotonic()
             if limit is not None and self.stats.frames_in >= limit:
@@ -463,7 +481,10 @@ class AcquisitionStage(Stage):
         self.metrics.received()
         if self.recorder is not None:
             self.recorder.write(frame)
-        evicted = self.frames.put(QueuedFrame(frame, now), self.stop, self.settings.poll_s)
+        queued = QueuedFrame(frame, now)
+        if self.prepare is not None:
+            self.prepare(queued)
+        evicted = self.frames.put(queued, self.stop, self.settings.poll_s)
         if evicted is not None:
             reason = "shutdown" if evicted.frame is frame else "queue_full"
             self.stats.drop(reason)
@@ -497,9 +518,11 @@ class InferenceStage(Stage):
         drain_deadline: Callable[[], float | None],
         max_batch: int,
         beat: Any | None = None,
+        prepare: Callable[[QueuedFrame], None] | None = None,
     ) -> None:
         super().__init__("infer")
         self.beat = beat
+        self.prepare = prepare or (lambda q: prepare_frame(q, context()))
         self.runner = runner
         self.frames = frames
         self.outbox = outbox
@@ -514,7 +537,6 @@ class InferenceStage(Stage):
         self.drain_deadline = drain_deadline
         self.max_batch = max(1, max_batch)
         self._accounted = 0  # frames of the current batch already published or dropped
-        self._warned_identity = False
 
     def loop(self) -> None:
         while True:
@@ -552,8 +574,6 @@ class InferenceStage(Stage):
 
     def process(self, batch: list[QueuedFrame]) -> None:
         """Turn one batch of queued frames into results handed to the publisher."""
-        ctx = self.context()  # read once: every frame of the batch sees the same calibration
-        prov = self.provenance(ctx)
         now = time.monotonic()
         fresh: list[QueuedFrame] = []
         for q in batch:
@@ -571,41 +591,27 @@ class InferenceStage(Stage):
             self.stats.batches += 1
             self.stats.batched_frames += len(fresh)
         results = []
-        inputs: list[np.ndarray] = []
         ok: list[int] = []
         for i, q in enumerate(fresh):
-            r = _new_result(q, prov, now)
+            if q.ctx is None:  # not prepared upstream: condition here
+                self.prepare(q)
+            r = _new_result(q, self.provenance(q.ctx), now)
+            r.latency_ms["condition"] = q.condition_ms
             results.append(r)
-            t0 = time.perf_counter()
-            try:
-                inputs.append(self._condition(q.frame, ctx))
+            if q.error is not None:
+                self._fail(r, "condition", q.error, fatal=True)
+            else:
                 ok.append(i)
-            except Exception as exc:
-                self._fail(r, "condition", exc, fatal=True)
-            r.latency_ms["condition"] = (time.perf_counter() - t0) * 1e3
         if ok:
-            self._infer([results[i] for i in ok], [fresh[i] for i in ok], np.stack(inputs)[:, None], ctx)
+            x = np.stack([fresh[i].x for i in ok])[:, None]
+            self._infer([results[i] for i in ok], [fresh[i] for i in ok], x)
         for r in results:
             self._emit(r)
-
-    def _condition(self, frame: Frame, ctx: ProcessingContext) -> np.ndarray:
-        from calibration.conditioning import calibrate_and_condition
-
-        if ctx.profile is None and not self._warned_identity:
-            self._warned_identity = True
-            log.warning("no calibration profile configured: using identity calibration (uncorrected frames)")
-        x = calibrate_and_condition(frame.data, ctx.profile, ctx.params)
-        x = np.asarray(x, dtype=np.float32)
-        if x.shape != (64, 64):
-            raise ValueError(f"conditioning gave shape {x.shape}, the model needs (64, 64)")
-        return x
 
     def _encode(self, x: np.ndarray) -> Any:
         return self.runner.encode(np.ascontiguousarray(x, dtype=np.float32))
 
-    def _infer(
-        self, results: list[Any], frames: list[QueuedFrame], x: np.ndarray, ctx: ProcessingContext
-    ) -> None:
+    def _infer(self, results: list[Any], frames: list[QueuedFrame], x: np.ndarray) -> None:
         t0 = time.perf_counter()
         try:
             encs = [self._encode(x)]
@@ -641,7 +647,7 @@ class InferenceStage(Stage):
                 "confidence": float(p[idx]),
             }
             r.embedding = np.asarray(enc.embedding[row], dtype=np.float32).copy()
-            self._verify(r, q.frame, ctx)
+            self._verify(r, q.frame, q.ctx)
         if self.settings.reconstruction and pairs:
             self._reconstruct(pairs)
 
@@ -944,6 +950,7 @@ class Daemon:
         self._ready_at = time.monotonic()
         self._ctx: ProcessingContext | None = None
         self._source_profile: Any | None = None  # calibration the source carries (sim maps, recording)
+        self._warned_identity = False
         self._stages: list[Stage] = []
         self.frames: FrameQueue | None = None
         self.acquisition: AcquisitionStage | None = None
@@ -976,6 +983,13 @@ class Daemon:
 
     def _drain_deadline(self) -> float | None:
         return None if self._stop_at is None else self._stop_at + 0.6 * self.settings.stop_timeout_s
+
+    def _prepare(self, q: QueuedFrame) -> None:
+        ctx = self.context  # read once per frame, in seq order: a reload switches at one seq
+        if ctx.profile is None and not self._warned_identity:
+            self._warned_identity = True
+            log.warning("no calibration profile configured: using identity calibration (uncorrected frames)")
+        prepare_frame(q, ctx)
 
     def _provenance(self, ctx: ProcessingContext) -> Any:
         from edge.results import Provenance
@@ -1030,6 +1044,7 @@ class Daemon:
             self.metrics,
             self._stop_deadline,
             self._open_recorder,
+            self._prepare,
         )
         self.inference = InferenceStage(
             self.runner,
@@ -1046,6 +1061,7 @@ class Daemon:
             self._drain_deadline,
             max_batch,
             self.heartbeat,
+            self._prepare,
         )
 
         def make_publisher() -> ResultPublisher:
@@ -1151,6 +1167,7 @@ class Daemon:
             self.acquisition.join(timeout=self.settings.stop_timeout_s)
             raise self.publisher.error
         self.inference.start()
+        self.acquisition.go.set()
         endpoint = self.publisher.publisher.bound_endpoint
         mode = "live" if self.acquisition.live else "lockstep"
         # READY=1 only now: model loaded + warmed up, source open, socket bound (R-SYS-1).
@@ -1313,6 +1330,22 @@ class _SafeNotifier:
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
+
+
+def prepare_frame(q: QueuedFrame, ctx: ProcessingContext) -> None:
+    """Calibrate and condition one frame with `ctx` (the one shared function); errors are kept on `q`."""
+    from calibration.conditioning import calibrate_and_condition
+
+    q.ctx = ctx
+    t0 = time.perf_counter()
+    try:
+        x = np.asarray(calibrate_and_condition(q.frame.data, ctx.profile, ctx.params), dtype=np.float32)
+        if x.shape != (64, 64):
+            raise ValueError(f"conditioning gave shape {x.shape}, the model needs (64, 64)")
+        q.x = x
+    except Exception as exc:
+        q.error = exc
+    q.condition_ms = (time.perf_counter() - t0) * 1e3
 
 
 def _new_result(q: QueuedFrame, prov: Any, now: float) -> Any:
