@@ -12,11 +12,11 @@
    capture→receive at the subscriber.
 
 Usage:
-    .venv/bin/python benchmarks/bench_daemon.py [--model BUNDLE] [--frames 300] [--latency-frames 300]
+    .venv/bin/python benchmarks/bench_daemon.py [--model BUNDLE | --width 1.0] [--frames 600]
 
-Without --model it uses the shipped demo bundle if installed, else exports a random network of
-`--width` (1.0 = the research width) to a temporary bundle. Prints a table and, with --json,
-one JSON object.
+Without --model it uses the shipped demo bundle (width 0.125); `--width W` exports a random
+network of width W instead (1.0 = the research width, where inference dominates the cost).
+Prints a table and, with --json, one JSON object.
 """
 
 from __future__ import annotations
@@ -44,16 +44,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def resolve_model(model: str | None, width: float, work: Path) -> Path:
+def resolve_model(model: str | None, width: float | None, work: Path) -> Path:
     if model:
         return Path(model)
     from edge.bundle import demo_bundle_path
     from scanner_io.errors import BundleError
 
     try:
+        if width is not None:
+            raise BundleError("a random network was asked for")
         return demo_bundle_path()
     except BundleError:
         import torch
+
+        width = 1.0 if width is None else width
 
         from export.bundle_writer import write_bundle
         from export.model import MTLNetwork
@@ -80,23 +84,37 @@ def make_recording(path: Path, n: int) -> list:
     return frames
 
 
-def bare_backend_fps(bundle: Path, frames: list, backend: str, repeats: int = 2) -> tuple[float, int]:
+def bare_backend_fps(bundle: Path, frames: list, backend: str, repeats: int = 2) -> tuple[float, float, int]:
+    """Frames/s of the backend alone on pre-conditioned inputs, and with conditioning in the loop.
+
+    Both in batches of the bundle's max batch, reconstruction by the predicted posture; the
+    second adds the daemon's per-frame `calibrate_and_condition` (identity calibration) serially,
+    i.e. the work the daemon cannot skip.
+    """
     from calibration.conditioning import calibrate_and_condition
     from edge.runner import Runner
 
-    x = np.stack([calibrate_and_condition(f.data, None) for f in frames])[:, None].astype(np.float32)
+    def cond(batch: list) -> np.ndarray:
+        return np.stack([calibrate_and_condition(f.data, None) for f in batch])[:, None].astype(np.float32)
+
+    x = cond(frames)
     with Runner.from_bundle(bundle, backend=backend) as r:
         b = r.max_batch
         enc = r.encode(x[:b])  # warm-up
         r.reconstruct(enc, enc.posture_logits.argmax(1))
-        best = 0.0
+        best = best_cond = 0.0
         for _ in range(repeats):
             t0 = time.perf_counter()
             for i in range(0, len(x), b):
                 enc = r.encode(x[i : i + b])
                 r.reconstruct(enc, enc.posture_logits.argmax(1))
             best = max(best, len(x) / (time.perf_counter() - t0))
-    return best, b
+            t0 = time.perf_counter()
+            for i in range(0, len(frames), b):
+                enc = r.encode(cond(frames[i : i + b]))
+                r.reconstruct(enc, enc.posture_logits.argmax(1))
+            best_cond = max(best_cond, len(frames) / (time.perf_counter() - t0))
+    return best, best_cond, b
 
 
 def start(*args: str, out: Path) -> subprocess.Popen:
@@ -279,7 +297,9 @@ def run_latency(bundle: Path, n: int, fps: float, backend: str, work: Path) -> d
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="bundle directory (default: demo bundle, else a random export)")
-    ap.add_argument("--width", type=float, default=1.0, help="width of the random network when no bundle")
+    ap.add_argument(
+        "--width", type=float, default=None, help="benchmark a random network of this width (1.0 = research)"
+    )
     ap.add_argument("--backend", default="ort")
     ap.add_argument("--frames", type=int, default=300, help="frames for the throughput run")
     ap.add_argument("--latency-frames", type=int, default=300, help="frames for the 30 fps latency run")
@@ -294,10 +314,11 @@ def main() -> int:
         frames = make_recording(rec, args.frames)
         # The host is shared: measure the bare backend right before and right after the daemon
         # run and compare with their mean, so load changes hit both sides alike.
-        bare_before, batch = bare_backend_fps(bundle, frames, args.backend)
+        bare_before, cond_before, batch = bare_backend_fps(bundle, frames, args.backend)
         tp = run_throughput(bundle, rec, args.frames, args.backend, work)
-        bare_after, _ = bare_backend_fps(bundle, frames, args.backend)
+        bare_after, cond_after, _ = bare_backend_fps(bundle, frames, args.backend)
         bare = (bare_before + bare_after) / 2
+        bare_cond = (cond_before + cond_after) / 2
         lat = run_latency(bundle, args.latency_frames, args.fps, args.backend, work)
     report = {
         "bundle": str(bundle),
@@ -310,6 +331,8 @@ def main() -> int:
         "daemon_stage_p50_ms": tp["summary"].get("stage_p50_ms"),
         "daemon_e2e_fps": tp["fps"],
         "ratio": tp["fps"] / bare,
+        "bare_with_conditioning_fps": bare_cond,
+        "ratio_vs_bare_with_conditioning": tp["fps"] / bare_cond,
         "throughput_run": {
             "sent": tp["sent"],
             "received": tp["received"],
@@ -330,6 +353,8 @@ def main() -> int:
     )
     print(f"{'daemon e2e lockstep (emulator→daemon→subscriber, tcp)':52} {tp['fps']:9.1f} f/s")
     print(f"{'ratio daemon / bare (target >= 0.9)':52} {report['ratio']:12.3f}")
+    print(f"{'bare backend + conditioning in the loop (serial)':52} {bare_cond:9.1f} f/s")
+    print(f"{'ratio daemon / (bare + conditioning)':52} {report['ratio_vs_bare_with_conditioning']:12.3f}")
     print(
         f"{'throughput run: sent / received':52} {tp['sent']:>5} / {tp['received']:<5}"
         f"  (daemon mean batch {report['daemon_mean_batch']})"

@@ -750,8 +750,10 @@ class PublisherStage(Stage):
         upstream_done: threading.Event,
         stop_deadline: Callable[[], float | None],
         scanner: Callable[[], str],
+        state_version: Callable[[], int] = lambda: 0,
     ) -> None:
         super().__init__("publish")
+        self.state_version = state_version
         self._make = make_publisher
         self.outbox = outbox
         self.stats = stats
@@ -775,16 +777,17 @@ class PublisherStage(Stage):
             self.heartbeat = time.monotonic()
             now = time.monotonic()
             joins = pub.poll_subscriptions()
-            st = self.state()
             pub.scanner = self.scanner()
+            version = self.state_version()
             if (
                 joins
                 or now - self._last_state >= self.settings.state_interval_s
-                or (st.get("version") != self._state_version)
+                or version != self._state_version
             ):
-                pub.publish_event("state", st, self.stop_deadline)
+                # Built only when sent: this loop runs once per result.
+                pub.publish_event("state", self.state(), self.stop_deadline)
                 self._last_state = now
-                self._state_version = st.get("version", 0)
+                self._state_version = version
             for body in self.outbox.take_drop_events(now):
                 pub.publish_event("drop", body, self.stop_deadline)
             item = self.outbox.get(self.settings.poll_s)
@@ -1088,6 +1091,7 @@ class Daemon:
             self.infer_done,
             self._stop_deadline,
             self._scanner,
+            lambda: self.state_version,
         )
         self._stages = [self.acquisition, self.inference, self.publisher]
         return self._stages

@@ -274,13 +274,12 @@ class ResultPublisher:
         """Read pending subscribe messages without blocking; return how many were new joins."""
         sock = self._owned.check()
         joins = 0
-        while True:
-            try:
-                msg = sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return joins
+        # EVENTS is a cheap check; this runs once per published message.
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            msg = sock.recv(zmq.NOBLOCK)
             if msg and msg[0] == 1:
                 joins += 1
+        return joins
 
     def send(self, parts: list[bytes], deadline: Deadline = None) -> bool:
         """Send one message; in lockstep wait for room until `deadline` (monotonic). True if sent.
