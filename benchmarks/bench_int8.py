@@ -43,7 +43,7 @@ def calibration_inputs(n: int, random: bool, seed: int = 0) -> np.ndarray:
     return np.stack(out)[:, None].astype(np.float32)
 
 
-def session(path: Path, threads: int, optimize: bool = True):  # -> onnxruntime.InferenceSession
+def session(path: Path, threads: int, optimize: bool = True, qdq: bool = False):  # -> InferenceSession
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -53,15 +53,19 @@ def session(path: Path, threads: int, optimize: bool = True):  # -> onnxruntime.
     so.log_severity_level = 3
     level = ort.GraphOptimizationLevel
     so.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    # As the ort backend does for Q/DQ graphs: CSE would merge the per-consumer Q nodes again.
+    disabled = ["CommonSubexpressionElimination"] if qdq else []
+    return ort.InferenceSession(
+        str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled
+    )
 
 
 class Pipeline:
     """Encoder then one decoder on the encoder's features: the per-frame work of the daemon."""
 
-    def __init__(self, encoder: Path, decoder: Path, threads: int) -> None:
-        self.enc = session(encoder, threads)
-        self.dec = session(decoder, threads)
+    def __init__(self, encoder: Path, decoder: Path, threads: int, qdq: bool = False) -> None:
+        self.enc = session(encoder, threads, qdq=qdq)
+        self.dec = session(decoder, threads, qdq=qdq)
         self.dec_inputs = [i.name for i in self.dec.get_inputs()]
         self.enc_outputs = [o.name for o in self.enc.get_outputs()]
 
@@ -79,6 +83,7 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=128, help="calibration frames")
     ap.add_argument("--method", default="max", choices=("max", "entropy", "percentile"))
     ap.add_argument("--random", action="store_true", help="calibrate on random inputs instead of simulated")
+    ap.add_argument("--keep-float", default="embedding,latent,sigmoid", help="as `export quantize`")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     args = ap.parse_args()
 
@@ -99,7 +104,8 @@ def main() -> int:
         print(f"exported fp32 graphs in {time.perf_counter() - t0:.1f} s")
         del model
         cal = calibration_inputs(args.samples, args.random)
-        settings = QuantizeSettings(method=args.method, samples=args.samples)
+        keep = tuple(k for k in args.keep_float.split(",") if k)
+        settings = QuantizeSettings(method=args.method, samples=args.samples, keep_float=keep)
         import onnx
 
         t0 = time.perf_counter()
@@ -113,10 +119,13 @@ def main() -> int:
         keep_d = nodes_to_keep_float(onnx.load(str(dec32)), settings.keep_float, None)
         quantize_onnx_int8(dec32, dec8, CalibrationFeeds({k: feats[k] for k in dec_in}), settings, keep_d)
         took = time.perf_counter() - t0
-        print(f"quantized encoder + decoder ({args.method}, {args.samples} frames) in {took:.1f} s")
+        print(
+            f"quantized encoder + decoder ({args.method}, {args.samples} frames, float: {args.keep_float}) "
+            f"in {took:.1f} s"
+        )
 
         fp32 = Pipeline(enc32, dec32, args.threads)
-        int8 = Pipeline(enc8, dec8, args.threads)
+        int8 = Pipeline(enc8, dec8, args.threads, qdq=True)
         x = calibration_inputs(args.batch, random=True, seed=1)
         e32, r32 = fp32(x)
         e8, r8 = int8(x)

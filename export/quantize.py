@@ -488,6 +488,7 @@ def quantize_onnx_int8(
     else:
         _quantize_ort(src, dst, feeds, settings, nodes_to_exclude)
         quantizer = "onnxruntime"
+    _dedicate_quantize_nodes(dst)
     problems = lint_qdq_for_tensorrt(dst)
     if problems:
         raise QuantizationError(
@@ -495,6 +496,41 @@ def quantize_onnx_int8(
             f"(+{len(problems) - 1} more); this is a bug in the quantizer settings"
         )
     return quantizer
+
+
+def _dedicate_quantize_nodes(path: Path) -> None:
+    """Give every consumer of a quantized tensor its own QuantizeLinear (same scale, same math).
+
+    ONNX Runtime's quantizer shares one Q between, e.g., a stage's first conv and its shortcut.
+    A shared Q is not converted to ORT's fast u8 form on x86, so those convs stayed float
+    (DQ->Conv->Q) in the optimised CPU graph; with a Q each, all of them become QLinearConv
+    (the ORT session must then not merge them back: see edge/backends/ort.py). TensorRT reads
+    the same scales either way.
+    """
+    import onnx
+    from onnx import helper
+
+    m = onnx.load(str(path))
+    g = m.graph
+    users: dict[str, list[Any]] = {}
+    for n in g.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    nodes = []
+    changed = False
+    for n in g.node:
+        nodes.append(n)
+        if n.op_type != "QuantizeLinear":
+            continue
+        for k, u in enumerate(users.get(n.output[0], [])[1:], start=1):
+            out = f"{n.output[0]}__q{k}"
+            nodes.append(helper.make_node("QuantizeLinear", list(n.input), [out], name=f"{n.name}__q{k}"))
+            u.input[:] = [out if i == n.output[0] else i for i in u.input]
+            changed = True
+    if changed:
+        del g.node[:]
+        g.node.extend(nodes)
+        onnx.save(m, str(path))
 
 
 def _quantize_ort(

@@ -88,6 +88,9 @@ class OrtBackend(Backend):
         level = ort.GraphOptimizationLevel
         opts.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
         opts.log_severity_level = 3  # errors only: ORT warnings are noise in a daemon's journal
+        # Q/DQ graphs carry one QuantizeLinear per consumer so ORT fuses every conv to QLinearConv;
+        # common-subexpression elimination would merge them back (export/quantize.py, H8).
+        disabled = ["CommonSubexpressionElimination"] if precision == "int8" and optimize else []
         self._sessions: dict[str, Any] = {}
         self._outputs: dict[str, list[str]] = {}
         try:
@@ -95,7 +98,9 @@ class OrtBackend(Backend):
                 # Bytes are re-verified against the manifest sha256 right before they are parsed.
                 model = bundle.graph_bytes(graph, precision)
                 try:
-                    sess = ort.InferenceSession(model, sess_options=opts, providers=self.providers)
+                    sess = ort.InferenceSession(
+                        model, sess_options=opts, providers=self.providers, disabled_optimizers=disabled
+                    )
                 except Exception as exc:  # ORT raises its own exception types
                     raise BundleError(
                         f"ONNX Runtime cannot load graph {graph} ({precision}) of {bundle.path}: {exc}"

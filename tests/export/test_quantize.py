@@ -141,6 +141,9 @@ def test_int8_graphs_have_the_qdq_tensorrt_accepts(bundle: Path, dataset: Path, 
         weights = [(consts[n.input[0]], consts[n.input[1]]) for n in qdq if n.op_type == "DequantizeLinear"
                    and n.input[0] in consts and consts[n.input[0]].ndim == 4]  # fmt: skip
         assert weights and all(s.shape == (w.shape[0],) for w, s in weights)
+        # One QuantizeLinear per consumer (shared ones keep ORT from fusing strided convs).
+        readers = [i for n in m.graph.node for i in n.input]
+        assert all(readers.count(n.output[0]) == 1 for n in qdq if n.op_type == "QuantizeLinear")
         # I/O stays float32: the runtime contract does not change.
         assert all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in m.graph.input)
     # Kept in float: the embedding head (Gemm weights not quantized) and the final Sigmoid.
