@@ -952,7 +952,7 @@ class Daemon:
         self._stop_at: float | None = None
         self._ready_at = time.monotonic()
         self._ctx: ProcessingContext | None = None
-        self._source_profile: Any | None = None  # calibration the source carries (sim maps, recording)
+        self._source_profile: Any | None = None  # calibration a replayed recording carries
         self._warned_identity = False
         self._stages: list[Stage] = []
         self.frames: FrameQueue | None = None
@@ -1152,8 +1152,8 @@ class Daemon:
         if self.acquisition.error is not None:
             raise self.acquisition.error
         if self.acquisition.source_profile is not None and self._ctx.profile is None:
-            # No profile configured, but the source carries one: the simulator's true sensor maps
-            # or the profile embedded in a recording (R-REC-2). Inference has not started yet.
+            # No profile configured, but the recording carries one (R-REC-2). No frame has been
+            # conditioned yet: acquisition waits for `go`.
             self._source_profile, origin = self.acquisition.source_profile
             self._ctx = self._load_context(0, self._source_profile)
             log.info(
@@ -1407,24 +1407,21 @@ def _verification_dict(outcome: Any, mode: str, threshold: float | None) -> dict
 
 
 def profile_from_source(source: Any) -> tuple[Any, str] | None:
-    """Return (profile, origin) for a source that carries its own calibration, else None.
+    """Return (profile, origin) when the source carries its own calibration, else None.
 
-    The simulator knows its sensor's true maps; a recording may embed the profile it was taken
-    with. A configured profile always wins over these (see `run_daemon`).
+    A recording may embed the profile it was taken with; replaying it uses that profile unless
+    one is configured (R-REC-2). The simulator's true sensor maps are deliberately not used:
+    enrolment (`thzedge enroll`) calibrates a `sim` source with identity, and the daemon must
+    feed the model the same tensors as enrolment did.
     """
     try:
-        maps = source.sensor_maps() if callable(getattr(source, "sensor_maps", None)) else None
-        if maps is not None:
-            from calibration.simulated import profile_from_sensor_maps
-
-            return profile_from_sensor_maps(maps), "the simulator's true sensor maps"
         attached = source.calibration() if callable(getattr(source, "calibration", None)) else None
         if attached is not None:
             from calibration.profile import profile_from_attachment
 
             return profile_from_attachment(*attached), "the recording's embedded calibration profile"
     except Exception as exc:  # a bad attachment must not stop streaming: fall back to identity
-        log.warning("the source's own calibration cannot be used (%s): %s", type(exc).__name__, exc)
+        log.warning("the recording's calibration cannot be used (%s): %s", type(exc).__name__, exc)
     return None
 
 
