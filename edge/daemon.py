@@ -44,7 +44,27 @@ log = logging.getLogger("thzedge.daemon")
 
 DROP_REASONS: tuple[str, ...] = ("queue_full", "stale", "malformed", "upstream_gap", "task_error", "shutdown")
 STAGES: tuple[str, ...] = ("queue", "condition", "encode", "verify", "reconstruct", "publish", "total")
-LATENCY_WINDOW = 100_000  # frames kept for the summary's percentiles
+LATENCY_WINDOW = 100_000  # latest frames kept for the summary's percentiles
+STAGE_WINDOW = 10_000  # latest frames kept for the per-stage medians
+
+
+class Ring:
+    """A fixed-size window of the latest float samples (a numpy array: 8 bytes per sample)."""
+
+    def __init__(self, size: int) -> None:
+        self._a = np.empty(size, dtype=np.float64)
+        self._n = 0
+
+    def append(self, value: float) -> None:
+        self._a[self._n % self._a.size] = value
+        self._n += 1
+
+    def __len__(self) -> int:
+        return min(self._n, self._a.size)
+
+    def values(self) -> np.ndarray:
+        """Return the samples held (order not kept: only statistics are taken)."""
+        return self._a[: len(self)].copy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,10 +138,8 @@ class Stats:
     batched_frames: int = 0
     dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
     malformed: dict[str, int] = field(default_factory=dict)
-    latency_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=LATENCY_WINDOW))
-    stage_ms: dict[str, collections.deque] = field(
-        default_factory=lambda: {s: collections.deque(maxlen=LATENCY_WINDOW) for s in STAGES}
-    )
+    latency_ms: Ring = field(default_factory=lambda: Ring(LATENCY_WINDOW))
+    stage_ms: dict[str, Ring] = field(default_factory=lambda: {s: Ring(STAGE_WINDOW) for s in STAGES})
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def drop(self, reason: str, n: int = 1) -> None:
@@ -1301,8 +1319,8 @@ class Daemon:
     def _summary(self, t_start: float, endpoint: str) -> RunSummary:
         s = self.stats
         with s.lock:
-            lat = np.array(s.latency_ms, dtype=np.float64)
-            stage = {k: float(np.median(v)) for k, v in s.stage_ms.items() if len(v)}
+            lat = s.latency_ms.values()
+            stage = {k: float(np.median(v.values())) for k, v in s.stage_ms.items() if len(v)}
             return RunSummary(
                 frames_in=s.frames_in,
                 published=s.published,
