@@ -368,37 +368,6 @@ def _model_info(runner: Runner) -> dict[str, Any]:
     }
 
 
-def _locate_files(rows: Sequence[Any], data_dir: Path, csv_path: Path) -> list[tuple[Path, Path, Path]]:
-    """Resolve each triplet's files: relative names under `data_dir` first, then next to the CSV.
-
-    The research CSVs name files relative to the image folder, wherever the CSV lives; datasets
-    written by `thzedge sim dataset` keep the CSV in the dataset directory. Missing files are one
-    DataError naming the first (CSV row and column) and counting the rest.
-    """
-    csv_dir = csv_path.parent
-    out: list[tuple[Path, Path, Path]] = []
-    missing: list[str] = []
-    for i, t in enumerate(rows, start=1):
-        found = []
-        for col in ("anchor", "positive", "negative"):
-            p = Path(getattr(t, col))
-            shown, candidates, where = p, [p], ""
-            if p.is_relative_to(csv_dir):  # a relative name in the CSV, joined to the CSV's folder
-                shown = p.relative_to(csv_dir)
-                candidates = [data_dir / shown, p]
-                where = f" under {data_dir}" + (f" or {csv_dir}" if data_dir / shown != p else "")
-            hit = next((c for c in candidates if c.is_file()), None)
-            if hit is None:
-                missing.append(f"{csv_path} triplet {i}: {col} file {shown} not found{where}")
-                hit = candidates[0]
-            found.append(hit)
-        out.append((found[0], found[1], found[2]))
-    if missing:
-        more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
-        raise DataError(missing[0] + more)
-    return out
-
-
 def collect_outputs(
     runner: Runner, data_dir: str | Path, triplets_csv: str | Path, routing: str = "predicted"
 ) -> EvalOutputs:
@@ -417,8 +386,8 @@ def collect_outputs(
     triplets_csv = Path(triplets_csv)
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: data directory does not exist")
-    rows = read_triplets(triplets_csv, check_files=False)  # a malformed row -> DataError naming its line
-    paths_of = _locate_files(rows, data_dir, triplets_csv)
+    # Bad rows and missing files -> one DataError naming the CSV line.
+    paths_of = [(t.anchor, t.positive, t.negative) for t in read_triplets(triplets_csv, data_dir=data_dir)]
 
     # Distinct files, anchors first, so one encoder pass per file serves every triplet using it.
     index: dict[Path, int] = {}
@@ -464,7 +433,7 @@ def collect_outputs(
         data={
             "data_dir": str(data_dir),
             "triplets_csv": str(triplets_csv),
-            "n_triplets": int(len(rows)),
+            "n_triplets": len(paths_of),
             "n_images": len(paths),
             "n_anchors": n_anchors,
         },

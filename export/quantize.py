@@ -938,11 +938,9 @@ def quantize_bundle(
     try:
         from scanner_io.dataset import read_triplets
 
-        for t in read_triplets(triplets_csv):
-            for p in (t.anchor, t.positive, t.negative):
-                p = Path(p)
-                exclude.append(p if p.is_absolute() else Path(data_dir) / p)
-    except (ImportError, OSError):
+        for t in read_triplets(triplets_csv, data_dir=data_dir):
+            exclude.extend((t.anchor, t.positive, t.negative))
+    except (DataError, OSError):
         pass  # the gate reports a missing CSV itself, with a clearer message
     cal = load_calibration_set(calibration, settings.samples, settings.seed, profile, exclude=exclude)
     decoders = {name: bundle.decoder_file(k) for k, name in enumerate(bundle.postures)}

@@ -122,28 +122,18 @@ def load_triplet_data(data_dir: Path, csv_path: Path) -> TripletData:
     """Load every image named in a triplet CSV once; DataError names a missing file or bad name."""
     from scanner_io.dataset import load_crop, parse_crop_name, read_triplets
 
-    rows = read_triplets(csv_path)
-    if not rows:
-        raise DataError(f"{csv_path}: no triplets in the CSV")
-
-    def resolve(p: str | Path) -> Path:
-        p = Path(p)
-        return p if p.is_absolute() else data_dir / p
-
+    rows = read_triplets(csv_path, data_dir=data_dir)  # names the CSV line of a bad row or missing file
     index: dict[Path, int] = {}
     for t in rows:
         for p in (t.anchor, t.positive, t.negative):
-            index.setdefault(resolve(p), len(index))
+            index.setdefault(p, len(index))
     paths = list(index)
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise DataError(f"{missing[0]}: file named in {csv_path} does not exist ({len(missing)} missing)")
     crops = [parse_crop_name(p.name) for p in paths]
     id_names = sorted({str(c.identity) for c in crops}, key=_natural_key)
     id_index = {n: i for i, n in enumerate(id_names)}
     images = np.stack([np.asarray(load_crop(p), dtype=np.float32) for p in paths])[:, None]
     triplets = np.array(
-        [[index[resolve(t.anchor)], index[resolve(t.positive)], index[resolve(t.negative)]] for t in rows],
+        [[index[t.anchor], index[t.positive], index[t.negative]] for t in rows],
         dtype=np.int64,
     )
     return TripletData(

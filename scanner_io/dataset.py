@@ -64,7 +64,7 @@ class CropName:
 
 @dataclass(frozen=True)
 class Triplet:
-    """One verification triplet; paths are resolved against the CSV's directory."""
+    """One verification triplet of resolved paths (see `read_triplets`)."""
 
     anchor: Path
     positive: Path
@@ -129,13 +129,25 @@ def save_crop(path: str | Path, image: np.ndarray) -> None:
         raise DataError(f"cannot write crop {path}")
 
 
-def read_triplets(csv_path: str | Path, check_files: bool = True) -> list[Triplet]:
-    """Read an `anchor,positive,negative` CSV; a bad row or missing file is a DataError naming it."""
+def read_triplets(
+    csv_path: str | Path, data_dir: str | Path | None = None, check_files: bool = True
+) -> list[Triplet]:
+    """Read an `anchor,positive,negative` CSV into triplets of resolved file paths.
+
+    A relative name is looked up under `data_dir` first (the research CSVs name files relative
+    to the image folder, wherever the CSV lives), then next to the CSV (datasets written by
+    `thzedge sim dataset`). A bad row is a DataError naming its line; with `check_files`, missing
+    files are one DataError naming the first (line and column) and counting the rest.
+    """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"triplet file {csv_path} does not exist")
-    base = csv_path.parent
+    bases = [Path(data_dir)] if data_dir is not None else []
+    if csv_path.parent not in bases:
+        bases.append(csv_path.parent)
+    where = " or ".join(str(b) for b in bases)
     out: list[Triplet] = []
+    missing: list[str] = []
     try:
         with csv_path.open(newline="") as f:
             reader = csv.reader(f)
@@ -153,17 +165,26 @@ def read_triplets(csv_path: str | Path, check_files: bool = True) -> list[Triple
                     raise DataError(
                         f"{csv_path} line {line}: expected 3 paths (anchor,positive,negative), got {row}"
                     )
-                paths = [Path(c.strip()) for c in row[:3]]
-                paths = [p if p.is_absolute() else base / p for p in paths]
-                if check_files:
-                    for col, p in zip(_CSV_COLUMNS, paths, strict=True):
-                        if not p.is_file():
-                            raise DataError(f"{csv_path} line {line}: {col} file {p} does not exist")
+                paths = []
+                for col, cell in zip(_CSV_COLUMNS, row[:3], strict=True):
+                    name = Path(cell.strip())
+                    candidates = [name] if name.is_absolute() else [b / name for b in bases]
+                    hit = next((c for c in candidates if c.is_file()), None)
+                    if hit is None:
+                        if check_files:
+                            missing.append(
+                                f"{csv_path} line {line}: {col} file {name} not found under {where}"
+                            )
+                        hit = candidates[0]
+                    paths.append(hit)
                 out.append(Triplet(*paths))
     except UnicodeDecodeError as exc:
         raise DataError(f"{csv_path} is not a UTF-8 CSV file: {exc}") from exc
     except csv.Error as exc:
         raise DataError(f"{csv_path}: malformed CSV: {exc}") from exc
+    if missing:
+        more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
+        raise DataError(missing[0] + more)
     if not out:
         raise DataError(f"{csv_path} holds no triplets")
     return out

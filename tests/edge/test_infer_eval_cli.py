@@ -337,8 +337,9 @@ def test_eval_names_a_missing_file(tmp_path, capsys, bundle_dir):
     code, _, err = _run_cli(capsys, "eval", "--model", bundle_dir, "--data", data, "--triplets", csv_path)
     assert code == EXIT_DATA
     line = _one_line_error(err)
-    # anchor 1_b4b_1 is in triplet 4 (and the negative of triplet 9); 2_n3n_1 the positive of triplet 8
-    assert "test.csv triplet 4: anchor file 1_b4b_1.png not found" in line
+    # anchor 1_b4b_1 is in triplet 4 = CSV line 5 (and the negative of triplet 9); 2_n3n_1 the
+    # positive of triplet 8
+    assert "test.csv line 5: anchor file 1_b4b_1.png not found" in line
     assert "(2 more missing)" in line
 
 

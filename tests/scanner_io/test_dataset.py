@@ -38,7 +38,12 @@ def test_parse_crop_name(name, want):
 @pytest.mark.parametrize(
     "name",
     [
-        "id1_b1n_1.png", "id1_b6b_1.png", "id1_b0b_1.png", "id1_b1b.png", "b1b_1.png", "id1_b1b_1.jpg",
+        "id1_b1n_1.png",
+        "id1_b6b_1.png",
+        "id1_b0b_1.png",
+        "id1_b1b.png",
+        "b1b_1.png",
+        "id1_b1b_1.jpg",
         "id1_b1b_1.png\n",
     ],
 )
@@ -70,7 +75,7 @@ def test_read_triplets_errors_name_the_row_and_file(tmp_path):
     assert len(read_triplets(_write(tmp_path / "ok.csv", good))) == 1
     with pytest.raises(DataError, match=r"bad\.csv line 3: expected 3 paths"):
         read_triplets(_write(tmp_path / "bad.csv", good + "a.png,b.png\n"))
-    with pytest.raises(DataError, match=r"line 2: negative file .*missing\.png does not exist"):
+    with pytest.raises(DataError, match=r"line 2: negative file missing\.png not found under"):
         read_triplets(_write(tmp_path / "miss.csv", "anchor,positive,negative\na.png,b.png,missing.png\n"))
     with pytest.raises(DataError, match="line 1: header"):
         read_triplets(_write(tmp_path / "hdr.csv", "x,y,z\na.png,b.png,c.png\n"))
@@ -80,6 +85,29 @@ def test_read_triplets_errors_name_the_row_and_file(tmp_path):
         read_triplets(tmp_path / "nope.csv")
     # Unchecked reading accepts missing files (for listing a dataset without its images).
     assert len(read_triplets(tmp_path / "miss.csv", check_files=False)) == 1
+
+
+def test_read_triplets_resolves_under_data_dir_then_next_to_the_csv(tmp_path, monkeypatch):
+    """Relative names: the image folder first, then the CSV's folder; a relative CSV path works too."""
+    img = np.zeros((64, 64), np.float32)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "csvs").mkdir()
+    save_crop(tmp_path / "images" / "a.png", img)
+    save_crop(tmp_path / "images" / "b.png", img)
+    save_crop(tmp_path / "csvs" / "c.png", img)
+    _write(tmp_path / "csvs" / "t.csv", "anchor,positive,negative\na.png,b.png,c.png\n")
+    monkeypatch.chdir(tmp_path)
+    (t,) = read_triplets(Path("csvs/t.csv"), data_dir=Path("images"))
+    assert (t.anchor, t.positive, t.negative) == (
+        Path("images/a.png"),
+        Path("images/b.png"),
+        Path("csvs/c.png"),
+    )
+    _write(tmp_path / "csvs" / "m.csv", "anchor,positive,negative\nx.png,b.png,y.png\n")
+    with pytest.raises(
+        DataError, match=r"line 2: anchor file x\.png not found under images or csvs \(1 more missing\)"
+    ):
+        read_triplets(Path("csvs/m.csv"), data_dir=Path("images"))
 
 
 def test_load_crop_formats(tmp_path):
