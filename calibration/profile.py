@@ -159,9 +159,12 @@ class CalibrationProfile:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         doc = self._metadata() | {"profile_id": self.profile_id}
-        _atomic_write(path / _ARRAYS_NAME, lambda f: np.savez_compressed(
-            f, dark=self.dark, gain=self.gain, bad_pixels=self.bad_pixels.astype(np.uint8)
-        ))
+        _atomic_write(
+            path / _ARRAYS_NAME,
+            lambda f: np.savez_compressed(
+                f, dark=self.dark, gain=self.gain, bad_pixels=self.bad_pixels.astype(np.uint8)
+            ),
+        )
         _atomic_write(path / _JSON_NAME, lambda f: f.write(json.dumps(doc, indent=2).encode() + b"\n"))
         return path
 
@@ -231,6 +234,25 @@ def profile_from_attachment(name: str, data: bytes) -> CalibrationProfile:
             return CalibrationProfile.load(path)
         except CalibrationError as exc:
             raise CalibrationError(f"the recording's calibration attachment {name!r}: {exc}") from exc
+
+
+def profile_carried_by(source: Any) -> tuple[CalibrationProfile, str] | None:
+    """Return (profile, origin) when a frame source carries its own calibration, else None.
+
+    A replayed recording may embed the profile it was taken with (R-REC-2); the simulator knows
+    its sensor's true maps. The daemon and enrolment both call this when no profile is
+    configured, so what is enrolled and what is streamed go through identical conditioning.
+    A recording whose attachment is not a valid profile raises CalibrationError.
+    """
+    attached = source.calibration() if callable(getattr(source, "calibration", None)) else None
+    if attached is not None:
+        return profile_from_attachment(*attached), "the recording's embedded calibration profile"
+    maps = source.sensor_maps() if callable(getattr(source, "sensor_maps", None)) else None
+    if maps is not None:
+        from calibration.simulated import profile_from_sensor_maps
+
+        return profile_from_sensor_maps(maps), "the simulator's true sensor maps"
+    return None
 
 
 def _atomic_write(target: Path, write: Any) -> None:

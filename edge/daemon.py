@@ -1170,8 +1170,8 @@ class Daemon:
         if self.acquisition.error is not None:
             raise self.acquisition.error
         if self.acquisition.source_profile is not None and self._ctx.profile is None:
-            # No profile configured, but the recording carries one (R-REC-2). No frame has been
-            # conditioned yet: acquisition waits for `go`.
+            # No profile configured, but the source carries one (a recording's, R-REC-2, or the
+            # simulator's true maps). No frame has been conditioned yet: acquisition waits for `go`.
             self._source_profile, origin = self.acquisition.source_profile
             self._ctx = self._load_context(0, self._source_profile)
             log.info(
@@ -1427,19 +1427,15 @@ def _verification_dict(outcome: Any, mode: str, threshold: float | None) -> dict
 def profile_from_source(source: Any) -> tuple[Any, str] | None:
     """Return (profile, origin) when the source carries its own calibration, else None.
 
-    A recording may embed the profile it was taken with; replaying it uses that profile unless
-    one is configured (R-REC-2). The simulator's true sensor maps are deliberately not used:
-    enrolment (`thzedge enroll`) calibrates a `sim` source with identity, and the daemon must
-    feed the model the same tensors as enrolment did.
+    See `calibration.profile.profile_carried_by` (shared with `thzedge enroll`). A bad
+    attachment must not stop streaming: it is logged and identity calibration follows.
     """
-    try:
-        attached = source.calibration() if callable(getattr(source, "calibration", None)) else None
-        if attached is not None:
-            from calibration.profile import profile_from_attachment
+    from calibration.profile import profile_carried_by
 
-            return profile_from_attachment(*attached), "the recording's embedded calibration profile"
-    except Exception as exc:  # a bad attachment must not stop streaming: fall back to identity
-        log.warning("the recording's calibration cannot be used (%s): %s", type(exc).__name__, exc)
+    try:
+        return profile_carried_by(source)
+    except Exception as exc:
+        log.warning("the source's calibration cannot be used (%s): %s", type(exc).__name__, exc)
     return None
 
 

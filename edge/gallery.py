@@ -346,20 +346,27 @@ def enroll_from_source(
     """Capture `frames` raw frames from a source, calibrate and condition them exactly as the
     daemon does (`calibrate_and_condition` with the scanner's profile), and enrol them."""
     from calibration.conditioning import ConditioningParams, calibrate_and_condition
-    from calibration.profile import CalibrationProfile
+    from calibration.profile import CalibrationProfile, profile_carried_by
     from edge.bundle import Bundle
     from scanner_io.sources import open_source
 
     bundle = Bundle.open(bundle_path)
     profile = CalibrationProfile.load(calibration) if calibration is not None else None
-    params = profile.conditioning if profile is not None else ConditioningParams()
-    if conditioning is not None:
-        params = conditioning.apply(params)
-    if profile is None:
-        log.warning("no calibration profile given: enrolling uncorrected frames (identity calibration)")
     rows = []
     source = open_source(source_uri)
     try:
+        if profile is None:  # as the daemon does: what the source carries, else identity
+            carried = profile_carried_by(source)
+            if carried is not None:
+                profile, origin = carried
+                log.info("no calibration profile given: using %s (profile %s)", origin, profile.profile_id)
+            else:
+                log.warning(
+                    "no calibration profile given: enrolling uncorrected frames (identity calibration)"
+                )
+        params = profile.conditioning if profile is not None else ConditioningParams()
+        if conditioning is not None:
+            params = conditioning.apply(params)
         import time
 
         deadline = time.monotonic() + timeout_s

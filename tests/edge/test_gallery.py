@@ -248,8 +248,10 @@ def test_enroll_cli_then_match_with_the_runner(tiny_bundle, tmp_path, capsys, ca
 
 
 def test_enroll_from_raw_frames_uses_the_daemons_conditioning(tiny_bundle, tmp_path, capsys):
-    """--source: frames go through calibrate_and_condition, the function the daemon uses."""
+    """--source: frames go through calibrate_and_condition, the function the daemon uses, with the
+    profile the daemon would pick (here the simulator's true sensor maps)."""
     from calibration.conditioning import calibrate_and_condition
+    from calibration.profile import profile_carried_by
     from edge.bundle import Bundle
     from edge.cli import main
     from edge.runner import Runner
@@ -277,9 +279,10 @@ def test_enroll_from_raw_frames_uses_the_daemons_conditioning(tiny_bundle, tmp_p
     src = open_source("sim?seed=7&frames=3")
     try:
         frames = [src.read(1.0) for _ in range(2)]
+        profile, _ = profile_carried_by(src)
     finally:
         src.close()
-    x = np.stack([calibrate_and_condition(f.data, None) for f in frames])[:, None].astype(np.float32)
+    x = np.stack([calibrate_and_condition(f.data, profile) for f in frames])[:, None].astype(np.float32)
     with Runner.from_bundle(Bundle.open(tiny_bundle), backend="ort") as runner:
         emb = runner.encode(x).embedding
     t = emb.mean(axis=0)
