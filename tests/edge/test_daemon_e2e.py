@@ -601,7 +601,11 @@ def test_late_joiner_learns_state_within_a_second(bundle_dir: Path, tmp_path: Pa
     assert took < 1.0, took
     assert state["protocol"] == 1 and state["model"]["bundle"] == bundle_sha(bundle_dir)
     assert state["state"] in ("ready", "stalled")
-    assert state["calibration"] == "identity"  # nothing configured, a sim source carries no profile
+    # Nothing configured: the sim source carries its sensor's true profile, and the daemon uses it.
+    from calibration.simulated import true_profile
+    from scanner_io.simulator import ScannerSimulator
+
+    assert state["calibration"] == true_profile(ScannerSimulator(seed=0)).profile_id
 
 
 def _frame_parts_with_claim(seq: int, claimed: str | None) -> tuple[list[bytes], np.ndarray]:
