@@ -103,8 +103,7 @@ class ProcessingContext:
     profile: Any | None  # calibration.profile.CalibrationProfile
     params: Any | None  # calibration.conditioning.ConditioningParams
     calibration_id: str
-    gallery: Any | None = None  # edge.gallery.Gallery
-    threshold: float | None = None
+    gallery: Any | None = None  # edge.gallery.Gallery (carries the verification threshold)
     generation: int = 0
 
 
@@ -680,11 +679,9 @@ class InferenceStage(Stage):
                 if claimed is None:
                     raise ValueError("1:1 verification needs claimed_identity in the frame header")
                 outcome = ctx.gallery.match_1to1(r.embedding, claimed)
-                used = "1:1"
             else:
                 outcome = ctx.gallery.match_1toN(r.embedding)
-                used = "1:N"
-            r.verification = _verification_dict(outcome, used, ctx.threshold)
+            r.verification = outcome.to_dict()  # edge.gallery.Match: its threshold is the gallery's
         except Exception as exc:
             self._fail(r, "verify", exc)
         ms = (time.perf_counter() - t0) * 1e3
@@ -1405,25 +1402,6 @@ def _take(enc: Any, rows: list[int]) -> Any:
     return dataclasses.replace(enc, **changes)
 
 
-def _verification_dict(outcome: Any, mode: str, threshold: float | None) -> dict[str, Any]:
-    if isinstance(outcome, tuple):
-        identity, score, decision = outcome[:3]
-        used = threshold
-    else:  # edge.gallery.Match
-        identity = getattr(outcome, "identity", None)
-        score = getattr(outcome, "score", None)
-        decision = getattr(outcome, "decision", None)
-        used = getattr(outcome, "threshold", threshold)
-        mode = getattr(outcome, "mode", mode)
-    return {
-        "mode": mode,
-        "identity": identity,
-        "score": None if score is None else float(score),
-        "decision": decision,
-        "threshold": None if used is None else float(used),
-    }
-
-
 def profile_from_source(source: Any) -> tuple[Any, str] | None:
     """Return (profile, origin) when the source carries its own calibration, else None.
 
@@ -1516,9 +1494,6 @@ def run_daemon(
     )
 
     verification = cfg.verification
-    threshold = verification.threshold
-    if threshold is None:
-        threshold = bundle.threshold(cfg.model.precision)
 
     def load_context(generation: int, source_profile: Any | None = None) -> ProcessingContext:
         from calibration.conditioning import ConditioningParams
@@ -1549,7 +1524,6 @@ def run_daemon(
             params=params,
             calibration_id=profile.profile_id if profile is not None else "identity",
             gallery=gallery,
-            threshold=threshold,
             generation=generation,
         )
 
