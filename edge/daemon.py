@@ -38,11 +38,11 @@ from typing import Any
 
 import numpy as np
 
+from edge.observability import DROP_REASONS
 from scanner_io.frame import POSTURES, Frame
 
 log = logging.getLogger("thzedge.daemon")
 
-DROP_REASONS: tuple[str, ...] = ("queue_full", "stale", "malformed", "upstream_gap", "task_error", "shutdown")
 STAGES: tuple[str, ...] = ("queue", "condition", "encode", "verify", "reconstruct", "publish", "total")
 LATENCY_WINDOW = 100_000  # latest frames kept for the summary's percentiles
 STAGE_WINDOW = 10_000  # latest frames kept for the per-stage medians
