@@ -258,6 +258,10 @@ class FrameQueue:
 class Stage(threading.Thread):
     """A named pipeline stage: `setup()` then `loop()` in its own thread, `teardown()` always."""
 
+    stats: Stats
+    metrics: Metrics
+    outbox: Outbox
+
     def __init__(self, name: str) -> None:
         super().__init__(name=f"thzedge-{name}", daemon=True)
         self.stage_name = name
@@ -274,6 +278,13 @@ class Stage(threading.Thread):
 
     def teardown(self) -> None:
         """Close what the stage owns."""
+
+    def count_drop(self, reason: str, n: int = 1, seq: int | None = None) -> None:
+        """Count `n` dropped frames in the run's stats and metrics; with `seq`, in a `drop` event too."""
+        self.stats.drop(reason, n)
+        self.metrics.dropped(reason, n)
+        if seq is not None:
+            self.outbox.report_drop(reason, seq, n)
 
     def run(self) -> None:
         try:
@@ -481,10 +492,8 @@ class AcquisitionStage(Stage):
                 explained = min(gap, self._unknown_malformed)
                 gap -= explained
                 if gap:
-                    self.stats.drop("upstream_gap", gap)
-                    self.metrics.dropped("upstream_gap", gap)
+                    self.count_drop("upstream_gap", gap, frame.header.seq)
                     log.warning("upstream gap: %d frame(s) missing before seq %d", gap, frame.header.seq)
-                    self.outbox.report_drop("upstream_gap", frame.header.seq, gap)
             elif gap < -1 or gap == -1:
                 # The scanner restarted its counter (or repeated a seq): start tracking afresh.
                 log.warning("seq went back from %d to %d: scanner restarted", last, frame.header.seq)
@@ -504,9 +513,7 @@ class AcquisitionStage(Stage):
         evicted = self.frames.put(queued, self.stop, self.settings.poll_s)
         if evicted is not None:
             reason = "shutdown" if evicted.frame is frame else "queue_full"
-            self.stats.drop(reason)
-            self.metrics.dropped(reason)
-            self.outbox.report_drop(reason, evicted.frame.header.seq)
+            self.count_drop(reason, seq=evicted.frame.header.seq)
         self.metrics.queue_depth(len(self.frames))
 
     def teardown(self) -> None:
@@ -564,8 +571,7 @@ class InferenceStage(Stage):
             if deadline is not None and time.monotonic() >= deadline:
                 left = self.frames.drain()
                 if left:
-                    self.stats.drop("shutdown", len(left))
-                    self.metrics.dropped("shutdown", len(left))
+                    self.count_drop("shutdown", len(left))
                     log.warning("stop timeout: %d queued frame(s) dropped as shutdown", len(left))
                 return
             batch = self.frames.get_batch(self.max_batch, self.settings.poll_s)
@@ -585,9 +591,7 @@ class InferenceStage(Stage):
                     "inference stage error (%s): %d frame(s) dropped as task_error", type(exc).__name__, lost
                 )
                 if lost > 0:
-                    self.stats.drop("task_error", lost)
-                    self.metrics.dropped("task_error", lost)
-                    self.outbox.report_drop("task_error", batch[-1].frame.header.seq, lost)
+                    self.count_drop("task_error", lost, batch[-1].frame.header.seq)
 
     def process(self, batch: list[QueuedFrame]) -> None:
         """Turn one batch of queued frames into results handed to the publisher."""
@@ -596,9 +600,7 @@ class InferenceStage(Stage):
         for q in batch:
             if self.settings.max_age_s > 0 and now - q.t_received > self.settings.max_age_s:
                 self._accounted += 1
-                self.stats.drop("stale")
-                self.metrics.dropped("stale")
-                self.outbox.report_drop("stale", q.frame.header.seq)
+                self.count_drop("stale", seq=q.frame.header.seq)
             else:
                 fresh.append(q)
         if not fresh:
@@ -747,8 +749,7 @@ class InferenceStage(Stage):
         self._accounted += 1
         beat = self.beat.beat if self.beat is not None else None
         if not self.outbox.put("result", r, self.stop_deadline, self.settings.poll_s, beat):
-            self.stats.drop("shutdown")
-            self.metrics.dropped("shutdown")
+            self.count_drop("shutdown")
 
 
 class PublisherStage(Stage):
@@ -826,8 +827,7 @@ class PublisherStage(Stage):
         self._drops_reported = dropped_total
         t_pub = self.publisher.publish_result(r, self.stop_deadline)
         if t_pub is None:
-            self.stats.drop("shutdown")
-            self.metrics.dropped("shutdown")
+            self.count_drop("shutdown")
             return
         with self.stats.lock:
             self.stats.published += 1
@@ -1248,8 +1248,7 @@ class Daemon:
         if self.frames is not None and not inf.is_alive():
             left = self.frames.drain()
             if left:
-                self.stats.drop("shutdown", len(left))
-                self.metrics.dropped("shutdown", len(left))
+                inf.count_drop("shutdown", len(left))
         self._set_state("stopped")
 
     def _update_state(self, acq: AcquisitionStage, pub: PublisherStage, now: float) -> None:
