@@ -959,6 +959,8 @@ class Daemon:
         self.stats = Stats()
         self.stop_event = threading.Event()  # set by SIGTERM/SIGINT or `request_stop`
         self.reload_event = threading.Event()  # set by SIGHUP or `request_reload`
+        # Set by the main loop from the stages' `done`, not handed the stages' own events: the
+        # loop enters `stopping` (STOPPING=1) before it lets inference and the publisher finish.
         self.upstream_done = threading.Event()  # acquisition finished: no new frames will come
         self.infer_done = threading.Event()
         self.ready = threading.Event()
