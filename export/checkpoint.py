@@ -14,7 +14,6 @@ wrong shape is a `CheckpointError` naming it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import pickle
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge.bundle import sha256_file
 from export.model import BASE_CHANNELS, ModelConfig, MTLNetwork
 from scanner_io.errors import CheckpointError
 
@@ -106,15 +106,6 @@ def _safe_globals() -> list[Any]:
         for name in ("Float16", "Float32", "Float64"):
             allow.append(getattr(dtypes, f"{name}DType"))
     return allow
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_raw(path: Path, trust: bool = False) -> Any:
@@ -334,7 +325,7 @@ def import_checkpoint(path: Path | str, trust: bool = False) -> ImportedCheckpoi
     log.debug(
         "imported %s checkpoint %s (%s), dropped %d training-only tensors", layout, path.name, config, dropped
     )
-    return ImportedCheckpoint(model, config, layout, ids, sha256_of(path), dropped, extras)
+    return ImportedCheckpoint(model, config, layout, ids, sha256_file(path), dropped, extras)
 
 
 def _finite_number(value: Any) -> float | None:

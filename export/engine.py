@@ -289,11 +289,3 @@ def build_bundle_engines(
         man_path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         manifests.append(manifest)
     return manifests
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -179,7 +179,8 @@ def check_graphs(out_dir: Path, files: dict[str, str]) -> None:
             ) from None
 
 
-def _session(path: Path) -> Any:
+def cpu_session(path: Path) -> Any:
+    """Open an ONNX Runtime CPU session for export-time checks (quiet, no spinning threads)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -203,7 +204,7 @@ def check_parity(
     batches = tuple(sorted({1, max_batch}))
     report = ParityReport(tolerance=tolerance, batches=batches)
     gen = torch.Generator().manual_seed(seed)
-    sessions = {g: _session(Path(out_dir) / name) for g, name in files.items()}
+    sessions = {g: cpu_session(Path(out_dir) / name) for g, name in files.items()}
     encoder = model.encoder_graph().eval()
 
     with torch.no_grad():

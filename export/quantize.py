@@ -305,15 +305,6 @@ def check_coverage(cal: CalibrationSet, routed_postures: np.ndarray) -> list[str
 # --------------------------------------------------------------------------------------------
 
 
-def sha256_file(path: Path) -> str:
-    """Return the hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def graph_io_names(onnx_path: Path) -> tuple[list[str], list[str]]:
     """Input names (without initializers) and output names of an ONNX graph."""
     import onnx
@@ -734,20 +725,11 @@ class QuantizeResult:
         }
 
 
-def _ort_session(path: Path, disable_opt: bool = False) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if disable_opt:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def encoder_outputs(encoder: Path, inputs: np.ndarray, batch: int = 32) -> dict[str, np.ndarray]:
     """Run the FP32 encoder over `inputs` and return every output, concatenated."""
-    sess = _ort_session(encoder)
+    from export.onnx_export import cpu_session
+
+    sess = cpu_session(encoder)
     in_name = sess.get_inputs()[0].name
     outs: dict[str, list[np.ndarray]] = {}
     names = [o.name for o in sess.get_outputs()]
@@ -794,6 +776,8 @@ def quantize_graphs(
     `decoders` maps posture name (in class-index order) to the decoder's FP32 ONNX.
     """
     import onnx
+
+    from edge.bundle import sha256_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
     prec = settings.precision
@@ -853,17 +837,6 @@ def quantize_graphs(
         log.info("quantized %s -> %s (%s, %d frames)", src.name, dst.name, quantizer, n)
         graphs.append(QuantizedGraph(graph, dst, sha256_file(src), quantizer, n, qdq, keep))
     return QuantizeResult(prec, settings, graphs, calibration)
-
-
-def write_npz_for_modelopt(feeds: CalibrationFeeds, path: Path) -> None:
-    """Save calibration feeds as `.npz` keyed by input name (Model Optimizer's CLI format)."""
-    np.savez(path, **feeds.as_dict())
-
-
-def copy_into(src: Path, dst: Path) -> None:
-    """Copy one staged file into the bundle."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(src, dst)
 
 
 def dumps(obj: Any) -> str:
