@@ -262,7 +262,7 @@ def _calibration_from_mcap(
     from scanner_io.sources import MalformedFrame
 
     given = CalibrationProfile.load(profile) if profile is not None else None
-    frames: list[np.ndarray] = []
+    frames: list[tuple[np.ndarray, CalibrationProfile | None]] = []
     for f in files:
         reader = RecordingReader(f)
         raw = [rec.item.data for rec in reader if not isinstance(rec.item, MalformedFrame)]
@@ -276,12 +276,20 @@ def _calibration_from_mcap(
                 "conditioned without dark/gain/bad-pixel correction",
                 f.name,
             )
-        frames += [calibrate_and_condition(r, prof) for r in raw]
+        # Whether a frame can be conditioned depends on its shape alone: trying the first frame
+        # of each shape refuses a recording that does not fit its profile, sampled or not.
+        first: dict[tuple[int, ...], np.ndarray] = {}
+        for r in raw:
+            first.setdefault(r.shape, r)
+        for r in first.values():
+            calibrate_and_condition(r, prof)
+        frames += [(r, prof) for r in raw]
     if not frames:
         raise DataError(f"{root}: the recordings hold no frames")
-    arr = _as_nchw(np.stack(frames), str(root))
-    idx = _subsample(len(arr), samples, seed)
-    return CalibrationSet(arr[idx], None, None, "mcap", str(root))
+    # Condition only the frames the subsample keeps (a recording folder may hold thousands).
+    idx = _subsample(len(frames), samples, seed)
+    arr = _as_nchw(np.stack([calibrate_and_condition(*frames[i]) for i in idx]), str(root))
+    return CalibrationSet(arr, None, None, "mcap", str(root))
 
 
 def check_coverage(cal: CalibrationSet, routed_postures: np.ndarray) -> list[str]:

@@ -276,6 +276,10 @@ def test_mcap_recordings_are_conditioned_like_the_daemon(tmp_path: Path) -> None
     assert cal.source == "mcap" and cal.inputs.shape == (10, 1, 64, 64)
     expected = np.stack([calibrate_and_condition(f.data, true_profile(sim)) for f in frames])[:, None]
     np.testing.assert_allclose(np.sort(cal.inputs.ravel()), np.sort(expected.ravel()), atol=1e-6)
+    # Subsampled: each kept input is one of the daemon-conditioned frames, none twice.
+    few = load_calibration_set(rec_dir, samples=4, seed=1)
+    rows = [next(k for k, e in enumerate(expected) if np.array_equal(e, x)) for x in few.inputs]
+    assert len(few.inputs) == 4 and len(set(rows)) == 4
 
 
 def test_calibration_set_coverage_without_labels() -> None:
