@@ -44,6 +44,18 @@ def _split(value: str) -> tuple[str, ...]:
     return tuple(v.strip().lower() for v in value.split(",") if v.strip())
 
 
+# Options `quantize` and `check` share: the gate's threshold method and its tolerances.
+TargetFar = Annotated[
+    float | None, typer.Option("--target-far", help="Derive the threshold at this FAR instead of the EER.")
+]
+MaxTripletDrop = Annotated[float, typer.Option("--max-triplet-drop", help="pp")]
+MaxEerRise = Annotated[float, typer.Option("--max-eer-rise", help="pp")]
+MaxPostureDrop = Annotated[float, typer.Option("--max-posture-drop", help="pp")]
+MaxSsimDrop = Annotated[float, typer.Option("--max-ssim-drop")]
+MaxPsnrDrop = Annotated[float, typer.Option("--max-psnr-drop", help="dB")]
+MinCosine = Annotated[float, typer.Option("--min-cosine", help="Median embedding cosine vs fp32.")]
+
+
 def _tolerances(
     triplet_pp: float, eer_pp: float, posture_pp: float, ssim: float, psnr_db: float, cosine: float
 ):  # noqa: ANN202 - returns export.gate.GateTolerances, imported lazily
@@ -108,18 +120,13 @@ def quantize_command(
     profile: Annotated[
         Path | None, typer.Option("--profile", help="Calibration profile to condition MCAP frames with.")
     ] = None,
-    target_far: Annotated[
-        float | None,
-        typer.Option("--target-far", help="Derive the threshold at this FAR instead of the EER."),
-    ] = None,
-    max_triplet_drop: Annotated[float, typer.Option("--max-triplet-drop", help="pp")] = 1.0,
-    max_eer_rise: Annotated[float, typer.Option("--max-eer-rise", help="pp")] = 1.0,
-    max_posture_drop: Annotated[float, typer.Option("--max-posture-drop", help="pp")] = 1.0,
-    max_ssim_drop: Annotated[float, typer.Option("--max-ssim-drop")] = 0.01,
-    max_psnr_drop: Annotated[float, typer.Option("--max-psnr-drop", help="dB")] = 0.5,
-    min_cosine: Annotated[
-        float, typer.Option("--min-cosine", help="Median embedding cosine vs fp32.")
-    ] = 0.99,
+    target_far: TargetFar = None,
+    max_triplet_drop: MaxTripletDrop = 1.0,
+    max_eer_rise: MaxEerRise = 1.0,
+    max_posture_drop: MaxPostureDrop = 1.0,
+    max_ssim_drop: MaxSsimDrop = 0.01,
+    max_psnr_drop: MaxPsnrDrop = 0.5,
+    min_cosine: MinCosine = 0.99,
     as_json: Annotated[bool, typer.Option("--json", help="Print the gate report as JSON.")] = False,
 ) -> None:
     """Add an INT8 (Q/DQ) or FP16 variant to a bundle; it is kept only if the accuracy gate passes."""
@@ -162,18 +169,13 @@ def check_command(
     precision: Annotated[QuantPrecision, typer.Option("--precision", help="Variant to check against fp32.")],
     data: Annotated[Path, typer.Option("--data", help="Held-out dataset directory (research format).")],
     triplets: Annotated[Path, typer.Option("--triplets", help="Held-out triplet CSV.")],
-    target_far: Annotated[
-        float | None,
-        typer.Option("--target-far", help="Derive the threshold at this FAR instead of the EER."),
-    ] = None,
-    max_triplet_drop: Annotated[float, typer.Option("--max-triplet-drop", help="pp")] = 1.0,
-    max_eer_rise: Annotated[float, typer.Option("--max-eer-rise", help="pp")] = 1.0,
-    max_posture_drop: Annotated[float, typer.Option("--max-posture-drop", help="pp")] = 1.0,
-    max_ssim_drop: Annotated[float, typer.Option("--max-ssim-drop")] = 0.01,
-    max_psnr_drop: Annotated[float, typer.Option("--max-psnr-drop", help="dB")] = 0.5,
-    min_cosine: Annotated[
-        float, typer.Option("--min-cosine", help="Median embedding cosine vs fp32.")
-    ] = 0.99,
+    target_far: TargetFar = None,
+    max_triplet_drop: MaxTripletDrop = 1.0,
+    max_eer_rise: MaxEerRise = 1.0,
+    max_posture_drop: MaxPostureDrop = 1.0,
+    max_ssim_drop: MaxSsimDrop = 0.01,
+    max_psnr_drop: MaxPsnrDrop = 0.5,
+    min_cosine: MinCosine = 0.99,
     speed_seconds: Annotated[
         float, typer.Option("--speed-seconds", help="Timing per side; 0 skips it.")
     ] = 1.0,
