@@ -259,15 +259,13 @@ class ResultPublisher:
         if not endpoint.startswith("ipc://"):
             sock.bind(endpoint)
             return sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-        path = endpoint[len("ipc://") :]
-        Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        sock.bind(endpoint)
-        if ipc_group is not None:
-            import grp
+        from edge.security import prepare_ipc_dir, secure_ipc_file
 
-            os.chown(path, -1, grp.getgrnam(ipc_group).gr_gid)
+        path = Path(endpoint[len("ipc://") :])
+        prepare_ipc_dir(path.parent, group=ipc_group)
+        sock.bind(endpoint)
         # Results are biometric decisions: owner-only (or one named group), whatever the umask (R-NEW-2).
-        os.chmod(path, ipc_mode & (stat.S_IRWXU | stat.S_IRWXG))
+        secure_ipc_file(path, ipc_mode & (stat.S_IRWXU | stat.S_IRWXG), ipc_group)
         return endpoint
 
     def poll_subscriptions(self) -> int:
