@@ -23,7 +23,6 @@ import struct
 import tarfile
 import tempfile
 import time
-import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,14 +113,8 @@ def unpack_frame(data: bytes | memoryview) -> Frame:
 
 def default_manifest(source: str | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Return the device/config manifest stored as metadata: host, versions, source, extras."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        thz_version = version("thzedge")
-    except PackageNotFoundError:
-        thz_version = "unknown"
     manifest = {
-        "thzedge_version": thz_version,
+        "thzedge_version": _thzedge_version(),
         "host": platform.node(),
         "machine": platform.machine(),
         "python": platform.python_version(),
@@ -405,8 +398,7 @@ class RecordingReader:
 
     def items(self) -> Iterator[RecordedItem]:
         """Yield every raw-frame message in file order, then record how reading ended."""
-        from mcap.exceptions import McapError
-        from mcap.records import Attachment, Channel, Chunk, Footer, Message, Metadata
+        from mcap.records import Channel, Chunk, Footer, Message
         from mcap.stream_reader import StreamReader, breakup_chunk
 
         self.complete = self.truncated = False
@@ -428,12 +420,8 @@ class RecordingReader:
                         inner = [record]
                 except StopIteration:
                     break
-                except (McapError, DataError, ValueError, EOFError, OSError, struct.error, zlib.error) as exc:
+                except Exception as exc:  # McapError, struct/zlib/zstd errors, OSError, DataError, ...
                     # A crash leaves a torn record at the end: everything before it is good.
-                    self.truncated = True
-                    self.truncation = f"{type(exc).__name__}: {exc}"[:200]
-                    break
-                except Exception as exc:  # zstandard.ZstdError and other decoder failures
                     self.truncated = True
                     self.truncation = f"{type(exc).__name__}: {exc}"[:200]
                     break
@@ -444,17 +432,22 @@ class RecordingReader:
                         item = self._message(rec, channels)
                         if item is not None:
                             yield item
-                    elif isinstance(rec, Attachment) and rec.name not in self._attachment_data:
-                        digest = hashlib.sha256(rec.data).hexdigest()
-                        self.attachments.append(
-                            AttachmentInfo(rec.name, rec.media_type, len(rec.data), digest)
-                        )
-                        if self.keep_attachments:
-                            self._attachment_data[rec.name] = bytes(rec.data)
-                    elif isinstance(rec, Metadata):
-                        self.metadata[rec.name] = dict(rec.metadata)
                     elif isinstance(rec, Footer):
                         self.complete = True
+                    else:
+                        self._collect(rec, keep=self.keep_attachments)
+
+    def _collect(self, rec: Any, keep: bool) -> None:
+        """Note an attachment (its bytes too when `keep`) or a metadata record; ignore others."""
+        from mcap.records import Attachment, Metadata
+
+        if isinstance(rec, Attachment) and rec.name not in self._attachment_data:
+            digest = hashlib.sha256(rec.data).hexdigest()
+            self.attachments.append(AttachmentInfo(rec.name, rec.media_type, len(rec.data), digest))
+            if keep:
+                self._attachment_data[rec.name] = bytes(rec.data)
+        elif isinstance(rec, Metadata):
+            self.metadata[rec.name] = dict(rec.metadata)
 
     def _message(self, rec: Any, channels: Mapping[int, Any]) -> RecordedItem | None:
         channel = channels.get(rec.channel_id)
@@ -481,7 +474,7 @@ class RecordingReader:
         them before it yields anything. A torn or empty file simply yields nothing here.
         """
         from mcap.exceptions import McapError
-        from mcap.records import Attachment, Chunk, Message, Metadata
+        from mcap.records import Chunk, Message
         from mcap.stream_reader import StreamReader
 
         with open(self.path, "rb") as fh:
@@ -490,14 +483,7 @@ class RecordingReader:
                 for rec in reader.records:
                     if isinstance(rec, (Chunk, Message)):
                         break
-                    if isinstance(rec, Attachment) and rec.name not in self._attachment_data:
-                        digest = hashlib.sha256(rec.data).hexdigest()
-                        self.attachments.append(
-                            AttachmentInfo(rec.name, rec.media_type, len(rec.data), digest)
-                        )
-                        self._attachment_data[rec.name] = bytes(rec.data)
-                    elif isinstance(rec, Metadata):
-                        self.metadata[rec.name] = dict(rec.metadata)
+                    self._collect(rec, keep=True)
             except (McapError, ValueError, EOFError, OSError, struct.error):
                 pass
 
