@@ -57,13 +57,6 @@ def bench_inputs(n: int, seed: int = 0, data_dir: Path | None = None) -> np.ndar
     return np.random.default_rng(seed).random((n, 1, 64, 64), dtype=np.float32)
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    return np.sum(a64 * b64, axis=1) / np.maximum(
-        np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1), 1e-12
-    )
-
-
 def _time(runner: Any, x: np.ndarray, seconds: float, min_iters: int = 5) -> list[float]:
     runner.infer(x)  # warm-up: first run allocates arenas and picks kernels
     lat: list[float] = []
@@ -85,6 +78,7 @@ def bench_model(
 ) -> list[BenchRow]:
     """Measure every backend x precision x batch; see the module docstring."""
     from edge.bundle import Bundle
+    from edge.evaluation import row_cosine
     from edge.runner import Runner
 
     bundle = Bundle.open(bundle_path)
@@ -107,7 +101,7 @@ def bench_model(
                 continue
             try:
                 out = _infer_all(runner, x)
-                cos = _cosine(ref.embedding, out.embedding)
+                cos = row_cosine(ref.embedding, out.embedding)
                 agree = float(np.mean(ref.posture == out.posture))
                 for b in batches:
                     lat = np.asarray(_time(runner, x[:b], seconds / len(batches)))

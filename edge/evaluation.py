@@ -65,6 +65,14 @@ def pair_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sqrt(np.sum((a64 - b64) ** 2, axis=1))
 
 
+def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Return the cosine similarity of matching rows of two [N, D] arrays (float64; 0 for a zero row)."""
+    a64 = np.asarray(a, dtype=np.float64)
+    b64 = np.asarray(b, dtype=np.float64)
+    den = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
+    return np.sum(a64 * b64, axis=1) / np.maximum(den, 1e-12)
+
+
 def roc_auc(d_pos: Any, d_neg: Any) -> float:
     """Return ROC AUC = P(a negative pair is farther than a positive pair), ties counted half."""
     pos = _distances("d_pos", d_pos)

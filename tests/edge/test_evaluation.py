@@ -17,6 +17,7 @@ from edge.evaluation import (
     psnr,
     reconstruction_metrics,
     roc_auc,
+    row_cosine,
     ssim,
     threshold_at_eer,
     threshold_at_far,
@@ -26,6 +27,12 @@ from scanner_io.errors import ThzEdgeError
 
 # ---------------------------------------------------------------------------------------------
 # verification
+
+
+def test_row_cosine_of_matching_rows():
+    a = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0], [0.0, 0.0]], dtype=np.float32)
+    b = np.array([[2.0, 0.0], [0.0, -1.0], [4.0, -3.0], [1.0, 0.0]], dtype=np.float32)
+    np.testing.assert_allclose(row_cosine(a, b), [1.0, -1.0, 0.0, 0.0], atol=1e-12)
 
 
 def test_perfectly_separated_pairs():
