@@ -20,7 +20,14 @@ from urllib.parse import parse_qsl, urlencode
 
 from scanner_io.codec import send_frame, topic_for
 from scanner_io.frame import Frame
-from scanner_io.sources import MalformedFrame, Source, open_source, zmq_context
+from scanner_io.sources import (
+    HEARTBEAT_IVL_MS,
+    HEARTBEAT_TIMEOUT_MS,
+    MalformedFrame,
+    Source,
+    open_source,
+    zmq_context,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +88,7 @@ def source_uri_for(uri: str, rate: float | str | None) -> str:
 
 def _malformed_parts(frame: Frame, kind: str) -> list[bytes]:
     header = frame.header.to_dict()
-    payload = bytes(memoryview(frame.data.tobytes()))
+    payload = frame.data.tobytes()
     if kind == "size_mismatch":
         payload = payload[:-1]
     elif kind == "bad_dtype":
@@ -114,8 +121,8 @@ def serve(
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, settings.sndhwm)
         if settings.bind.startswith("tcp://"):
-            sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+            sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         sock.bind(settings.bind)
         endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         log.info(
