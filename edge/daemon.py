@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from edge.observability import DROP_REASONS
+from edge.runner import softmax
 from scanner_io.frame import POSTURES, Frame
 
 log = logging.getLogger("thzedge.daemon")
@@ -627,20 +628,17 @@ class InferenceStage(Stage):
         for r in results:
             self._emit(r)
 
-    def _encode(self, x: np.ndarray) -> Any:
-        return self.runner.encode(np.ascontiguousarray(x, dtype=np.float32))
-
     def _infer(self, results: list[Any], frames: list[QueuedFrame], x: np.ndarray) -> None:
         t0 = time.perf_counter()
         try:
-            encs = [self._encode(x)]
+            encs = [self.runner.encode(x)]  # the runner checks and converts its input
             per_frame = False
         except Exception:
             # Isolate the frame that breaks the batch: retry one by one.
             encs, per_frame = [], True
             for i in range(len(results)):
                 try:
-                    encs.append(self._encode(x[i : i + 1]))
+                    encs.append(self.runner.encode(x[i : i + 1]))
                 except Exception as exc:
                     encs.append(None)
                     self._fail(results[i], "encode", exc, fatal=True)
@@ -654,12 +652,12 @@ class InferenceStage(Stage):
             if enc is None:
                 continue
             pairs.append((r, q, 0 if per_frame else i, enc))
+        names = _posture_names(self.runner)
+        # One softmax per encoder call (the whole batch), not one per frame.
+        probs = {id(e): softmax(np.asarray(e.posture_logits, np.float64)) for e in encs if e is not None}
         for r, q, row, enc in pairs:
-            logits = np.asarray(enc.posture_logits[row], dtype=np.float64)
-            p = np.exp(logits - logits.max())
-            p /= p.sum()
+            p = probs[id(enc)][row]
             idx = int(p.argmax())
-            names = _posture_names(self.runner)
             r.posture = {
                 "label": names[idx] if idx < len(names) else str(idx),
                 "index": idx,
