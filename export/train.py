@@ -165,14 +165,10 @@ def split_identities(identity_names: Sequence[str], val_fraction: float, seed: i
 
 def write_triplet_csv(data: TripletData, rows: np.ndarray, path: Path) -> Path:
     """Write the selected triplets as a research-format CSV (anchor, positive, negative paths)."""
-    import csv
+    from scanner_io.dataset import write_triplets
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["anchor", "positive", "negative"])
-        for a, p, n in data.triplets[rows]:
-            w.writerow([data.names[a], data.names[p], data.names[n]])
+    write_triplets(path, [(data.names[a], data.names[p], data.names[n]) for a, p, n in data.triplets[rows]])
     return path
 
 
@@ -664,8 +660,6 @@ def _save_checkpoint(
     history: list[EpochRecord],
 ) -> None:
     """Write the research THz-only layout; only plain types so `weights_only` loading accepts it."""
-    import torch
-
     from edge import __version__
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -680,9 +674,7 @@ def _save_checkpoint(
         "history": _history_dicts(history),
         "trainer": f"thzedge {__version__} export.train",
     }
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(out)
+    _save_atomic(obj, out)
 
 
 def _update_history(out: Path, history: list[EpochRecord]) -> None:
@@ -690,6 +682,13 @@ def _update_history(out: Path, history: list[EpochRecord]) -> None:
 
     obj = torch.load(out, map_location="cpu", weights_only=True)
     obj["history"] = _history_dicts(history)
+    _save_atomic(obj, out)
+
+
+def _save_atomic(obj: dict[str, Any], out: Path) -> None:
+    """torch.save via a temporary file and a rename, so a crash never leaves half a checkpoint."""
+    import torch
+
     tmp = out.with_name(out.name + ".tmp")
     torch.save(obj, tmp)
     tmp.replace(out)
