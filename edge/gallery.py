@@ -320,14 +320,7 @@ def enroll_from_inputs(
 
     bundle = Bundle.open(bundle_path)
     batch = load_inputs(inputs)
-    gallery = (
-        Gallery.load(gallery_path, bundle, precision=precision, require_threshold=False)
-        if Path(gallery_path).exists()
-        else Gallery.for_bundle(bundle, precision=precision)
-    )
-    return gallery, _encode_and_enroll(
-        gallery, gallery_path, bundle, identity, batch.x, backend, precision, replace
-    )
+    return _encode_and_enroll(gallery_path, bundle, identity, batch.x, backend, precision, replace)
 
 
 def enroll_from_source(
@@ -386,18 +379,10 @@ def enroll_from_source(
     finally:
         source.close()
     x = np.stack(rows).astype(np.float32)[:, None]
-    gallery = (
-        Gallery.load(gallery_path, bundle, precision=precision, require_threshold=False)
-        if Path(gallery_path).exists()
-        else Gallery.for_bundle(bundle, precision=precision)
-    )
-    return gallery, _encode_and_enroll(
-        gallery, gallery_path, bundle, identity, x, backend, precision, replace
-    )
+    return _encode_and_enroll(gallery_path, bundle, identity, x, backend, precision, replace)
 
 
 def _encode_and_enroll(
-    gallery: Gallery,
     gallery_path: Path,
     bundle: Any,
     identity: str,
@@ -405,9 +390,15 @@ def _encode_and_enroll(
     backend: str,
     precision: str,
     replace: bool,
-) -> int:
+) -> tuple[Gallery, int]:
+    """Open the gallery (or start one for `bundle`), enrol the embeddings of `x`, save it."""
     from edge.runner import Runner
 
+    gallery = (
+        Gallery.load(gallery_path, bundle, precision=precision, require_threshold=False)
+        if Path(gallery_path).exists()
+        else Gallery.for_bundle(bundle, precision=precision)
+    )
     _check_identity(identity)
     runner = Runner.from_bundle(bundle, backend=backend, precision=precision)
     try:
@@ -419,7 +410,7 @@ def _encode_and_enroll(
         runner.close()
     gallery.enroll(identity, np.concatenate(embs), replace=replace)
     gallery.save(gallery_path)
-    return int(x.shape[0])
+    return gallery, int(x.shape[0])
 
 
 def _check_identity(identity: str) -> None:
