@@ -112,9 +112,9 @@ def sim_preview(
     from calibration.simulated import preview_sheet
     from scanner_io.simulator import ScannerSimulator
 
-    sheet = preview_sheet(ScannerSimulator(seed=seed, identities=max(identities, 1)), identities, tile=tile)
-    if out.suffix.lower() != ".png":
+    if out.suffix.lower() != ".png":  # before the (slow) rendering
         raise ThzEdgeError(f"--out {out} must end in .png")
+    sheet = preview_sheet(ScannerSimulator(seed=seed, identities=max(identities, 1)), identities, tile=tile)
     out.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(out), sheet):
         raise ThzEdgeError(f"cannot write {out}; check the directory is writable")

@@ -305,6 +305,9 @@ def test_cli_sim_dataset_and_preview(tmp_path, capsys):
     assert main(["sim", "preview", "--out", str(sheet), "--identities", "2"]) == 0
     img = cv2.imread(str(sheet), cv2.IMREAD_GRAYSCALE)
     assert img is not None and img.shape[0] == 14 + 2 * 64
+    capsys.readouterr()
+    assert main(["sim", "preview", "--out", str(tmp_path / "sheet.jpg")]) == 1
+    assert "must end in .png" in capsys.readouterr().err and not (tmp_path / "sheet.jpg").exists()
 
 
 def test_cli_sim_profile_is_the_true_profile(tmp_path, capsys):
