@@ -156,13 +156,6 @@ class GateReport:
         return "\n".join(out)
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a64 = a.astype(np.float64)
-    b64 = b.astype(np.float64)
-    den = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
-    return np.sum(a64 * b64, axis=1) / np.maximum(den, 1e-12)
-
-
 def _line(group: str, name: str, ref: float | None, cand: float | None, limit: str, ok: bool) -> GateLine:
     delta = None if ref is None or cand is None else cand - ref
     return GateLine(group, name, ref, cand, delta, limit, bool(ok))
@@ -199,6 +192,7 @@ def run_gate(
         collect_outputs,
         psnr,
         report_from_outputs,
+        row_cosine,
         threshold_at_eer,
         threshold_at_far,
     )
@@ -224,7 +218,7 @@ def run_gate(
         cand_runner.close()
 
     lines: list[GateLine] = []
-    cos = _cosine(ref.embedding, cand.embedding)
+    cos = row_cosine(ref.embedding, cand.embedding)
     med, mn = float(np.median(cos)), float(np.min(cos))
     lines.append(_line("per-head", "embedding cosine (median)", 1.0, med, f">= {tol.median_cosine}",
                        med >= tol.median_cosine))  # fmt: skip
@@ -292,7 +286,7 @@ def run_gate(
             sub = ref.images[: min(len(ref.images), 64)]
             fast_out = run_batched(fast, sub, reconstruct=False)
             checked = cand.embedding[: len(sub)]
-            fcos = _cosine(checked, fast_out.embedding)
+            fcos = row_cosine(checked, fast_out.embedding)
             fagree = float(np.mean(fast_out.posture == cand.posture[: len(sub)]))
             cand_fps = _timed_fps(fast, ref.images, speed_batch, speed_seconds)
         finally:
