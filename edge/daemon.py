@@ -5,13 +5,15 @@ Three named stages, each a thread that owns its resources and polls with a timeo
 - `AcquisitionStage` owns the source (and the optional MCAP recorder). Decoding and validation
   happen inside the source; a rejected message is counted as `malformed{reason}` and announced
   as an `error` event with its reason and seq. Sequence gaps are counted as `upstream_gap`.
+  Each accepted frame is calibrated + conditioned here (the one shared conditioning function),
+  so that work overlaps inference.
 - `FrameQueue` is the one bounded queue between acquisition and inference: drop-oldest for live
   sources (`queue_full`), blocking for lockstep replay (nothing dropped).
 - `InferenceStage` takes whatever is queued up to the bundle's max batch, drops frames that
-  waited longer than `max_age_s` (`stale`), calibrates + conditions each frame (the one shared
-  conditioning function), runs the encoder once per batch, then per frame: posture, gallery
-  verification, reconstruction by the predicted posture's decoder. A task failing on one frame
-  yields that frame's result as `partial` with the error; the other frames are unaffected.
+  waited longer than `max_age_s` (`stale`), runs the encoder once per batch, then per frame:
+  posture, gallery verification, reconstruction by the predicted posture's decoder. A task
+  failing on one frame yields that frame's result as `partial` with the error; the other frames
+  are unaffected.
 - `PublisherStage` owns the results socket (`edge.results.ResultPublisher`); the other stages
   hand it results and events through a queue, so no socket is ever shared between threads.
 
@@ -392,11 +394,11 @@ class AcquisitionStage(Stage):
         stop: threading.Event,
         metrics: Metrics,
         stop_deadline: Callable[[], float | None],
+        prepare: Callable[[QueuedFrame], None],
         open_recorder: Callable[[], Any] | None = None,
-        prepare: Callable[[QueuedFrame], None] | None = None,
     ) -> None:
         super().__init__("acquire")
-        self.prepare = prepare
+        self.prepare = prepare  # calibrate + condition here, so it overlaps inference
         self.go = threading.Event()
         self._open_source = open_source
         self._open_recorder = open_recorder
@@ -509,8 +511,7 @@ class AcquisitionStage(Stage):
         if self.recorder is not None:
             self.recorder.write(frame)
         queued = QueuedFrame(frame, now)
-        if self.prepare is not None:
-            self.prepare(queued)
+        self.prepare(queued)
         evicted = self.frames.put(queued, self.stop, self.settings.poll_s)
         if evicted is not None:
             reason = "shutdown" if evicted.frame is frame else "queue_full"
@@ -525,7 +526,7 @@ class AcquisitionStage(Stage):
 
 
 class InferenceStage(Stage):
-    """Batches queued frames through calibrate+condition, the encoder and the post-processing tasks."""
+    """Batches prepared frames through the encoder and the post-processing tasks."""
 
     def __init__(
         self,
@@ -534,7 +535,6 @@ class InferenceStage(Stage):
         outbox: Outbox,
         stats: Stats,
         settings: DaemonSettings,
-        context: Callable[[], ProcessingContext],
         provenance: Callable[[ProcessingContext], Any],
         metrics: Metrics,
         upstream_done: threading.Event,
@@ -543,17 +543,14 @@ class InferenceStage(Stage):
         drain_deadline: Callable[[], float | None],
         max_batch: int,
         beat: Any | None = None,
-        prepare: Callable[[QueuedFrame], None] | None = None,
     ) -> None:
         super().__init__("infer")
         self.beat = beat
-        self.prepare = prepare or (lambda q: prepare_frame(q, context()))
         self.runner = runner
         self.frames = frames
         self.outbox = outbox
         self.stats = stats
         self.settings = settings
-        self.context = context
         self.provenance = provenance
         self.metrics = metrics
         self.upstream_done = upstream_done
@@ -613,8 +610,7 @@ class InferenceStage(Stage):
         results = []
         ok: list[int] = []
         for i, q in enumerate(fresh):
-            if q.ctx is None:  # not prepared upstream: condition here
-                self.prepare(q)
+            assert q.ctx is not None  # prepared by the acquisition stage
             r = _new_result(q, self.provenance(q.ctx), now)
             r.latency_ms["condition"] = q.condition_ms
             results.append(r)
@@ -1061,8 +1057,8 @@ class Daemon:
             self.stop_event,
             self.metrics,
             self._stop_deadline,
-            self._open_recorder,
             self._prepare,
+            self._open_recorder,
         )
         self.inference = InferenceStage(
             self.runner,
@@ -1070,7 +1066,6 @@ class Daemon:
             outbox,
             self.stats,
             s,
-            lambda: self.context,
             self._provenance,
             self.metrics,
             self.upstream_done,
@@ -1079,7 +1074,6 @@ class Daemon:
             self._drain_deadline,
             max_batch,
             self.heartbeat,
-            self._prepare,
         )
 
         def make_publisher() -> ResultPublisher:
