@@ -300,7 +300,7 @@ class ReplaySource(Source):
                             self.recovered,
                         )
                 self._pass += 1
-                if self._pass == 0 or (self._loops and self._pass >= self._loops) or self._reader.frames == 0:
+                if (self._loops and self._pass >= self._loops) or self._reader.frames == 0:
                     self._done = True
                     return None
                 # The next pass starts one mean interval after the last frame of this one.
