@@ -164,7 +164,8 @@ def _reject_constant(token: str) -> Any:
     raise ValueError(f"non-standard JSON constant {token}")
 
 
-def _parse_header_json(raw: memoryview) -> dict[str, Any]:
+def parse_header_json(raw: memoryview) -> dict[str, Any]:
+    """Parse header bytes as a strict JSON object (no NaN/Infinity); raises FrameRejected("bad_json")."""
     try:
         text = bytes(raw).decode("utf-8")
         obj = json.loads(text, parse_constant=_reject_constant)
@@ -291,8 +292,7 @@ def decode_frame(parts: Sequence[Any]) -> Frame:
         or bytes(topic[: len(TOPIC_PREFIX)]) != TOPIC_PREFIX
     ):
         raise _fail("bad_topic", "topic must be 'frame/<scanner>'")
-    obj = _parse_header_json(raw_header)
-    header = header_from_dict(obj)
+    header = header_from_dict(parse_header_json(raw_header))
     if bytes(topic) != topic_for(header.scanner):
         raise _fail(
             "topic_mismatch",

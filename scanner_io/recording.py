@@ -38,6 +38,7 @@ from scanner_io.codec import (
     array_from_payload,
     encode_header,
     header_from_dict,
+    parse_header_json,
     wire_array,
 )
 from scanner_io.errors import DataError, FrameDecodeError, SourceUnavailableError
@@ -101,13 +102,8 @@ def unpack_frame(data: bytes | memoryview) -> Frame:
     payload = view[_LEN.size + n :]
     if payload.nbytes > MAX_PAYLOAD_BYTES:
         raise FrameRejected(f"recorded payload of {payload.nbytes} bytes is too large", reason="too_large")
-    try:
-        obj = json.loads(bytes(view[_LEN.size : _LEN.size + n]).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise FrameRejected(f"recorded header is not UTF-8 JSON: {exc}", reason="bad_json") from None
-    if not isinstance(obj, dict):
-        raise FrameRejected("recorded header is not a JSON object", reason="bad_json")
-    header = header_from_dict(obj)
+    # The wire's parser: NaN/Infinity are refused here too, so a replayed header re-encodes.
+    header = header_from_dict(parse_header_json(view[_LEN.size : _LEN.size + n]))
     return Frame(header=header, data=array_from_payload(header, payload))
 
 

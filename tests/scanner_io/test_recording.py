@@ -307,3 +307,25 @@ def test_frames_from_replay_are_read_only(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         items[0].data[0, 0] = 1
     assert np.asarray(items[0].data).shape == (4, 4)
+
+
+def test_a_foreign_recordings_nan_header_is_rejected_like_on_the_wire(tmp_path: Path) -> None:
+    """Replay validates like the wire: a header with NaN is a bad_json frame, not one that
+    later crashes re-encoding (record or serve a replay)."""
+    import struct
+
+    from mcap.writer import Writer
+
+    path = tmp_path / "foreign.mcap"
+    good = b'{"v":1,"scanner":"s0","seq":0,"t_capture_ns":1,"shape":[2,2],"dtype":"uint8","settings":{"g":1}}'
+    with open(path, "wb") as fh:
+        w = Writer(fh)
+        w.start()
+        ch = w.register_channel("/s0/raw", RAW_ENCODING, w.register_schema("x", "jsonschema", b"{}"))
+        for i, hdr in enumerate((good, good.replace(b'"g":1', b'"g":NaN').replace(b'"seq":0', b'"seq":1'))):
+            w.add_message(ch, log_time=i, data=struct.pack("<I", len(hdr)) + hdr + bytes(4), publish_time=i)
+        w.finish()
+    items, _ = _replay_all(f"replay:{path}?rate=max")
+    assert isinstance(items[0], Frame) and items[0].header.settings == {"g": 1}
+    assert isinstance(items[1], MalformedFrame) and items[1].reason == "bad_json"
+    assert "NaN" in items[1].message and items[1].seq is None
