@@ -946,7 +946,8 @@ class Daemon:
         self.notifier = notifier if notifier is not None else Notifier(env={})
         self.metrics_impl = metrics
         self.metrics = Metrics(metrics)
-        self.tracker = StateTracker(metrics, _SafeNotifier(self.notifier), log)
+        self._notify = _SafeNotifier(self.notifier)  # the pinger gets the raw one: it has its own guard
+        self.tracker = StateTracker(metrics, self._notify, log)
         self.heartbeat = Heartbeat()  # stamped by the inference loop; gates WATCHDOG=1
         self.model_info = model_info or {}
         self.on_ready = on_ready
@@ -1185,8 +1186,7 @@ class Daemon:
         mode = "live" if self.acquisition.live else "lockstep"
         # READY=1 only now: model loaded + warmed up, source open, socket bound (R-SYS-1).
         self._set_state("ready", f"publishing on {endpoint} ({mode} source)")
-        with contextlib.suppress(OSError):
-            self.notifier.ready()
+        self._notify.ready()
         self.ready.set()
         self._ready_at = time.monotonic()
         on_ping = self.metrics_impl.watchdog_pings.inc if self.metrics_impl is not None else None
@@ -1210,8 +1210,7 @@ class Daemon:
                 self._stop_at = now
                 hard_deadline = now + self.settings.stop_timeout_s
                 self._set_state("stopping", "draining queued frames")
-                with contextlib.suppress(OSError):
-                    self.notifier.stopping()
+                self._notify.stopping()
             if acq.done.is_set():
                 self.upstream_done.set()
             if inf.done.is_set():
@@ -1230,8 +1229,7 @@ class Daemon:
                 self._update_state(acq, pub, now)
                 if now - last_status >= 10.0 and self.state_name == "ready":
                     last_status = now
-                    with contextlib.suppress(OSError):
-                        self.tracker.status(self._streaming_status())
+                    self.tracker.status(self._streaming_status())
             time.sleep(0.05)
         for st in self._stages:
             st.join(timeout=max(0.0, (hard_deadline or time.monotonic()) - time.monotonic()))
@@ -1274,8 +1272,7 @@ class Daemon:
     def _reload(self) -> None:
         prev = self.state_name
         self._set_state("reloading", "gallery and calibration")
-        with contextlib.suppress(OSError):
-            self.notifier.reloading()
+        self._notify.reloading()
         try:
             new = self._load_context(self.context.generation + 1, self._source_profile)
         except Exception as exc:
@@ -1302,8 +1299,7 @@ class Daemon:
                 new.calibration_id,
                 "loaded" if new.gallery is not None else "none",
             )
-        with contextlib.suppress(OSError):
-            self.notifier.ready()
+        self._notify.ready()
         self._set_state(prev if prev not in ("reloading", "starting") else "ready")
 
     def _summary(self, t_start: float, endpoint: str) -> RunSummary:
@@ -1330,14 +1326,26 @@ class Daemon:
 
 
 class _SafeNotifier:
-    """Wraps the Notifier for StateTracker so a vanished NOTIFY_SOCKET never stops the pipeline."""
+    """Wraps the Notifier so a vanished NOTIFY_SOCKET never stops the pipeline."""
 
     def __init__(self, notifier: Any) -> None:
         self._n = notifier
 
-    def status(self, text: str) -> None:
+    def _send(self, method: str, *args: Any) -> None:
         with contextlib.suppress(OSError):
-            self._n.status(text)
+            getattr(self._n, method)(*args)
+
+    def status(self, text: str) -> None:
+        self._send("status", text)
+
+    def ready(self) -> None:
+        self._send("ready")
+
+    def reloading(self) -> None:
+        self._send("reloading")
+
+    def stopping(self) -> None:
+        self._send("stopping")
 
 
 # ---------------------------------------------------------------------------------------------
