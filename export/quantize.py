@@ -832,9 +832,9 @@ def quantize_graphs(
 
     for graph, src, feeds, n in jobs:
         dst = _dst(src)
-        model = onnx.load(str(src))
-        _ensure_node_names(model)
         if prec == "int8":
+            model = onnx.load(str(src))
+            _ensure_node_names(model)  # the names _quantize_ort gives the graph it quantizes
             keep = nodes_to_keep_float(model, settings.keep_float, embedding_output)
             quantizer = quantize_onnx_int8(src, dst, feeds, settings, keep)
             qdq = count_qdq(dst)
