@@ -715,8 +715,8 @@ class QuantizeResult:
     graphs: list[QuantizedGraph]
     calibration: dict[str, Any]
 
-    def manifest_entry(self, root: Path) -> dict[str, Any]:
-        """The JSON-ready provenance of this variant (files relative to `root`)."""
+    def manifest_entry(self) -> dict[str, Any]:
+        """The JSON-ready provenance of this variant (settings, calibration set, per-graph facts)."""
         return {
             "settings": asdict(self.settings),
             "calibration": self.calibration,
@@ -933,7 +933,7 @@ def quantize_bundle(
             graph_files[f"decoder_{k}"] = g.path
         entry: dict[str, Any] = {
             "precision": settings.precision,
-            "quantization": result.manifest_entry(staged),
+            "quantization": result.manifest_entry(),
         }
         # The gate runs on a scratch copy so the real bundle changes only if the variant passes.
         work = Path(tmp) / "bundle"
