@@ -251,7 +251,6 @@ class ResultPublisher:
         except BaseException:
             sock.close(linger=0)
             raise
-        self.sent_results = 0
         self.blocked_s = 0.0
 
     @staticmethod
@@ -314,7 +313,6 @@ class ResultPublisher:
         parts = encode_result(result, now_ns, self.publish_embedding, self.publish_reconstruction)
         if not self.send(parts, deadline):
             return None
-        self.sent_results += 1
         return now_ns
 
     def publish_event(self, kind: str, body: dict[str, Any], deadline: Deadline = None) -> bool:

@@ -172,7 +172,6 @@ class EndpointSecurity:
         self.ipc_group = ipc_group
         self.allow_list = ClientAllowList()
         self.authenticator: ThreadAuthenticator | None = None
-        self.bound: list[str] = []
 
     @classmethod
     def from_config(
@@ -266,7 +265,6 @@ class EndpointSecurity:
         secure_server_socket(sock, self.server_keys, self.domain)
         sock.bind(endpoint)
         bound = _last_endpoint(sock, endpoint)
-        self.bound.append(bound)
         log.info("bound %s with CURVE (domain %r)", bound, self.domain)
         return bound
 
@@ -279,7 +277,6 @@ class EndpointSecurity:
         prepare_ipc_dir(path.parent, group=self.ipc_group)
         sock.bind(endpoint)
         secure_ipc_file(path, self.ipc_mode, self.ipc_group)
-        self.bound.append(endpoint)
         return endpoint
 
     def __enter__(self) -> EndpointSecurity:
