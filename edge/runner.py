@@ -83,7 +83,8 @@ class Runner:
     def __init__(self, bundle: Bundle, backend: Backend) -> None:
         self.bundle = bundle
         self.backend = backend
-        self.max_batch = bundle.max_batch
+        # The backend's limit: a TensorRT engine may be built for a smaller batch than the bundle's.
+        self.max_batch = backend.max_batch
 
     @classmethod
     def from_bundle(

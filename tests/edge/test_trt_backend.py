@@ -83,6 +83,20 @@ def test_runner_through_trt_backend(engine_bundle: Path, fake_trt) -> None:
         ort_r.close()
 
 
+def test_runner_batches_within_an_engine_built_for_a_smaller_max_batch(
+    tiny_bundle: Path, tmp_path: Path, fake_trt
+) -> None:
+    dst = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, dst)
+    build_bundle_engines(dst, EngineSettings("fp32", max_batch=2), make_fake_tensorrt("10.3.0"), PLATFORM)
+    x = np.random.default_rng(2).random((5, 1, 64, 64), dtype=np.float32)
+    with Runner.from_bundle(dst, backend="trt") as trt_r, Runner.from_bundle(dst, backend="ort") as ort_r:
+        assert Bundle.open(dst).max_batch > 2 and trt_r.max_batch == 2  # the engine's profile limits it
+        a, b = trt_r.infer(x), ort_r.infer(x)
+    np.testing.assert_array_equal(a.posture, b.posture)
+    np.testing.assert_allclose(a.reconstruction, b.reconstruction, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("tamper", "message"),
     [
