@@ -31,45 +31,56 @@ def run_once(ctx: zmq.Context, size: int, seconds: float, curve: bool, keydir: P
         sec.start()
     else:
         sec = EndpointSecurity(ctx, insecure_dev=True)
-    pub = ctx.socket(zmq.PUB)
-    pub.linger = 0
-    pub.sndhwm = 1000
-    endpoint = sec.bind(pub, "tcp://127.0.0.1:0")
+    payload = b"\0" * size
+    bound: list[str] = []
+    ready, subscribed, stop = threading.Event(), threading.Event(), threading.Event()
+
+    def sender() -> None:
+        # The PUB socket is created, used and closed in this thread only (one socket, one thread).
+        pub = ctx.socket(zmq.PUB)
+        pub.linger = 0
+        pub.sndhwm = 1000
+        try:
+            bound.append(sec.bind(pub, "tcp://127.0.0.1:0"))
+            ready.set()
+            while not subscribed.is_set() and not stop.is_set():
+                pub.send_multipart([b"warmup", b""])  # until the subscription arrives (slow joiner)
+                time.sleep(0.01)
+            while not stop.is_set():
+                try:
+                    pub.send_multipart([b"result/scanner0", payload], flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    time.sleep(0)
+        finally:
+            pub.close()
+            ready.set()
+
+    t = threading.Thread(target=sender)
+    t.start()
+    ready.wait()
+    if not bound:
+        t.join()
+        sec.close()
+        raise RuntimeError("the PUB socket could not bind")
     sub = ctx.socket(zmq.SUB)
     sub.linger = 0
     sub.rcvhwm = 1000
     if curve:
         secure_client_socket(sub, server.public, client)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.connect(endpoint)
-    # wait for the subscription to arrive (slow joiner)
+    sub.connect(bound[0])
     while not sub.poll(10):
-        pub.send_multipart([b"warmup", b""])
-    while sub.poll(0):
-        sub.recv_multipart()
-    payload = b"\0" * size
-    stop = threading.Event()
-
-    def sender() -> None:
-        while not stop.is_set():
-            try:
-                pub.send_multipart([b"result/scanner0", payload], flags=zmq.NOBLOCK)
-            except zmq.Again:
-                time.sleep(0)
-
-    t = threading.Thread(target=sender)
-    t.start()
+        pass
+    subscribed.set()
     got = 0
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         if sub.poll(100):
-            sub.recv_multipart()
-            got += 1
+            got += sub.recv_multipart()[0] != b"warmup"  # late warm-up messages do not count
     dt = time.perf_counter() - t0
     stop.set()
     t.join()
     sub.close()
-    pub.close()
     sec.close()
     return got / dt, got * size / dt / 1e6
 
