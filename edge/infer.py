@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edge.bundle import INPUT_SIZE
 from scanner_io.errors import DataError, ThzEdgeError
 
 if TYPE_CHECKING:
     from edge.runner import Runner
 
-INPUT_SIZE = 64
 PNG_SUFFIXES = (".png",)
 NPY_SUFFIXES = (".npy",)
 
