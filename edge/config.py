@@ -503,16 +503,13 @@ def _build_sources(table: Any, where: str, base: Path) -> dict[str, SourceConfig
 
 
 def _conditioning(table: Any, where: str) -> ConditioningOverrides:
-    """Check overrides against ConditioningParams' fields when the calibration package has them."""
+    """Check overrides against the fields of calibration.conditioning.ConditioningParams."""
     if not isinstance(table, Mapping):
         raise ConfigError(f"{where}: expected a table")
     if not table:
         return ConditioningOverrides()
-    try:
-        from calibration.conditioning import ConditioningParams
-    except ImportError:
-        # Without the conditioning module nothing can use the overrides; keep them as written.
-        return ConditioningOverrides(dict(table))
+    from calibration.conditioning import ConditioningParams
+
     hints = typing.get_type_hints(ConditioningParams)
     names = [f.name for f in dataclasses.fields(ConditioningParams)]
     _check_keys(table, names, where)
