@@ -885,10 +885,14 @@ class Metrics:
     def published(self, r: Any, t_publish_ns: int | None = None) -> None:
         def go(m: Any) -> None:
             m.published(r.status)
+            # One observation per label and frame: verify + reconstruct add up to `postprocess`.
+            seconds: dict[str, float] = {}
             for stage, ms in r.latency_ms.items():
                 label = self.STAGE_LABELS.get(stage)
                 if label is not None:
-                    m.observe_stage(label, ms / 1e3)
+                    seconds[label] = seconds.get(label, 0.0) + ms / 1e3
+            for label, s in seconds.items():
+                m.observe_stage(label, s)
             if t_publish_ns is not None and t_publish_ns >= r.t_capture_ns:
                 m.end_to_end_latency.observe((t_publish_ns - r.t_capture_ns) / 1e9)
 

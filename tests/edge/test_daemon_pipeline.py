@@ -111,6 +111,22 @@ def test_frame_queue_drop_oldest_and_block() -> None:
     assert b.put(items[1], stop) is items[1]  # blocked, then stopped: handed back to be counted
 
 
+def test_stage_metrics_observe_each_label_once_per_frame() -> None:
+    from edge.daemon import Metrics
+    from edge.observability import DaemonMetrics
+    from edge.results import FrameResult, Provenance
+
+    m = DaemonMetrics()
+    r = FrameResult("t0", 1, 0, "ok", Provenance("b", "fp32", "ort", "identity"))
+    r.latency_ms.update({"encode": 4.0, "verify": 1.0, "reconstruct": 2.0, "total": 9.0})
+    Metrics(m).published(r)
+    post = {"stage": "postprocess"}
+    assert m.value("thzedge_stage_duration_seconds_count", post) == 1  # verify + reconstruct: one frame
+    assert m.value("thzedge_stage_duration_seconds_sum", post) == pytest.approx(0.003)
+    assert m.value("thzedge_stage_duration_seconds_count", {"stage": "infer"}) == 1
+    assert m.value("thzedge_results_published_total", {"status": "ok"}) == 1
+
+
 class PoisonRunner:
     """The real runner, but reconstruction raises for frames whose input equals `poison`."""
 
