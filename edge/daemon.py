@@ -1473,6 +1473,7 @@ def run_daemon(
         cfg = apply_overrides(cfg, **overrides)
     log_start_warnings(cfg, log)
     src = cfg.resolve_source(opts.source)
+    uri, queue_policy = split_queue_mode(src.uri)  # a bad mode= fails before the model loads
     if opts.max_frames is not None and opts.max_frames < 1:
         raise ConfigError(f"--max-frames {opts.max_frames}: expected a positive number of frames")
 
@@ -1531,8 +1532,6 @@ def run_daemon(
             gallery=gallery,
             generation=generation,
         )
-
-    uri, queue_policy = split_queue_mode(src.uri)
 
     def open_src() -> Any:
         from scanner_io.sources import open_source

@@ -320,6 +320,17 @@ def test_without_a_model_the_demo_bundle_is_used_and_announced(
     assert any("demo model" in r.getMessage() and "simulated" in r.getMessage() for r in caplog.records)
 
 
+def test_a_bad_queue_mode_is_a_config_error_before_the_model_loads(tmp_path: Path) -> None:
+    from edge.daemon import RunOptions, run_daemon
+    from scanner_io.errors import ConfigError
+
+    cfg = tmp_path / "thzedge.toml"
+    cfg.write_text("[metrics]\nenabled = false\n[daemon]\ninsecure_dev = true\n")
+    # The model path does not exist: the mode is checked first, so the error names the mode.
+    with pytest.raises(ConfigError, match="expected mode=live or mode=lockstep"):
+        run_daemon(RunOptions(source="tcp://127.0.0.1:5999?mode=fast", config=cfg, model=tmp_path / "none"))
+
+
 def test_a_recording_calibrates_with_its_embedded_profile(tmp_path: Path) -> None:
     from calibration.conditioning import ConditioningParams
     from calibration.profile import CalibrationProfile
