@@ -506,16 +506,13 @@ class TrtBackend(Backend):
 
 
 def can_run(bundle: Bundle, precision: str = "fp32") -> bool:
-    """Whether matching engines for this precision exist and TensorRT + a GPU are present."""
-    if not all(engine_paths(bundle.path, precision, g)[0].is_file() for g in bundle.graphs):
-        return False
-    try:
-        platform = current_platform()
-        verified_engines(bundle, precision, platform)
-    except ThzEdgeError as exc:
-        log.warning("not using TensorRT: %s", exc)
-        return False
-    return True
+    """Whether engines for this precision exist, so `auto` should try TensorRT.
+
+    Only a file check: `create` verifies the engines against this TensorRT and GPU (reading and
+    hashing every plan once, not twice), and `create_backend` falls back to ONNX Runtime with a
+    warning when it refuses them.
+    """
+    return all(engine_paths(bundle.path, precision, g)[0].is_file() for g in bundle.graphs)
 
 
 def create(bundle: Bundle, precision: str = "fp32", **options: Any) -> TrtBackend:

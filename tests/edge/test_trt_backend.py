@@ -130,11 +130,15 @@ def test_mismatched_engine_is_refused_before_deserialising(
 
 
 def test_auto_falls_back_to_ort_with_a_warning(
-    engine_bundle: Path, fake_trt, caplog: pytest.LogCaptureFixture
+    engine_bundle: Path, fake_trt, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     bundle = Bundle.open(engine_bundle)
+    checks: list[str] = []
+    verify = trt_backend.verified_engines
+    monkeypatch.setattr(trt_backend, "verified_engines", lambda *a: checks.append("x") or verify(*a))
     be = create_backend(bundle, "auto")
     assert be.name == "trt"  # a matching engine is taken
+    assert len(checks) == 1  # every plan read and hashed once at start-up, not once per check
     be.close()
     fake_trt.__version__ = "10.4.0"  # e.g. after a JetPack upgrade
     with caplog.at_level(logging.WARNING):
