@@ -855,4 +855,5 @@ class ScannerSimulator:
             impostor_rate=self.impostor_rate,
             start_time_ns=self.start_time_ns,
             nominal_fps=self.nominal_fps,
+            cache_size=self._cache_size,
         )
