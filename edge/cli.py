@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: one line, and the traceback only at debug level
         log.debug("unhandled error", exc_info=True)
         typer.echo(
-            f"thzedge: internal error: {type(exc).__name__}: {exc} (rerun with --log-level debug)", err=True
+            f"thzedge: internal error: {type(exc).__name__}: {exc} (rerun as `thzedge --log-level debug ...` for the traceback)", err=True
         )
         return EXIT_SOFTWARE
     return 0
