@@ -112,9 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # a bug: one line, and the traceback only at debug level
         log.debug("unhandled error", exc_info=True)
-        typer.echo(
-            f"thzedge: internal error: {type(exc).__name__}: {exc} (rerun as `thzedge --log-level debug ...` for the traceback)", err=True
-        )
+        hint = "rerun as `thzedge --log-level debug ...` for the traceback"
+        typer.echo(f"thzedge: internal error: {type(exc).__name__}: {exc} ({hint})", err=True)
         return EXIT_SOFTWARE
     return 0
 
