@@ -8,13 +8,12 @@ calibration (DESIGN.md, layers).
 from __future__ import annotations
 
 import json
-import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from scanner_io.cli import terminal_progress
 from scanner_io.errors import ThzEdgeError
 
 
@@ -78,7 +77,7 @@ def sim_dataset(
 
     if out.exists() and any(out.iterdir()):
         raise ThzEdgeError(f"{out} exists and is not empty; choose a new --out directory or empty it")
-    with _sim_progress("simulating") as progress:
+    with terminal_progress("simulating") as progress:
         summary = write_dataset(
             out,
             identities=identities,
@@ -119,17 +118,3 @@ def sim_preview(
     if not cv2.imwrite(str(out), sheet):
         raise ThzEdgeError(f"cannot write {out}; check the directory is writable")
     typer.echo(f"wrote {out} ({sheet.shape[1]}x{sheet.shape[0]})")
-
-
-@contextmanager
-def _sim_progress(label: str):
-    """Yield a (done, total) callback driving a progress bar on a terminal, or None."""
-    if not sys.stderr.isatty():
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import Progress
-
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(label, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)

@@ -7,6 +7,7 @@ import math
 import signal
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -137,7 +138,7 @@ def record(
     try:
         manifest = default_manifest(source=source, extra={"frames_requested": frames, "duration_s": duration})
         recorder = Recorder(out, manifest=manifest, calibration=calibration, chunk_bytes=chunk_kib * 1024)
-        with _stop_on_signals() as stop, _progress(frames, duration) as progress:
+        with _stop_on_signals() as stop, terminal_progress("recording", frames) as progress:
             summary = record_source(
                 src, recorder, frames=frames, duration_s=duration, stop=stop, progress=progress
             )
@@ -154,8 +155,8 @@ def record(
 
 
 @contextmanager
-def _progress(frames: int | None, duration: float | None):
-    """Yield a per-frame callback that drives a progress bar on a terminal, or None."""
+def terminal_progress(label: str, total: int | None = None) -> Iterator[Callable[..., None] | None]:
+    """Yield `update(completed, total=None)` driving a progress bar when stderr is a terminal, else None."""
     if not sys.stderr.isatty():
         yield None
         return
@@ -163,8 +164,9 @@ def _progress(frames: int | None, duration: float | None):
     from rich.progress import Progress
 
     with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("recording", total=frames)
-        yield lambda n: bar.update(task, completed=n)
+        task = bar.add_task(label, total=total)
+        # rich keeps the task's total when `total` is None.
+        yield lambda completed, total=None: bar.update(task, completed=completed, total=total)
 
 
 def recording_info(
