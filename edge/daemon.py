@@ -271,7 +271,6 @@ class Stage(threading.Thread):
         self.ready = threading.Event()
         self.done = threading.Event()
         self.error: BaseException | None = None
-        self.heartbeat = time.monotonic()
 
     def setup(self) -> None:
         """Open what the stage owns (in its own thread: sockets stay with their creator)."""
@@ -435,12 +434,10 @@ class AcquisitionStage(Stage):
         limit = self.settings.max_frames
         # Frames are read only once the daemon has its final context and a bound results socket.
         while not self.go.wait(self.settings.poll_s):
-            self.heartbeat = time.monotonic()
             if self.stop.is_set():
                 self.exit_reason = "stopped"
                 return
         while not self.stop.is_set():
-            self.heartbeat = time.monotonic()
             if limit is not None and self.stats.frames_in >= limit:
                 self.exit_reason = "max_frames"
                 return
@@ -562,7 +559,6 @@ class InferenceStage(Stage):
 
     def loop(self) -> None:
         while True:
-            self.heartbeat = time.monotonic()
             if self.beat is not None:
                 self.beat.beat()
             deadline = self.drain_deadline()
@@ -784,7 +780,6 @@ class PublisherStage(Stage):
     def loop(self) -> None:
         pub = self.publisher
         while True:
-            self.heartbeat = time.monotonic()
             now = time.monotonic()
             joins = pub.poll_subscriptions()
             pub.scanner = self.scanner()
