@@ -41,7 +41,6 @@ class Notifier:
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         self.watchdog_interval_s = _watchdog_interval(env)
-        self.sent: list[str] = []  # last messages, for `thzedge run --log-level debug` and tests
 
     @property
     def enabled(self) -> bool:
@@ -62,7 +61,6 @@ class Notifier:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             self._sock.sendto(message.encode("utf-8"), self._address)
-            self.sent = [*self.sent[-31:], message]
         return True
 
     def ready(self, status: str | None = None) -> bool:
