@@ -71,6 +71,15 @@ class GateLine:
             "pass" if self.passed else "FAIL",
         ]
 
+    def limited_value(self) -> str:
+        """The value the limit is about: the change for a Δ limit (in its unit), else the candidate."""
+        if self.limit.startswith("Δ") and self.delta is not None:
+            if self.limit.endswith("pp"):
+                return f"Δ {self.delta * 100:+.2f} pp"
+            unit = " dB" if self.limit.endswith("dB") else ""
+            return f"Δ {self.delta:+.4f}{unit}"
+        return "-" if self.candidate is None else f"{self.candidate:.4f}"
+
 
 @dataclass
 class GateReport:
@@ -92,9 +101,8 @@ class GateReport:
 
     @property
     def failures(self) -> list[str]:
-        """One phrase per failing line, e.g. 'triplet accuracy Δ -2.10 pp > 1.0 pp'."""
-        return [f"{ln.name} ({ln.candidate if ln.candidate is None else round(ln.candidate, 4)} vs limit "
-                f"{ln.limit})" for ln in self.lines if not ln.passed]  # fmt: skip
+        """One phrase per failing line, e.g. 'triplet accuracy Δ -2.10 pp (limit Δ <= 1.0 pp)'."""
+        return [f"{ln.name} {ln.limited_value()} (limit {ln.limit})" for ln in self.lines if not ln.passed]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready report (stored in the bundle)."""

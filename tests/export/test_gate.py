@@ -78,10 +78,14 @@ def test_report_verdict_and_tolerances() -> None:
         GateLine("per-head", "embedding cosine (median)", 1.0, 0.995, -0.005, ">= 0.99", True),
     ]
     r = GateReport("int8", "sha", {"triplets_csv": "t.csv"}, GateTolerances(), lines, {})
-    assert not r.passed and r.failures == ["triplet accuracy (0.88 vs limit Δ <= 1.0 pp)"]
+    # The failure names the change the limit is about, in the limit's unit (not the raw value).
+    assert not r.passed and r.failures == ["triplet accuracy Δ -2.00 pp (limit Δ <= 1.0 pp)"]
     assert "FAIL: triplet accuracy" in r.render()
     lines[0].passed = True
     assert r.passed and r.render().endswith("PASS")
+    psnr = GateLine("task", "PSNR dB", 27.9, 27.1, -0.8, "Δ <= 0.5 dB", False)
+    cos = GateLine("per-head", "embedding cosine (median)", 1.0, 0.95, -0.05, ">= 0.99", False)
+    assert psnr.limited_value() == "Δ -0.8000 dB" and cos.limited_value() == "0.9500"
 
 
 def test_gate_refuses_fp32_and_missing_variant(tiny_bundle: Path, dataset: Path) -> None:
