@@ -222,7 +222,9 @@ class Recorder:
         self._pending = 0
         self._pending_since: float | None = None
         self._closed = False
-        self._stream: IO[bytes] = open(self.part_path, "wb")  # noqa: SIM115 - closed in close()
+        # Raw frames are biometric data: owner-only, whatever the umask.
+        fd = os.open(self.part_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._stream: IO[bytes] = os.fdopen(fd, "wb")
         # The writer's own chunk limit is set high so chunks close only here, where they are
         # also flushed and fsync'ed.
         self._writer = Writer(
@@ -356,15 +358,22 @@ class AttachmentInfo:
     sha256: str
 
 
+MCAP_MAGIC = b"\x89MCAP0\r\n"
+
+
 def resolve_recording(path: str | os.PathLike[str]) -> Path:
     """Return the file to read: `path`, or `path.part` left by a recorder that did not finish."""
     p = Path(path)
-    if p.is_file():
-        return p
-    part = p.with_name(p.name + PART_SUFFIX)
-    if part.is_file():
-        return part
-    raise SourceUnavailableError(f"recording {p} does not exist")
+    if not p.is_file():
+        part = p.with_name(p.name + PART_SUFFIX)
+        if not part.is_file():
+            raise SourceUnavailableError(f"recording {p} does not exist")
+        p = part
+    # A torn end is recoverable; a file that does not even start as MCAP is not a recording.
+    with open(p, "rb") as fh:
+        if fh.read(len(MCAP_MAGIC)) != MCAP_MAGIC:
+            raise DataError(f"{p} is not an MCAP recording (it does not start with the MCAP magic bytes)")
+    return p
 
 
 class RecordingReader:

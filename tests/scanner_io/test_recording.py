@@ -329,3 +329,32 @@ def test_a_foreign_recordings_nan_header_is_rejected_like_on_the_wire(tmp_path: 
     assert isinstance(items[0], Frame) and items[0].header.settings == {"g": 1}
     assert isinstance(items[1], MalformedFrame) and items[1].reason == "bad_json"
     assert "NaN" in items[1].message and items[1].seq is None
+
+
+def test_a_file_that_is_not_mcap_is_a_data_error_not_a_cut_off_recording(tmp_path: Path) -> None:
+    """A torn end is recovered; a file that never was MCAP is refused (exit 65), not read as 0 frames."""
+    from edge.cli import main
+    from scanner_io.errors import EXIT_DATA, DataError
+
+    garbage = tmp_path / "garbage.mcap"
+    garbage.write_bytes(b"this is not a recording\n" * 10)
+    with pytest.raises(DataError, match="not an MCAP recording"):
+        recording_info(garbage)
+    with pytest.raises(DataError, match="not an MCAP recording"):
+        open_source(f"replay:{garbage}?rate=max")
+    assert main(["recording", "info", str(garbage)]) == EXIT_DATA
+    # A recording cut off after its first bytes still opens (and reports what it recovered).
+    good = _write(tmp_path / "rec.mcap", synthetic_frames(5))
+    cut = tmp_path / "cut.mcap"
+    cut.write_bytes(good.read_bytes()[:40])
+    assert recording_info(cut).frames == 0
+
+
+def test_recordings_are_owner_only(tmp_path: Path) -> None:
+    """Raw frames are biometric data: the file is 0600 whatever the umask."""
+    old = os.umask(0o022)
+    try:
+        path = _write(tmp_path / "rec.mcap", synthetic_frames(2))
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o600
