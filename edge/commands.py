@@ -303,6 +303,7 @@ def enroll_command(
     """Enrol one identity into a gallery from conditioned crops or from raw frames of a source."""
     from edge.bundle import demo_bundle_path
     from edge.config import load_config
+    from edge.daemon import split_queue_mode
     from edge.gallery import enroll_from_inputs, enroll_from_source
     from scanner_io.errors import ThzEdgeError
 
@@ -326,11 +327,12 @@ def enroll_command(
         if frames < 1:
             raise ThzEdgeError("--frames must be at least 1")
         src = cfg.resolve_source(source)
+        uri, _ = split_queue_mode(src.uri)  # `mode=` is the daemon's queue policy, not the source's
         g, added = enroll_from_source(
             gallery_path,
             bundle,
             identity,
-            src.uri,
+            uri,
             frames,
             calibration=calibration or src.calibration,
             conditioning=src.conditioning,

@@ -67,3 +67,50 @@ def test_keys_generate_and_show(tmp_path, capsys):
     assert "secret" not in shown
     assert main(["keys", "generate", "--out", str(tmp_path / "k"), "--name", "consumer1"]) == 1
     assert "--force" in capsys.readouterr().err
+
+
+def test_enroll_from_a_config_source_with_the_daemons_mode_parameter(tiny_bundle, tmp_path, capsys):
+    """A [sources] URI may carry the daemon's own `mode=lockstep`; enrolment reads it all the same."""
+    import threading
+
+    import numpy as np
+    import zmq
+
+    from scanner_io.codec import encode_frame
+    from scanner_io.frame import FrameHeader
+
+    scan = f"ipc://{tmp_path}/scan.sock"
+    cfg = tmp_path / "thzedge.toml"
+    cfg.write_text(f'[sources.scan]\nuri = "{scan}?mode=lockstep"\n')
+    done = threading.Event()
+
+    def scanner() -> None:  # the PUSH socket lives in this thread only
+        ctx = zmq.Context()
+        push = ctx.socket(zmq.PUSH)
+        push.linger = 0
+        push.sndtimeo = 10_000  # no reader (enrolment failed): give up instead of blocking forever
+        push.bind(scan)
+        rng = np.random.default_rng(0)
+        try:
+            for seq in range(3):
+                header = FrameHeader(scanner="s", seq=seq, t_capture_ns=1, shape=(96, 96), dtype="uint16")
+                push.send_multipart(encode_frame(header, rng.integers(100, 4000, (96, 96), dtype=np.uint16)))
+            done.wait(30)
+        except zmq.Again:
+            pass  # the assertions below say why
+        finally:
+            push.close()
+            ctx.term()
+
+    t = threading.Thread(target=scanner, daemon=True)
+    t.start()
+    try:
+        args = ["enroll", "--model", str(tiny_bundle), "--gallery", str(tmp_path / "g.npz")]
+        args += ["--identity", "p", "--config", str(cfg), "--source", "scan", "--frames", "2"]
+        code = main([*args, "--backend", "ort"])
+    finally:
+        done.set()
+        t.join(15)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "enrolled 2 embedding(s)" in out
