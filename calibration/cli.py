@@ -1,8 +1,8 @@
 """Commands owned by the calibration package, attached to the root CLI by `register`.
 
-`thzedge sim dataset|preview|profile` live here rather than in scanner_io: each of them needs the
-simulated sensor's calibration profile or the conditioning, and scanner_io never imports
-calibration (DESIGN.md, layers).
+`thzedge sim dataset|preview|profile` and `thzedge record` live here rather than in scanner_io:
+each of them needs a calibration profile (the simulated sensor's, or the one a source carries) or
+the conditioning, and scanner_io never imports calibration (DESIGN.md, layers).
 """
 
 from __future__ import annotations
@@ -20,6 +20,70 @@ from scanner_io.errors import ThzEdgeError
 def register(app: typer.Typer) -> None:
     """Attach this package's commands to the root `thzedge` app."""
     register_sim(app)
+    app.command("record")(record)
+
+
+# --- record: raw frames to MCAP, with the calibration profile they need ------------------------
+
+
+def record(
+    source: Annotated[
+        str, typer.Option("--source", help="Source URI: tcp://, ipc://, sim[?..], replay:FILE.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="MCAP file to write (FILE.mcap.part until finished).")],
+    frames: Annotated[int | None, typer.Option("--frames", min=1, help="Stop after N frames.")] = None,
+    duration: Annotated[
+        float | None, typer.Option("--duration", min=0.0, help="Stop after S seconds.")
+    ] = None,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            "--calibration",
+            help="Calibration profile directory to attach (default: the one the source carries, if any).",
+        ),
+    ] = None,
+    chunk_kib: Annotated[
+        int, typer.Option("--chunk-kib", min=1, help="Chunk size in KiB (fsync'ed).")
+    ] = 1024,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Record raw frames from a source into an MCAP file (zstd chunks, manifest, calibration)."""
+    import logging
+
+    from calibration.profile import profile_carried_by
+    from scanner_io.cli import stop_on_signals
+    from scanner_io.recording import Recorder, default_manifest, record_source
+    from scanner_io.sources import open_source
+
+    if frames is not None and duration is not None:
+        raise ThzEdgeError("give --frames or --duration, not both")
+    src = open_source(source)
+    try:
+        manifest = default_manifest(source=source, extra={"frames_requested": frames, "duration_s": duration})
+        # Without --calibration, attach what the source carries (a recording's own profile, the
+        # simulator's true maps), so a replay is conditioned exactly as the live stream was.
+        attach = calibration
+        if attach is None and (carried := profile_carried_by(src)) is not None:
+            attach = carried[0]
+        recorder = Recorder(out, manifest=manifest, calibration=attach, chunk_bytes=chunk_kib * 1024)
+        with stop_on_signals() as stop, terminal_progress("recording", frames) as progress:
+            summary = record_source(
+                src, recorder, frames=frames, duration_s=duration, stop=stop, progress=progress
+            )
+    finally:
+        src.close()
+    if summary.frames == 0:
+        logging.getLogger("thzedge.record").warning("%s delivered no frame: is the scanner sending?", source)
+    if as_json:
+        typer.echo(json.dumps(summary.to_dict(), sort_keys=True))
+    else:
+        typer.echo(
+            f"recorded {summary.frames} frames to {summary.path} ({summary.bytes} bytes, "
+            f"{summary.duration_s:.1f} s, {summary.malformed} malformed, "
+            f"{summary.upstream_gaps} missing upstream)"
+        )
+
+
 
 
 # --- simulator: sim dataset, sim preview, sim profile ------------------------------------------

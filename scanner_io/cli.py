@@ -20,25 +20,25 @@ from scanner_io.errors import ThzEdgeError
 def register(app: typer.Typer) -> None:
     """Attach this package's commands to the root `thzedge` app."""
     register_acquisition(app)
-    # `thzedge sim …` conditions frames, so it lives in calibration/cli.py (layers point down).
+    # `thzedge sim …` conditions frames and `thzedge record` attaches the calibration profile a
+    # source carries, so both live in calibration/cli.py (layers point down).
 
 
-# --- acquisition: scanner serve, record, recording info (H4) ---------------------------------
+# --- acquisition: scanner serve, recording info ---------------------------------------------
 
 
 def register_acquisition(app: typer.Typer) -> None:
-    """Attach `scanner serve`, `record` and `recording info`."""
+    """Attach `scanner serve` and `recording info`."""
     scanner = typer.Typer(help="Scanner acquisition: emulate a scanner's frame stream.", no_args_is_help=True)
     scanner.command("serve")(scanner_serve)
     app.add_typer(scanner, name="scanner")
-    app.command("record")(record)
     recording = typer.Typer(help="Inspect MCAP recordings of raw frames.", no_args_is_help=True)
     recording.command("info")(recording_info)
     app.add_typer(recording, name="recording")
 
 
 @contextmanager
-def _stop_on_signals():
+def stop_on_signals():
     """Yield an Event set by SIGINT/SIGTERM, so loops end cleanly (handlers only set the event)."""
     stop = threading.Event()
     previous: dict[int, Any] = {}
@@ -102,56 +102,13 @@ def scanner_serve(
         inject_malformed_every=inject_malformed,
         skip_every=skip_every,
     )
-    with _stop_on_signals() as stop:
+    with stop_on_signals() as stop:
         stats = serve_uri(source, settings, stop=stop)
     if as_json:
         typer.echo(json.dumps(stats.to_dict(), sort_keys=True))
     else:
         dropped = sum(stats.dropped.values())
         typer.echo(f"sent {stats.sent} frames in {stats.elapsed_s:.1f} s, dropped {dropped}")
-
-
-def record(
-    source: Annotated[
-        str, typer.Option("--source", help="Source URI: tcp://, ipc://, sim[?..], replay:FILE.")
-    ],
-    out: Annotated[Path, typer.Option("--out", help="MCAP file to write (FILE.mcap.part until finished).")],
-    frames: Annotated[int | None, typer.Option("--frames", min=1, help="Stop after N frames.")] = None,
-    duration: Annotated[
-        float | None, typer.Option("--duration", min=0.0, help="Stop after S seconds.")
-    ] = None,
-    calibration: Annotated[
-        Path | None, typer.Option("--calibration", help="Calibration profile file to attach.")
-    ] = None,
-    chunk_kib: Annotated[
-        int, typer.Option("--chunk-kib", min=1, help="Chunk size in KiB (fsync'ed).")
-    ] = 1024,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
-) -> None:
-    """Record raw frames from a source into an MCAP file (zstd chunks, manifest, calibration)."""
-    from scanner_io.recording import Recorder, default_manifest, record_source
-    from scanner_io.sources import open_source
-
-    if frames is not None and duration is not None:
-        raise ThzEdgeError("give --frames or --duration, not both")
-    src = open_source(source)
-    try:
-        manifest = default_manifest(source=source, extra={"frames_requested": frames, "duration_s": duration})
-        recorder = Recorder(out, manifest=manifest, calibration=calibration, chunk_bytes=chunk_kib * 1024)
-        with _stop_on_signals() as stop, terminal_progress("recording", frames) as progress:
-            summary = record_source(
-                src, recorder, frames=frames, duration_s=duration, stop=stop, progress=progress
-            )
-    finally:
-        src.close()
-    if as_json:
-        typer.echo(json.dumps(summary.to_dict(), sort_keys=True))
-    else:
-        typer.echo(
-            f"recorded {summary.frames} frames to {summary.path} ({summary.bytes} bytes, "
-            f"{summary.duration_s:.1f} s, {summary.malformed} malformed, "
-            f"{summary.upstream_gaps} missing upstream)"
-        )
 
 
 @contextmanager
