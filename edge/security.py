@@ -34,7 +34,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from edge.config import CurveConfig, PublisherConfig
-from scanner_io.errors import ConfigError, ThzEdgeError
+from scanner_io.errors import ConfigError, SourceUnavailableError, ThzEdgeError
 
 log = logging.getLogger("thzedge.security")
 
@@ -275,6 +275,13 @@ class EndpointSecurity:
                 f"{endpoint}: use an absolute socket path (abstract sockets have no permissions)"
             )
         prepare_ipc_dir(path.parent, group=self.ipc_group)
+        if ipc_socket_is_live(path):
+            # libzmq would unlink the live file and bind anyway, silently cutting the other
+            # process's subscribers off.
+            raise SourceUnavailableError(
+                f"{endpoint} is in use by another running process (a second daemon?); "
+                "give this one its own endpoint with --publish or [publisher] endpoint"
+            )
         sock.bind(endpoint)
         secure_ipc_file(path, self.ipc_mode, self.ipc_group)
         return endpoint
@@ -305,6 +312,26 @@ def secure_client_socket(sock: zmq.Socket, server_public: bytes, client: KeyPair
     sock.curve_serverkey = server_public
     sock.curve_publickey = client.public
     sock.curve_secretkey = client.secret
+
+
+def ipc_socket_is_live(path: Path) -> bool:
+    """Return True when a process accepts connections on the unix socket at `path`.
+
+    A file left behind by a crashed process refuses the connection and is not live.
+    """
+    import socket
+
+    if not path.is_socket():
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(0.5)
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def prepare_ipc_dir(directory: Path, group: str | None = None) -> None:

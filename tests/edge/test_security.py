@@ -276,6 +276,36 @@ def test_ipc_group_mode(ctx, tmp_path):
         pub.close()
 
 
+def test_a_live_ipc_endpoint_is_not_taken_over_but_a_stale_file_is_reused(ctx, tmp_path):
+    """libzmq would unlink a live socket file and bind anyway; a second daemon must be refused."""
+    import socket as pysocket
+
+    from scanner_io.errors import SourceUnavailableError
+
+    path = tmp_path / "run" / "results.sock"
+    first, second = ctx.socket(zmq.PUB), ctx.socket(zmq.PUB)
+    first.linger = second.linger = 0
+    try:
+        EndpointSecurity(ctx).bind(first, f"ipc://{path}")
+        with pytest.raises(SourceUnavailableError, match="in use by another running process"):
+            EndpointSecurity(ctx).bind(second, f"ipc://{path}")
+    finally:
+        first.close()
+        second.close()
+    # A file left by a crashed process: a unix socket nobody listens on.
+    path.unlink(missing_ok=True)
+    stale = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()
+    assert path.is_socket()
+    third = ctx.socket(zmq.PUB)
+    third.linger = 0
+    try:
+        EndpointSecurity(ctx).bind(third, f"ipc://{path}")
+    finally:
+        third.close()
+
+
 def test_world_writable_socket_dir_is_refused(ctx, tmp_path):
     d = tmp_path / "open"
     d.mkdir()
