@@ -164,16 +164,25 @@ def collect(
     return got
 
 
-def run_throughput(bundle: Path, rec: Path, n: int, backend: str, work: Path) -> dict:
-    port, pub_port = free_port(), free_port()
+def run_pipeline(
+    bundle: Path, backend: str, work: Path, tag: str, mode: str, emu: tuple[str, str, int], n: int
+) -> tuple[list[tuple[float, dict]], dict]:
+    """Run `thzedge run` on a tcp source fed by `thzedge scanner serve` (started once the daemon
+    announces its state); return the first `n` results as (t_recv_ns, header) and the run summary.
+
+    `mode` is appended to the source URI (`?mode=lockstep` or ""); `emu` is the emulator's
+    (source, rate, frames).
+    """
+    emu_source, rate, emu_frames = emu
+    port = free_port()
+    pub = f"tcp://127.0.0.1:{free_port()}"
     cfg = work / "bench.toml"
     cfg.write_text("[metrics]\nenabled = false\n[daemon]\ninsecure_dev = true\nqueue_size = 16\n")
-    pub = f"tcp://127.0.0.1:{pub_port}"
     ctx, sub = subscribe(pub)
     daemon = start(
         "run",
         "--source",
-        f"tcp://127.0.0.1:{port}?mode=lockstep",
+        f"tcp://127.0.0.1:{port}{mode}",
         "--model",
         str(bundle),
         "--backend",
@@ -185,98 +194,52 @@ def run_throughput(bundle: Path, rec: Path, n: int, backend: str, work: Path) ->
         "--max-frames",
         str(n),
         "--json",
-        out=work / "daemon_tp.out",
+        out=work / f"daemon_{tag}.out",
     )
-    emu: list[subprocess.Popen] = []
+    emulators: list[subprocess.Popen] = []
 
     def start_emulator() -> None:
-        emu.append(
+        emulators.append(
             start(
                 "scanner",
                 "serve",
                 "--source",
-                f"replay:{rec}",
+                emu_source,
                 "--bind",
                 f"tcp://127.0.0.1:{port}",
                 "--rate",
-                "max",
+                rate,
                 "--frames",
-                str(n),
+                str(emu_frames),
                 "--json",
-                out=work / "emu_tp.out",
+                out=work / f"emu_{tag}.out",
             )
         )
 
     try:
         got = collect(sub, daemon, n, 600, on_state=start_emulator)
         daemon.wait(60)
-        for e in emu:
-            e.wait(30)
     finally:
-        for p in (daemon, *emu):
+        for p in (daemon, *emulators):
             if p.poll() is None:
                 p.kill()
+                p.wait()
         sub.close(0)
         ctx.term()
-    summary = json.loads((work / "daemon_tp.out").read_text().strip().splitlines()[-1])
+    summary = json.loads((work / f"daemon_{tag}.out").read_text().strip().splitlines()[-1])
+    return got, summary
+
+
+def run_throughput(bundle: Path, rec: Path, n: int, backend: str, work: Path) -> dict:
+    got, summary = run_pipeline(bundle, backend, work, "tp", "?mode=lockstep", (f"replay:{rec}", "max", n), n)
     ts = [t for t, _ in got]
     fps = (len(ts) - 1) / ((ts[-1] - ts[0]) / 1e9) if len(ts) > 1 else float("nan")
     return {"received": len(got), "sent": n, "fps": fps, "summary": summary}
 
 
 def run_latency(bundle: Path, n: int, fps: float, backend: str, work: Path) -> dict:
-    port = free_port()
-    cfg = work / "bench.toml"
-    pub = f"tcp://127.0.0.1:{free_port()}"
-    ctx, sub = subscribe(pub)
-    daemon = start(
-        "run",
-        "--source",
-        f"tcp://127.0.0.1:{port}",
-        "--model",
-        str(bundle),
-        "--backend",
-        backend,
-        "--config",
-        str(cfg),
-        "--publish",
-        pub,
-        "--max-frames",
-        str(n),
-        "--json",
-        out=work / "daemon_lat.out",
-    )
-    emu: list[subprocess.Popen] = []
-
-    def start_emulator() -> None:
-        emu.append(
-            start(
-                "scanner",
-                "serve",
-                "--source",
-                "sim?seed=3",
-                "--bind",
-                f"tcp://127.0.0.1:{port}",
-                "--rate",
-                str(fps),
-                "--frames",
-                str(n + 50),
-                "--json",
-                out=work / "emu_lat.out",
-            )
-        )
-
-    try:
-        got = collect(sub, daemon, n, 600, on_state=start_emulator)
-        daemon.wait(60)
-    finally:
-        for p in (daemon, *emu):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        sub.close(0)
-        ctx.term()
-    summary = json.loads((work / "daemon_lat.out").read_text().strip().splitlines()[-1])
+    # The emulator sends a few more frames than the daemon takes, so --max-frames ends the run.
+    got, summary = run_pipeline(bundle, backend, work, "lat", "", ("sim?seed=3", str(fps), n + 50), n)
     pub_ms = np.array([(h["t_publish_ns"] - h["t_capture_ns"]) / 1e6 for _, h in got])
     recv_ms = np.array([(t - h["t_capture_ns"]) / 1e6 for t, h in got])
     return {
