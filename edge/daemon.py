@@ -666,13 +666,15 @@ class InferenceStage(Stage):
             return
         t0 = time.perf_counter()
         claimed = frame.header.claimed_identity
+        # The gallery compares with the references of the predicted posture (edge.gallery).
+        posture = r.posture.get("index") if isinstance(r.posture, dict) else None
         try:
             if mode == "1:1" or (mode == "auto" and claimed is not None):
                 if claimed is None:
                     raise ValueError("1:1 verification needs claimed_identity in the frame header")
-                outcome = ctx.gallery.match_1to1(r.embedding, claimed)
+                outcome = ctx.gallery.match_1to1(r.embedding, claimed, posture=posture)
             else:
-                outcome = ctx.gallery.match_1toN(r.embedding)
+                outcome = ctx.gallery.match_1toN(r.embedding, posture=posture)
             r.verification = outcome.to_dict()  # edge.gallery.Match: its threshold is the gallery's
         except Exception as exc:
             self._fail(r, "verify", exc)

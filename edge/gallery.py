@@ -4,11 +4,20 @@ Biometric data (GDPR Art. 9): the file is written with mode 0600, identities and
 never go to logs (only counts do), and a gallery enrolled with another bundle is refused, since
 embeddings from two models are not comparable.
 
-Scoring. Embeddings are unit length; an identity's template is the re-normalised mean of its
-enrolled embeddings. The score is the **Euclidean distance** between the probe and the
-template (0 = identical, 2 = opposite; on unit vectors it ranks like cosine). A match is
-accepted when `distance <= threshold`, the same convention as `Bundle.threshold()` and
-`edge.evaluation`.
+Scoring. Embeddings are unit length. Each enrolled reference keeps the posture the model
+predicted for it (0..4, or -1 when unknown). The score of a probe against an identity is the
+**Euclidean distance** to that identity's nearest reference **of the probe's predicted
+posture**; when the identity has no reference of that posture (or the caller gives no posture),
+to its nearest reference of any posture (0 = identical, 2 = opposite; on unit vectors it ranks
+like cosine). A match is accepted when `distance <= threshold`, the same convention as
+`Bundle.threshold()` and `edge.evaluation`.
+
+Why not a mean template (format 1 did that): the model's embedding depends strongly on posture
+and on the capture, and the bundle's threshold was chosen on pairs of one posture; a mean over
+postures lies far from every probe. Measured with the demo bundle on unseen simulated people
+(`benchmarks/gallery_operating_point.py`, docs/operations.md): genuine accept rate at the stored
+threshold 0.04 with the mean template, 0.34 with the posture-matched reference (one enrolment
+capture per posture), 0.63 with three per posture.
 
 Decisions:
 - 1:1 (`match_1to1`, the frame claims an identity): `accept` or `reject`; `unknown` when the
@@ -16,9 +25,11 @@ Decisions:
 - 1:N (`match_1toN`): `accept` with the closest identity when it is within the threshold,
   otherwise `unknown` with no identity (the nearest non-matching name is not disclosed).
 
-File format (`.npz`, loaded with `allow_pickle=False`): `embeddings` float32 [M, D], `labels`
-int32 [M] (index into the identity list) and `meta`, a JSON string: format version, bundle
-sha256, embedding dim, precision, identities, per-identity enrolment counts, created time.
+File format 2 (`.npz`, loaded with `allow_pickle=False`): `embeddings` float32 [M, D], `labels`
+int32 [M] (index into the identity list), `postures` int8 [M] (predicted posture of each
+reference, -1 unknown) and `meta`, a JSON string: format version, bundle sha256, embedding dim,
+precision, identities, created time. A format-1 file (no postures) is read with every posture
+unknown, so it matches by nearest reference until it is re-enrolled; it is written back as format 2.
 Not encrypted at rest (see docs/operations.md, privacy): protect it with file permissions and
 disk encryption.
 """
@@ -39,12 +50,17 @@ from typing import Any
 import numpy as np
 
 from scanner_io.errors import ConfigError, DataError, ThzEdgeError
+from scanner_io.frame import POSTURES
 
 log = logging.getLogger("thzedge.gallery")
 
-GALLERY_FORMAT = 1
+GALLERY_FORMAT = 2
+READABLE_FORMATS = (1, 2)
+UNKNOWN_POSTURE = -1
 MAX_IDENTITY_LEN = 128
 DECISIONS = ("accept", "reject", "unknown")
+# names, references [M, D] grouped by identity in name order, their postures [M], first rows
+_View = tuple[list[str], np.ndarray, np.ndarray, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -52,7 +68,7 @@ class Match:
     """One verification outcome: who, how close, what was decided and with which threshold."""
 
     identity: str | None
-    score: float | None  # Euclidean distance to the template (lower = more similar)
+    score: float | None  # Euclidean distance to the matched reference (lower = more similar)
     decision: str  # accept | reject | unknown
     threshold: float
     mode: str  # "1:1" | "1:N"
@@ -87,9 +103,16 @@ class Gallery:
         self.precision = precision
         self.created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         self._refs: dict[str, np.ndarray] = {}  # identity -> [k, D] unit embeddings
+        self._ref_postures: dict[str, np.ndarray] = {}  # identity -> [k] int8 posture (-1 unknown)
         self._lock = threading.Lock()
-        self._names: list[str] = []
-        self._templates = np.zeros((0, self.embedding_dim), np.float32)
+        # Matching view, swapped in one assignment by _rebuild: names, all references [M, D]
+        # grouped by identity in name order, their postures [M] and each identity's first row.
+        self._view: _View = (
+            [],
+            np.zeros((0, self.embedding_dim), np.float32),
+            np.zeros(0, np.int8),
+            np.zeros(0, np.intp),
+        )
 
     # -- building -------------------------------------------------------------------------------
 
@@ -100,13 +123,28 @@ class Gallery:
             threshold = bundle.threshold(precision)
         return cls(bundle.sha256, bundle.embedding_dim, threshold, precision)
 
-    def enroll(self, identity: str, embeddings: np.ndarray, replace: bool = False) -> int:
-        """Add reference embeddings [k, D] for `identity` (or replace them); return its count."""
+    def enroll(
+        self,
+        identity: str,
+        embeddings: np.ndarray,
+        replace: bool = False,
+        postures: np.ndarray | Sequence[int] | None = None,
+    ) -> int:
+        """Add reference embeddings [k, D] for `identity` (or replace them); return its count.
+
+        `postures` [k]: the posture the model predicted for each reference (0..4; -1 or None:
+        unknown). Matching prefers the references of the probe's posture.
+        """
         _check_identity(identity)
         e = _unit_rows(embeddings, self.embedding_dim, "enrolment embeddings")
+        p = _posture_rows(postures, e.shape[0], "enrolment postures")
         with self._lock:
             old = self._refs.get(identity)
-            self._refs[identity] = e if old is None or replace else np.concatenate([old, e])
+            if old is None or replace:
+                self._refs[identity], self._ref_postures[identity] = e, p
+            else:
+                self._refs[identity] = np.concatenate([old, e])
+                self._ref_postures[identity] = np.concatenate([self._ref_postures[identity], p])
             self._rebuild()
             return int(self._refs[identity].shape[0])
 
@@ -114,22 +152,27 @@ class Gallery:
         """Delete an identity and all its references; return whether it was enrolled."""
         with self._lock:
             found = self._refs.pop(identity, None) is not None
+            self._ref_postures.pop(identity, None)
             self._rebuild()
         return found
 
     def _rebuild(self) -> None:
         names = sorted(self._refs)
-        templates = np.zeros((len(names), self.embedding_dim), np.float32)
-        for i, name in enumerate(names):
-            mean = self._refs[name].mean(axis=0)
-            templates[i] = mean / max(float(np.linalg.norm(mean)), 1e-12)
-        # Swap both at once so a reader never sees names and templates out of step.
-        self._names, self._templates = names, templates
+        if names:
+            refs = np.concatenate([self._refs[n] for n in names]).astype(np.float32)
+            post = np.concatenate([self._ref_postures[n] for n in names]).astype(np.int8)
+            counts = np.array([self._refs[n].shape[0] for n in names], np.intp)
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.intp)
+        else:
+            refs = np.zeros((0, self.embedding_dim), np.float32)
+            post, starts = np.zeros(0, np.int8), np.zeros(0, np.intp)
+        # One assignment, so a reader never sees names and references out of step.
+        self._view = (names, refs, post, starts)
 
     # -- reading --------------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._names)
+        return len(self._view[0])
 
     def __contains__(self, identity: object) -> bool:
         return identity in self._refs
@@ -137,12 +180,17 @@ class Gallery:
     @property
     def identities(self) -> tuple[str, ...]:
         """Enrolled identity names (sorted). Personal data: do not log them."""
-        return tuple(self._names)
+        return tuple(self._view[0])
 
     def reference_count(self, identity: str) -> int:
         """How many embeddings were enrolled for `identity` (0 if none)."""
         refs = self._refs.get(identity)
         return 0 if refs is None else int(refs.shape[0])
+
+    def enrolled_postures(self, identity: str) -> tuple[int, ...]:
+        """The distinct postures (0..4; -1 unknown) of `identity`'s references, sorted."""
+        p = self._ref_postures.get(identity)
+        return () if p is None else tuple(int(v) for v in np.unique(p))
 
     def __repr__(self) -> str:
         return (
@@ -159,36 +207,49 @@ class Gallery:
             )
         return float(self.threshold)
 
-    def distances(self, embedding: np.ndarray) -> np.ndarray:
-        """Return the distance from one probe embedding [D] to every template, in `identities` order."""
-        probe = _unit_rows(np.asarray(embedding).reshape(1, -1), self.embedding_dim, "probe embedding")[0]
-        templates = self._templates
-        if templates.shape[0] == 0:
-            return np.zeros(0, np.float32)
-        return np.linalg.norm(templates - probe[None, :], axis=1)
+    def distances(self, embedding: np.ndarray, posture: int | None = None) -> np.ndarray:
+        """Return the distance from one probe embedding [D] to every identity, in `identities` order.
 
-    def match_1to1(self, embedding: np.ndarray, identity: str) -> Match:
-        """Verify a claimed identity: accept when the distance to its template <= threshold."""
+        Per identity: the nearest reference of `posture` (the probe's predicted posture), or the
+        nearest reference of any posture when it has none of that posture or `posture` is None.
+        """
+        return self._distances(self._view, embedding, posture)
+
+    def _distances(self, view: _View, embedding: np.ndarray, posture: int | None) -> np.ndarray:
+        probe = _unit_rows(np.asarray(embedding).reshape(1, -1), self.embedding_dim, "probe embedding")[0]
+        _, refs, post, starts = view
+        if refs.shape[0] == 0:
+            return np.zeros(0, np.float32)
+        d = np.linalg.norm(refs - probe[None, :], axis=1)
+        nearest = np.minimum.reduceat(d, starts)
+        if posture is None or int(posture) < 0:
+            return nearest
+        same = np.minimum.reduceat(np.where(post == int(posture), d, np.inf), starts)
+        return np.where(np.isfinite(same), same, nearest)
+
+    def match_1to1(self, embedding: np.ndarray, identity: str, posture: int | None = None) -> Match:
+        """Verify a claimed identity: accept when the distance to its reference (of the probe's
+        posture, else the nearest) is <= threshold."""
         t = self._threshold()
-        names, templates = self._names, self._templates
+        view = self._view
         try:
-            i = names.index(identity)
+            i = view[0].index(identity)
         except ValueError:
             return Match(identity=identity, score=None, decision="unknown", threshold=t, mode="1:1")
-        probe = _unit_rows(np.asarray(embedding).reshape(1, -1), self.embedding_dim, "probe embedding")[0]
-        d = float(np.linalg.norm(templates[i] - probe))
+        d = float(self._distances(view, embedding, posture)[i])
         return Match(identity, d, "accept" if d <= t else "reject", t, "1:1")
 
-    def match_1toN(self, embedding: np.ndarray) -> Match:  # noqa: N802 - the contract's name
+    def match_1toN(self, embedding: np.ndarray, posture: int | None = None) -> Match:  # noqa: N802 - the contract's name
         """Identify: the closest enrolled identity if within the threshold, else `unknown`."""
         t = self._threshold()
-        d = self.distances(embedding)
+        view = self._view
+        d = self._distances(view, embedding, posture)
         if d.size == 0:
             return Match(None, None, "unknown", t, "1:N")
         best = int(np.argmin(d))
         score = float(d[best])
         if score <= t:
-            return Match(self._names[best], score, "accept", t, "1:N")
+            return Match(view[0][best], score, "accept", t, "1:N")
         return Match(None, score, "unknown", t, "1:N")
 
     # -- files ----------------------------------------------------------------------------------
@@ -202,6 +263,11 @@ class Gallery:
             names = sorted(self._refs)
             rows = [self._refs[n] for n in names]
             emb = np.concatenate(rows) if rows else np.zeros((0, self.embedding_dim), np.float32)
+            postures = (
+                np.concatenate([self._ref_postures[n] for n in names]).astype(np.int8)
+                if rows
+                else np.zeros(0, np.int8)
+            )
             labels = (
                 np.concatenate([np.full(r.shape[0], i, np.int32) for i, r in enumerate(rows)])
                 if rows
@@ -213,7 +279,10 @@ class Gallery:
             "bundle_sha256": self.bundle_sha256,
             "embedding_dim": self.embedding_dim,
             "precision": self.precision,
-            "score": "euclidean distance to the normalised mean template; accept if <= threshold",
+            "score": (
+                "euclidean distance to the nearest reference of the probe's predicted posture "
+                "(nearest of any posture if none); accept if <= threshold"
+            ),
             "identities": names,
             "created": self.created,
             "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -224,7 +293,13 @@ class Gallery:
         try:
             os.fchmod(fd, 0o600)  # whatever the umask: owner only
             with os.fdopen(fd, "wb") as f:
-                np.savez(f, embeddings=emb.astype(np.float32), labels=labels, meta=np.array(json.dumps(meta)))
+                np.savez(
+                    f,
+                    embeddings=emb.astype(np.float32),
+                    labels=labels,
+                    postures=postures,
+                    meta=np.array(json.dumps(meta)),
+                )
                 f.flush()
                 os.fsync(f.fileno())
         except BaseException:
@@ -262,16 +337,31 @@ class Gallery:
                 emb = np.asarray(z["embeddings"], dtype=np.float32)
                 labels = np.asarray(z["labels"])
                 meta = json.loads(str(z["meta"]))
+                postures = np.asarray(z["postures"]) if "postures" in z.files else None
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
             raise DataError(f"{path} is not a thzedge gallery ({type(exc).__name__}: {exc})") from None
-        if meta.get("kind") != "thzedge-gallery" or meta.get("format") != GALLERY_FORMAT:
-            raise DataError(f"{path}: not a thzedge gallery of format {GALLERY_FORMAT}")
+        if meta.get("kind") != "thzedge-gallery" or meta.get("format") not in READABLE_FORMATS:
+            raise DataError(
+                f"{path}: not a thzedge gallery of format {' or '.join(map(str, READABLE_FORMATS))} "
+                f"(found {meta.get('format')!r}); re-enrol with this version of thzedge"
+            )
+        if meta["format"] == 1:
+            # Format 1 kept no postures: match by the nearest reference until re-enrolled.
+            log.warning(
+                "gallery %s is format 1 (no reference postures): matching by nearest reference; "
+                "re-enrol to match by posture",
+                path,
+            )
+            postures = np.full(emb.shape[0] if emb.ndim == 2 else 0, UNKNOWN_POSTURE, np.int8)
+        elif postures is None:
+            raise DataError(f"{path}: format {meta['format']} gallery without reference postures; re-enrol")
         dim = int(meta["embedding_dim"])
         names = list(meta["identities"])
         if emb.ndim != 2 or emb.shape[1] != dim or labels.shape != (emb.shape[0],):
             raise DataError(f"{path}: embeddings/labels shapes do not match the header; re-enrol")
         if labels.size and (labels.min() < 0 or labels.max() >= len(names)):
             raise DataError(f"{path}: labels point outside the identity list; re-enrol")
+        postures = _posture_rows(postures, emb.shape[0], f"{path} reference postures")
         if bundle is not None:
             if meta["bundle_sha256"] != bundle.sha256:
                 raise ConfigError(
@@ -292,6 +382,7 @@ class Gallery:
             rows = emb[labels == i]
             if rows.shape[0]:
                 g._refs[name] = _unit_rows(rows, dim, f"{path} references")
+                g._ref_postures[name] = postures[labels == i]
         g._rebuild()
         if bundle is not None and g.precision != precision:
             log.info(
@@ -403,12 +494,13 @@ def _encode_and_enroll(
     runner = Runner.from_bundle(bundle, backend=backend, precision=precision)
     try:
         step = max(1, int(runner.max_batch))
-        embs = [
-            np.asarray(runner.encode(x[i : i + step]).embedding, np.float32) for i in range(0, len(x), step)
-        ]
+        encs = [runner.encode(x[i : i + step]) for i in range(0, len(x), step)]
     finally:
         runner.close()
-    gallery.enroll(identity, np.concatenate(embs), replace=replace)
+    embs = np.concatenate([np.asarray(e.embedding, np.float32) for e in encs])
+    # Each reference keeps its predicted posture (as the daemon predicts a probe's) for matching.
+    postures = np.concatenate([np.asarray(e.posture_logits).argmax(axis=1) for e in encs])
+    gallery.enroll(identity, embs, replace=replace, postures=postures)
     gallery.save(gallery_path)
     return gallery, int(x.shape[0])
 
@@ -418,6 +510,18 @@ def _check_identity(identity: str) -> None:
         raise ThzEdgeError("identity must be a non-empty name")
     if len(identity) > MAX_IDENTITY_LEN or not identity.isprintable():
         raise ThzEdgeError(f"identity must be printable and at most {MAX_IDENTITY_LEN} characters")
+
+
+def _posture_rows(p: Any, k: int, what: str) -> np.ndarray:
+    """Return postures [k] as int8 (None: all unknown); DataError when out of -1..4 or mis-sized."""
+    if p is None:
+        return np.full(k, UNKNOWN_POSTURE, np.int8)
+    a = np.asarray(p)
+    if a.shape != (k,) or (a.size and not np.issubdtype(a.dtype, np.integer)):
+        raise DataError(f"{what}: expected {k} integer postures, got shape {tuple(a.shape)} {a.dtype}")
+    if a.size and (a.min() < UNKNOWN_POSTURE or a.max() >= len(POSTURES)):
+        raise DataError(f"{what}: postures must be 0..{len(POSTURES) - 1} (or -1 unknown)")
+    return a.astype(np.int8)
 
 
 def _unit_rows(e: np.ndarray, dim: int, what: str) -> np.ndarray:

@@ -34,10 +34,10 @@ def gallery() -> Gallery:
     return g
 
 
-def test_template_is_normalised_mean_and_score_is_euclidean(gallery):
+def test_score_is_euclidean_to_the_nearest_reference_without_postures(gallery):
     probe = unit(axis(0) + 0.1 * axis(3))
-    template = unit(axis(0) + unit(axis(0) + 0.2 * axis(1)))
-    expected = float(np.linalg.norm(template - probe))
+    refs = [axis(0), unit(axis(0) + 0.2 * axis(1))]
+    expected = min(float(np.linalg.norm(r - probe)) for r in refs)  # not the mean template's distance
     m = gallery.match_1to1(probe, "alice")
     assert m.score == pytest.approx(expected, abs=1e-6)
     assert m.decision == "accept" and m.threshold == 0.5 and m.mode == "1:1"
@@ -99,6 +99,87 @@ def test_enroll_appends_or_replaces_and_remove(gallery):
     assert gallery.identities == ("alice",)
     with pytest.raises(ThzEdgeError, match="non-empty"):
         gallery.enroll(" ", axis(0)[None])
+
+
+def test_probe_is_compared_with_the_reference_of_its_predicted_posture():
+    g = Gallery("c" * 64, DIM, threshold=0.5)
+    g.enroll("carl", np.stack([axis(0), axis(1)]), postures=[0, 1])  # Front, Left
+    g.enroll("dana", axis(2)[None], postures=[0])
+    probe = unit(axis(1) + 0.1 * axis(5))
+    to_front, to_left = (float(np.linalg.norm(probe - axis(i))) for i in (0, 1))
+    assert g.enrolled_postures("carl") == (0, 1)
+    # Posture 0 (Front): carl's Front reference, although his Left one is nearer.
+    assert g.match_1to1(probe, "carl", posture=0).score == pytest.approx(to_front, abs=1e-6)
+    assert g.match_1to1(probe, "carl", posture=0).decision == "reject"
+    assert g.match_1to1(probe, "carl", posture=1).score == pytest.approx(to_left, abs=1e-6)
+    assert g.match_1to1(probe, "carl", posture=1).decision == "accept"
+    # Fallback: a posture carl never enrolled (Up), or no posture at all -> his nearest reference.
+    assert g.match_1to1(probe, "carl", posture=3).score == pytest.approx(to_left, abs=1e-6)
+    assert g.match_1to1(probe, "carl").score == pytest.approx(to_left, abs=1e-6)
+    # 1:N uses the same rule for every identity.
+    np.testing.assert_allclose(
+        g.distances(probe, posture=0), [to_front, np.linalg.norm(probe - axis(2))], atol=1e-6
+    )
+    assert g.match_1toN(probe, posture=1).identity == "carl"
+    assert g.match_1toN(probe, posture=0).decision == "unknown"
+    # Appending keeps each reference's posture; replacing drops the old ones.
+    g.enroll("dana", axis(3)[None], postures=[2])
+    assert g.enrolled_postures("dana") == (0, 2)
+    g.enroll("dana", axis(3)[None], replace=True)
+    assert g.enrolled_postures("dana") == (-1,)
+
+
+def test_bad_enrolment_postures_are_data_errors(gallery):
+    with pytest.raises(DataError, match="postures must be 0..4"):
+        gallery.enroll("x", axis(0)[None], postures=[5])
+    with pytest.raises(DataError, match="expected 2 integer postures"):
+        gallery.enroll("x", np.stack([axis(0), axis(1)]), postures=[0])
+    assert "x" not in gallery
+
+
+def test_postures_round_trip_and_a_format_1_file_is_read_by_nearest_reference(tmp_path, caplog):
+    import json
+
+    g = Gallery("d" * 64, DIM, threshold=0.5)
+    g.enroll("carl", np.stack([axis(0), axis(1)]), postures=[0, 1])
+    path = g.save(tmp_path / "g.npz")
+    with np.load(path) as z:
+        assert json.loads(str(z["meta"]))["format"] == 2 and z["postures"].tolist() == [0, 1]
+    loaded = Gallery.load(path, threshold=0.5)
+    assert loaded.enrolled_postures("carl") == (0, 1)
+    assert loaded.match_1to1(axis(1), "carl", posture=0).score == pytest.approx(np.sqrt(2), abs=1e-6)
+
+    # A file of format 1 (no postures; it matched by mean template) is read, with every posture
+    # unknown, so it matches by the nearest reference; saving it writes format 2.
+    old = tmp_path / "old.npz"
+    meta = {
+        "format": 1,
+        "kind": "thzedge-gallery",
+        "bundle_sha256": "d" * 64,
+        "embedding_dim": DIM,
+        "precision": "fp32",
+        "identities": ["carl"],
+        "created": "2026-11-01T00:00:00+00:00",
+    }
+    np.savez(
+        old,
+        embeddings=np.stack([axis(0), axis(1)]),
+        labels=np.zeros(2, np.int32),
+        meta=np.array(json.dumps(meta)),
+    )
+    with caplog.at_level(logging.WARNING):
+        v1 = Gallery.load(old, threshold=0.5)
+    assert "format 1" in caplog.text and "re-enrol" in caplog.text
+    assert v1.enrolled_postures("carl") == (-1,)
+    assert v1.match_1to1(axis(1), "carl", posture=0).score == pytest.approx(0.0, abs=1e-6)
+    with np.load(v1.save(tmp_path / "new.npz")) as z:
+        assert json.loads(str(z["meta"]))["format"] == 2
+    meta["format"] = 3
+    np.savez(
+        old, embeddings=np.stack([axis(0)]), labels=np.zeros(1, np.int32), meta=np.array(json.dumps(meta))
+    )
+    with pytest.raises(DataError, match="format 1 or 2 .found 3.; re-enrol"):
+        Gallery.load(old)
 
 
 @pytest.mark.parametrize("umask", [0o000, 0o022])
@@ -226,12 +307,14 @@ def test_enroll_cli_then_match_with_the_runner(tiny_bundle, tmp_path, capsys, ca
     g = Gallery.load(gallery, bundle, threshold=0.3)
     assert g.bundle_sha256 == bundle.sha256 and g.identities == ("alice", "bob")
     with Runner.from_bundle(bundle, backend="ort") as runner:
-        emb = runner.encode(alice[:, None]).embedding
-    # The stored references are exactly what the runner gives for the same conditioned input.
-    template = emb.mean(axis=0)
-    template /= np.linalg.norm(template)
-    m = g.match_1to1(template, "alice")
-    assert m.decision == "accept" and m.score == pytest.approx(0.0, abs=1e-5)
+        enc = runner.encode(alice[:, None])
+    emb, post = enc.embedding, enc.posture_logits.argmax(axis=1)
+    # The stored references (and their postures) are exactly what the runner gives for the same
+    # conditioned input: each one matches itself at distance 0.
+    assert g.enrolled_postures("alice") == tuple(sorted({int(p) for p in post}))
+    for e, p in zip(emb, post, strict=True):
+        m = g.match_1to1(e, "alice", posture=int(p))
+        assert m.decision == "accept" and m.score == pytest.approx(0.0, abs=1e-5)
 
     # gallery info hides names unless asked
     assert main(["gallery", "info", str(gallery)]) == 0
@@ -284,11 +367,10 @@ def test_enroll_from_raw_frames_uses_the_daemons_conditioning(tiny_bundle, tmp_p
         src.close()
     x = np.stack([calibrate_and_condition(f.data, profile) for f in frames])[:, None].astype(np.float32)
     with Runner.from_bundle(Bundle.open(tiny_bundle), backend="ort") as runner:
-        emb = runner.encode(x).embedding
-    t = emb.mean(axis=0)
-    t /= np.linalg.norm(t)
-    m = Gallery.load(gallery, threshold=0.1).match_1to1(t, "sim-7")
-    assert m.score == pytest.approx(0.0, abs=1e-5)
+        enc = runner.encode(x)
+    g = Gallery.load(gallery, threshold=0.1)
+    for e, p in zip(enc.embedding, enc.posture_logits.argmax(axis=1), strict=True):
+        assert g.match_1to1(e, "sim-7", posture=int(p)).score == pytest.approx(0.0, abs=1e-5)
 
 
 def test_daemon_publishes_the_gallerys_decision_for_each_frame(tiny_bundle, tmp_path, caplog):
@@ -347,7 +429,8 @@ def test_daemon_publishes_the_gallerys_decision_for_each_frame(tiny_bundle, tmp_
     decisions = set()
     for r in results:
         v = r.header["verification"]
-        expected = g.match_1toN(r.arrays["embedding"].reshape(-1))
+        # The daemon matches with the frame's predicted posture (the result header's posture).
+        expected = g.match_1toN(r.arrays["embedding"].reshape(-1), posture=r.header["posture"]["index"])
         assert v["mode"] == "1:N" and v["threshold"] == 0.4
         assert v["decision"] == expected.decision and v["identity"] == expected.identity
         assert v["score"] == pytest.approx(expected.score, abs=1e-5)
@@ -361,3 +444,55 @@ def test_daemon_publishes_the_gallerys_decision_for_each_frame(tiny_bundle, tmp_
     for name in ("person-alpha", "person-bravo"):
         assert name not in scrape
         assert name not in caplog.text
+
+
+# docs/operations.md, "Gallery and enrolment": measured with the demo bundle on this set
+# (simulator seed 7, people the demo never saw; 6 identities; enrolment = 3 concealed renders per
+# posture, samples 100-102; probes = concealed renders of samples 1-2: 60 genuine claims, 300
+# impostor claims; fp32 stored threshold): GAR 0.800 (48/60), FAR 0.030 (9/300), 1:N correct
+# 0.800; the format-1 mean template accepted 0.033 (2/60) of the same genuine probes.
+DEMO_SET = {"seed": 7, "identities": 6, "enrol_samples": (100, 101, 102), "probe_samples": (1, 2)}
+DEMO_FIGURES = {"gar": 0.800, "far": 0.030, "id_correct": 0.800, "gar_mean_template": 0.033}
+
+
+def test_demo_bundle_accepts_most_genuine_probes_and_rejects_impostors():
+    from calibration.conditioning import calibrate_and_condition
+    from calibration.simulated import true_profile
+    from edge.bundle import Bundle, demo_bundle_path
+    from edge.runner import Runner
+    from scanner_io.simulator import ScannerSimulator
+
+    n = DEMO_SET["identities"]
+    sim = ScannerSimulator(seed=DEMO_SET["seed"], identities=n)
+    profile = true_profile(sim)  # the daemon's path: true sensor maps, calibrate_and_condition
+
+    def crops(samples):
+        keys = [(i, p, s) for i in range(n) for p in range(5) for s in samples]
+        x = [calibrate_and_condition(sim.render(i, p, s, concealed=True).data, profile) for i, p, s in keys]
+        return np.stack(x)[:, None].astype(np.float32), np.array([k[0] for k in keys])
+
+    bundle = Bundle.open(demo_bundle_path())
+    (ex, eid), (px, pid) = crops(DEMO_SET["enrol_samples"]), crops(DEMO_SET["probe_samples"])
+    with Runner.from_bundle(bundle, backend="ort") as runner:
+        enrol, probe = runner.infer(ex, reconstruct=False), runner.infer(px, reconstruct=False)
+    g = Gallery.for_bundle(bundle)
+    assert g.threshold == pytest.approx(0.4288, abs=1e-4)  # the stored one, not a gallery-tuned one
+    for i in range(n):
+        g.enroll(f"person-{i}", enrol.embedding[eid == i], postures=enrol.posture[eid == i])
+    genuine, impostor, identified = [], [], []
+    for e, p, i in zip(probe.embedding, probe.posture, pid, strict=True):
+        for j in range(n):
+            accepted = g.match_1to1(e, f"person-{j}", posture=int(p)).decision == "accept"
+            (genuine if i == j else impostor).append(accepted)
+        identified.append(g.match_1toN(e, posture=int(p)).identity == f"person-{i}")
+    gar, far, id_correct = np.mean(genuine), np.mean(impostor), np.mean(identified)
+    assert (len(genuine), len(impostor)) == (60, 300)
+    assert gar == pytest.approx(DEMO_FIGURES["gar"], abs=0.1) and gar >= 0.7
+    assert far == pytest.approx(DEMO_FIGURES["far"], abs=0.03)
+    assert id_correct == pytest.approx(DEMO_FIGURES["id_correct"], abs=0.1)
+    # The rule is what makes the difference: the old mean template rejects nearly everyone.
+    mean_accepted = []
+    for e, i in zip(probe.embedding, pid, strict=True):
+        t = enrol.embedding[eid == i].mean(axis=0)
+        mean_accepted.append(np.linalg.norm(e - t / np.linalg.norm(t)) <= g.threshold)
+    assert np.mean(mean_accepted) == pytest.approx(DEMO_FIGURES["gar_mean_template"], abs=0.05)
