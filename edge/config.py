@@ -208,6 +208,15 @@ class Config:
         if name_or_uri in self.sources:
             return self.sources[name_or_uri]
         if _URI_RE.match(name_or_uri) or name_or_uri.startswith(("sim", "replay:")):
+            if name_or_uri.startswith("tcp://"):
+                # The same rule as for a configured tcp source (R-SEC-1), for a URI on the command line.
+                if not self.daemon.insecure_dev:
+                    raise ConfigError(_plain_tcp_source_message(name_or_uri))
+                log.warning(
+                    "insecure_dev = true: source %s runs without CURVE encryption or client "
+                    "authentication; never use this on a production network",
+                    name_or_uri,
+                )
             return SourceConfig(uri=name_or_uri)
         known = sorted(self.sources)
         hint = _nearest(name_or_uri, known)
@@ -339,6 +348,13 @@ def apply_overrides(config: Config, **sections: Mapping[str, Any]) -> Config:
     return validate(dataclasses.replace(config, **changed))
 
 
+def _plain_tcp_source_message(uri: str) -> str:
+    return (
+        f"{uri} is tcp without CURVE (acquisition sources do not speak CURVE yet): use ipc:// on "
+        "the scanner's host, or set [daemon] insecure_dev = true for development (R-SEC-1)"
+    )
+
+
 def validate(config: Config) -> Config:
     """Check rules spanning several sections (security, privacy); return the config unchanged."""
     try:
@@ -382,6 +398,8 @@ def _validate(config: Config) -> Config:
         )
     if not config.daemon.insecure_dev:
         for what, ep, secured in config._tcp_endpoints():
+            if not secured and what.startswith("source"):
+                raise ConfigError(f"{what}: " + _plain_tcp_source_message(ep))
             if not secured:
                 raise ConfigError(
                     f"{what} {ep} is tcp without CURVE: enable [publisher.curve], use ipc://, or set "

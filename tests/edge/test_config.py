@@ -218,6 +218,18 @@ def test_tcp_source_needs_insecure_dev_and_is_warned_every_start(caplog):
     assert "tcp://10.0.0.5:5555" in warnings[0].getMessage()
 
 
+def test_a_tcp_source_given_as_a_uri_follows_the_same_rule(caplog):
+    """`thzedge run --source tcp://…` must not slip past R-SEC-1 by not being in the config."""
+    with pytest.raises(ConfigError, match="tcp://10.0.0.5:5555 is tcp without CURVE.*insecure_dev"):
+        config_from_dict({}).resolve_source("tcp://10.0.0.5:5555")
+    cfg = config_from_dict({"daemon": {"insecure_dev": True}})
+    with caplog.at_level(logging.WARNING, logger="thzedge.config"):
+        assert cfg.resolve_source("tcp://10.0.0.5:5555").uri == "tcp://10.0.0.5:5555"
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("tcp://10.0.0.5:5555" in m for m in warned)
+    assert config_from_dict({}).resolve_source("ipc:///run/x.sock").uri == "ipc:///run/x.sock"
+
+
 def test_resolve_source_by_name_or_uri():
     cfg = config_from_dict({"sources": {"scanner0": {"uri": "sim?seed=3"}}})
     assert cfg.resolve_source("scanner0").uri == "sim?seed=3"
