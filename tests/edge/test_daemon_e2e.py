@@ -67,6 +67,21 @@ def thzedge(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     return proc
 
 
+def thzedge_run(
+    source: str,
+    bundle: Path,
+    config: Path,
+    publish: str,
+    *extra: str,
+    debug: bool = False,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen:
+    """Start `thzedge [--log-level debug] run --source … --model … --config … --publish … --json EXTRA`."""
+    pre = ("--log-level", "debug") if debug else ()
+    args = ("--source", source, "--model", str(bundle), "--config", str(config), "--publish", publish)
+    return thzedge(*pre, "run", *args, "--json", *extra, env=env)
+
+
 def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str, str]:
     """Wait for the process; return (exit code, stdout, stderr)."""
     try:
@@ -201,20 +216,7 @@ def test_emulator_to_daemon_to_subscriber_accounts_for_every_frame(bundle_dir: P
     sent, every = 47, 8  # every 8th frame goes out malformed (size, dtype, version in turn); last is valid
     valid = sent - sent // every
     sub = Subscriber(pub)
-    daemon = thzedge(
-        "run",
-        "--source",
-        f"tcp://127.0.0.1:{port}",
-        "--model",
-        str(bundle_dir),
-        "--config",
-        str(cfg),
-        "--publish",
-        pub,
-        "--max-frames",
-        str(valid),
-        "--json",
-    )
+    daemon = thzedge_run(f"tcp://127.0.0.1:{port}", bundle_dir, cfg, pub, "--max-frames", str(valid))
     try:
         state = sub.wait_state(proc=daemon)
         assert state["protocol"] == 1 and state["model"]["bundle"] == bundle_sha(bundle_dir)
@@ -332,20 +334,7 @@ def test_malformed_frames_of_every_kind_mid_stream_are_counted_and_streaming_con
     push.setsockopt(zmq.LINGER, 0)
     push.bind(scan)
     sub = Subscriber(pub)
-    daemon = thzedge(
-        "run",
-        "--source",
-        scan,
-        "--model",
-        str(bundle_dir),
-        "--config",
-        str(cfg),
-        "--publish",
-        pub,
-        "--max-frames",
-        str(n_valid),
-        "--json",
-    )
+    daemon = thzedge_run(scan, bundle_dir, cfg, pub, "--max-frames", str(n_valid))
     try:
         sub.wait_state(proc=daemon)
         for _, parts in stream:
@@ -398,19 +387,7 @@ def test_fake_notify_socket_sees_status_ready_watchdog_stopping_in_order(
     ns.settimeout(0.2)
     cfg = write_config(tmp_path / "thzedge.toml")
     env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"}
-    daemon = thzedge(
-        "run",
-        "--source",
-        "sim?frames=40&fps=25",
-        "--model",
-        str(bundle_dir),
-        "--config",
-        str(cfg),
-        "--publish",
-        f"ipc://{tmp_path}/r.sock",
-        "--json",
-        env=env,
-    )
+    daemon = thzedge_run("sim?frames=40&fps=25", bundle_dir, cfg, f"ipc://{tmp_path}/r.sock", env=env)
     messages: list[str] = []
     try:
         end = time.monotonic() + 60
@@ -444,18 +421,7 @@ def test_sigterm_mid_stream_exits_0_in_time_with_nothing_unaccounted(
     pub = f"ipc://{tmp_path}/results.sock"
     cfg = write_config(tmp_path / "thzedge.toml")
     sub = Subscriber(pub)
-    daemon = thzedge(
-        "run",
-        "--source",
-        f"tcp://127.0.0.1:{port}",
-        "--model",
-        str(bundle_dir),
-        "--config",
-        str(cfg),
-        "--publish",
-        pub,
-        "--json",
-    )
+    daemon = thzedge_run(f"tcp://127.0.0.1:{port}", bundle_dir, cfg, pub)
     emu = thzedge(
         "scanner",
         "serve",
@@ -498,20 +464,7 @@ def test_privacy_flags_off_no_biometric_parts_nor_identities_in_stderr(
     pub = f"ipc://{tmp_path}/results.sock"
     cfg = write_config(tmp_path / "thzedge.toml")
     sub = Subscriber(pub)
-    daemon = thzedge(
-        "--log-level",
-        "debug",
-        "run",
-        "--source",
-        "sim?frames=20&fps=50",
-        "--model",
-        str(bundle_dir),
-        "--config",
-        str(cfg),
-        "--publish",
-        pub,
-        "--json",
-    )
+    daemon = thzedge_run("sim?frames=20&fps=50", bundle_dir, cfg, pub, debug=True)
     try:
         sub.wait_state(proc=daemon)
         rc, out, err = run_until_exit(daemon, sub)
@@ -536,18 +489,7 @@ def test_privacy_flags_on_publish_described_parts(bundle_dir: Path, tmp_path: Pa
         tmp_path / "thzedge.toml", "[privacy]\npublish_embedding = true\npublish_reconstruction = true\n"
     )
     sub = Subscriber(pub)
-    daemon = thzedge(
-        "run",
-        "--source",
-        "sim?frames=10&fps=50",
-        "--model",
-        str(bundle_dir),
-        "--config",
-        str(cfg),
-        "--publish",
-        pub,
-        "--json",
-    )
+    daemon = thzedge_run("sim?frames=10&fps=50", bundle_dir, cfg, pub)
     try:
         sub.wait_state(proc=daemon)
         rc, out, err = run_until_exit(daemon, sub)
@@ -572,18 +514,7 @@ def test_late_joiner_learns_state_within_a_second(bundle_dir: Path, tmp_path: Pa
     pub = f"ipc://{tmp_path}/results.sock"
     cfg = write_config(tmp_path / "thzedge.toml")
     first = Subscriber(pub)
-    daemon = thzedge(
-        "run",
-        "--source",
-        "sim?fps=20",
-        "--model",
-        str(bundle_dir),
-        "--config",
-        str(cfg),
-        "--publish",
-        pub,
-        "--json",
-    )
+    daemon = thzedge_run("sim?fps=20", bundle_dir, cfg, pub)
     try:
         first.pump(60, until=lambda s: len(s.results) >= 5)
         late = Subscriber(pub)
@@ -659,24 +590,7 @@ def test_verification_1to1_with_a_claim_else_1toN_and_identities_stay_out_of_log
     push.setsockopt(zmq.LINGER, 0)
     push.bind(scan)
     sub = Subscriber(pub)
-    daemon = thzedge(
-        "--log-level",
-        "debug",
-        "run",
-        "--source",
-        scan,
-        "--model",
-        str(bundle_dir),
-        "--config",
-        str(cfg),
-        "--publish",
-        pub,
-        "--max-frames",
-        "8",
-        "--record",
-        str(rec),
-        "--json",
-    )
+    daemon = thzedge_run(scan, bundle_dir, cfg, pub, "--max-frames", "8", "--record", str(rec), debug=True)
     try:
         sub.wait_state(proc=daemon)
         for seq in range(8):
@@ -714,19 +628,8 @@ def test_lockstep_over_tcp_drops_nothing(bundle_dir: Path, tmp_path: Path) -> No
     cfg = write_config(tmp_path / "thzedge.toml")
     sub = Subscriber(pub)
     sent = 80
-    daemon = thzedge(
-        "run",
-        "--source",
-        f"tcp://127.0.0.1:{port}?mode=lockstep",
-        "--model",
-        str(bundle_dir),
-        "--config",
-        str(cfg),
-        "--publish",
-        pub,
-        "--max-frames",
-        str(sent),
-        "--json",
+    daemon = thzedge_run(
+        f"tcp://127.0.0.1:{port}?mode=lockstep", bundle_dir, cfg, pub, "--max-frames", str(sent)
     )
     try:
         state = sub.wait_state(proc=daemon)
@@ -768,18 +671,7 @@ def test_metrics_and_health_while_streaming(bundle_dir: Path, tmp_path: Path) ->
     cfg.write_text(f'[metrics]\nbind = "127.0.0.1:{port}"\n')
     pub = f"ipc://{tmp_path}/results.sock"
     sub = Subscriber(pub)
-    daemon = thzedge(
-        "run",
-        "--source",
-        "sim?fps=30",
-        "--model",
-        str(bundle_dir),
-        "--config",
-        str(cfg),
-        "--publish",
-        pub,
-        "--json",
-    )
+    daemon = thzedge_run("sim?fps=30", bundle_dir, cfg, pub)
     try:
         sub.wait_state(proc=daemon)
         sub.pump(60, until=lambda s: len(s.results) >= 10)

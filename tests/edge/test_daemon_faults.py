@@ -19,6 +19,7 @@ from test_daemon_e2e import (
     free_port,
     summary_of,
     thzedge,
+    thzedge_run,
     write_config,
 )
 
@@ -61,18 +62,7 @@ def test_scanner_killed_and_restarted_reconnects_and_counts_the_gap(bundle_dir: 
     pub = f"ipc://{tmp_path}/results.sock"
     cfg = write_config(tmp_path / "thzedge.toml")
     sub = Subscriber(pub)
-    daemon = thzedge(
-        "run",
-        "--source",
-        f"{bind}?stall_s=0.5",
-        "--model",
-        str(bundle_dir),
-        "--config",
-        str(cfg),
-        "--publish",
-        pub,
-        "--json",
-    )
+    daemon = thzedge_run(f"{bind}?stall_s=0.5", bundle_dir, cfg, pub)
     emu1 = emu2 = None
     try:
         sub.wait_state(proc=daemon)
@@ -128,18 +118,7 @@ def test_a_stalled_subscriber_neither_blocks_others_nor_grows_memory(
     stalled.setsockopt(zmq.SUBSCRIBE, b"")
     stalled.connect(pub)  # and never reads
     reader = Subscriber(pub)
-    daemon = thzedge(
-        "run",
-        "--source",
-        "sim?fps=60&frames=360",
-        "--model",
-        str(bundle_dir),
-        "--config",
-        str(cfg),
-        "--publish",
-        pub,
-        "--json",
-    )
+    daemon = thzedge_run("sim?fps=60&frames=360", bundle_dir, cfg, pub)
     samples = []
     try:
         reader.wait_state(proc=daemon)
@@ -195,18 +174,7 @@ def test_sighup_switches_calibration_at_exactly_one_seq(bundle_dir: Path, tmp_pa
         tmp_path / "thzedge.toml", f'[sources.scan]\nuri = "sim?fps=30"\ncalibration = "{link}"\n'
     )
     sub = Subscriber(pub)
-    daemon = thzedge(
-        "run",
-        "--source",
-        "scan",
-        "--model",
-        str(bundle_dir),
-        "--config",
-        str(cfg),
-        "--publish",
-        pub,
-        "--json",
-    )
+    daemon = thzedge_run("scan", bundle_dir, cfg, pub)
     try:
         sub.pump(60, until=lambda s: len(s.results) >= 10)
         tmp_link = tmp_path / "cal.new"
