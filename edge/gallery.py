@@ -17,7 +17,7 @@ and on the capture, and the bundle's threshold was chosen on pairs of one postur
 postures lies far from every probe. Measured with the demo bundle on unseen simulated people
 (`benchmarks/gallery_operating_point.py`, docs/operations.md): genuine accept rate at the stored
 threshold 0.04 with the mean template, 0.34 with the posture-matched reference (one enrolment
-capture per posture), 0.63 with three per posture.
+capture per posture), 0.60 with three per posture (12 people, drifting stream probes).
 
 Decisions:
 - 1:1 (`match_1to1`, the frame claims an identity): `accept` or `reject`; `unknown` when the
