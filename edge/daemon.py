@@ -394,7 +394,7 @@ class AcquisitionStage(Stage):
         metrics: Metrics,
         stop_deadline: Callable[[], float | None],
         prepare: Callable[[QueuedFrame], None],
-        open_recorder: Callable[[], Any] | None = None,
+        open_recorder: Callable[[Any | None], Any] | None = None,
     ) -> None:
         super().__init__("acquire")
         self.prepare = prepare  # calibrate + condition here, so it overlaps inference
@@ -424,7 +424,9 @@ class AcquisitionStage(Stage):
         # Read here, in the thread that owns the source, before any frame is read.
         self.source_profile = profile_from_source(self.source)
         if self._open_recorder is not None:
-            self.recorder = self._open_recorder()
+            # The recording carries the profile this stream is conditioned with, also when it is
+            # the source's own (the simulator's maps), so its replay conditions frames alike.
+            self.recorder = self._open_recorder(self.source_profile[0] if self.source_profile else None)
 
     @property
     def source_state(self) -> str:
@@ -930,7 +932,7 @@ class Daemon:
         load_context: Callable[[int, Any | None], ProcessingContext],
         notifier: Any | None = None,
         metrics: Any | None = None,
-        open_recorder: Callable[[], Any] | None = None,
+        open_recorder: Callable[[Any | None], Any] | None = None,
         binder: Callable[[Any, str], str] | None = None,
         model_info: dict[str, Any] | None = None,
         on_ready: Callable[[Daemon], None] | None = None,
@@ -1456,7 +1458,7 @@ def run_daemon(
     from edge.observability import DaemonMetrics, health_from, serve_http
     from edge.runner import Runner
     from edge.sdnotify import Notifier
-    from scanner_io.errors import CalibrationError, ConfigError
+    from scanner_io.errors import BundleError, CalibrationError, ConfigError
 
     cfg = load_config(opts.config)
     overrides: dict[str, dict[str, Any]] = {}
@@ -1486,8 +1488,13 @@ def run_daemon(
         )
     with contextlib.suppress(OSError):
         notifier.status("starting: loading model")
-    bundle = Bundle.open(bundle_path)
-    runner = Runner.from_bundle(bundle, backend=cfg.model.backend, precision=cfg.model.precision)
+    try:
+        bundle = Bundle.open(bundle_path)
+        runner = Runner.from_bundle(bundle, backend=cfg.model.backend, precision=cfg.model.precision)
+    except BundleError as exc:
+        # A missing or broken bundle, or a precision it lacks, does not heal on a restart: exit 78
+        # so systemd stops retrying (RestartPreventExitStatus=78).
+        raise ConfigError(f"model: {exc}") from None
     if cfg.model.max_batch is not None:
         runner.max_batch = min(runner.max_batch, cfg.model.max_batch)
     backend_name = str(getattr(runner.backend, "name", cfg.model.backend))
@@ -1539,11 +1546,11 @@ def run_daemon(
     if opts.record is not None:
         record_path = opts.record
 
-        def open_recorder() -> Any:
+        def open_recorder(carried: Any | None) -> Any:
             from calibration.profile import CalibrationProfile
             from scanner_io.recording import Recorder, default_manifest
 
-            profile = CalibrationProfile.load(src.calibration) if src.calibration is not None else None
+            profile = CalibrationProfile.load(src.calibration) if src.calibration is not None else carried
             return Recorder(record_path, manifest=default_manifest(source=src.uri), calibration=profile)
 
     from edge.security import EndpointSecurity

@@ -72,3 +72,41 @@ def test_demo_model_on_the_simulator_matches_ground_truth(tmp_path):
     # sensor drift and pose jitter, so the bars here leave some room.
     assert correct / FRAMES >= 0.95
     assert np.mean(scores) >= 0.80
+
+
+def test_recording_the_main_job_keeps_the_profile_it_was_conditioned_with(tmp_path):
+    """`thzedge run --source sim --record F`: F carries the simulator's profile, so its replay matches."""
+    from scanner_io.recording import RecordingReader
+
+    cfg = tmp_path / "thzedge.toml"
+    cfg.write_text(f'[publisher]\nendpoint = "ipc://{tmp_path}/run/r.sock"\n[metrics]\nenabled = false\n')
+    rec = tmp_path / "main.mcap"
+    summary = run_daemon(
+        RunOptions(
+            source=f"sim?seed={SEED}&frames=5", config=cfg, backend="ort", record=rec, reconstruction=False
+        )
+    )
+    assert summary.published == 5
+    reader = RecordingReader(rec)
+    assert sum(1 for _ in reader) == 5
+    expected = CalibratedSimulator(ScannerSimulator(seed=SEED, identities=20)).profile.profile_id
+    assert reader.metadata["thzedge.calibration"]["profile_id"] == expected
+
+
+def test_a_missing_or_unusable_model_is_a_configuration_error(tmp_path):
+    """Exit 78 (systemd does not restart): a restart cannot heal a missing bundle or precision."""
+    import pytest
+
+    from edge.bundle import demo_bundle_path
+    from scanner_io.errors import EXIT_CONFIG, ConfigError
+
+    cfg = tmp_path / "thzedge.toml"
+    cfg.write_text("[metrics]\nenabled = false\n")
+    with pytest.raises(ConfigError, match="model:") as missing:
+        run_daemon(RunOptions(source="sim?frames=1", config=cfg, model=tmp_path / "nope"))
+    assert missing.value.exit_code == EXIT_CONFIG
+    cfg.write_text(
+        f'[metrics]\nenabled = false\n[model]\nbundle = "{demo_bundle_path()}"\nprecision = "fp16"\n'
+    )
+    with pytest.raises(ConfigError, match="fp16"):
+        run_daemon(RunOptions(source="sim?frames=1", config=cfg))
