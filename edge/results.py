@@ -26,7 +26,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -239,7 +238,7 @@ class ResultPublisher:
             self.bound_endpoint = (
                 binder(sock, endpoint)
                 if binder is not None
-                else self._bind(sock, endpoint, ipc_mode, ipc_group)
+                else self._bind(self._ctx, sock, endpoint, ipc_mode, ipc_group)
             )
         except zmq.ZMQError as exc:
             sock.close(linger=0)
@@ -254,18 +253,18 @@ class ResultPublisher:
         self.blocked_s = 0.0
 
     @staticmethod
-    def _bind(sock: zmq.Socket, endpoint: str, ipc_mode: int, ipc_group: str | None) -> str:
+    def _bind(
+        ctx: zmq.Context, sock: zmq.Socket, endpoint: str, ipc_mode: int, ipc_group: str | None
+    ) -> str:
         if not endpoint.startswith("ipc://"):
             sock.bind(endpoint)
             return sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-        from edge.security import prepare_ipc_dir, secure_ipc_file
+        from edge.security import EndpointSecurity
 
-        path = Path(endpoint[len("ipc://") :])
-        prepare_ipc_dir(path.parent, group=ipc_group)
-        sock.bind(endpoint)
-        # Results are biometric decisions: owner-only (or one named group), whatever the umask (R-NEW-2).
-        secure_ipc_file(path, ipc_mode & (stat.S_IRWXU | stat.S_IRWXG), ipc_group)
-        return endpoint
+        # Results are biometric decisions: the daemon's own ipc protection (owner-only or one
+        # group's file, private directory, a live socket of another process refused; R-NEW-2).
+        mode = ipc_mode & (stat.S_IRWXU | stat.S_IRWXG)
+        return EndpointSecurity(ctx, ipc_mode=mode, ipc_group=ipc_group).bind(sock, endpoint)
 
     def poll_subscriptions(self) -> int:
         """Read pending subscribe messages without blocking; return how many were new joins."""

@@ -117,3 +117,18 @@ def test_publisher_welcomes_a_subscriber_and_sets_private_ipc_mode(tmp_path: Pat
     sub.close(0)
     pub.close()
     ctx.term()
+
+
+def test_publisher_refuses_an_ipc_endpoint_another_publisher_holds(tmp_path: Path) -> None:
+    from scanner_io.errors import SourceUnavailableError
+
+    ctx = zmq.Context()
+    endpoint = f"ipc://{tmp_path}/r.sock"
+    first = ResultPublisher(endpoint, "s0", ctx=ctx)
+    try:
+        with pytest.raises(SourceUnavailableError, match="in use by another running process"):
+            ResultPublisher(endpoint, "s1", ctx=ctx)
+    finally:
+        first.close()
+    ResultPublisher(endpoint, "s2", ctx=ctx).close()  # free again once the first one is gone
+    ctx.term()
