@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from edge.gallery import Gallery
 
 
 def register(app: typer.Typer) -> None:
@@ -344,6 +347,19 @@ def enroll_command(
         f"enrolled {added} embedding(s); {identity!r} now has {g.reference_count(identity)}; "
         f"gallery {gallery_path}: {len(g)} identities, bundle {g.bundle_sha256[:12]}"
     )
+    # Probes are matched with the references of their posture: say which postures are covered.
+    have, missing = _posture_coverage(g, identity)
+    gap = f"; missing: {', '.join(missing)} (probes in those match worse; enrol them too)" if missing else ""
+    typer.echo(f"postures enrolled: {', '.join(have) or 'none'}{gap}")
+
+
+def _posture_coverage(g: Gallery, identity: str) -> tuple[list[str], list[str]]:
+    """Names of the postures an identity has references of, and of those it lacks."""
+    from scanner_io.frame import POSTURES
+
+    got = set(g.enrolled_postures(identity))
+    have = [name for i, name in enumerate(POSTURES) if i in got] + (["unknown"] if -1 in got else [])
+    return have, [name for i, name in enumerate(POSTURES) if i not in got]
 
 
 def gallery_info_command(
@@ -375,7 +391,7 @@ def gallery_info_command(
         if key != "names":
             typer.echo(f"{key}: {value}")
     for n, k in info.get("names", {}).items():
-        typer.echo(f"  {n}: {k} reference(s)")
+        typer.echo(f"  {n}: {k} reference(s); postures {', '.join(_posture_coverage(g, n)[0])}")
 
 
 def gallery_remove_command(

@@ -300,6 +300,7 @@ def test_enroll_cli_then_match_with_the_runner(tiny_bundle, tmp_path, capsys, ca
             assert code == 0
     out = capsys.readouterr().out
     assert "enrolled 2 embedding(s); 'bob' now has 2" in out
+    assert "postures enrolled: " in out and "missing: " in out  # 2-3 crops cannot cover 5 postures
     assert "alice" not in caplog.text and "bob" not in caplog.text
     assert stat.S_IMODE(gallery.stat().st_mode) == 0o600
 
@@ -320,6 +321,8 @@ def test_enroll_cli_then_match_with_the_runner(tiny_bundle, tmp_path, capsys, ca
     assert main(["gallery", "info", str(gallery)]) == 0
     info = capsys.readouterr().out
     assert "identities: 2" in info and "alice" not in info
+    assert main(["gallery", "info", "--names", str(gallery)]) == 0
+    assert "alice: 3 reference(s); postures " in capsys.readouterr().out
     assert main(["gallery", "remove", str(gallery), "--identity", "bob"]) == 0
     assert Gallery.load(gallery).identities == ("alice",)
     capsys.readouterr()
