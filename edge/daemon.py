@@ -1557,9 +1557,13 @@ def run_daemon(
     from scanner_io.sources import zmq_context
 
     # Starts the ZAP authenticator (CURVE) before anything binds; ipc files get 0600 (R-SEC-2, R-NEW-2).
-    security = EndpointSecurity.from_config(
-        zmq_context(), cfg.publisher, insecure_dev=cfg.daemon.insecure_dev
-    )
+    try:
+        security = EndpointSecurity.from_config(
+            zmq_context(), cfg.publisher, insecure_dev=cfg.daemon.insecure_dev
+        )
+    except BaseException:  # e.g. a bad CURVE key file: do not leak the loaded model's sessions
+        runner.close()
+        raise
 
     settings = DaemonSettings(
         endpoint=cfg.publisher.endpoint,
