@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 from typing import Any
 
+from scanner_io.choices import Choice
 from scanner_io.errors import BundleError
 from scanner_io.frame import POSTURES
 
@@ -36,7 +37,17 @@ ENCODER_GRAPH = "encoder"
 ENCODER_OUTPUTS: tuple[str, ...] = ("embedding", "posture_logits", "feat1", "feat2", "feat3", "feat4")
 DECODER_INPUTS: tuple[str, ...] = ("feat1", "feat2", "feat3", "feat4")
 DECODER_OUTPUT = "reconstruction"
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
+
+
+class Precision(Choice):
+    """A bundle's numeric precision variant: fp32 always; fp16/int8 when quantization added them."""
+
+    fp32 = "fp32"
+    fp16 = "fp16"
+    int8 = "int8"
+
+
+PRECISIONS: tuple[str, ...] = Precision.values()
 _HASH_CHUNK = 1 << 20
 
 _FIX = "re-export it with `thzedge export onnx` or restore it from where it came from"

@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from scanner_io.choices import Choice
 from scanner_io.errors import ConfigError, DataError, ThzEdgeError
 from scanner_io.frame import POSTURES
 
@@ -59,6 +60,15 @@ READABLE_FORMATS = (1, 2)
 UNKNOWN_POSTURE = -1
 MAX_IDENTITY_LEN = 128
 DECISIONS = ("accept", "reject", "unknown")
+
+
+class VerificationMode(Choice):
+    """How a probe is matched: auto (1:1 when the frame claims an identity, else 1:N), or fixed."""
+
+    auto = "auto"
+    one_to_one = "1:1"
+    one_to_n = "1:N"
+    off = "off"
 # names, references [M, D] grouped by identity in name order, their postures [M], first rows
 _View = tuple[list[str], np.ndarray, np.ndarray, np.ndarray]
 

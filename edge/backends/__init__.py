@@ -22,11 +22,22 @@ from typing import Any
 import numpy as np
 
 from edge.bundle import Bundle, GraphSpec, TensorSpec
+from scanner_io.choices import Choice
 from scanner_io.errors import DataError, MissingDependencyError, ThzEdgeError
 
 log = logging.getLogger(__name__)
 
-BACKEND_KINDS: tuple[str, ...] = ("auto", "ort", "trt")
+
+
+class BackendKind(Choice):
+    """Inference backend: auto takes a matching TensorRT engine if there is one, else ONNX Runtime."""
+
+    auto = "auto"
+    ort = "ort"
+    trt = "trt"
+
+
+BACKEND_KINDS: tuple[str, ...] = BackendKind.values()
 
 
 class Backend(ABC):
