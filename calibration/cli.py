@@ -8,25 +8,38 @@ the conditioning, and scanner_io never imports calibration (DESIGN.md, layers).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Annotated
 
+import cv2
 import typer
 
-from scanner_io.cli import terminal_progress
+from calibration.profile import profile_carried_by
+from calibration.simulated import preview_sheet, true_profile, write_dataset
+from scanner_io.cli_common import global_options, stop_on_signals, terminal_progress
 from scanner_io.errors import ThzEdgeError
+from scanner_io.recording import Recorder, default_manifest, record_source
+from scanner_io.simulator import ScannerSimulator
+from scanner_io.sources import open_source
+
+log = logging.getLogger("thzedge.record")
 
 
 def register(app: typer.Typer) -> None:
-    """Attach this package's commands to the root `thzedge` app."""
-    register_sim(app)
+    """Attach `sim dataset|preview|profile` and `record` to the root `thzedge` app."""
+    sim = typer.Typer(
+        help="THz scanner simulator: datasets, previews, its true calibration.", no_args_is_help=True
+    )
+    sim.command("dataset")(sim_dataset)
+    sim.command("preview")(sim_preview)
+    sim.command("profile")(sim_profile)
+    app.add_typer(sim, name="sim")
     app.command("record")(record)
 
 
-# --- record: raw frames to MCAP, with the calibration profile they need ------------------------
-
-
 def record(
+    ctx: typer.Context,
     source: Annotated[
         str, typer.Option("--source", help="Source URI: tcp://, ipc://, sim[?..], replay:FILE.")
     ],
@@ -45,16 +58,8 @@ def record(
     chunk_kib: Annotated[
         int, typer.Option("--chunk-kib", min=1, help="Chunk size in KiB (fsync'ed).")
     ] = 1024,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Record raw frames from a source into an MCAP file (zstd chunks, manifest, calibration)."""
-    import logging
-
-    from calibration.profile import profile_carried_by
-    from scanner_io.cli import stop_on_signals
-    from scanner_io.recording import Recorder, default_manifest, record_source
-    from scanner_io.sources import open_source
-
     if frames is not None and duration is not None:
         raise ThzEdgeError("give --frames or --duration, not both")
     src = open_source(source)
@@ -73,8 +78,8 @@ def record(
     finally:
         src.close()
     if summary.frames == 0:
-        logging.getLogger("thzedge.record").warning("%s delivered no frame: is the scanner sending?", source)
-    if as_json:
+        log.warning("%s delivered no frame: is the scanner sending?", source)
+    if global_options(ctx).json:
         typer.echo(json.dumps(summary.to_dict(), sort_keys=True))
     else:
         typer.echo(
@@ -84,35 +89,16 @@ def record(
         )
 
 
-
-
-# --- simulator: sim dataset, sim preview, sim profile ------------------------------------------
-
-
-def register_sim(app: typer.Typer) -> None:
-    """Attach `sim dataset`, `sim preview` and `sim profile`."""
-    sim = typer.Typer(
-        help="THz scanner simulator: datasets, previews, its true calibration.", no_args_is_help=True
-    )
-    sim.command("dataset")(sim_dataset)
-    sim.command("preview")(sim_preview)
-    sim.command("profile")(sim_profile)
-    app.add_typer(sim, name="sim")
-
-
 def sim_profile(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option("--out", help="Directory to write the calibration profile into.")],
     seed: Annotated[int, typer.Option("--seed", help="Simulator seed (the sensor depends on it).")] = 0,
     scanner: Annotated[str, typer.Option("--scanner", help="Scanner id the profile is for.")] = "sim0",
-    as_json: Annotated[bool, typer.Option("--json", help="Print the profile id and path as JSON.")] = False,
 ) -> None:
     """Write the simulated sensor's true calibration profile (for `--source sim?seed=S`)."""
-    from calibration.simulated import true_profile
-    from scanner_io.simulator import ScannerSimulator
-
     profile = true_profile(ScannerSimulator(seed=seed, identities=1, scanner=scanner))
     path = profile.save(out)
-    if as_json:
+    if global_options(ctx).json:
         typer.echo(json.dumps({"profile_id": profile.profile_id, "path": str(path), "scanner": scanner}))
     else:
         typer.echo(
@@ -122,6 +108,7 @@ def sim_profile(
 
 
 def sim_dataset(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option("--out", help="Directory to write the dataset into (created).")],
     identities: Annotated[int, typer.Option("--identities", min=2, help="Number of simulated people.")] = 20,
     samples: Annotated[
@@ -134,11 +121,8 @@ def sim_dataset(
             "--test-identities", min=0, help="Identities held out for test.csv (default: a quarter)."
         ),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Write a research-format dataset: 64×64 PNG crops plus train_val.csv / test.csv triplets."""
-    from calibration.simulated import write_dataset
-
     if out.exists() and any(out.iterdir()):
         raise ThzEdgeError(f"{out} exists and is not empty; choose a new --out directory or empty it")
     with terminal_progress("simulating") as progress:
@@ -150,7 +134,7 @@ def sim_dataset(
             test_identities=test_identities,
             progress=progress,
         )
-    if as_json:
+    if global_options(ctx).json:
         typer.echo(json.dumps(summary.to_dict(), sort_keys=True))
     else:
         typer.echo(
@@ -170,11 +154,6 @@ def sim_preview(
     tile: Annotated[int, typer.Option("--tile", min=32, max=256, help="Tile size in pixels.")] = 64,
 ) -> None:
     """Render a contact sheet: concealed crop, unconcealed target and raw frame per posture."""
-    import cv2
-
-    from calibration.simulated import preview_sheet
-    from scanner_io.simulator import ScannerSimulator
-
     if out.suffix.lower() != ".png":  # before the (slow) rendering
         raise ThzEdgeError(f"--out {out} must end in .png")
     sheet = preview_sheet(ScannerSimulator(seed=seed, identities=max(identities, 1)), identities, tile=tile)

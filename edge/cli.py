@@ -1,48 +1,78 @@
 """The root `thzedge` command: global options, one sub-app per package, one-line errors.
 
-Each package owns its commands in its own `cli` module and attaches them with `register(app)`.
-Those modules import nothing heavy at import time (torch, tensorrt load inside commands), so
-`thzedge --help` works on a device without the export extras.
+`build_app()` makes the root app and asks each package to attach its commands with
+`register(app)`. The root parses the global options `--log-level`, `--json` and `--config` and
+stores them as a `scanner_io.cli_common.GlobalOptions` on the context, where every command reads
+them with `global_options(ctx)`. The packages' `cli` modules import nothing heavy at import time
+(torch, onnx, tensorrt load inside commands), so `thzedge --help` works on a device without the
+export extras.
+
+Importing `export.cli` is the one place edge points up at export: the root mounts every
+package's commands, and tests/test_layers.py allows exactly this import.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from scanner_io.errors import EXIT_SOFTWARE, ThzEdgeError
+from calibration.cli import register as register_calibration
+from edge import __version__
+from edge.commands import register as register_edge
+from edge.sdnotify import JournaldHandler, stderr_is_journal
+from export.cli import register as register_export
+from scanner_io.cli import register as register_scanner_io
+from scanner_io.cli_common import GlobalOptions, LogLevel
+from scanner_io.errors import EXIT_SOFTWARE, EXIT_USAGE, ThzEdgeError
 
 log = logging.getLogger("thzedge")
 
-app = typer.Typer(
-    name="thzedge",
-    help="Edge deployment toolkit for terahertz face scanners.",
-    no_args_is_help=True,
-    add_completion=False,
-    # Locals may hold keys or embeddings: never print them (R-SEC-6).
-    pretty_exceptions_show_locals=False,
-)
+_CONFIG_HELP = "Config file (default: $THZEDGE_CONFIG, else /etc/thzedge/thzedge.toml if present)."
+_BUG_HINT = "rerun as `thzedge --log-level debug ...` for the traceback"
 
 
-@app.callback()
 def _root(
+    ctx: typer.Context,
     log_level: Annotated[
-        str, typer.Option("--log-level", help="Logging level on stderr (debug, info, warning, error).")
-    ] = "info",
+        LogLevel, typer.Option("--log-level", help="Logging level on stderr.")
+    ] = LogLevel.info,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the command's result as JSON on stdout instead of text.")
+    ] = False,
+    config: Annotated[Path | None, typer.Option("--config", help=_CONFIG_HELP)] = None,
 ) -> None:
     """Edge deployment toolkit for terahertz face scanners."""
     configure_logging(log_level)
+    ctx.obj = GlobalOptions(log_level=log_level, json=json_out, config=config)
 
 
-@app.command()
 def version() -> None:
     """Print the thzedge version."""
-    from edge import __version__
-
     typer.echo(__version__)
+
+
+def build_app() -> typer.Typer:
+    """Make the root `thzedge` app with every package's commands attached."""
+    app = typer.Typer(
+        name="thzedge",
+        help="Edge deployment toolkit for terahertz face scanners.",
+        no_args_is_help=True,
+        add_completion=False,
+        # Locals may hold keys or embeddings: never print them (R-SEC-6).
+        pretty_exceptions_show_locals=False,
+    )
+    app.callback()(_root)
+    app.command("version")(version)
+    register_edge(app)
+    register_export(app)
+    register_scanner_io(app)
+    register_calibration(app)
+    return app
 
 
 class _CurrentStderrHandler(logging.StreamHandler):
@@ -61,59 +91,89 @@ class _CurrentStderrHandler(logging.StreamHandler):
         pass
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: LogLevel | str) -> None:
     """Log one line per event to stderr, in a form journald keeps readable."""
-    numeric = logging.getLevelName(level.upper())
+    numeric = logging.getLevelName(str(level).upper())
     if not isinstance(numeric, int):
-        raise ThzEdgeError(f"unknown log level {level!r}; use debug, info, warning or error")
+        raise ThzEdgeError(f"unknown log level {level!r}; use {', '.join(LogLevel.values())}")
     root = logging.getLogger()
     if not any(getattr(h, "_thzedge", False) for h in root.handlers):
-        from edge.sdnotify import JournaldHandler, stderr_is_journal
-
         # Under systemd, structured journal fields (MESSAGE_ID, PRIORITY) instead of plain lines.
-        handler: logging.Handler = (
-            JournaldHandler() if stderr_is_journal() else _CurrentStderrHandler()
-        )
+        handler: logging.Handler = JournaldHandler() if stderr_is_journal() else _CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         handler._thzedge = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(numeric)
 
 
-def _register_subapps() -> None:
-    from calibration.cli import register as register_calibration
-    from edge.commands import register as register_edge
-    from export.cli import register as register_export
-    from scanner_io.cli import register as register_scanner_io
-
-    register_edge(app)
-    register_export(app)
-    register_scanner_io(app)
-    register_calibration(app)
+class _MisplacedOption(Exception):
+    """A root option given after the command name, where it does not belong."""
 
 
-_register_subapps()
+def hoist_config(argv: Sequence[str]) -> list[str]:
+    """Move a `--config FILE` given after the command name in front of it, where the root parses it.
+
+    Unit files and scripts written when every daemon command had its own `--config` say
+    `thzedge run --source S --config FILE`; they keep working. `--json` after the command is
+    refused with where it goes instead, so it has one place.
+    """
+    args = list(argv)
+    i = 0
+    # Skip the root's own options to find the command name.
+    while i < len(args) and args[i].startswith("-"):
+        i += 2 if args[i] in ("--log-level", "--config") else 1
+    head, rest = args[:i], args[i:]
+    moved: list[str] = []
+    kept: list[str] = []
+    j = 0
+    while j < len(rest):
+        arg = rest[j]
+        if arg == "--":
+            kept += rest[j:]
+            break
+        if arg == "--config" and j + 1 < len(rest):
+            moved += rest[j : j + 2]
+            j += 2
+            continue
+        if arg.startswith("--config="):
+            moved.append(arg)
+        elif arg == "--json":
+            raise _MisplacedOption("--json is an option of thzedge itself: put it before the command")
+        else:
+            kept.append(arg)
+        j += 1
+    if moved and any(a == "--config" or a.startswith("--config=") for a in head):
+        raise _MisplacedOption("--config given twice: once before the command and once after it")
+    return [*head, *moved, *kept]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, app: typer.Typer | None = None) -> int:
     """Run the CLI and return its exit code; thzedge errors become one line on stderr."""
     try:
+        args = hoist_config(sys.argv[1:] if argv is None else argv)
+    except _MisplacedOption as exc:
+        typer.echo(f"thzedge: error: {exc} (thzedge [--json] [--config FILE] COMMAND ...)", err=True)
+        return EXIT_USAGE
+    try:
         # Standalone mode: typer prints usage errors itself and exits 2 through SystemExit.
-        app(args=argv, prog_name="thzedge")
+        (app or build_app())(args=args, prog_name="thzedge")
     except SystemExit as exc:
         if exc.code is None:
             return 0
         return exc.code if isinstance(exc.code, int) else 1
     except ThzEdgeError as exc:
-        typer.echo(f"thzedge: error: {exc}", err=True)
+        if exc.exit_code == EXIT_SOFTWARE:
+            log.debug("internal error", exc_info=True)
+            typer.echo(f"thzedge: error: {exc} (a bug: {_BUG_HINT})", err=True)
+        else:
+            typer.echo(f"thzedge: error: {exc}", err=True)
         return exc.exit_code
     except KeyboardInterrupt:
         typer.echo("thzedge: interrupted", err=True)
         return 130
     except Exception as exc:  # a bug: one line, and the traceback only at debug level
         log.debug("unhandled error", exc_info=True)
-        hint = "rerun as `thzedge --log-level debug ...` for the traceback"
-        typer.echo(f"thzedge: internal error: {type(exc).__name__}: {exc} ({hint})", err=True)
+        typer.echo(f"thzedge: error: internal error: {type(exc).__name__}: {exc} ({_BUG_HINT})", err=True)
         return EXIT_SOFTWARE
     return 0
 

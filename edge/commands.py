@@ -1,15 +1,30 @@
-"""Commands owned by the edge package (run, infer, eval, bench), attached by `register`."""
+"""Commands owned by the edge package: run, infer, eval, bench, enroll, config, keys, gallery.
+
+`register(app)` attaches them to the root `thzedge` app. `--json` and `--config` are the root's
+options; commands read them with `global_options(ctx)`.
+"""
 
 from __future__ import annotations
 
-from enum import Enum
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
-if TYPE_CHECKING:
-    from edge.gallery import Gallery
+from edge.backends import BackendKind
+from edge.bench import bench_model, render_bench
+from edge.bundle import Precision, demo_bundle_path
+from edge.config import load_config
+from edge.evaluation import evaluate
+from edge.gallery import Gallery
+from edge.infer import load_inputs, run_batched, save_results, truth_postures
+from edge.runner import Runner
+from edge.security import generate_keys, load_keypair
+from scanner_io.choices import Choice
+from scanner_io.cli_common import global_options, split_choices
+from scanner_io.errors import ThzEdgeError
+from scanner_io.frame import POSTURES
 
 
 def register(app: typer.Typer) -> None:
@@ -17,22 +32,25 @@ def register(app: typer.Typer) -> None:
     app.command("infer")(infer_command)
     app.command("eval")(eval_command)
     app.command("run")(run_command)
-    register_services(app)
+    config_app = typer.Typer(help="Show or check the daemon configuration file.", no_args_is_help=True)
+    config_app.command("show")(config_show_command)
+    config_app.command("validate")(config_validate_command)
+    app.add_typer(config_app, name="config")
+    keys_app = typer.Typer(
+        help="CURVE keys for encrypted, authenticated tcp endpoints.", no_args_is_help=True
+    )
+    keys_app.command("generate")(keys_generate_command)
+    keys_app.command("show")(keys_show_command)
+    app.add_typer(keys_app, name="keys")
+    gallery_app = typer.Typer(help="Inspect or edit an enrolment gallery.", no_args_is_help=True)
+    gallery_app.command("info")(gallery_info_command)
+    gallery_app.command("remove")(gallery_remove_command)
+    app.add_typer(gallery_app, name="gallery")
+    app.command("enroll")(enroll_command)
     app.command("bench")(bench_command)
 
 
-# --- infer / eval (H2) ---------------------------------------------------------------------------
-
-
-class BackendKind(str, Enum):
-    """Inference backend: auto takes a matching TensorRT engine if there is one, else ONNX Runtime."""
-
-    auto = "auto"
-    ort = "ort"
-    trt = "trt"
-
-
-class Routing(str, Enum):
+class Routing(Choice):
     """Which posture picks each frame's decoder."""
 
     predicted = "predicted"
@@ -41,7 +59,7 @@ class Routing(str, Enum):
 
 _MODEL_HELP = "Model bundle directory (from `thzedge export onnx`)."
 _BACKEND_HELP = "Inference backend: auto, ort (ONNX Runtime) or trt (TensorRT engine)."
-_PRECISION_HELP = "Bundle precision variant to run (fp32, fp16, int8)."
+_PRECISION_HELP = "Bundle precision variant to run."
 
 
 def infer_command(
@@ -52,7 +70,7 @@ def infer_command(
     model: Annotated[Path, typer.Option("--model", help=_MODEL_HELP)],
     out: Annotated[Path, typer.Option("--out", help="Where to write the results (.npz).")],
     backend: Annotated[BackendKind, typer.Option("--backend", help=_BACKEND_HELP)] = BackendKind.auto,
-    precision: Annotated[str, typer.Option("--precision", help=_PRECISION_HELP)] = "fp32",
+    precision: Annotated[Precision, typer.Option("--precision", help=_PRECISION_HELP)] = Precision.fp32,
     routing: Annotated[
         Routing,
         typer.Option(
@@ -64,13 +82,10 @@ def infer_command(
     ] = False,
 ) -> None:
     """Run a bundle on conditioned 64x64 crops and write embeddings, postures, reconstructions (.npz)."""
-    from edge.infer import load_inputs, run_batched, save_results, truth_postures
-    from edge.runner import Runner
-
     batch = load_inputs(inputs)
     reconstruct = not no_reconstruction
     postures = truth_postures(batch) if reconstruct and routing is Routing.truth else None
-    with Runner.from_bundle(model, backend=backend.value, precision=precision) as runner:
+    with Runner.from_bundle(model, backend=backend, precision=precision) as runner:
         outputs = run_batched(runner, batch.x, reconstruct=reconstruct, postures=postures)
         names = runner.postures
     path = save_results(out, outputs, batch.names)
@@ -80,10 +95,10 @@ def infer_command(
 
 
 def eval_command(
+    ctx: typer.Context,
     model: Annotated[Path, typer.Option("--model", help=_MODEL_HELP)],
     data: Annotated[Path, typer.Option("--data", help="Dataset directory of research-format PNG crops.")],
     triplets: Annotated[Path, typer.Option("--triplets", help="Triplet CSV (anchor,positive,negative).")],
-    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     routing: Annotated[
         Routing,
         typer.Option(
@@ -91,23 +106,16 @@ def eval_command(
         ),
     ] = Routing.predicted,
     backend: Annotated[BackendKind, typer.Option("--backend", help=_BACKEND_HELP)] = BackendKind.auto,
-    precision: Annotated[str, typer.Option("--precision", help=_PRECISION_HELP)] = "fp32",
+    precision: Annotated[Precision, typer.Option("--precision", help=_PRECISION_HELP)] = Precision.fp32,
 ) -> None:
     """Score a bundle on a triplet dataset: verification, posture, reconstruction, per posture."""
-    import json
-
-    from edge.evaluation import evaluate
-    from edge.runner import Runner
-
-    with Runner.from_bundle(model, backend=backend.value, precision=precision) as runner:
+    with Runner.from_bundle(model, backend=backend, precision=precision) as runner:
         report = evaluate(runner, data, triplets, routing=routing.value)
-    typer.echo(json.dumps(report.to_dict(), indent=2) if json_out else report.render())
-
-
-# --- run (H5) -----------------------------------------------------------------------------------
+    typer.echo(json.dumps(report.to_dict(), indent=2) if global_options(ctx).json else report.render())
 
 
 def run_command(
+    ctx: typer.Context,
     source: Annotated[
         str,
         typer.Option(
@@ -119,10 +127,6 @@ def run_command(
     model: Annotated[
         Path | None,
         typer.Option("--model", help="Model bundle directory (default: config, else the demo model)."),
-    ] = None,
-    config: Annotated[
-        Path | None,
-        typer.Option("--config", help="Config file (default /etc/thzedge/thzedge.toml if present)."),
     ] = None,
     backend: Annotated[BackendKind | None, typer.Option("--backend", help=_BACKEND_HELP)] = None,
     publish: Annotated[
@@ -139,18 +143,16 @@ def run_command(
     no_reconstruction: Annotated[
         bool, typer.Option("--no-reconstruction", help="Skip the decoders (posture and verification only).")
     ] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the end-of-run summary as JSON.")] = False,
 ) -> None:
     """Stream frames through the model and publish results until the source ends or a signal stops it."""
-    import json
-
     from edge.daemon import RunOptions, run_daemon
 
+    opts = global_options(ctx)
     summary = run_daemon(
         RunOptions(
             source=source,
             model=model,
-            config=config,
+            config=opts.config,
             backend=backend.value if backend is not None else None,
             publish=publish,
             record=record,
@@ -158,83 +160,45 @@ def run_command(
             reconstruction=not no_reconstruction,
         )
     )
-    typer.echo(json.dumps(summary.to_dict(), sort_keys=True) if json_out else summary.render())
-
-
-# --- bench (H8) ----------------------------------------------------------------------------------
+    typer.echo(json.dumps(summary.to_dict(), sort_keys=True) if opts.json else summary.render())
 
 
 def bench_command(
+    ctx: typer.Context,
     model: Annotated[
         Path | None, typer.Option("--model", help="Model bundle directory (default: the demo bundle).")
     ] = None,
-    backend: Annotated[str, typer.Option("--backend", help="Comma list of backends: ort, trt.")] = "ort",
-    precision: Annotated[str, typer.Option("--precision", help="Comma list: fp32, fp16, int8.")] = "fp32",
+    backend: Annotated[
+        str, typer.Option("--backend", help=f"Comma list of backends: {', '.join(BackendKind.values())}.")
+    ] = "ort",
+    precision: Annotated[
+        str, typer.Option("--precision", help=f"Comma list of precisions: {', '.join(Precision.values())}.")
+    ] = "fp32",
     batch: Annotated[str, typer.Option("--batch", help="Comma list of batch sizes.")] = "1,8",
     seconds: Annotated[float, typer.Option("--seconds", help="Timing budget per backend x precision.")] = 4.0,
     data: Annotated[
         Path | None, typer.Option("--data", help="Dataset dir whose crops are the inputs (default: random).")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print rows as JSON.")] = False,
 ) -> None:
     """Latency p50/p99 and frames/s per backend x precision x batch, with agreement to fp32."""
-    import json
-
-    from edge.bench import bench_model, render_bench
-    from edge.bundle import demo_bundle_path
-    from scanner_io.errors import ThzEdgeError
-
-    def split(v: str) -> list[str]:
-        return [x.strip() for x in v.split(",") if x.strip()]
-
     try:
-        batches = [int(b) for b in split(batch)]
+        batches = [int(b) for b in batch.split(",") if b.strip()]
     except ValueError:
         raise ThzEdgeError(f"--batch must be a comma list of integers, got {batch!r}") from None
-    for b in split(backend):
-        if b not in ("ort", "trt", "auto"):
-            raise ThzEdgeError(f"unknown backend {b!r} in --backend; use ort, trt or auto")
-    rows = bench_model(model or demo_bundle_path(), split(backend), split(precision), batches, seconds, data)
-    typer.echo(json.dumps([r.to_dict() for r in rows], indent=2) if as_json else render_bench(rows))
-
-
-# --- config / keys / enroll / gallery (H6) ------------------------------------------------------
-
-
-def register_services(app: typer.Typer) -> None:
-    """Attach `config`, `keys`, `gallery` and `enroll` (daemon services) to the root app."""
-    config_app = typer.Typer(help="Show or check the daemon configuration file.", no_args_is_help=True)
-    config_app.command("show")(config_show_command)
-    config_app.command("validate")(config_validate_command)
-    app.add_typer(config_app, name="config")
-    keys_app = typer.Typer(
-        help="CURVE keys for encrypted, authenticated tcp endpoints.", no_args_is_help=True
+    backends = split_choices(BackendKind, backend, "--backend")
+    precisions = split_choices(Precision, precision, "--precision")
+    rows = bench_model(model or demo_bundle_path(), backends, precisions, batches, seconds, data)
+    typer.echo(
+        json.dumps([r.to_dict() for r in rows], indent=2) if global_options(ctx).json else render_bench(rows)
     )
-    keys_app.command("generate")(keys_generate_command)
-    keys_app.command("show")(keys_show_command)
-    app.add_typer(keys_app, name="keys")
-    gallery_app = typer.Typer(help="Inspect or edit an enrolment gallery.", no_args_is_help=True)
-    gallery_app.command("info")(gallery_info_command)
-    gallery_app.command("remove")(gallery_remove_command)
-    app.add_typer(gallery_app, name="gallery")
-    app.command("enroll")(enroll_command)
 
 
-_CONFIG_HELP = "Config file (default: $THZEDGE_CONFIG, else /etc/thzedge/thzedge.toml if present)."
-
-
-def config_show_command(
-    config: Annotated[Path | None, typer.Option("--config", help=_CONFIG_HELP)] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of TOML.")] = False,
-) -> None:
-    """Print the effective configuration: the file merged with every default, paths resolved."""
-    import json
-
-    from edge.config import load_config
-
-    cfg = load_config(config)
+def config_show_command(ctx: typer.Context) -> None:
+    """Print the effective configuration (TOML, or JSON with --json): the file merged with every default."""
+    opts = global_options(ctx)
+    cfg = load_config(opts.config)
     origin = str(cfg.path) if cfg.path else "built-in defaults (no config file)"
-    if json_out:
+    if opts.json:
         typer.echo(json.dumps({"path": str(cfg.path) if cfg.path else None, **cfg.to_dict()}, indent=2))
     else:
         typer.echo(f"# effective configuration from {origin}\n{cfg.to_toml()}", nl=False)
@@ -242,13 +206,9 @@ def config_show_command(
         typer.echo(f"warning: {note}", err=True)
 
 
-def config_validate_command(
-    config: Annotated[Path | None, typer.Option("--config", help=_CONFIG_HELP)] = None,
-) -> None:
+def config_validate_command(ctx: typer.Context) -> None:
     """Check a config file; exit 0 if valid, 78 with one line naming the problem otherwise."""
-    from edge.config import load_config
-
-    cfg = load_config(config)
+    cfg = load_config(global_options(ctx).config)
     for note in cfg.warnings():
         typer.echo(f"warning: {note}", err=True)
     typer.echo(f"{cfg.path or 'built-in defaults'}: ok ({len(cfg.sources)} source(s))")
@@ -260,8 +220,6 @@ def keys_generate_command(
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing key files.")] = False,
 ) -> None:
     """Create a CURVE key pair: NAME.key (public, share it) and NAME.key_secret (mode 0600)."""
-    from edge.security import generate_keys, load_keypair
-
     public_file, secret_file = generate_keys(out_dir, name, overwrite=force)
     public = load_keypair(public_file, need_secret=False).public.decode()
     typer.echo(f"public key {public}\nwrote {public_file} (public) and {secret_file} (secret, 0600)")
@@ -271,12 +229,11 @@ def keys_show_command(
     key_file: Annotated[Path, typer.Argument(help="A .key or .key_secret certificate file.")],
 ) -> None:
     """Print the public key of a certificate (never the secret)."""
-    from edge.security import load_keypair
-
     typer.echo(load_keypair(key_file, need_secret=False).public.decode())
 
 
 def enroll_command(
+    ctx: typer.Context,
     inputs: Annotated[
         list[Path] | None,
         typer.Argument(help="Conditioned crops, as `thzedge infer` reads: 8-bit PNGs, .npy, or dirs."),
@@ -296,19 +253,17 @@ def enroll_command(
     calibration: Annotated[
         Path | None, typer.Option("--calibration", help="Calibration profile for --source (default: config).")
     ] = None,
-    config: Annotated[Path | None, typer.Option("--config", help=_CONFIG_HELP)] = None,
     backend: Annotated[BackendKind, typer.Option("--backend", help=_BACKEND_HELP)] = BackendKind.auto,
-    precision: Annotated[str | None, typer.Option("--precision", help=_PRECISION_HELP)] = None,
+    precision: Annotated[
+        Precision | None, typer.Option("--precision", help=_PRECISION_HELP + " (default: config)")
+    ] = None,
     replace: Annotated[
         bool, typer.Option("--replace", help="Replace this identity's references instead of adding.")
     ] = False,
 ) -> None:
     """Enrol one identity into a gallery from conditioned crops or from raw frames of a source."""
-    from edge.bundle import demo_bundle_path
-    from edge.config import load_config
     from edge.daemon import split_queue_mode
     from edge.gallery import enroll_from_inputs, enroll_from_source
-    from scanner_io.errors import ThzEdgeError
 
     if not identity:
         raise ThzEdgeError("--identity NAME is required")
@@ -316,7 +271,7 @@ def enroll_command(
         raise ThzEdgeError(
             "give either INPUT files (conditioned crops) or --source URI (raw frames), not both"
         )
-    cfg = load_config(config)
+    cfg = load_config(global_options(ctx).config)
     bundle = model or cfg.model.bundle or demo_bundle_path()
     gallery_path = gallery or cfg.verification.gallery
     if gallery_path is None:
@@ -355,23 +310,17 @@ def enroll_command(
 
 def _posture_coverage(g: Gallery, identity: str) -> tuple[list[str], list[str]]:
     """Names of the postures an identity has references of, and of those it lacks."""
-    from scanner_io.frame import POSTURES
-
     got = set(g.enrolled_postures(identity))
     have = [name for i, name in enumerate(POSTURES) if i in got] + (["unknown"] if -1 in got else [])
     return have, [name for i, name in enumerate(POSTURES) if i not in got]
 
 
 def gallery_info_command(
+    ctx: typer.Context,
     gallery: Annotated[Path, typer.Argument(help="Gallery .npz file.")],
     names: Annotated[bool, typer.Option("--names", help="Also list identity names (personal data).")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show a gallery's bundle, threshold source and size; names only with --names."""
-    import json
-
-    from edge.gallery import Gallery
-
     g = Gallery.load(gallery)
     info = {
         "path": str(gallery),
@@ -384,7 +333,7 @@ def gallery_info_command(
     }
     if names:
         info["names"] = {n: g.reference_count(n) for n in g.identities}
-    if json_out:
+    if global_options(ctx).json:
         typer.echo(json.dumps(info, indent=2))
         return
     for key, value in info.items():
@@ -399,9 +348,6 @@ def gallery_remove_command(
     identity: Annotated[str, typer.Option("--identity", help="Identity to delete with all its references.")],
 ) -> None:
     """Delete one identity from a gallery (right to erasure); the file is rewritten atomically."""
-    from edge.gallery import Gallery
-    from scanner_io.errors import ThzEdgeError
-
     g = Gallery.load(gallery)
     if not g.remove(identity):
         raise ThzEdgeError(f"{identity!r} is not enrolled in {gallery}")

@@ -1,47 +1,42 @@
-"""Commands owned by the export package, attached to the root CLI by `register`.
+"""Commands owned by the export package, attached to the root CLI by `register(app)`.
 
-`thzedge export ...` is one sub-app (`export_app`); each command registers on it, so new
-export steps (quantize, check, engine) add a function here. Nothing heavy is imported at
-module level: torch and onnx load inside the commands, so `thzedge --help` works on a device
-without the export extra.
+`thzedge export onnx|quantize|check|engine|threshold` is one sub-app, and `thzedge train` a
+root command; the commands live here (onnx), in quantize_cli.py and in train_cli.py, and
+`register` is the one place that attaches them. Nothing heavy is imported at module level:
+torch and onnx load inside the commands, so `thzedge --help` works on a device without the
+export extra.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from scanner_io.errors import MissingDependencyError
-
-export_app = typer.Typer(
-    name="export",
-    help="Turn research checkpoints into verified model bundles (ONNX, quantized variants, engines).",
-    no_args_is_help=True,
-)
+from export.bundle_writer import check_destination, write_bundle
+from export.extras import require_export_extra
+from export.onnx_export import check_opset
+from export.quantize_cli import check_command, engine_command, quantize_command
+from export.train_cli import threshold_command, train_command
 
 
 def register(app: typer.Typer) -> None:
-    """Attach this package's commands to the root `thzedge` app."""
+    """Attach `export onnx|quantize|check|engine|threshold` and `train` to the root `thzedge` app."""
+    export_app = typer.Typer(
+        name="export",
+        help="Turn research checkpoints into verified model bundles (ONNX, quantized variants, engines).",
+        no_args_is_help=True,
+    )
+    export_app.command("onnx")(onnx_command)
+    export_app.command("quantize")(quantize_command)
+    export_app.command("check")(check_command)
+    export_app.command("engine")(engine_command)
+    export_app.command("threshold")(threshold_command)
     app.add_typer(export_app, name="export")
-    # `thzedge train` and `thzedge export threshold` (demo model, H7) live in export/train_cli.py.
-    from export.train_cli import register as _register_training
-
-    _register_training(app, export_app)
+    app.command("train")(train_command)
 
 
-def require_export_extra() -> None:
-    """Fail with what to install when torch/onnx (the `export` extra) are missing."""
-    missing = [m for m in ("torch", "onnx") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise MissingDependencyError(
-            f"{' and '.join(missing)} not installed; install the export extra: pip install 'thzedge[export]'"
-        )
-
-
-@export_app.command("onnx")
 def onnx_command(
     checkpoint: Annotated[
         Path, typer.Option("--checkpoint", help="Research checkpoint (.pth): THz-only or distilled student.")
@@ -66,9 +61,7 @@ def onnx_command(
 ) -> None:
     """Import a research checkpoint and write a checked ONNX model bundle."""
     require_export_extra()
-    from export.bundle_writer import check_destination, write_bundle
-    from export.checkpoint import import_checkpoint
-    from export.onnx_export import check_opset
+    from export.checkpoint import import_checkpoint  # imports torch
 
     # Cheap checks before the (slow) import, so a typo fails fast.
     check_opset(opset)
@@ -94,9 +87,3 @@ def onnx_command(
     typer.echo(
         f"wrote bundle {result.bundle.path} (id {result.bundle.id}, opset {opset}, max batch {max_batch})"
     )
-
-
-# quantize / check / engine (H8) live in their own module and register on the same sub-app.
-from export.quantize_cli import register as _register_quantization  # noqa: E402
-
-_register_quantization(export_app)

@@ -36,25 +36,26 @@ from edge.backends.trt import (
     import_tensorrt,
     trt_generation,
 )
-from edge.bundle import sha256_file
-from scanner_io.errors import ThzEdgeError
+from edge.bundle import Precision, sha256_file
+from scanner_io.errors import EXIT_DATA, ThzEdgeError
 
 log = logging.getLogger(__name__)
 
 ENGINE_MANIFEST_VERSION = 1
-ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
 __all__ = ["EngineSettings", "Platform", "build_bundle_engines", "build_engine_from_onnx", "engine_paths"]
 
 
 class EngineBuildError(ThzEdgeError):
-    """TensorRT could not parse or build a graph."""
+    """The bundle's graphs cannot become an engine with this TensorRT (exit 65: the bundle must change)."""
+
+    exit_code = EXIT_DATA
 
 
 @dataclass(frozen=True)
 class EngineSettings:
     """What fixes an engine build (recorded in the engine manifest)."""
 
-    precision: str = "fp16"
+    precision: Precision = Precision.fp16
     max_batch: int = 8
     opt_batch: int | None = None  # default: max_batch (the daemon batches what is queued)
     workspace_mb: int = 1024
@@ -62,8 +63,12 @@ class EngineSettings:
     optimization_level: int = 3
 
     def __post_init__(self) -> None:
-        if self.precision not in ENGINE_PRECISIONS:
-            raise ThzEdgeError(f"unknown precision {self.precision!r}; use fp32, fp16 or int8")
+        try:
+            object.__setattr__(self, "precision", Precision(self.precision))
+        except ValueError:
+            raise ThzEdgeError(
+                f"unknown precision {self.precision!r}; use {', '.join(Precision.values())}"
+            ) from None
         if self.max_batch < 1:
             raise ThzEdgeError(f"--max-batch must be >= 1, got {self.max_batch}")
         if self.workspace_mb < 1:

@@ -28,6 +28,10 @@ import numpy as np
 from scanner_io.errors import ThzEdgeError
 
 
+class GateFailedError(ThzEdgeError):
+    """A precision variant failed the accuracy gate (exit 1): the report says which lines and by how much."""
+
+
 @dataclass(frozen=True)
 class GateTolerances:
     """Limits of the gate; the defaults are the issue's (pp = percentage points)."""

@@ -34,7 +34,7 @@ MIN_OPSET, MAX_OPSET = 13, 20  # TorchScript exporter range we support (TRT 8.6 
 
 
 class ExportError(ThzEdgeError):
-    """An export failed its own checks (ONNX checker or ORT-vs-PyTorch parity)."""
+    """An export failed its own checks (ONNX checker or ORT-vs-PyTorch parity); exit 1, nothing written."""
 
 
 @dataclass

@@ -28,43 +28,89 @@ from typing import Any
 
 import numpy as np
 
-from scanner_io.errors import DataError, MissingDependencyError, ThzEdgeError
+from edge.bundle import Precision
+from scanner_io.choices import Choice
+from scanner_io.errors import BundleError, DataError, InternalError, MissingDependencyError, ThzEdgeError
 from scanner_io.frame import POSTURES
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("int8", "fp16")
-METHODS = ("max", "entropy", "percentile")
 KEEP_FLOAT_CHOICES = ("embedding", "latent", "sigmoid", "stem")
 DEFAULT_KEEP_FLOAT: tuple[str, ...] = ("embedding", "latent", "sigmoid")
 # Below this many routed frames a decoder's activation ranges are noise; top it up (see below).
 MIN_FRAMES_PER_DECODER = 16
 
 
-class QuantizationError(ThzEdgeError):
-    """Quantization produced a graph TensorRT would not accept, or could not run."""
+class QuantizationError(InternalError):
+    """The quantizer made a graph that fails thzedge's own checks (exit 70: a bug, not bad input)."""
+
+
+class CalibrationMethod(Choice):
+    """How INT8 activation ranges are chosen from the calibration frames."""
+
+    max = "max"
+    entropy = "entropy"
+    percentile = "percentile"
+
+
+class Quantizer(Choice):
+    """Which tool makes a variant; `auto` takes NVIDIA Model Optimizer when it is installed."""
+
+    auto = "auto"
+    # Model Optimizer: explicit Q/DQ for int8, AutoCast for fp16.
+    modelopt = "modelopt"
+    # ONNX Runtime's quantize_static: int8 only.
+    ort = "ort"
+    # onnxconverter-common's float16 conversion: fp16 only.
+    onnxconverter = "onnxconverter"
+
+
+# What quantization can make: every precision but the fp32 reference every bundle has.
+QUANTIZED_PRECISIONS: tuple[Precision, ...] = tuple(p for p in Precision if p is not Precision.fp32)
+# The quantizers that make each of them.
+QUANTIZERS: dict[Precision, tuple[Quantizer, ...]] = {
+    Precision.int8: (Quantizer.auto, Quantizer.modelopt, Quantizer.ort),
+    Precision.fp16: (Quantizer.auto, Quantizer.modelopt, Quantizer.onnxconverter),
+}
+
+
+def _choice(kind: type[Choice], value: object, what: str) -> Any:
+    """`value` as a member of `kind` (settings also take the plain string), or a one-line error."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise ThzEdgeError(f"unknown {what} {value!r}; use one of {', '.join(kind.values())}") from None
 
 
 @dataclass(frozen=True)
 class QuantizeSettings:
     """Resolved quantization settings; stored verbatim in the bundle manifest."""
 
-    precision: str = "int8"
-    method: str = "max"
+    precision: Precision = Precision.int8
+    method: CalibrationMethod = CalibrationMethod.max
     samples: int = 512
     keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT
     per_channel: bool = True
     symmetric_activations: bool = True
     # TensorRT takes float biases (int32 bias Q/DQ is not parsed); ORT CPU alone may want them.
     quantize_bias: bool = False
-    quantizer: str = "auto"  # auto | modelopt | ort (int8); auto | autocast | onnxconverter (fp16)
+    quantizer: Quantizer = Quantizer.auto
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ThzEdgeError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
-        if self.method not in METHODS:
-            raise ThzEdgeError(f"unknown calibration method {self.method!r}; use one of {', '.join(METHODS)}")
+        object.__setattr__(self, "precision", _choice(Precision, self.precision, "precision"))
+        object.__setattr__(self, "method", _choice(CalibrationMethod, self.method, "calibration method"))
+        object.__setattr__(self, "quantizer", _choice(Quantizer, self.quantizer, "quantizer"))
+        if self.precision not in QUANTIZED_PRECISIONS:
+            raise ThzEdgeError(
+                f"{self.precision} is the reference every bundle has; quantize makes "
+                f"{' or '.join(QUANTIZED_PRECISIONS)}"
+            )
+        if self.quantizer not in QUANTIZERS[self.precision]:
+            raise ThzEdgeError(
+                f"--quantizer {self.quantizer} does not make {self.precision} variants; "
+                f"use {', '.join(QUANTIZERS[self.precision])}"
+            )
         bad = [k for k in self.keep_float if k not in KEEP_FLOAT_CHOICES]
         if bad:
             raise ThzEdgeError(
@@ -473,10 +519,12 @@ def quantize_onnx_int8(
     nodes_to_exclude: Sequence[str] = (),
 ) -> str:
     """Write an explicit Q/DQ INT8 copy of `src` to `dst`; return which quantizer made it."""
-    use_modelopt = settings.quantizer == "modelopt" or (
-        settings.quantizer == "auto" and settings.method != "percentile" and modelopt_available()
+    use_modelopt = settings.quantizer is Quantizer.modelopt or (
+        settings.quantizer is Quantizer.auto
+        and settings.method is not CalibrationMethod.percentile
+        and modelopt_available()
     )
-    if settings.quantizer == "modelopt" and not modelopt_available():
+    if settings.quantizer is Quantizer.modelopt and not modelopt_available():
         raise MissingDependencyError(
             "NVIDIA Model Optimizer is not installed; pip install 'nvidia-modelopt[onnx]' in an export venv, "
             "or use --quantizer ort"
@@ -623,7 +671,12 @@ def convert_onnx_fp16(src: Path, dst: Path, settings: QuantizeSettings) -> str:
         have_autocast = importlib.util.find_spec("modelopt.onnx.autocast") is not None
     except (ImportError, ValueError):
         have_autocast = False
-    if settings.quantizer in ("auto", "autocast") and have_autocast:  # pragma: no cover - not in CI
+    if settings.quantizer is Quantizer.modelopt and not have_autocast:
+        raise MissingDependencyError(
+            "NVIDIA Model Optimizer is not installed; pip install 'nvidia-modelopt[onnx]' in an export venv, "
+            "or use --quantizer onnxconverter"
+        )
+    if settings.quantizer in (Quantizer.auto, Quantizer.modelopt) and have_autocast:  # pragma: no cover
         from modelopt.onnx.autocast import convert_to_mixed_precision
 
         model = convert_to_mixed_precision(onnx_path=str(src), low_precision_type="fp16", keep_io_types=True)
@@ -791,9 +844,7 @@ def quantize_graphs(
     prec = settings.precision
     enc_out = encoder_outputs(encoder, cal.inputs)
     if posture_output not in enc_out:
-        raise QuantizationError(
-            f"{encoder.name} has no output {posture_output!r}; outputs are {sorted(enc_out)}"
-        )
+        raise BundleError(f"{encoder.name} has no output {posture_output!r}; outputs are {sorted(enc_out)}")
     predicted = enc_out[posture_output].argmax(axis=1)
     problems = check_coverage(cal, predicted)
     if problems:
@@ -824,7 +875,7 @@ def quantize_graphs(
         dec_in, _ = graph_io_names(dec)
         missing = [n for n in dec_in if n not in enc_out]
         if missing:
-            raise QuantizationError(
+            raise BundleError(
                 f"decoder {dec.name} needs {missing}, which the encoder does not output ({sorted(enc_out)})"
             )
         idx = routes[k]

@@ -1,43 +1,40 @@
 """`thzedge export quantize | check | engine`: parse, call export.quantize / gate / engine, render.
 
-Attached to the `export` sub-app by `register(export_app)` (called from export/cli.py). Nothing
-heavy is imported at module level: onnx, onnxruntime.quantization and tensorrt load inside the
-commands, so `thzedge --help` works on a device without them.
+export/cli.py attaches them to the `export` sub-app. Nothing heavy is imported at module level:
+onnx, onnxruntime.quantization and tensorrt load inside the library functions, so
+`thzedge --help` works on a device without them.
 """
 
 from __future__ import annotations
 
 import json
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from scanner_io.errors import EXIT_USER_ERROR, ThzEdgeError
+from edge.backends.trt import current_platform, import_tensorrt
+from edge.bundle import Bundle, Precision
+from export.engine import EngineSettings, build_bundle_engines
+from export.gate import GateFailedError, GateTolerances, run_gate
+from export.quantize import (
+    QUANTIZED_PRECISIONS,
+    CalibrationMethod,
+    Quantizer,
+    QuantizeSettings,
+    quantize_bundle,
+)
+from scanner_io.cli_common import global_options
+from scanner_io.errors import ThzEdgeError
+
+_QUANTIZED = " or ".join(QUANTIZED_PRECISIONS)
 
 
-class QuantPrecision(str, Enum):
-    int8 = "int8"
-    fp16 = "fp16"
-
-
-class EnginePrecision(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    int8 = "int8"
-
-
-class CalibMethod(str, Enum):
-    max = "max"
-    entropy = "entropy"
-    percentile = "percentile"
-
-
-class Quantizer(str, Enum):
-    auto = "auto"
-    modelopt = "modelopt"
-    ort = "ort"
+def _quantized_precision(value: Precision) -> Precision:
+    """Refuse fp32 where a quantized variant is meant: it is the reference every bundle has."""
+    if value not in QUANTIZED_PRECISIONS:
+        raise typer.BadParameter(f"{value} is the reference every bundle has; use {_QUANTIZED}")
+    return value
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -58,9 +55,7 @@ MinCosine = Annotated[float, typer.Option("--min-cosine", help="Median embedding
 
 def _tolerances(
     triplet_pp: float, eer_pp: float, posture_pp: float, ssim: float, psnr_db: float, cosine: float
-):  # noqa: ANN202 - returns export.gate.GateTolerances, imported lazily
-    from export.gate import GateTolerances
-
+) -> GateTolerances:
     return GateTolerances(
         triplet_accuracy_pp=triplet_pp,
         eer_pp=eer_pp,
@@ -88,6 +83,7 @@ def _default_triplets(data: Path | None, calibration: Path, triplets: Path | Non
 
 
 def quantize_command(
+    ctx: typer.Context,
     bundle: Annotated[Path, typer.Option("--bundle", help="Model bundle directory to add the variant to.")],
     calibration: Annotated[
         Path,
@@ -96,11 +92,12 @@ def quantize_command(
         ),
     ],
     precision: Annotated[
-        QuantPrecision, typer.Option("--precision", help="Variant to make.")
-    ] = QuantPrecision.int8,
+        Precision,
+        typer.Option("--precision", help=f"Variant to make: {_QUANTIZED}.", callback=_quantized_precision),
+    ] = Precision.int8,
     method: Annotated[
-        CalibMethod, typer.Option("--method", help="INT8 range calibration.")
-    ] = CalibMethod.max,
+        CalibrationMethod, typer.Option("--method", help="INT8 range calibration.")
+    ] = CalibrationMethod.max,
     samples: Annotated[
         int, typer.Option("--samples", help="Calibration frames (stratified by posture).")
     ] = 512,
@@ -111,7 +108,11 @@ def quantize_command(
         ),
     ] = "embedding,latent,sigmoid",
     quantizer: Annotated[
-        Quantizer, typer.Option("--quantizer", help="auto: Model Optimizer if installed, else ONNX Runtime.")
+        Quantizer,
+        typer.Option(
+            "--quantizer",
+            help="auto: Model Optimizer if installed, else ONNX Runtime (int8) or onnxconverter (fp16).",
+        ),
     ] = Quantizer.auto,
     data: Annotated[Path | None, typer.Option("--data", help="Held-out dataset dir for the gate.")] = None,
     triplets: Annotated[
@@ -127,46 +128,43 @@ def quantize_command(
     max_ssim_drop: MaxSsimDrop = 0.01,
     max_psnr_drop: MaxPsnrDrop = 0.5,
     min_cosine: MinCosine = 0.99,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the gate report as JSON.")] = False,
 ) -> None:
     """Add an INT8 (Q/DQ) or FP16 variant to a bundle; it is kept only if the accuracy gate passes."""
-    from export.quantize import QuantizeSettings, quantize_bundle
-
     settings = QuantizeSettings(
-        precision=precision.value,
-        method=method.value,
+        precision=precision,
+        method=method,
         samples=samples,
         keep_float=_split(keep_float),
-        quantizer=quantizer.value,
+        quantizer=quantizer,
     )
     data_dir, csv = _default_triplets(data, calibration, triplets)
     tol = _tolerances(
         max_triplet_drop, max_eer_rise, max_posture_drop, max_ssim_drop, max_psnr_drop, min_cosine
     )
     outcome = quantize_bundle(bundle, calibration, settings, data_dir, csv, tol, target_far, profile)
-    if as_json:
+    if global_options(ctx).json:
         typer.echo(
             json.dumps({"added": outcome.added, "report": outcome.report.to_dict()}, indent=2, default=str)
         )
     else:
         typer.echo(outcome.report.render())
         if outcome.added:
-            typer.echo(
-                f"added the {precision.value} variant to {bundle} "
-                f"(report: {precision.value}/gate_report.json)"
-            )
+            typer.echo(f"added the {precision} variant to {bundle} (report: {precision}/gate_report.json)")
     if not outcome.added:
-        typer.echo(
-            f"thzedge: error: the {precision.value} variant failed the accuracy gate; "
-            f"it was not added to {bundle}",
-            err=True,
+        raise GateFailedError(
+            f"the {precision} variant failed the accuracy gate; it was not added to {bundle}"
         )
-        raise typer.Exit(EXIT_USER_ERROR)
 
 
 def check_command(
+    ctx: typer.Context,
     bundle: Annotated[Path, typer.Option("--bundle", help="Model bundle directory.")],
-    precision: Annotated[QuantPrecision, typer.Option("--precision", help="Variant to check against fp32.")],
+    precision: Annotated[
+        Precision,
+        typer.Option(
+            "--precision", help=f"Variant to check against fp32: {_QUANTIZED}.", callback=_quantized_precision
+        ),
+    ],
     data: Annotated[Path, typer.Option("--data", help="Held-out dataset directory (research format).")],
     triplets: Annotated[Path, typer.Option("--triplets", help="Held-out triplet CSV.")],
     target_far: TargetFar = None,
@@ -179,23 +177,23 @@ def check_command(
     speed_seconds: Annotated[
         float, typer.Option("--speed-seconds", help="Timing per side; 0 skips it.")
     ] = 1.0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Compare a bundle's variant with fp32 on held-out data; exit 1 if any line fails."""
-    from export.gate import run_gate
-
     tol = _tolerances(
         max_triplet_drop, max_eer_rise, max_posture_drop, max_ssim_drop, max_psnr_drop, min_cosine
     )
-    report = run_gate(bundle, precision.value, data, triplets, tol, target_far, speed_seconds=speed_seconds)
+    report = run_gate(bundle, precision, data, triplets, tol, target_far, speed_seconds=speed_seconds)
+    as_json = global_options(ctx).json
     typer.echo(json.dumps(report.to_dict(), indent=2, default=str) if as_json else report.render())
     if not report.passed:
-        raise typer.Exit(EXIT_USER_ERROR)
+        raise GateFailedError(
+            f"the {precision} variant of {bundle} fails the accuracy gate on {len(report.failures)} line(s)"
+        )
 
 
 def engine_command(
     bundle: Annotated[Path, typer.Option("--bundle", help="Model bundle directory.")],
-    precision: Annotated[EnginePrecision, typer.Option("--precision")] = EnginePrecision.fp16,
+    precision: Annotated[Precision, typer.Option("--precision", help="Engine precision.")] = Precision.fp16,
     max_batch: Annotated[
         int | None, typer.Option("--max-batch", help="Profile max (default: bundle's).")
     ] = None,
@@ -205,16 +203,12 @@ def engine_command(
     ] = None,
 ) -> None:
     """Build one TensorRT engine per graph on this device, with a manifest the trt backend checks."""
-    from edge.backends.trt import current_platform, import_tensorrt
-    from edge.bundle import Bundle
-    from export.engine import EngineSettings, build_bundle_engines
-
     # Fail at once, in one line, when TensorRT or the GPU is missing (before touching the bundle).
     trt = import_tensorrt()
     platform = current_platform(trt)
     b = Bundle.open(bundle)
     settings = EngineSettings(
-        precision=precision.value,
+        precision=precision,
         max_batch=max_batch or b.max_batch,
         workspace_mb=workspace,
         dla_core=dla_core,
@@ -225,10 +219,3 @@ def engine_command(
             f"{m['graph']:<10} {m['precision']}  TensorRT {m['tensorrt_version']}  {m['gpu_name']} "
             f"(sm {m['compute_capability']})  engine {m['engine_sha256'][:12]}"
         )
-
-
-def register(export_app: typer.Typer) -> None:
-    """Attach quantize / check / engine to the `export` sub-app."""
-    export_app.command("quantize")(quantize_command)
-    export_app.command("check")(check_command)
-    export_app.command("engine")(engine_command)

@@ -1,20 +1,25 @@
-"""`thzedge train`: parse, call export.train, render. Attached to the root app by `register(app)`.
+"""`thzedge train` and `thzedge export threshold`: parse, call export.train, render.
 
-torch loads inside the command only, so `thzedge --help` works without the export extra.
+export/cli.py attaches them. torch loads inside the commands only (export.train imports no torch
+at module level), so `thzedge --help` works without the export extra.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from export.train import TrainConfig
+from edge.bundle import Precision
+from export.extras import require_export_extra
+from export.train import TrainConfig, calibrate_threshold, train
+from scanner_io.cli_common import global_options
 
-# Defaults are the shipped demo recipe (export.train imports no torch at module level).
+# Defaults are the shipped demo recipe.
 D = TrainConfig()
 
 
@@ -33,14 +38,8 @@ class LabelScheme(str, Enum):
     triplet = "triplet"
 
 
-def register(app: typer.Typer, export_app: typer.Typer | None = None) -> None:
-    """Attach `thzedge train` to the root app and `threshold` to the `export` sub-app."""
-    app.command("train")(train_command)
-    if export_app is not None:
-        export_app.command("threshold")(threshold_command)
-
-
 def train_command(
+    ctx: typer.Context,
     data: Annotated[
         Path, typer.Option("--data", help="Research-format dataset directory (with train_val.csv).")
     ],
@@ -79,14 +78,9 @@ def train_command(
     max_steps: Annotated[
         int | None, typer.Option("--max-steps", min=1, help="Stop after this many steps (trial runs).")
     ] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Train the multi-task network on a simulated (or research) dataset and write a checkpoint."""
-    from export.cli import require_export_extra
-
     require_export_extra()
-    from export.train import TrainConfig, train
-
     config = TrainConfig(
         width=width,
         epochs=epochs,
@@ -102,7 +96,7 @@ def train_command(
     )
     result = train(data, out, config)
     best = result.best_val
-    if json_out:
+    if global_options(ctx).json:
         typer.echo(
             json.dumps(
                 {
@@ -129,6 +123,7 @@ def train_command(
 
 
 def threshold_command(
+    ctx: typer.Context,
     model: Annotated[
         Path, typer.Option("--model", help="Bundle directory whose manifest gets the threshold.")
     ],
@@ -138,20 +133,13 @@ def threshold_command(
         typer.Option("--checkpoint", help="Checkpoint from `thzedge train` (names the held-out identities)."),
     ],
     precision: Annotated[
-        str, typer.Option("--precision", help="Bundle variant to calibrate (fp32, int8, ...).")
-    ] = "fp32",
-    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+        Precision, typer.Option("--precision", help="Bundle variant to calibrate.")
+    ] = Precision.fp32,
 ) -> None:
     """Store the verification threshold at the EER point of the validation identities in a bundle."""
-    from export.cli import require_export_extra
-
     require_export_extra()
-    from dataclasses import asdict
-
-    from export.train import calibrate_threshold
-
     r = calibrate_threshold(model, data, checkpoint, precision=precision)
-    if json_out:
+    if global_options(ctx).json:
         typer.echo(json.dumps(asdict(r), indent=2))
         return
     typer.echo(

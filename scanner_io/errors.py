@@ -62,6 +62,12 @@ class CalibrationError(ThzEdgeError):
     """A calibration profile is missing, invalid or does not match the scanner."""
 
 
+class InternalError(ThzEdgeError):
+    """An invariant of thzedge itself broke (exit 70): a bug to report, not something the user did."""
+
+    exit_code = EXIT_SOFTWARE
+
+
 class MissingDependencyError(ThzEdgeError):
     """An optional dependency (torch, tensorrt, pycuda, …) is not installed; says what to install."""
 

@@ -5,14 +5,48 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from edge.cli import main
+import typer.main
+
+from edge.cli import build_app, main
 from scanner_io.errors import EXIT_CONFIG, ConfigError
+
+# The whole command surface: a command added or removed must show up here (and in README.md).
+COMMANDS = {
+    "version": None,
+    "infer": None,
+    "eval": None,
+    "run": None,
+    "enroll": None,
+    "bench": None,
+    "train": None,
+    "record": None,
+    "config": {"show", "validate"},
+    "keys": {"generate", "show"},
+    "gallery": {"info", "remove"},
+    "export": {"onnx", "quantize", "check", "engine", "threshold"},
+    "scanner": {"serve"},
+    "recording": {"info"},
+    "sim": {"dataset", "preview", "profile"},
+}
 
 
 def test_help_lists_commands(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "thzedge" in out
+    root = typer.main.get_command(build_app())
+    tree = {
+        name: set(cmd.commands) if hasattr(cmd, "commands") else None
+        for name, cmd in root.commands.items()  # type: ignore[attr-defined]
+    }
+    assert tree == COMMANDS
+    listed = {line.split()[1] for line in out.splitlines() if line.startswith("│ ") and len(line.split()) > 2}
+    assert set(COMMANDS) <= listed
+    for group, subcommands in COMMANDS.items():
+        if subcommands:
+            assert main([group, "--help"]) == 0
+            sub_out = capsys.readouterr().out
+            assert all(f" {name} " in sub_out for name in subcommands), group
 
 
 def test_usage_error_exits_2(capsys):
@@ -31,16 +65,13 @@ def test_console_script_runs_version():
 def test_thzedge_error_is_one_line_without_traceback(capsys):
     import typer
 
-    from edge.cli import app
+    app = build_app()
 
     @app.command("_boom", hidden=True)
     def _boom() -> None:
         raise ConfigError("bad key 'x'; did you mean 'y'?")
 
-    try:
-        assert main(["_boom"]) == EXIT_CONFIG
-    finally:
-        app.registered_commands = [c for c in app.registered_commands if c.name != "_boom"]
+    assert main(["_boom"], app=app) == EXIT_CONFIG
     err = capsys.readouterr().err
     assert err.strip() == "thzedge: error: bad key 'x'; did you mean 'y'?"
     assert "Traceback" not in err

@@ -23,10 +23,9 @@ import numpy as np
 
 from edge.bundle import Bundle, GraphSpec, TensorSpec
 from scanner_io.choices import Choice
-from scanner_io.errors import DataError, MissingDependencyError, ThzEdgeError
+from scanner_io.errors import DataError, InternalError, MissingDependencyError, ThzEdgeError
 
 log = logging.getLogger(__name__)
-
 
 
 class BackendKind(Choice):
@@ -35,9 +34,6 @@ class BackendKind(Choice):
     auto = "auto"
     ort = "ort"
     trt = "trt"
-
-
-BACKEND_KINDS: tuple[str, ...] = BackendKind.values()
 
 
 class Backend(ABC):
@@ -60,7 +56,8 @@ class Backend(ABC):
     def infer(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one graph ("encoder" or "decoder_<k>") on named float32 inputs; returns named outputs."""
         if self._closed:
-            raise ThzEdgeError(f"{self.name} backend is closed; create a new one with create_backend()")
+            # Callers own the backend's lifetime: using one after close() is a bug in thzedge.
+            raise InternalError(f"{self.name} backend is closed; create a new one with create_backend()")
         spec = self.input_spec.get(graph)
         if spec is None:
             raise DataError(f"unknown graph {graph!r}; this bundle has {', '.join(self.input_spec)}")
@@ -138,25 +135,31 @@ def _trt_module() -> Any | None:
         return None
 
 
-def create_backend(bundle: Bundle, kind: str = "auto", precision: str = "fp32", **options: Any) -> Backend:
+def create_backend(
+    bundle: Bundle, kind: BackendKind | str = BackendKind.auto, precision: str = "fp32", **options: Any
+) -> Backend:
     """Build a backend for a bundle: "ort", "trt", or "auto" (TensorRT when it can run, else ORT)."""
-    if kind not in BACKEND_KINDS:
-        raise ThzEdgeError(f"unknown backend {kind!r}; choose one of {', '.join(BACKEND_KINDS)}")
-    if kind in ("trt", "auto"):
+    try:
+        kind = BackendKind(kind)
+    except ValueError:
+        raise ThzEdgeError(
+            f"unknown backend {kind!r}; choose one of {', '.join(BackendKind.values())}"
+        ) from None
+    if kind in (BackendKind.trt, BackendKind.auto):
         trt = _trt_module()
         if trt is None:
-            if kind == "trt":
+            if kind is BackendKind.trt:
                 raise MissingDependencyError(
                     "the TensorRT backend is not available here (needs TensorRT and a CUDA GPU, "
                     "`pip install thzedge[tensorrt]` or JetPack); use --backend ort"
                 )
         else:
             can_run = getattr(trt, "can_run", None)
-            if kind == "trt" or can_run is None or can_run(bundle, precision):
+            if kind is BackendKind.trt or can_run is None or can_run(bundle, precision):
                 try:
                     return trt.create(bundle, precision, **options)
                 except ThzEdgeError as exc:
-                    if kind == "trt":
+                    if kind is BackendKind.trt:
                         raise
                     log.warning("TensorRT backend refused (%s); falling back to ONNX Runtime", exc)
     from edge.backends.ort import OrtBackend

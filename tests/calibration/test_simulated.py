@@ -292,8 +292,8 @@ def test_too_few_identities_for_a_split(tmp_path):
 
 def test_cli_sim_dataset_and_preview(tmp_path, capsys):
     out = tmp_path / "ds"
-    rc = main(["sim", "dataset", "--out", str(out), "--identities", "4", "--samples", "1", "--seed", "2",
-               "--json"])
+    rc = main(["--json", "sim", "dataset", "--out", str(out), "--identities", "4", "--samples", "1",
+               "--seed", "2"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["images"] == 40 and summary["test_identities"] == ["id003", "id004"]
@@ -311,7 +311,7 @@ def test_cli_sim_dataset_and_preview(tmp_path, capsys):
 
 
 def test_cli_sim_profile_is_the_true_profile(tmp_path, capsys):
-    assert main(["sim", "profile", "--out", str(tmp_path / "p"), "--seed", "4", "--json"]) == 0
+    assert main(["--json", "sim", "profile", "--out", str(tmp_path / "p"), "--seed", "4"]) == 0
     info = json.loads(capsys.readouterr().out)
     loaded = CalibrationProfile.load(tmp_path / "p")
     want = true_profile(ScannerSimulator(seed=4, identities=3))

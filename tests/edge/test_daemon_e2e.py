@@ -76,10 +76,10 @@ def thzedge_run(
     debug: bool = False,
     env: dict[str, str] | None = None,
 ) -> subprocess.Popen:
-    """Start `thzedge [--log-level debug] run --source … --model … --config … --publish … --json EXTRA`."""
+    """Start `thzedge [--log-level debug] --json run --source … --model … --config … --publish … EXTRA`."""
     pre = ("--log-level", "debug") if debug else ()
     args = ("--source", source, "--model", str(bundle), "--config", str(config), "--publish", publish)
-    return thzedge(*pre, "run", *args, "--json", *extra, env=env)
+    return thzedge(*pre, "--json", "run", *args, *extra, env=env)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str, str]:
@@ -222,6 +222,7 @@ def test_emulator_to_daemon_to_subscriber_accounts_for_every_frame(bundle_dir: P
         assert state["protocol"] == 1 and state["model"]["bundle"] == bundle_sha(bundle_dir)
         assert state["calibration"] == "identity"
         emu = thzedge(
+            "--json",
             "scanner",
             "serve",
             "--source",
@@ -234,7 +235,6 @@ def test_emulator_to_daemon_to_subscriber_accounts_for_every_frame(bundle_dir: P
             str(sent),
             "--inject-malformed",
             str(every),
-            "--json",
         )
         rc, out, err = run_until_exit(daemon, sub)
         assert rc == 0, err[-3000:]
@@ -635,6 +635,7 @@ def test_lockstep_over_tcp_drops_nothing(bundle_dir: Path, tmp_path: Path) -> No
         state = sub.wait_state(proc=daemon)
         assert state["mode"] == "lockstep"
         emu = thzedge(
+            "--json",
             "scanner",
             "serve",
             "--source",
@@ -647,7 +648,6 @@ def test_lockstep_over_tcp_drops_nothing(bundle_dir: Path, tmp_path: Path) -> No
             str(sent),
             "--hwm",
             "2",
-            "--json",
         )
         rc, out, err = run_until_exit(daemon, sub)
         erc, eout, _ = finish(emu)

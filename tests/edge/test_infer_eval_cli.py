@@ -256,7 +256,7 @@ def test_eval_json_matches_metrics_computed_by_hand(tmp_path, capsys, runner, bu
     data = tmp_path / "data"
     csv_path = _write_dataset(data)
     code, stdout, err = _run_cli(
-        capsys, "eval", "--model", bundle_dir, "--data", data, "--triplets", csv_path, "--json",
+        capsys, "--json", "eval", "--model", bundle_dir, "--data", data, "--triplets", csv_path,
         "--routing", "truth", "--backend", "ort",
     )  # fmt: skip
     assert code == 0, err
@@ -305,7 +305,7 @@ def test_eval_json_matches_metrics_computed_by_hand(tmp_path, capsys, runner, bu
 
     # deployed routing: the decoder of the predicted posture
     code, stdout, err = _run_cli(
-        capsys, "eval", "--model", bundle_dir, "--data", data, "--triplets", csv_path, "--json"
+        capsys, "--json", "eval", "--model", bundle_dir, "--data", data, "--triplets", csv_path
     )
     assert code == 0, err
     rep_pred = json.loads(stdout)
@@ -371,7 +371,7 @@ def test_eval_on_a_simulated_dataset_written_by_write_dataset(tmp_path, capsys, 
     summary = write_dataset(tmp_path / "sim", identities=4, samples=1, seed=0, test_identities=2)
     sim = tmp_path / "sim"
     code, stdout, err = _run_cli(
-        capsys, "eval", "--model", bundle_dir, "--data", sim, "--triplets", sim / "test.csv", "--json"
+        capsys, "--json", "eval", "--model", bundle_dir, "--data", sim, "--triplets", sim / "test.csv"
     )
     assert code == 0, err
     rep = json.loads(stdout)
@@ -388,12 +388,12 @@ def test_eval_finds_research_names_under_data_when_the_csv_lives_elsewhere(tmp_p
     elsewhere.parent.mkdir()
     csv_in_data.rename(elsewhere)  # bare file names, relative to the image folder
     code, stdout, err = _run_cli(
-        capsys, "eval", "--model", bundle_dir, "--data", data, "--triplets", elsewhere, "--json"
+        capsys, "--json", "eval", "--model", bundle_dir, "--data", data, "--triplets", elsewhere
     )
     assert code == 0, err
     assert json.loads(stdout)["data"]["n_triplets"] == 10
     code, _, err = _run_cli(
-        capsys, "eval", "--model", bundle_dir, "--data", tmp_path, "--triplets", elsewhere, "--json"
+        capsys, "--json", "eval", "--model", bundle_dir, "--data", tmp_path, "--triplets", elsewhere
     )
     assert code == EXIT_DATA
     assert "anchor file 1_b1b_1.png not found under" in _one_line_error(err)

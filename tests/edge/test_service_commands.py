@@ -49,7 +49,7 @@ def test_config_show_prints_effective_toml_and_json(tmp_path, capsys):
     assert shown["model"]["max_batch"] == 4 and shown["daemon"]["stop_timeout_s"] == 5.0
     assert config_from_dict(shown).publisher.endpoint == "tcp://127.0.0.1:5560"
     assert "insecure_dev" in captured.err  # the warning goes to stderr
-    assert main(["config", "show", "--config", str(f), "--json"]) == 0
+    assert main(["--json", "config", "show", "--config", str(f)]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["path"] == str(f) and data["metrics"]["bind"] == "127.0.0.1:9464"
 

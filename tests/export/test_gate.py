@@ -111,7 +111,7 @@ def test_bench_table(tiny_bundle: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert ("ort", "int8") in skipped and ("trt", "fp32") in skipped
     table = render_bench(rows)
     assert "p99 ms" in table and "skipped" in table
-    rc = main(["bench", "--model", str(tiny_bundle), "--batch", "1,2", "--seconds", "0.2", "--json"])
+    rc = main(["--json", "bench", "--model", str(tiny_bundle), "--batch", "1,2", "--seconds", "0.2"])
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and [r["batch"] for r in out] == [1, 2]
     assert np.isfinite([r["fps"] for r in out]).all()

@@ -246,7 +246,7 @@ def test_quantize_cli_exit_codes(bundle: Path, dataset: Path, capsys: pytest.Cap
     cap = capsys.readouterr()
     assert rc == 1
     assert "FAIL" in cap.out and "not added" in cap.err and "Traceback" not in cap.err
-    rc = main([*args, "--precision", "fp16", "--json"])
+    rc = main(["--json", *args, "--precision", "fp16"])
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     assert json.loads(cap.out)["added"] is True

@@ -221,7 +221,7 @@ def test_train_and_threshold_commands(
 ) -> None:
     ckpt = tmp_path / "cli.pt"
     args = f"train --data {tiny_dataset} --out {ckpt} --width 0.0625 --epochs 1 --batch-size 8"
-    code = main([*args.split(), "--threads", "1", "--max-steps", "3", "--json"])
+    code = main(["--json", *args.split(), "--threads", "1", "--max-steps", "3"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["steps"] == 3 and report["checkpoint"] == str(ckpt) and ckpt.is_file()
@@ -229,7 +229,7 @@ def test_train_and_threshold_commands(
     bundle_dir = tmp_path / "b"
     assert main(["export", "onnx", "--checkpoint", str(ckpt), "--out", str(bundle_dir)]) == 0
     capsys.readouterr()
-    args = f"export threshold --model {bundle_dir} --data {tiny_dataset} --checkpoint {ckpt} --json"
+    args = f"--json export threshold --model {bundle_dir} --data {tiny_dataset} --checkpoint {ckpt}"
     code = main(args.split())
     assert code == 0
     th = json.loads(capsys.readouterr().out)

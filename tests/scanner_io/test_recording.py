@@ -218,7 +218,7 @@ def test_sigkill_mid_recording_leaves_a_file_that_replays_what_was_flushed(tmp_p
     assert not out.exists()
     # info on the name given to --out finds the unfinished .part and reports what it recovered.
     result = subprocess.run(
-        _serve_cmd("recording", "info", str(out), "--json"),
+        _serve_cmd("--json", "recording", "info", str(out)),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -250,7 +250,7 @@ def test_cli_record_from_a_tcp_emulator_and_info(tmp_path: Path, tcp_endpoint: s
     try:
         out = tmp_path / "rec.mcap"
         rec = subprocess.run(
-            _serve_cmd("record", "--source", tcp_endpoint, "--out", str(out), "--frames", "40", "--json"),
+            _serve_cmd("--json", "record", "--source", tcp_endpoint, "--out", str(out), "--frames", "40"),
             cwd=REPO,
             capture_output=True,
             text=True,
