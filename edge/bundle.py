@@ -47,7 +47,6 @@ class Precision(Choice):
     int8 = "int8"
 
 
-PRECISIONS: tuple[str, ...] = Precision.values()
 _HASH_CHUNK = 1 << 20
 
 _FIX = "re-export it with `thzedge export onnx` or restore it from where it came from"

@@ -39,7 +39,7 @@ _BUG_HINT = "rerun as `thzedge --log-level debug ...` for the traceback"
 def _root(
     ctx: typer.Context,
     log_level: Annotated[
-        LogLevel, typer.Option("--log-level", help="Logging level on stderr.")
+        LogLevel, typer.Option("--log-level", help="Logging level on stderr.", case_sensitive=False)
     ] = LogLevel.info,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the command's result as JSON on stdout instead of text.")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -322,7 +322,7 @@ def gallery_info_command(
 ) -> None:
     """Show a gallery's bundle, threshold source and size; names only with --names."""
     g = Gallery.load(gallery)
-    info = {
+    info: dict[str, Any] = {
         "path": str(gallery),
         "bundle_sha256": g.bundle_sha256,
         "embedding_dim": g.embedding_dim,

@@ -29,8 +29,8 @@ from edge.bundle import (
     INPUT_SIZE,
     MANIFEST_NAME,
     MODEL_FAMILY,
-    PRECISIONS,
     Bundle,
+    Precision,
     default_postures,
     file_entry,
     graph_specs,
@@ -220,8 +220,9 @@ def add_variant(
     stored in the variant entry (opset, quantizer, calibration set sha256, parity report, ...).
     """
     bundle_dir = Path(bundle_dir)
-    if precision not in PRECISIONS or precision == "fp32":
-        raise ThzEdgeError(f"precision must be one of {', '.join(p for p in PRECISIONS if p != 'fp32')}")
+    added = [p for p in Precision if p is not Precision.fp32]  # fp32 is written by write_bundle
+    if precision not in added:
+        raise ThzEdgeError(f"precision must be one of {', '.join(added)}")
     manifest = _load_manifest(bundle_dir)
     if precision in manifest["variants"] and not replace:
         raise BundleError(

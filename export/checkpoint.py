@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.bundle import sha256_file
-from export.model import BASE_CHANNELS, ModelConfig, MTLNetwork
+from export.model import BASE_CHANNELS, MTLNetwork, NetworkConfig
 from scanner_io.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class ImportedCheckpoint:
     """A research checkpoint turned into an eval-mode `MTLNetwork`, with where it came from."""
 
     model: MTLNetwork
-    config: ModelConfig
+    config: NetworkConfig
     layout: str
     decoder_ids: tuple[str, ...]  # the checkpoint's decoder keys, in class-index order
     sha256: str
@@ -255,7 +255,7 @@ def _id_order(s: str) -> tuple[int, str]:
     return (int(s), s) if s.isdigit() else (1 << 30, s)
 
 
-def infer_config(sd: Mapping[str, Any]) -> ModelConfig:
+def infer_config(sd: Mapping[str, Any]) -> NetworkConfig:
     """Embedding size, posture count and width multiplier from a normalised state dict's shapes."""
     needed = (
         "encoder.backbone.backbone.initial_conv.0.weight",
@@ -267,7 +267,7 @@ def infer_config(sd: Mapping[str, Any]) -> ModelConfig:
             raise CheckpointError(f"checkpoint is missing key {key}")
     c1 = int(sd[needed[0]].shape[0])
     try:
-        return ModelConfig(
+        return NetworkConfig(
             embedding_dim=int(sd[needed[1]].shape[0]),
             num_postures=int(sd[needed[2]].shape[0]),
             width=c1 / BASE_CHANNELS,
@@ -276,7 +276,7 @@ def infer_config(sd: Mapping[str, Any]) -> ModelConfig:
         raise CheckpointError(f"checkpoint shapes fit no network of this architecture: {exc}") from None
 
 
-def build_model(sd: dict[str, Any], config: ModelConfig) -> MTLNetwork:
+def build_model(sd: dict[str, Any], config: NetworkConfig) -> MTLNetwork:
     """An eval-mode MTLNetwork holding exactly `sd`; CheckpointError names any key/shape mismatch."""
     import torch
 

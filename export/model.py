@@ -42,7 +42,7 @@ def scaled(channels: int, width: float) -> int:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class NetworkConfig:
     """What fixes the network's shapes: embedding size, posture count and width multiplier."""
 
     embedding_dim: int = 128
@@ -138,7 +138,7 @@ class EncoderOutputs(NamedTuple):
 class SharedEncoder(nn.Module):
     """Backbone, 4x4/4 spatial reduction, verification head (L2-normalised) and posture head."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: NetworkConfig) -> None:
         super().__init__()
         c4 = config.channels[3]
         hidden = scaled(VERIFICATION_HIDDEN, config.width)
@@ -244,7 +244,7 @@ class MTLNetwork(nn.Module):
         dropout: float = DROPOUT,
     ) -> None:
         super().__init__()
-        self.config = ModelConfig(embedding_dim, num_postures, width, dropout)
+        self.config = NetworkConfig(embedding_dim, num_postures, width, dropout)
         self.encoder = SharedEncoder(self.config)
         # Keyed by the 0-based class index as a string, like the research ModuleDict.
         self.reconstruction_decoders = nn.ModuleDict(
@@ -252,7 +252,7 @@ class MTLNetwork(nn.Module):
         )
 
     @classmethod
-    def from_config(cls, config: ModelConfig) -> MTLNetwork:
+    def from_config(cls, config: NetworkConfig) -> MTLNetwork:
         """Build an (untrained) network with the shapes `config` fixes."""
         return cls(config.embedding_dim, config.num_postures, config.width, config.dropout)
 

@@ -95,3 +95,71 @@ def test_log_handler_follows_the_current_stderr(capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "WARNING thzedge.test: second call" in err
     assert "Logging error" not in err
+
+
+def _probe_app():
+    """The root app plus a hidden `_probe` command that prints the global options it was given."""
+    import typer
+
+    from scanner_io.cli_common import global_options
+
+    app = build_app()
+
+    @app.command("_probe", hidden=True)
+    def _probe(ctx: typer.Context, name: str = typer.Option("x", "--name")) -> None:
+        opts = global_options(ctx)
+        typer.echo(f"{opts.log_level} {opts.json} {opts.config} {name}")
+
+    return app
+
+
+def test_global_options_reach_the_command(capsys, tmp_path):
+    app = _probe_app()
+    assert main(["_probe"], app=app) == 0
+    assert capsys.readouterr().out.strip() == "info False None x"
+    cfg = tmp_path / "t.toml"
+    assert main(["--log-level", "warning", "--json", "--config", str(cfg), "_probe"], app=app) == 0
+    assert capsys.readouterr().out.strip() == f"warning True {cfg} x"
+
+
+def test_config_after_the_command_is_taken_as_the_root_option(capsys, tmp_path):
+    app = _probe_app()
+    cfg = tmp_path / "t.toml"
+    assert main(["_probe", "--config", str(cfg), "--name", "y"], app=app) == 0
+    assert capsys.readouterr().out.strip() == f"info False {cfg} y"
+    assert main(["--json", "_probe", f"--config={cfg}"], app=app) == 0
+    assert capsys.readouterr().out.strip() == f"info True {cfg} x"
+    assert main(["--config", str(cfg), "_probe", "--config", str(cfg)], app=app) == 2
+    assert "--config given twice" in capsys.readouterr().err
+
+
+def test_json_after_the_command_says_where_it_goes(capsys):
+    assert main(["_probe", "--json"], app=_probe_app()) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("thzedge: error: --json is an option of thzedge itself: put it before the command")
+    assert len(err.splitlines()) == 1
+
+
+def test_unknown_log_level_is_a_usage_error(capsys):
+    assert main(["--log-level", "loud", "version"]) == 2
+
+
+def test_internal_errors_exit_70_with_one_line(capsys):
+    from scanner_io.errors import EXIT_SOFTWARE, InternalError
+
+    app = build_app()
+
+    @app.command("_bug", hidden=True)
+    def _bug() -> None:
+        raise InternalError("backend is closed")
+
+    @app.command("_crash", hidden=True)
+    def _crash() -> None:
+        raise KeyError("k")
+
+    assert main(["_bug"], app=app) == EXIT_SOFTWARE
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("thzedge: error: backend is closed (a bug:") and len(err.splitlines()) == 1
+    assert main(["_crash"], app=app) == EXIT_SOFTWARE
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("thzedge: error: internal error: KeyError") and "Traceback" not in err
