@@ -180,6 +180,7 @@ def run_pipeline(
     cfg.write_text("[metrics]\nenabled = false\n[daemon]\ninsecure_dev = true\nqueue_size = 16\n")
     ctx, sub = subscribe(pub)
     daemon = start(
+        "--json",
         "run",
         "--source",
         f"tcp://127.0.0.1:{port}{mode}",
@@ -193,7 +194,6 @@ def run_pipeline(
         pub,
         "--max-frames",
         str(n),
-        "--json",
         out=work / f"daemon_{tag}.out",
     )
     emulators: list[subprocess.Popen] = []
@@ -201,6 +201,7 @@ def run_pipeline(
     def start_emulator() -> None:
         emulators.append(
             start(
+                "--json",
                 "scanner",
                 "serve",
                 "--source",
@@ -211,7 +212,6 @@ def run_pipeline(
                 rate,
                 "--frames",
                 str(emu_frames),
-                "--json",
                 out=work / f"emu_{tag}.out",
             )
         )

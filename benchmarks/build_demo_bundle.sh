@@ -36,7 +36,7 @@ echo "training took $(( $(date +%s) - start )) s" >&2
 "$THZ" export onnx --checkpoint "$WORK/demo.pt" --out "$WORK/bundle" --force
 "$THZ" export threshold --model "$WORK/bundle" --data "$WORK/data" --checkpoint "$WORK/demo.pt"
 "$THZ" eval --model "$WORK/bundle" --data "$WORK/data" --triplets "$WORK/data/test.csv" | tee "$WORK/eval.txt"
-"$THZ" eval --model "$WORK/bundle" --data "$WORK/data" --triplets "$WORK/data/test.csv" --json > "$WORK/eval.json"
+"$THZ" --json eval --model "$WORK/bundle" --data "$WORK/data" --triplets "$WORK/data/test.csv" > "$WORK/eval.json"
 # INT8: calibrated on train_val images (the gate's test images are excluded), kept only if the
 # gate passes on the test identities; its threshold then comes from the validation identities,
 # like fp32's, not from the data the figures are reported on.

@@ -95,7 +95,7 @@ echo "installed $UNIT_DIR/thzedge@.service"
 [ -n "$ROOT" ] && exit 0
 systemctl daemon-reload
 if [ -n "$INSTANCE" ]; then
-    "$THZEDGE" config validate --config /etc/thzedge/thzedge.toml
+    "$THZEDGE" --config /etc/thzedge/thzedge.toml config validate
     if [ "$START" -eq 1 ]; then
         systemctl enable --now "thzedge@$INSTANCE.service"
         systemctl --no-pager status "thzedge@$INSTANCE.service" || true
