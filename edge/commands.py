@@ -16,12 +16,11 @@ from edge.backends import BackendKind
 from edge.bench import bench_model, render_bench
 from edge.bundle import Precision, demo_bundle_path
 from edge.config import load_config
-from edge.evaluation import evaluate
+from edge.evaluation import Routing, evaluate
 from edge.gallery import Gallery
 from edge.infer import load_inputs, run_batched, save_results, truth_postures
 from edge.runner import Runner
 from edge.security import generate_keys, load_keypair
-from scanner_io.choices import Choice
 from scanner_io.cli_common import global_options, split_choices
 from scanner_io.errors import ThzEdgeError
 from scanner_io.frame import POSTURES
@@ -48,13 +47,6 @@ def register(app: typer.Typer) -> None:
     app.add_typer(gallery_app, name="gallery")
     app.command("enroll")(enroll_command)
     app.command("bench")(bench_command)
-
-
-class Routing(Choice):
-    """Which posture picks each frame's decoder."""
-
-    predicted = "predicted"
-    truth = "truth"
 
 
 _MODEL_HELP = "Model bundle directory (from `thzedge export onnx`)."

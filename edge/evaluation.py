@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from scanner_io.choices import Choice
 from scanner_io.errors import DataError, ThzEdgeError
 from scanner_io.frame import POSTURES
 
@@ -40,7 +41,13 @@ SSIM_K1 = 0.01
 SSIM_K2 = 0.03
 #: PSNR of a sample is capped here before averaging (a perfect reconstruction is +inf dB)
 PSNR_CAP_DB = 100.0
-ROUTINGS = ("predicted", "truth")
+
+
+class Routing(Choice):
+    """Which posture picks each image's decoder: the predicted one (deployed) or the file name's."""
+
+    predicted = "predicted"
+    truth = "truth"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,8 +395,8 @@ def collect_outputs(
     from edge.infer import run_batched
     from scanner_io.dataset import load_crop, parse_crop_name, read_triplets
 
-    if routing not in ROUTINGS:
-        raise ThzEdgeError(f"unknown routing {routing!r}; use 'predicted' or 'truth'")
+    if routing not in Routing.values():
+        raise ThzEdgeError(f"unknown routing {routing!r}; use {' or '.join(Routing.values())}")
     data_dir = Path(data_dir)
     triplets_csv = Path(triplets_csv)
     if not data_dir.is_dir():

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from scanner_io.choices import Choice
 from scanner_io.errors import DataError, ThzEdgeError
 
 if TYPE_CHECKING:
@@ -43,9 +44,35 @@ log = logging.getLogger(__name__)
 
 TRAIN_VAL_CSV = "train_val.csv"
 SPLIT_SEED = 42  # research split seed; fixed so runs with different training seeds share a split
-AUGMENTATIONS = ("none", "gentle")
-SAMPLERS = ("pk", "random")
-LABEL_SCHEMES = ("identity", "triplet")
+
+
+class Augmentation(Choice):
+    """Input augmentation profile of training (encoder inputs only, never the targets)."""
+
+    gentle = "gentle"
+    none = "none"
+
+
+class Sampler(Choice):
+    """How batches are drawn: random triplets, or runs of one identity (pk)."""
+
+    random = "random"
+    pk = "pk"
+
+
+class LabelScheme(Choice):
+    """SupCon labels: true identities, or one class per triplet (the research code)."""
+
+    identity = "identity"
+    triplet = "triplet"
+
+
+def _plain(kind: type[Choice], value: object, what: str) -> str:
+    """`value` checked against `kind`, as the plain string the checkpoint stores."""
+    try:
+        return kind(value).value
+    except ValueError:
+        raise ThzEdgeError(f"unknown {what} {value!r}; use one of {', '.join(kind.values())}") from None
 
 
 @dataclass(frozen=True)
@@ -62,9 +89,11 @@ class TrainConfig:
     warmup_fraction: float = 0.05
     seed: int = 0
     val_fraction: float = 0.1
-    augment: str = "gentle"
-    label_scheme: str = "identity"
-    sampler: str = "random"
+    # Choices held as plain strings: the checkpoint stores this config and loads with
+    # weights_only=True, which refuses enum objects. __post_init__ checks them against the enums.
+    augment: str = Augmentation.gentle.value
+    label_scheme: str = LabelScheme.identity.value
+    sampler: str = Sampler.random.value
     samples_per_identity: int = 4
     threads: int = 1
     # The research network uses 0.5; at demo widths the latent is 64-d and 0.5 collapsed the
@@ -77,16 +106,13 @@ class TrainConfig:
     max_steps: int | None = None  # stop early after this many optimiser steps (tests, trials)
 
     def __post_init__(self) -> None:
-        if self.augment not in AUGMENTATIONS:
-            raise ThzEdgeError(
-                f"unknown augmentation {self.augment!r}; use one of {', '.join(AUGMENTATIONS)}"
-            )
-        if self.sampler not in SAMPLERS:
-            raise ThzEdgeError(f"unknown sampler {self.sampler!r}; use one of {', '.join(SAMPLERS)}")
+        object.__setattr__(self, "augment", _plain(Augmentation, self.augment, "augmentation"))
+        object.__setattr__(self, "sampler", _plain(Sampler, self.sampler, "sampler"))
+        object.__setattr__(
+            self, "label_scheme", _plain(LabelScheme, self.label_scheme, "SupCon label scheme")
+        )
         if self.samples_per_identity < 1:
             raise ThzEdgeError(f"samples per identity must be >= 1, got {self.samples_per_identity}")
-        if self.label_scheme not in LABEL_SCHEMES:
-            raise ThzEdgeError(f"unknown SupCon label scheme {self.label_scheme!r}; use identity or triplet")
         if self.epochs < 1 or self.batch_size < 2 or self.threads < 1:
             raise ThzEdgeError("epochs must be >= 1, batch size >= 2 and threads >= 1")
         if not 0.0 < self.val_fraction < 1.0:

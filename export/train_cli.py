@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -16,26 +15,11 @@ import typer
 
 from edge.bundle import Precision
 from export.extras import require_export_extra
-from export.train import TrainConfig, calibrate_threshold, train
+from export.train import Augmentation, LabelScheme, Sampler, TrainConfig, calibrate_threshold, train
 from scanner_io.cli_common import global_options
 
 # Defaults are the shipped demo recipe.
 D = TrainConfig()
-
-
-class Augment(str, Enum):
-    gentle = "gentle"
-    none = "none"
-
-
-class Sampler(str, Enum):
-    random = "random"
-    pk = "pk"
-
-
-class LabelScheme(str, Enum):
-    identity = "identity"
-    triplet = "triplet"
 
 
 def train_command(
@@ -64,17 +48,17 @@ def train_command(
         int, typer.Option("--threads", min=1, help="torch CPU threads (fixed, for reproducibility).")
     ] = D.threads,
     augment: Annotated[
-        Augment, typer.Option("--augment", help="Input augmentation profile.")
-    ] = Augment.gentle,
+        Augmentation, typer.Option("--augment", help="Input augmentation profile.")
+    ] = Augmentation(D.augment),
     sampler: Annotated[
         Sampler, typer.Option("--sampler", help="Batches: random triplets, or runs of one identity (pk).")
-    ] = Sampler.random,
+    ] = Sampler(D.sampler),
     supcon_labels: Annotated[
         LabelScheme,
         typer.Option(
             "--supcon-labels", help="SupCon labels: true identities, or per triplet (research code)."
         ),
-    ] = LabelScheme.identity,
+    ] = LabelScheme(D.label_scheme),
     max_steps: Annotated[
         int | None, typer.Option("--max-steps", min=1, help="Stop after this many steps (trial runs).")
     ] = None,
