@@ -17,7 +17,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TextIO
 
 import typer
 
@@ -82,12 +82,13 @@ class _CurrentStderrHandler(logging.StreamHandler):
     binding the stream at creation would log into a closed file.
     """
 
-    @property  # type: ignore[override]
-    def stream(self):  # noqa: D102
+    @property
+    def stream(self) -> TextIO:
+        """The current `sys.stderr`."""
         return sys.stderr
 
     @stream.setter
-    def stream(self, _value) -> None:
+    def stream(self, _value: TextIO) -> None:
         pass
 
 

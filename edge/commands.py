@@ -17,7 +17,7 @@ from edge.bench import bench_model, render_bench
 from edge.bundle import Precision, demo_bundle_path
 from edge.config import load_config
 from edge.evaluation import Routing, evaluate
-from edge.gallery import Gallery
+from edge.gallery import Gallery, enroll_from_inputs, enroll_from_source
 from edge.infer import load_inputs, run_batched, save_results, truth_postures
 from edge.runner import Runner
 from edge.security import generate_keys, load_keypair
@@ -77,7 +77,7 @@ def infer_command(
     batch = load_inputs(inputs)
     reconstruct = not no_reconstruction
     postures = truth_postures(batch) if reconstruct and routing is Routing.truth else None
-    with Runner.from_bundle(model, backend=backend, precision=precision) as runner:
+    with Runner.from_bundle(model, backend=backend, precision=precision.value) as runner:
         outputs = run_batched(runner, batch.x, reconstruct=reconstruct, postures=postures)
         names = runner.postures
     path = save_results(out, outputs, batch.names)
@@ -101,7 +101,7 @@ def eval_command(
     precision: Annotated[Precision, typer.Option("--precision", help=_PRECISION_HELP)] = Precision.fp32,
 ) -> None:
     """Score a bundle on a triplet dataset: verification, posture, reconstruction, per posture."""
-    with Runner.from_bundle(model, backend=backend, precision=precision) as runner:
+    with Runner.from_bundle(model, backend=backend, precision=precision.value) as runner:
         report = evaluate(runner, data, triplets, routing=routing.value)
     typer.echo(json.dumps(report.to_dict(), indent=2) if global_options(ctx).json else report.render())
 
@@ -255,7 +255,6 @@ def enroll_command(
 ) -> None:
     """Enrol one identity into a gallery from conditioned crops or from raw frames of a source."""
     from edge.daemon import split_queue_mode
-    from edge.gallery import enroll_from_inputs, enroll_from_source
 
     if not identity:
         raise ThzEdgeError("--identity NAME is required")
@@ -268,7 +267,7 @@ def enroll_command(
     gallery_path = gallery or cfg.verification.gallery
     if gallery_path is None:
         raise ThzEdgeError("--gallery FILE.npz is required (or [verification] gallery in the config)")
-    prec = precision or cfg.model.precision
+    prec = precision.value if precision else cfg.model.precision
     if source is None:
         g, added = enroll_from_inputs(
             gallery_path, bundle, identity, inputs or [], backend.value, prec, replace

@@ -182,7 +182,7 @@ def check_command(
     tol = _tolerances(
         max_triplet_drop, max_eer_rise, max_posture_drop, max_ssim_drop, max_psnr_drop, min_cosine
     )
-    report = run_gate(bundle, precision, data, triplets, tol, target_far, speed_seconds=speed_seconds)
+    report = run_gate(bundle, precision.value, data, triplets, tol, target_far, speed_seconds=speed_seconds)
     as_json = global_options(ctx).json
     typer.echo(json.dumps(report.to_dict(), indent=2, default=str) if as_json else report.render())
     if not report.passed:

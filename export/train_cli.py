@@ -122,7 +122,7 @@ def threshold_command(
 ) -> None:
     """Store the verification threshold at the EER point of the validation identities in a bundle."""
     require_export_extra()
-    r = calibrate_threshold(model, data, checkpoint, precision=precision)
+    r = calibrate_threshold(model, data, checkpoint, precision=precision.value)
     if global_options(ctx).json:
         typer.echo(json.dumps(asdict(r), indent=2))
         return

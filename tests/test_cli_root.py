@@ -36,8 +36,7 @@ def test_help_lists_commands(capsys):
     assert "thzedge" in out
     root = typer.main.get_command(build_app())
     tree = {
-        name: set(cmd.commands) if hasattr(cmd, "commands") else None
-        for name, cmd in root.commands.items()  # type: ignore[attr-defined]
+        name: set(cmd.commands) if hasattr(cmd, "commands") else None for name, cmd in root.commands.items()
     }
     assert tree == COMMANDS
     listed = {line.split()[1] for line in out.splitlines() if line.startswith("│ ") and len(line.split()) > 2}
@@ -163,3 +162,23 @@ def test_internal_errors_exit_70_with_one_line(capsys):
     assert main(["_crash"], app=app) == EXIT_SOFTWARE
     err = capsys.readouterr().err.strip()
     assert err.startswith("thzedge: error: internal error: KeyError") and "Traceback" not in err
+
+
+def test_help_works_without_the_export_extra(tmp_path):
+    """With torch, onnx and tensorrt unimportable, --help works and export says what to install."""
+    code = (
+        "import sys\n"
+        "for m in ('torch', 'onnx', 'tensorrt', 'onnxruntime.quantization'):\n"
+        "    sys.modules[m] = None  # import fails, find_spec says absent\n"
+        "from edge.cli import main\n"
+        "assert main(['--help']) == 0\n"
+        "assert main(['export', '--help']) == 0\n"
+        f"sys.exit(main(['export', 'onnx', '--checkpoint', 'x.pth', '--out', {str(tmp_path / 'b')!r}]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 69, out.stderr
+    assert "Usage: thzedge" in out.stdout and " onnx " in out.stdout
+    assert out.stderr.strip().splitlines() == [
+        "thzedge: error: torch and onnx not installed; "
+        "install the export extra: pip install 'thzedge[export]'"
+    ]
