@@ -177,8 +177,8 @@ def bench_command(
         batches = [int(b) for b in batch.split(",") if b.strip()]
     except ValueError:
         raise ThzEdgeError(f"--batch must be a comma list of integers, got {batch!r}") from None
-    backends = split_choices(BackendKind, backend, "--backend")
-    precisions = split_choices(Precision, precision, "--precision")
+    backends = [b.value for b in split_choices(BackendKind, backend, "--backend")]
+    precisions = [p.value for p in split_choices(Precision, precision, "--precision")]
     rows = bench_model(model or demo_bundle_path(), backends, precisions, batches, seconds, data)
     typer.echo(
         json.dumps([r.to_dict() for r in rows], indent=2) if global_options(ctx).json else render_bench(rows)

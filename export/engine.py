@@ -63,12 +63,7 @@ class EngineSettings:
     optimization_level: int = 3
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "precision", Precision(self.precision))
-        except ValueError:
-            raise ThzEdgeError(
-                f"unknown precision {self.precision!r}; use {', '.join(Precision.values())}"
-            ) from None
+        object.__setattr__(self, "precision", Precision.parse(self.precision, "precision"))
         if self.max_batch < 1:
             raise ThzEdgeError(f"--max-batch must be >= 1, got {self.max_batch}")
         if self.workspace_mb < 1:

@@ -67,14 +67,6 @@ class LabelScheme(Choice):
     triplet = "triplet"
 
 
-def _plain(kind: type[Choice], value: object, what: str) -> str:
-    """`value` checked against `kind`, as the plain string the checkpoint stores."""
-    try:
-        return kind(value).value
-    except ValueError:
-        raise ThzEdgeError(f"unknown {what} {value!r}; use one of {', '.join(kind.values())}") from None
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """Every setting of a training run; stored in the checkpoint under "config"."""
@@ -106,10 +98,10 @@ class TrainConfig:
     max_steps: int | None = None  # stop early after this many optimiser steps (tests, trials)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "augment", _plain(Augmentation, self.augment, "augmentation"))
-        object.__setattr__(self, "sampler", _plain(Sampler, self.sampler, "sampler"))
+        object.__setattr__(self, "augment", Augmentation.parse(self.augment, "augmentation").value)
+        object.__setattr__(self, "sampler", Sampler.parse(self.sampler, "sampler").value)
         object.__setattr__(
-            self, "label_scheme", _plain(LabelScheme, self.label_scheme, "SupCon label scheme")
+            self, "label_scheme", LabelScheme.parse(self.label_scheme, "SupCon label scheme").value
         )
         if self.samples_per_identity < 1:
             raise ThzEdgeError(f"samples per identity must be >= 1, got {self.samples_per_identity}")

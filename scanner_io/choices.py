@@ -10,6 +10,8 @@ from __future__ import annotations
 from enum import Enum
 from typing import TypeVar
 
+from scanner_io.errors import ThzEdgeError
+
 C = TypeVar("C", bound="Choice")
 
 
@@ -26,3 +28,11 @@ class Choice(str, Enum):
     def values(cls) -> tuple[str, ...]:
         """Return the allowed values in definition order."""
         return tuple(str(m.value) for m in cls)
+
+    @classmethod
+    def parse(cls: type[C], value: object, what: str) -> C:
+        """Return the member for `value` (a member or its string); one line naming the choices if none."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ThzEdgeError(f"unknown {what} {value!r}; use one of {', '.join(cls.values())}") from None

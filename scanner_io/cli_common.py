@@ -53,16 +53,9 @@ def global_options(ctx: typer.Context) -> GlobalOptions:
 
 def split_choices(kind: type[C], value: str, option: str) -> list[C]:
     """Parse a comma list of `kind` values (`--backend ort,trt`); one line naming the bad entry."""
-    out: list[C] = []
-    for item in (v.strip().lower() for v in value.split(",")):
-        if not item:
-            continue
-        try:
-            out.append(kind(item))
-        except ValueError:
-            raise ThzEdgeError(
-                f"unknown {option} value {item!r}; use a comma list of {', '.join(kind.values())}"
-            ) from None
+    out = [
+        kind.parse(item, f"{option} value") for item in (v.strip().lower() for v in value.split(",")) if item
+    ]
     if not out:
         raise ThzEdgeError(f"{option} needs at least one of {', '.join(kind.values())}")
     return out

@@ -139,12 +139,7 @@ def create_backend(
     bundle: Bundle, kind: BackendKind | str = BackendKind.auto, precision: str = "fp32", **options: Any
 ) -> Backend:
     """Build a backend for a bundle: "ort", "trt", or "auto" (TensorRT when it can run, else ORT)."""
-    try:
-        kind = BackendKind(kind)
-    except ValueError:
-        raise ThzEdgeError(
-            f"unknown backend {kind!r}; choose one of {', '.join(BackendKind.values())}"
-        ) from None
+    kind = BackendKind.parse(kind, "backend")
     if kind in (BackendKind.trt, BackendKind.auto):
         trt = _trt_module()
         if trt is None:
