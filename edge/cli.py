@@ -28,7 +28,7 @@ from edge.sdnotify import JournaldHandler, stderr_is_journal
 from export.cli import register as register_export
 from scanner_io.cli import register as register_scanner_io
 from scanner_io.cli_common import GlobalOptions, LogLevel
-from scanner_io.errors import EXIT_SOFTWARE, EXIT_USAGE, ThzEdgeError
+from scanner_io.errors import EXIT_SOFTWARE, ThzEdgeError, UsageError
 
 log = logging.getLogger("thzedge")
 
@@ -107,10 +107,6 @@ def configure_logging(level: LogLevel | str) -> None:
     root.setLevel(numeric)
 
 
-class _MisplacedOption(Exception):
-    """A root option given after the command name, where it does not belong."""
-
-
 def hoist_config(argv: Sequence[str]) -> list[str]:
     """Move a `--config FILE` given after the command name in front of it, where the root parses it.
 
@@ -139,12 +135,15 @@ def hoist_config(argv: Sequence[str]) -> list[str]:
         if arg.startswith("--config="):
             moved.append(arg)
         elif arg == "--json":
-            raise _MisplacedOption("--json is an option of thzedge itself: put it before the command")
+            raise UsageError(
+                "--json is an option of thzedge itself: put it before the command "
+                "(thzedge [--json] [--config FILE] COMMAND ...)"
+            )
         else:
             kept.append(arg)
         j += 1
     if moved and any(a == "--config" or a.startswith("--config=") for a in head):
-        raise _MisplacedOption("--config given twice: once before the command and once after it")
+        raise UsageError("--config given twice: once before the command and once after it")
     return [*head, *moved, *kept]
 
 
@@ -152,10 +151,6 @@ def main(argv: list[str] | None = None, app: typer.Typer | None = None) -> int:
     """Run the CLI and return its exit code; thzedge errors become one line on stderr."""
     try:
         args = hoist_config(sys.argv[1:] if argv is None else argv)
-    except _MisplacedOption as exc:
-        typer.echo(f"thzedge: error: {exc} (thzedge [--json] [--config FILE] COMMAND ...)", err=True)
-        return EXIT_USAGE
-    try:
         # Standalone mode: typer prints usage errors itself and exits 2 through SystemExit.
         (app or build_app())(args=args, prog_name="thzedge")
     except SystemExit as exc:

@@ -21,6 +21,12 @@ class ThzEdgeError(Exception):
     exit_code: int = EXIT_USER_ERROR
 
 
+class UsageError(ThzEdgeError):
+    """The command line is malformed in a way the option parser cannot see (exit 2)."""
+
+    exit_code = EXIT_USAGE
+
+
 class ConfigError(ThzEdgeError):
     """A configuration file or setting is invalid (exit 78: systemd must not restart)."""
 
