@@ -71,9 +71,7 @@ def configure_logging(level: str) -> None:
         from edge.sdnotify import JournaldHandler, stderr_is_journal
 
         # Under systemd, structured journal fields (MESSAGE_ID, PRIORITY) instead of plain lines.
-        handler: logging.Handler = (
-            JournaldHandler() if stderr_is_journal() else _CurrentStderrHandler()
-        )
+        handler: logging.Handler = JournaldHandler() if stderr_is_journal() else _CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         handler._thzedge = True  # type: ignore[attr-defined]
         root.addHandler(handler)

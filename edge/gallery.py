@@ -69,6 +69,8 @@ class VerificationMode(Choice):
     one_to_one = "1:1"
     one_to_n = "1:N"
     off = "off"
+
+
 # names, references [M, D] grouped by identity in name order, their postures [M], first rows
 _View = tuple[list[str], np.ndarray, np.ndarray, np.ndarray]
 

@@ -253,9 +253,7 @@ class ResultPublisher:
         self.blocked_s = 0.0
 
     @staticmethod
-    def _bind(
-        ctx: zmq.Context, sock: zmq.Socket, endpoint: str, ipc_mode: int, ipc_group: str | None
-    ) -> str:
+    def _bind(ctx: zmq.Context, sock: zmq.Socket, endpoint: str, ipc_mode: int, ipc_group: str | None) -> str:
         if not endpoint.startswith("ipc://"):
             sock.bind(endpoint)
             return sock.getsockopt(zmq.LAST_ENDPOINT).decode()

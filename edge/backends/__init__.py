@@ -28,7 +28,6 @@ from scanner_io.errors import DataError, MissingDependencyError, ThzEdgeError
 log = logging.getLogger(__name__)
 
 
-
 class BackendKind(Choice):
     """Inference backend: auto takes a matching TensorRT engine if there is one, else ONNX Runtime."""
 
