@@ -448,7 +448,7 @@ def enroll_from_source(
 
     bundle = Bundle.open(bundle_path)
     profile = CalibrationProfile.load(calibration) if calibration is not None else None
-    rows = []
+    rows: list[np.ndarray] = []
     source = open_source(source_uri)
     try:
         if profile is None:  # as the daemon does: what the source carries, else identity

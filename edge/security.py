@@ -361,8 +361,7 @@ def _gid(group: str) -> int:
 
 
 def _last_endpoint(sock: zmq.Socket, fallback: str) -> str:
-    last = sock.getsockopt(zmq.LAST_ENDPOINT)
-    return last.decode() if last else fallback
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT) or fallback
 
 
 def _write_cert(path: Path, public: bytes, secret: bytes | None, created: str, mode: int) -> None:

@@ -359,14 +359,14 @@ def nodes_to_keep_float(model: Any, keep_float: Sequence[str], embedding_output:
     """
     names: set[str] = set()
     outputs = [o.name for o in model.graph.output]
-    if "embedding" in keep_float and embedding_output in outputs:
+    if "embedding" in keep_float and embedding_output is not None and embedding_output in outputs:
         emb = _ancestors(model, embedding_output)
         shared: set[str] = set()
         for o in outputs:
             if o != embedding_output:
                 shared |= _ancestors(model, o)
         names |= emb - shared
-    if "latent" in keep_float and embedding_output in outputs:
+    if "latent" in keep_float and embedding_output is not None and embedding_output in outputs:
         # The 4x4 spatial reduction to the latent and everything after it on the way to the
         # embedding: what the embedding depends on but no skip feature does (~2 % of the MACs).
         feats: set[str] = set()
@@ -561,7 +561,7 @@ def _quantize_ort(
             quantize_static(
                 str(pre),
                 str(dst),
-                feeds,  # type: ignore[arg-type]  # duck-types CalibrationDataReader
+                feeds,  # duck-types CalibrationDataReader
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=list(INT8_OP_TYPES),
                 per_channel=settings.per_channel,
@@ -942,13 +942,14 @@ def quantize_bundle(
         report = run_gate(work, settings.precision, data_dir, triplets_csv, tolerances, target_far,
                           speed_seconds=speed_seconds)  # fmt: skip
         if report.passed:
-            t = report.threshold
+            chosen = report.threshold
             entry["verification"] = {
-                "threshold": t["threshold"],
+                "threshold": chosen["threshold"],
                 "metric": "euclidean",
-                "method": t["method"],
-                "chosen_on": {"data": t["data"], "n_pairs": t["n_pairs"], "eer": t["eer"],
-                              "far_target": t["far_target"], "fp32_threshold_same_data": t["reference"]},
+                "method": chosen["method"],
+                "chosen_on": {"data": chosen["data"], "n_pairs": chosen["n_pairs"], "eer": chosen["eer"],
+                              "far_target": chosen["far_target"],
+                              "fp32_threshold_same_data": chosen["reference"]},
             }  # fmt: skip
             add_variant(bundle.path, settings.precision, graph_files, entry, report=report)
     return QuantizeOutcome(settings.precision, report.passed, report, result)

@@ -474,10 +474,11 @@ def train_on(
         torch.manual_seed(config.seed)
         model = MTLNetwork(config.embedding_dim, 5, config.width, config.dropout)
         weights = LossWeights(config.w_verification, config.w_posture, config.w_charbonnier, config.w_ssim)
-        decay, no_decay = [], []
-        for _name, p in model.named_parameters():
+        decay: list[torch.nn.Parameter] = []
+        no_decay: list[torch.nn.Parameter] = []
+        for _name, param in model.named_parameters():
             # Norm scales and biases are not weight-decayed (the usual AdamW practice).
-            (no_decay if p.ndim <= 1 else decay).append(p)
+            (no_decay if param.ndim <= 1 else decay).append(param)
         opt = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": config.weight_decay},

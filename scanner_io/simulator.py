@@ -321,9 +321,9 @@ def _render_geometry(
     if holes.any():
         k = np.ones((3, 3), np.float32)
         wsum = cv2.filter2D(hit2, -1, k, borderType=cv2.BORDER_CONSTANT)
-        for m in maps:
-            s = cv2.filter2D(m * hit2, -1, k, borderType=cv2.BORDER_CONSTANT)
-            m[holes] = (s[holes] / np.maximum(wsum[holes], 1.0)).astype(np.float32)
+        for plane in maps:
+            s = cv2.filter2D(plane * hit2, -1, k, borderType=cv2.BORDER_CONSTANT)
+            plane[holes] = (s[holes] / np.maximum(wsum[holes], 1.0)).astype(np.float32)
         hit2 = np.maximum(hit2, holes.astype(np.float32))
     nx, ny, nz, spec, diff, theta, phi, head = maps
     norm = np.sqrt(nx * nx + ny * ny + nz * nz) + 1e-6
