@@ -733,8 +733,8 @@ def calibrate_threshold(
     """Store the EER-point distance threshold, measured on the checkpoint's validation identities.
 
     The bundle itself (ONNX Runtime, `precision`) embeds the held-out identities' triplets of
-    `data_dir/train_val.csv`; the threshold where FAR = FRR on those pairs (H2's
-    `threshold_at_eer`) goes into the manifest with how it was chosen.
+    `data_dir/train_val.csv`; the threshold where FAR = FRR on those pairs
+    (`edge.evaluation.threshold_at_eer`) goes into the manifest with how it was chosen.
     """
     import tempfile
 

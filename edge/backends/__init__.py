@@ -5,7 +5,7 @@ policy (is it open, is the graph known, do the feeds match the bundle's tensor s
 backend implements `_infer` for the work itself. Backends are built only through
 `create_backend`, which imports the TensorRT one lazily so a device without TensorRT still works.
 
-Contract for `edge/backends/trt.py` (written by the quantization slice): it defines
+Contract for `edge/backends/trt.py`: it defines
 `create(bundle, precision, **options) -> Backend` (raising a ThzEdgeError subclass when no
 matching engine exists) and may define `can_run(bundle, precision) -> bool`, which `auto` asks
 before choosing TensorRT over ONNX Runtime.
