@@ -31,6 +31,9 @@ from typing import Any, cast
 import numpy as np
 import zmq
 
+from edge.security import EndpointSecurity
+from scanner_io.errors import SourceUnavailableError
+
 log = logging.getLogger("thzedge.results")
 
 RESULTS_PROTOCOL_VERSION = 1
@@ -242,8 +245,6 @@ class ResultPublisher:
             )
         except zmq.ZMQError as exc:
             sock.close(linger=0)
-            from scanner_io.errors import SourceUnavailableError
-
             raise SourceUnavailableError(
                 f"cannot bind the results socket at {endpoint}: {exc}; choose another --publish endpoint"
             ) from exc
@@ -257,8 +258,6 @@ class ResultPublisher:
         if not endpoint.startswith("ipc://"):
             sock.bind(endpoint)
             return sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        from edge.security import EndpointSecurity
-
         # Results are biometric decisions: the daemon's own ipc protection (owner-only or one
         # group's file, private directory, a live socket of another process refused; R-NEW-2).
         mode = ipc_mode & (stat.S_IRWXU | stat.S_IRWXG)

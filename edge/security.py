@@ -23,6 +23,7 @@ import datetime
 import grp
 import logging
 import os
+import socket
 import stat
 import threading
 from collections.abc import Iterable
@@ -319,8 +320,6 @@ def ipc_socket_is_live(path: Path) -> bool:
 
     A file left behind by a crashed process refuses the connection and is not live.
     """
-    import socket
-
     if not path.is_socket():
         return False
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

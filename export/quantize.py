@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import shutil
@@ -28,8 +29,18 @@ from typing import Any
 
 import numpy as np
 
+from calibration.conditioning import calibrate_and_condition
+from calibration.profile import CalibrationProfile, profile_from_attachment
+from edge.bundle import MANIFEST_NAME, Bundle, file_entry, save_manifest, sha256_file
+from export.bundle_writer import add_variant as write_variant
+from export.bundle_writer import set_accuracy_gate
+from export.gate import run_gate
+from export.onnx_export import cpu_session
+from scanner_io.dataset import load_crop, parse_crop_name, read_triplets
 from scanner_io.errors import DataError, MissingDependencyError, ThzEdgeError
 from scanner_io.frame import POSTURES
+from scanner_io.recording import RecordingReader
+from scanner_io.sources import MalformedFrame
 
 log = logging.getLogger(__name__)
 
@@ -226,8 +237,6 @@ def _calibration_from_npy(path: Path, samples: int, seed: int) -> CalibrationSet
 
 
 def _calibration_from_dataset(root: Path, pngs: Sequence[Path], samples: int, seed: int) -> CalibrationSet:
-    from scanner_io.dataset import load_crop, parse_crop_name
-
     names, postures, concealed = [], [], []
     for p in pngs:
         try:
@@ -256,11 +265,6 @@ def _calibration_from_mcap(
     The profile is `--profile` when given, else the one attached to each recording (as the
     recorder stores it); without either, frames are conditioned uncorrected, with a warning.
     """
-    from calibration.conditioning import calibrate_and_condition
-    from calibration.profile import CalibrationProfile, profile_from_attachment
-    from scanner_io.recording import RecordingReader
-    from scanner_io.sources import MalformedFrame
-
     given = CalibrationProfile.load(profile) if profile is not None else None
     frames: list[tuple[np.ndarray, CalibrationProfile | None]] = []
     for f in files:
@@ -445,8 +449,6 @@ def count_qdq(onnx_path: Path) -> dict[str, int]:
 
 def modelopt_available() -> bool:
     """Whether NVIDIA Model Optimizer's ONNX quantizer imports here."""
-    import importlib.util
-
     try:
         return importlib.util.find_spec("modelopt.onnx.quantization") is not None
     except (ImportError, ValueError):
@@ -617,8 +619,6 @@ def convert_onnx_fp16(src: Path, dst: Path, settings: QuantizeSettings) -> str:
     This is the strongly-typed form TensorRT 11 requires and TensorRT 10 accepts with
     STRONGLY_TYPED; TensorRT 8.6 builds it too (fp16 weights) with the FP16 flag.
     """
-    import importlib.util
-
     try:
         have_autocast = importlib.util.find_spec("modelopt.onnx.autocast") is not None
     except (ImportError, ValueError):
@@ -735,8 +735,6 @@ class QuantizeResult:
 
 def encoder_outputs(encoder: Path, inputs: np.ndarray, batch: int = 32) -> dict[str, np.ndarray]:
     """Run the FP32 encoder over `inputs` and return every output, concatenated."""
-    from export.onnx_export import cpu_session
-
     sess = cpu_session(encoder)
     in_name = sess.get_inputs()[0].name
     outs: dict[str, list[np.ndarray]] = {}
@@ -784,8 +782,6 @@ def quantize_graphs(
     `decoders` maps posture name (in class-index order) to the decoder's FP32 ONNX.
     """
     import onnx
-
-    from edge.bundle import sha256_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
     prec = settings.precision
@@ -870,10 +866,6 @@ def add_variant(
     like the fp32 graphs. The report is stored in the manifest (`accuracy_gates[precision]`,
     covered by the bundle id) and, with its rendered table, in `<precision>/gate_report.json`.
     """
-    from edge.bundle import MANIFEST_NAME, file_entry, save_manifest
-    from export.bundle_writer import add_variant as write_variant
-    from export.bundle_writer import set_accuracy_gate
-
     bundle_dir = Path(bundle_dir)
     write_variant(bundle_dir, precision, graph_files, info=entry, replace=True)
     if report is None:
@@ -911,14 +903,9 @@ def quantize_bundle(
     speed_seconds: float = 1.0,
 ) -> QuantizeOutcome:
     """Quantize a bundle, run the accuracy gate on a scratch copy, and add the variant if it passes."""
-    from edge.bundle import Bundle
-    from export.gate import run_gate
-
     bundle = Bundle.open(bundle_path)
     exclude: list[Path] = []
     try:
-        from scanner_io.dataset import read_triplets
-
         for t in read_triplets(triplets_csv, data_dir=data_dir):
             exclude.extend((t.anchor, t.positive, t.negative))
     except (DataError, OSError):
