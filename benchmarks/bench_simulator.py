@@ -165,22 +165,31 @@ def main() -> None:
         return
     load = res["load_average_1min"]
     print(f"THz simulator (one core: rates per CPU-second; 1-min load average {load:.1f})")
-    print(f"  next_frame, geometry cached     {res['sim_frames_per_cpu_s_warm']:8.0f} frames/s "
-          f"(wall {res['sim_frames_per_wall_s_warm']:.0f})")
+    print(
+        f"  next_frame, geometry cached     {res['sim_frames_per_cpu_s_warm']:8.0f} frames/s "
+        f"(wall {res['sim_frames_per_wall_s_warm']:.0f})"
+    )
     print(f"  next_frame, cold (first visits) {res['sim_frames_per_cpu_s_cold']:8.0f} frames/s")
     print(f"  conditioned_pair (dataset)      {res['dataset_pairs_per_cpu_s']:8.0f} pairs/s")
     print(f"  geometry, first posture of a new identity {res['geometry_ms_cpu_first_posture']:.0f} ms")
     print("calibrate_and_condition (128×128 uint16 → 64×64 float32)")
-    print(f"  total                           {res['calibrate_and_condition_us_cpu']:8.0f} µs/frame "
-          f"(wall {res['calibrate_and_condition_us_wall']:.0f})")
-    print(f"  calibrate | condition           {res['calibrate_us_cpu']:8.0f} | "
-          f"{res['condition_us_cpu']:.0f} µs")
+    print(
+        f"  total                           {res['calibrate_and_condition_us_cpu']:8.0f} µs/frame "
+        f"(wall {res['calibrate_and_condition_us_wall']:.0f})"
+    )
+    print(
+        f"  calibrate | condition           {res['calibrate_us_cpu']:8.0f} | {res['condition_us_cpu']:.0f} µs"
+    )
     print(f"sanity on {args.identities} unseen identities (no training)")
-    print(f"  SSIM target vs noise-free face  {res['ssim_target_vs_noise_free_mean']:.3f} "
-          f"(min {res['ssim_target_vs_noise_free_min']:.3f})")
+    print(
+        f"  SSIM target vs noise-free face  {res['ssim_target_vs_noise_free_mean']:.3f} "
+        f"(min {res['ssim_target_vs_noise_free_min']:.3f})"
+    )
     print(f"  SSIM concealed input vs target  {res['ssim_concealed_vs_target_mean']:.3f}")
-    print(f"  NN identity, raw pixels         {res['nn_identity_accuracy_raw_pixels']:.3f} "
-          f"(chance {res['nn_identity_chance']:.3f})")
+    print(
+        f"  NN identity, raw pixels         {res['nn_identity_accuracy_raw_pixels']:.3f} "
+        f"(chance {res['nn_identity_chance']:.3f})"
+    )
     print(f"  posture nearest class mean      {res['posture_nearest_mean_accuracy']:.3f} (chance 0.200)")
 
 

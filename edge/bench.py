@@ -20,6 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from edge.bundle import Bundle
+from edge.evaluation import row_cosine
+from edge.infer import run_batched
+from edge.runner import Runner
+from scanner_io.dataset import load_crop
 from scanner_io.errors import ThzEdgeError
 
 
@@ -47,8 +52,6 @@ class BenchRow:
 def bench_inputs(n: int, seed: int = 0, data_dir: Path | None = None) -> np.ndarray:
     """Inputs to time and compare on: research crops from `data_dir` if given, else seeded random [0,1]."""
     if data_dir is not None:
-        from scanner_io.dataset import load_crop
-
         files = sorted(Path(data_dir).rglob("*.png"))[:n]
         if not files:
             raise ThzEdgeError(f"{data_dir}: no PNG crops to benchmark on")
@@ -77,10 +80,6 @@ def bench_model(
     data_dir: Path | None = None,
 ) -> list[BenchRow]:
     """Measure every backend x precision x batch; see the module docstring."""
-    from edge.bundle import Bundle
-    from edge.evaluation import row_cosine
-    from edge.runner import Runner
-
     bundle = Bundle.open(bundle_path)
     max_b = max(batches)
     if max_b > bundle.max_batch or min(batches) < 1:
@@ -125,8 +124,6 @@ def bench_model(
 
 
 def _infer_all(runner: Any, x: np.ndarray) -> Any:
-    from edge.infer import run_batched
-
     return run_batched(runner, x, reconstruct=False)
 
 

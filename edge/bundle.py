@@ -249,7 +249,7 @@ class Bundle:
         if precision not in variants:
             have = ", ".join(variants) or "none"
             raise BundleError(
-                f"bundle {self.path} has no {precision!r} variant (it has: {have}); "
+                f"bundle {self.path} has no '{precision}' variant (it has: {have}); "
                 f"choose one of those or add it with `thzedge export quantize`"
             )
         return MappingProxyType(variants[precision])

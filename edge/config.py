@@ -24,8 +24,12 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from edge.backends import BackendKind
+from edge.bundle import Precision
+from edge.gallery import VerificationMode
+from scanner_io.choices import Choice
 from scanner_io.errors import ConfigError, ThzEdgeError
 
 if sys.version_info >= (3, 11):
@@ -33,16 +37,15 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
+if TYPE_CHECKING:
+    from calibration.conditioning import ConditioningParams
+
 log = logging.getLogger("thzedge.config")
 
 DEFAULT_CONFIG_PATH = Path("/etc/thzedge/thzedge.toml")
 # Overrides the default path (not an explicit --config) so a unit or a shell can point elsewhere.
 CONFIG_ENV = "THZEDGE_CONFIG"
 DEFAULT_METRICS_PORT = 9464
-
-BACKENDS = ("auto", "ort", "trt")
-PRECISIONS = ("fp32", "fp16", "int8")
-VERIFICATION_MODES = ("auto", "1:1", "1:N", "off")
 
 
 def default_runtime_dir() -> Path:
@@ -80,8 +83,8 @@ class ConditioningOverrides:
     def __bool__(self) -> bool:
         return bool(self.values)
 
-    def apply(self, params: Any) -> Any:
-        """Return `params` (a ConditioningParams) with these overrides applied; ConfigError if invalid."""
+    def apply(self, params: ConditioningParams) -> ConditioningParams:
+        """Return `params` with these overrides applied; ConfigError if invalid."""
         if not self.values:
             return params
         try:
@@ -105,8 +108,8 @@ class ModelConfig:
     """Which model bundle to run and how; `bundle = None` means the shipped demo bundle."""
 
     bundle: Path | None = None
-    backend: str = field(default="auto", metadata={"choices": BACKENDS})
-    precision: str = field(default="fp32", metadata={"choices": PRECISIONS})
+    backend: BackendKind = BackendKind.auto
+    precision: Precision = Precision.fp32
     max_batch: int | None = field(default=None, metadata={"min": 1})
 
 
@@ -130,7 +133,7 @@ class PublisherConfig:
     hwm: int = field(default=100, metadata={"min": 1})
     curve: CurveConfig = field(default_factory=CurveConfig)
     # Mode of `ipc://` socket files (R-NEW-2): 0o600, or 0o660 together with `ipc_group`.
-    ipc_mode: int = field(default=0o600, metadata={"choices": (0o600, 0o660), "octal": True})
+    ipc_mode: int = field(default=0o600, metadata={"file_modes": (0o600, 0o660)})
     ipc_group: str | None = None
 
 
@@ -163,7 +166,7 @@ class PrivacyConfig:
 class VerificationConfig:
     """Gallery matching: 1:1 with a claimed identity, 1:N otherwise (`auto`), or off."""
 
-    mode: str = field(default="auto", metadata={"choices": VERIFICATION_MODES})
+    mode: VerificationMode = VerificationMode.auto
     gallery: Path | None = None
     # Overrides the bundle's per-precision threshold: Euclidean distance between unit-length
     # embeddings (0..2), a match is accepted when distance <= threshold.
@@ -207,7 +210,7 @@ class Config:
         """Return the named source, or an ad-hoc one for a URI; unknown names are a ConfigError."""
         if name_or_uri in self.sources:
             return self.sources[name_or_uri]
-        if _URI_RE.match(name_or_uri) or name_or_uri.startswith(("sim", "replay:")):
+        if _is_source_uri(name_or_uri):
             if name_or_uri.startswith("tcp://"):
                 # The same rule as for a configured tcp source (R-SEC-1), for a URI on the command line.
                 if not self.daemon.insecure_dev:
@@ -407,8 +410,12 @@ def _validate(config: Config) -> Config:
                 )
     if config.metrics.enabled:
         split_host_port(config.metrics.bind)
-    if config.verification.mode in ("1:1", "1:N") and config.verification.gallery is None:
-        raise ConfigError(f"[verification] mode = {config.verification.mode!r} needs gallery = PATH")
+    mode = config.verification.mode
+    if (
+        mode in (VerificationMode.one_to_one, VerificationMode.one_to_n)
+        and config.verification.gallery is None
+    ):
+        raise ConfigError(f"[verification] mode = '{mode}' needs gallery = PATH")
     return config
 
 
@@ -478,6 +485,10 @@ def _toml_value(value: Any) -> str:
 # Helpers
 
 
+def _is_source_uri(text: str) -> bool:
+    return bool(_URI_RE.match(text)) or text.startswith(("sim", "replay:"))
+
+
 def _scheme(endpoint: str) -> str:
     return endpoint.split("://", 1)[0] if "://" in endpoint else ""
 
@@ -509,7 +520,7 @@ def _build_sources(table: Any, where: str, base: Path) -> dict[str, SourceConfig
         if "uri" not in entry:
             raise ConfigError(f"{here}: missing key 'uri' (e.g. uri = \"tcp://scanner0.local:5555\")")
         uri = _expand(_expect(entry["uri"], str, f"{here} uri"), f"{here} uri")
-        if not (_URI_RE.match(uri) or uri.startswith(("sim", "replay:"))):
+        if not _is_source_uri(uri):
             raise ConfigError(
                 f"{here} uri {uri!r}: expected sim…, replay:FILE, tcp://HOST:PORT or ipc://PATH"
             )
@@ -537,58 +548,51 @@ def _conditioning(table: Any, where: str) -> ConditioningOverrides:
 
 
 def _build(cls: type, table: Any, where: str, base: Path) -> Any:
-    if not isinstance(table, Mapping):
-        raise ConfigError(f"{where}: expected a table, got {type(table).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     _check_keys(table, list(fields), where)
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in table.items():
-        f = fields[key]
-        here = f"{where} {key}"
+        meta, here = fields[key].metadata, f"{where} {key}"
         if dataclasses.is_dataclass(hints[key]):
             kwargs[key] = _build(hints[key], value, f"{where[:-1]}.{key}]", base)
             continue
-        v = _coerce(value, hints[key], here, base)
-        choices = f.metadata.get("choices")
-        if choices is not None and v not in choices:
-            show = (lambda c: oct(c)) if f.metadata.get("octal") else _show
-            shown = ", ".join(show(c) for c in choices)
-            raise ConfigError(f"{here} = {show(v)}: expected one of {shown}")
-        if v is not None and "min" in f.metadata and v < f.metadata["min"]:
-            raise ConfigError(f"{here} = {v}: must be >= {f.metadata['min']}")
-        if v is not None and "max" in f.metadata and v > f.metadata["max"]:
-            raise ConfigError(f"{here} = {v}: must be <= {f.metadata['max']}")
-        kwargs[key] = v
+        v = kwargs[key] = _coerce(value, hints[key], here, base)
+        if "file_modes" in meta and v not in meta["file_modes"]:
+            raise ConfigError(f"{here} = {oct(v)}: expected one of {', '.join(map(oct, meta['file_modes']))}")
+        if v is not None and "min" in meta and v < meta["min"]:
+            raise ConfigError(f"{here} = {v}: must be >= {meta['min']}")
+        if v is not None and "max" in meta and v > meta["max"]:
+            raise ConfigError(f"{here} = {v}: must be <= {meta['max']}")
     return cls(**kwargs)
 
 
 def _coerce(value: Any, hint: Any, where: str, base: Path) -> Any:
-    """Check `value` against a type hint; returns it converted (Path, tuple) or raises."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
+    """Check `value` against a type hint; returns it converted (Path, tuple, enum) or raises.
+
+    The hints the sections use: X | None, str, int, float, bool, Path, Choice enums, fixed
+    tuples (a conditioning ROI) and Any.
+    """
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None:
             return None
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1:
-            return _coerce(value, inner[0], where, base)
-        for a in inner:
-            try:
-                return _coerce(value, a, where, base)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where} = {_show(value)}: expected {_type_name(hint)}")
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _coerce(value, inner, where, base)
     if hint is Any:
         return value
     if hint is Path:
         return _path(value, where, base)
-    if origin is tuple:
+    if isinstance(hint, type) and issubclass(hint, Choice):
+        text = _expect(value, str, where)
+        if text not in hint.values():
+            raise ConfigError(
+                f"{where} = {_show(text)}: expected one of {', '.join(map(_show, hint.values()))}"
+            )
+        return hint(text)
+    if typing.get_origin(hint) is tuple:
         args = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} = {_show(value)}: expected an array ({_type_name(hint)})")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], where, base) for v in value)
         if len(value) != len(args):
             raise ConfigError(f"{where} = {_show(value)}: expected {len(args)} values ({_type_name(hint)})")
         return tuple(_coerce(v, a, where, base) for v, a in zip(value, args, strict=True))
@@ -599,11 +603,10 @@ def _coerce(value: Any, hint: Any, where: str, base: Path) -> Any:
 
 def _expect(value: Any, typ: type, where: str) -> Any:
     # TOML has no bool/int confusion but Python does: True is an int; refuse it explicitly.
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if typ is float and is_number:
         return float(value)
-    if typ in (int, float) and isinstance(value, bool):
-        raise ConfigError(f"{where} = {_show(value)}: expected {_type_name(typ)}")
-    if not isinstance(value, typ):
+    if not isinstance(value, typ) or (typ in (int, float) and not is_number):
         raise ConfigError(f"{where} = {_show(value)}: expected {_type_name(typ)}")
     return value
 
@@ -625,17 +628,9 @@ def _path(value: Any, where: str, base: Path) -> Path:
 
 def _type_name(hint: Any) -> str:
     names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", Path: "a path"}
-    if hint in names:
-        return names[hint]
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(hint) if a is not type(None))
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"an array of {_type_name(args[0])}"
-        return "[" + ", ".join(_type_name(a) for a in args) + "]"
-    return getattr(hint, "__name__", str(hint))
+    if typing.get_origin(hint) is tuple:
+        return "[" + ", ".join(_type_name(a) for a in typing.get_args(hint)) + "]"
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def _show(value: Any) -> str:
@@ -654,7 +649,7 @@ def _plain(value: Any) -> Any:
             for f in dataclasses.fields(value)
             if getattr(value, f.name) is not None
         }
-    if isinstance(value, Path):
+    if isinstance(value, (Path, Choice)):
         return str(value)
     if isinstance(value, tuple):
         return [_plain(v) for v in value]

@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edge.infer import run_batched
 from scanner_io.choices import Choice
+from scanner_io.dataset import load_crop, parse_crop_name, read_triplets
 from scanner_io.errors import DataError, ThzEdgeError
 from scanner_io.frame import POSTURES
 
@@ -392,9 +394,6 @@ def collect_outputs(
     behaviour); "truth" to the decoder of the posture in its file name (the research scripts).
     Missing files, unparsable names and malformed rows raise DataError naming them.
     """
-    from edge.infer import run_batched
-    from scanner_io.dataset import load_crop, parse_crop_name, read_triplets
-
     if routing not in Routing.values():
         raise ThzEdgeError(f"unknown routing {routing!r}; use {' or '.join(Routing.values())}")
     data_dir = Path(data_dir)

@@ -42,6 +42,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +50,15 @@ from typing import Any
 
 import numpy as np
 
+from calibration.conditioning import ConditioningParams, calibrate_and_condition
+from calibration.profile import CalibrationProfile, profile_carried_by
+from edge.bundle import Bundle
+from edge.infer import load_inputs
+from edge.runner import Runner
 from scanner_io.choices import Choice
 from scanner_io.errors import ConfigError, DataError, ThzEdgeError
 from scanner_io.frame import POSTURES
+from scanner_io.sources import open_source
 
 log = logging.getLogger("thzedge.gallery")
 
@@ -69,6 +76,8 @@ class VerificationMode(Choice):
     one_to_one = "1:1"
     one_to_n = "1:N"
     off = "off"
+
+
 # names, references [M, D] grouped by identity in name order, their postures [M], first rows
 _View = tuple[list[str], np.ndarray, np.ndarray, np.ndarray]
 
@@ -416,9 +425,6 @@ def enroll_from_inputs(
     Creates the gallery file when it does not exist. Returns the gallery and the number of
     embeddings added.
     """
-    from edge.bundle import Bundle
-    from edge.infer import load_inputs
-
     bundle = Bundle.open(bundle_path)
     batch = load_inputs(inputs)
     return _encode_and_enroll(gallery_path, bundle, identity, batch.x, backend, precision, replace)
@@ -439,14 +445,9 @@ def enroll_from_source(
 ) -> tuple[Gallery, int]:
     """Capture `frames` raw frames from a source, calibrate and condition them exactly as the
     daemon does (`calibrate_and_condition` with the scanner's profile), and enrol them."""
-    from calibration.conditioning import ConditioningParams, calibrate_and_condition
-    from calibration.profile import CalibrationProfile, profile_carried_by
-    from edge.bundle import Bundle
-    from scanner_io.sources import open_source
-
     bundle = Bundle.open(bundle_path)
     profile = CalibrationProfile.load(calibration) if calibration is not None else None
-    rows = []
+    rows: list[np.ndarray] = []
     source = open_source(source_uri)
     try:
         if profile is None:  # as the daemon does: what the source carries, else identity
@@ -461,8 +462,6 @@ def enroll_from_source(
         params = profile.conditioning if profile is not None else ConditioningParams()
         if conditioning is not None:
             params = conditioning.apply(params)
-        import time
-
         deadline = time.monotonic() + timeout_s
         while len(rows) < frames:
             if time.monotonic() > deadline:
@@ -493,8 +492,6 @@ def _encode_and_enroll(
     replace: bool,
 ) -> tuple[Gallery, int]:
     """Open the gallery (or start one for `bundle`), enrol the embeddings of `x`, save it."""
-    from edge.runner import Runner
-
     gallery = (
         Gallery.load(gallery_path, bundle, precision=precision, require_threshold=False)
         if Path(gallery_path).exists()

@@ -26,10 +26,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import zmq
+
+from edge.security import EndpointSecurity
+from scanner_io.errors import SourceUnavailableError
 
 log = logging.getLogger("thzedge.results")
 
@@ -242,8 +245,6 @@ class ResultPublisher:
             )
         except zmq.ZMQError as exc:
             sock.close(linger=0)
-            from scanner_io.errors import SourceUnavailableError
-
             raise SourceUnavailableError(
                 f"cannot bind the results socket at {endpoint}: {exc}; choose another --publish endpoint"
             ) from exc
@@ -253,14 +254,10 @@ class ResultPublisher:
         self.blocked_s = 0.0
 
     @staticmethod
-    def _bind(
-        ctx: zmq.Context, sock: zmq.Socket, endpoint: str, ipc_mode: int, ipc_group: str | None
-    ) -> str:
+    def _bind(ctx: zmq.Context, sock: zmq.Socket, endpoint: str, ipc_mode: int, ipc_group: str | None) -> str:
         if not endpoint.startswith("ipc://"):
             sock.bind(endpoint)
-            return sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-        from edge.security import EndpointSecurity
-
+            return sock.getsockopt_string(zmq.LAST_ENDPOINT)
         # Results are biometric decisions: the daemon's own ipc protection (owner-only or one
         # group's file, private directory, a live socket of another process refused; R-NEW-2).
         mode = ipc_mode & (stat.S_IRWXU | stat.S_IRWXG)
@@ -271,7 +268,7 @@ class ResultPublisher:
         sock = self._owned.check()
         joins = 0
         # EVENTS is a cheap check; this runs once per published message.
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             msg = sock.recv(zmq.NOBLOCK)
             if msg and msg[0] == 1:
                 joins += 1

@@ -23,6 +23,7 @@ import datetime
 import grp
 import logging
 import os
+import socket
 import stat
 import threading
 from collections.abc import Iterable
@@ -319,8 +320,6 @@ def ipc_socket_is_live(path: Path) -> bool:
 
     A file left behind by a crashed process refuses the connection and is not live.
     """
-    import socket
-
     if not path.is_socket():
         return False
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -361,8 +360,7 @@ def _gid(group: str) -> int:
 
 
 def _last_endpoint(sock: zmq.Socket, fallback: str) -> str:
-    last = sock.getsockopt(zmq.LAST_ENDPOINT)
-    return last.decode() if last else fallback
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT) or fallback
 
 
 def _write_cert(path: Path, public: bytes, secret: bytes | None, created: str, mode: int) -> None:

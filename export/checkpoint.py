@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edge.bundle import sha256_file
 from export.model import BASE_CHANNELS, MTLNetwork, NetworkConfig
 from scanner_io.errors import CheckpointError
@@ -87,8 +89,6 @@ def _safe_globals() -> list[Any]:
     Metric histories hold np.float64 (np.mean results) and metric dicts may hold small arrays.
     numpy 1.x pickles name `numpy.core.multiarray.*`, numpy 2 `numpy._core.multiarray.*`.
     """
-    import numpy as np
-
     try:
         from numpy._core import multiarray
     except ImportError:  # numpy 1.x

@@ -26,6 +26,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from edge import __version__
 from edge.backends.trt import (
     ENGINE_MANIFEST_FORMAT,
     ENGINES_DIR,
@@ -36,7 +37,7 @@ from edge.backends.trt import (
     import_tensorrt,
     trt_generation,
 )
-from edge.bundle import Precision, sha256_file
+from edge.bundle import Bundle, Precision, sha256_file
 from scanner_io.errors import EXIT_DATA, ThzEdgeError
 
 log = logging.getLogger(__name__)
@@ -229,9 +230,6 @@ def build_bundle_engines(
     platform: Platform | None = None,
 ) -> list[dict[str, Any]]:
     """Build an engine per graph of a bundle for one precision; returns the engine manifests written."""
-    from edge import __version__
-    from edge.bundle import Bundle
-
     trt = trt or import_tensorrt()
     generation = trt_generation(str(trt.__version__))
     platform = platform or current_platform(trt)

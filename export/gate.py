@@ -25,6 +25,17 @@ from typing import Any
 
 import numpy as np
 
+from edge.bundle import Bundle
+from edge.evaluation import (
+    collect_outputs,
+    psnr,
+    report_from_outputs,
+    row_cosine,
+    threshold_at_eer,
+    threshold_at_far,
+)
+from edge.infer import run_batched
+from edge.runner import Runner
 from scanner_io.errors import ThzEdgeError
 
 
@@ -175,8 +186,6 @@ def _line(group: str, name: str, ref: float | None, cand: float | None, limit: s
 
 def _timed_fps(runner: Any, images: np.ndarray, batch: int, seconds: float) -> float:
     """Frames/s of encoder + routed decoder over `images` at `batch`, after one warm-up batch."""
-    from edge.infer import run_batched
-
     x = images[:batch] if len(images) >= batch else np.resize(images, (batch, *images.shape[1:]))
     run_batched(runner, x, reconstruct=True)
     n, t0 = 0, time.perf_counter()
@@ -199,18 +208,6 @@ def run_gate(
     speed_batch: int = 8,
 ) -> GateReport:
     """Compare `precision` with fp32 on the same held-out triplets; returns the full report."""
-    from edge.bundle import Bundle
-    from edge.evaluation import (
-        collect_outputs,
-        psnr,
-        report_from_outputs,
-        row_cosine,
-        threshold_at_eer,
-        threshold_at_far,
-    )
-    from edge.infer import run_batched
-    from edge.runner import Runner
-
     tol = tolerances or GateTolerances()
     bundle = Bundle.open(bundle_path)
     if precision == "fp32":

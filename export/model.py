@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -295,7 +295,7 @@ class MTLNetwork(nn.Module):
         """The deploy decoder of one posture (0-based class index), sharing this network's weights."""
         if not 0 <= posture < self.config.num_postures:
             raise ValueError(f"posture {posture} out of range 0..{self.config.num_postures - 1}")
-        return DecoderGraph(self.reconstruction_decoders[str(posture)])
+        return DecoderGraph(cast(UNetDecoder, self.reconstruction_decoders[str(posture)]))
 
 
 class EncoderGraph(nn.Module):

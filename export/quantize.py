@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import shutil
@@ -28,10 +29,19 @@ from typing import Any
 
 import numpy as np
 
-from edge.bundle import Precision
+from calibration.conditioning import calibrate_and_condition
+from calibration.profile import CalibrationProfile, profile_from_attachment
+from edge.bundle import MANIFEST_NAME, Bundle, Precision, file_entry, save_manifest, sha256_file
+from export.bundle_writer import add_variant as write_variant
+from export.bundle_writer import set_accuracy_gate
+from export.gate import run_gate
+from export.onnx_export import cpu_session
 from scanner_io.choices import Choice
+from scanner_io.dataset import load_crop, parse_crop_name, read_triplets
 from scanner_io.errors import BundleError, DataError, InternalError, MissingDependencyError, ThzEdgeError
 from scanner_io.frame import POSTURES
+from scanner_io.recording import RecordingReader
+from scanner_io.sources import MalformedFrame
 
 log = logging.getLogger(__name__)
 
@@ -265,8 +275,6 @@ def _calibration_from_npy(path: Path, samples: int, seed: int) -> CalibrationSet
 
 
 def _calibration_from_dataset(root: Path, pngs: Sequence[Path], samples: int, seed: int) -> CalibrationSet:
-    from scanner_io.dataset import load_crop, parse_crop_name
-
     names, postures, concealed = [], [], []
     for p in pngs:
         try:
@@ -295,11 +303,6 @@ def _calibration_from_mcap(
     The profile is `--profile` when given, else the one attached to each recording (as the
     recorder stores it); without either, frames are conditioned uncorrected, with a warning.
     """
-    from calibration.conditioning import calibrate_and_condition
-    from calibration.profile import CalibrationProfile, profile_from_attachment
-    from scanner_io.recording import RecordingReader
-    from scanner_io.sources import MalformedFrame
-
     given = CalibrationProfile.load(profile) if profile is not None else None
     frames: list[tuple[np.ndarray, CalibrationProfile | None]] = []
     for f in files:
@@ -398,14 +401,14 @@ def nodes_to_keep_float(model: Any, keep_float: Sequence[str], embedding_output:
     """
     names: set[str] = set()
     outputs = [o.name for o in model.graph.output]
-    if "embedding" in keep_float and embedding_output in outputs:
+    if "embedding" in keep_float and embedding_output is not None and embedding_output in outputs:
         emb = _ancestors(model, embedding_output)
         shared: set[str] = set()
         for o in outputs:
             if o != embedding_output:
                 shared |= _ancestors(model, o)
         names |= emb - shared
-    if "latent" in keep_float and embedding_output in outputs:
+    if "latent" in keep_float and embedding_output is not None and embedding_output in outputs:
         # The 4x4 spatial reduction to the latent and everything after it on the way to the
         # embedding: what the embedding depends on but no skip feature does (~2 % of the MACs).
         feats: set[str] = set()
@@ -484,8 +487,6 @@ def count_qdq(onnx_path: Path) -> dict[str, int]:
 
 def modelopt_available() -> bool:
     """Whether NVIDIA Model Optimizer's ONNX quantizer imports here."""
-    import importlib.util
-
     try:
         return importlib.util.find_spec("modelopt.onnx.quantization") is not None
     except (ImportError, ValueError):
@@ -602,7 +603,7 @@ def _quantize_ort(
             quantize_static(
                 str(pre),
                 str(dst),
-                feeds,  # type: ignore[arg-type]  # duck-types CalibrationDataReader
+                feeds,  # duck-types CalibrationDataReader
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=list(INT8_OP_TYPES),
                 per_channel=settings.per_channel,
@@ -658,8 +659,6 @@ def convert_onnx_fp16(src: Path, dst: Path, settings: QuantizeSettings) -> str:
     This is the strongly-typed form TensorRT 11 requires and TensorRT 10 accepts with
     STRONGLY_TYPED; TensorRT 8.6 builds it too (fp16 weights) with the FP16 flag.
     """
-    import importlib.util
-
     try:
         have_autocast = importlib.util.find_spec("modelopt.onnx.autocast") is not None
     except (ImportError, ValueError):
@@ -781,8 +780,6 @@ class QuantizeResult:
 
 def encoder_outputs(encoder: Path, inputs: np.ndarray, batch: int = 32) -> dict[str, np.ndarray]:
     """Run the FP32 encoder over `inputs` and return every output, concatenated."""
-    from export.onnx_export import cpu_session
-
     sess = cpu_session(encoder)
     in_name = sess.get_inputs()[0].name
     outs: dict[str, list[np.ndarray]] = {}
@@ -830,8 +827,6 @@ def quantize_graphs(
     `decoders` maps posture name (in class-index order) to the decoder's FP32 ONNX.
     """
     import onnx
-
-    from edge.bundle import sha256_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
     prec = settings.precision
@@ -914,10 +909,6 @@ def add_variant(
     like the fp32 graphs. The report is stored in the manifest (`accuracy_gates[precision]`,
     covered by the bundle id) and, with its rendered table, in `<precision>/gate_report.json`.
     """
-    from edge.bundle import MANIFEST_NAME, file_entry, save_manifest
-    from export.bundle_writer import add_variant as write_variant
-    from export.bundle_writer import set_accuracy_gate
-
     bundle_dir = Path(bundle_dir)
     write_variant(bundle_dir, precision, graph_files, info=entry, replace=True)
     if report is None:
@@ -955,14 +946,9 @@ def quantize_bundle(
     speed_seconds: float = 1.0,
 ) -> QuantizeOutcome:
     """Quantize a bundle, run the accuracy gate on a scratch copy, and add the variant if it passes."""
-    from edge.bundle import Bundle
-    from export.gate import run_gate
-
     bundle = Bundle.open(bundle_path)
     exclude: list[Path] = []
     try:
-        from scanner_io.dataset import read_triplets
-
         for t in read_triplets(triplets_csv, data_dir=data_dir):
             exclude.extend((t.anchor, t.positive, t.negative))
     except (DataError, OSError):
@@ -986,13 +972,14 @@ def quantize_bundle(
         report = run_gate(work, settings.precision, data_dir, triplets_csv, tolerances, target_far,
                           speed_seconds=speed_seconds)  # fmt: skip
         if report.passed:
-            t = report.threshold
+            chosen = report.threshold
             entry["verification"] = {
-                "threshold": t["threshold"],
+                "threshold": chosen["threshold"],
                 "metric": "euclidean",
-                "method": t["method"],
-                "chosen_on": {"data": t["data"], "n_pairs": t["n_pairs"], "eer": t["eer"],
-                              "far_target": t["far_target"], "fp32_threshold_same_data": t["reference"]},
+                "method": chosen["method"],
+                "chosen_on": {"data": chosen["data"], "n_pairs": chosen["n_pairs"], "eer": chosen["eer"],
+                              "far_target": chosen["far_target"],
+                              "fp32_threshold_same_data": chosen["reference"]},
             }  # fmt: skip
             add_variant(bundle.path, settings.precision, graph_files, entry, report=report)
     return QuantizeOutcome(settings.precision, report.passed, report, result)

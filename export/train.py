@@ -21,9 +21,12 @@ The checkpoint is the research THz-only layout: {"model_state_dict", "epoch", "c
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import re
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,9 +35,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edge import __version__
+from edge.runner import Runner
+from export.bundle_writer import set_threshold
 from scanner_io.choices import Choice
 from scanner_io.errors import DataError, ThzEdgeError
 
+# torch, and the modules that read crops with cv2 (scanner_io.dataset, edge.evaluation), are
+# imported where used: `thzedge --help` imports this module through its CLI.
 if TYPE_CHECKING:
     import torch
 
@@ -166,8 +174,6 @@ def load_triplet_data(data_dir: Path, csv_path: Path) -> TripletData:
 
 
 def _natural_key(s: str) -> tuple[Any, ...]:
-    import re
-
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s))
 
 
@@ -492,10 +498,11 @@ def train_on(
         torch.manual_seed(config.seed)
         model = MTLNetwork(config.embedding_dim, 5, config.width, config.dropout)
         weights = LossWeights(config.w_verification, config.w_posture, config.w_charbonnier, config.w_ssim)
-        decay, no_decay = [], []
-        for _name, p in model.named_parameters():
+        decay: list[torch.nn.Parameter] = []
+        no_decay: list[torch.nn.Parameter] = []
+        for _name, param in model.named_parameters():
             # Norm scales and biases are not weight-decayed (the usual AdamW practice).
-            (no_decay if p.ndim <= 1 else decay).append(p)
+            (no_decay if param.ndim <= 1 else decay).append(param)
         opt = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": config.weight_decay},
@@ -678,8 +685,6 @@ def _save_checkpoint(
     history: list[EpochRecord],
 ) -> None:
     """Write the research THz-only layout; only plain types so `weights_only` loading accepts it."""
-    from edge import __version__
-
     out.parent.mkdir(parents=True, exist_ok=True)
     obj = {
         "model_state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
@@ -750,14 +755,10 @@ def calibrate_threshold(
     """Store the EER-point distance threshold, measured on the checkpoint's validation identities.
 
     The bundle itself (ONNX Runtime, `precision`) embeds the held-out identities' triplets of
-    `data_dir/train_val.csv`; the threshold where FAR = FRR on those pairs (H2's
-    `threshold_at_eer`) goes into the manifest with how it was chosen.
+    `data_dir/train_val.csv`; the threshold where FAR = FRR on those pairs
+    (`edge.evaluation.threshold_at_eer`) goes into the manifest with how it was chosen.
     """
-    import tempfile
-
     from edge.evaluation import collect_outputs, equal_error_rate, threshold_at_eer
-    from edge.runner import Runner
-    from export.bundle_writer import set_threshold
     from export.checkpoint import load_raw
 
     data_dir = Path(data_dir)
@@ -798,8 +799,6 @@ def calibrate_threshold(
 
 def _dataset_description(data_dir: Path) -> dict[str, Any]:
     """What a manifest should say about the data a threshold came from (not where it lay)."""
-    import json
-
     desc: dict[str, Any] = {"name": data_dir.name}
     meta_path = data_dir / "dataset.json"
     if meta_path.is_file():

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
+import zmq
+
 from scanner_io.codec import send_frame, topic_for
 from scanner_io.frame import Frame
 from scanner_io.sources import (
@@ -109,8 +111,6 @@ def serve(
     Creates, uses and closes its socket in the calling thread. `on_bound` receives the bound
     endpoint (useful with `tcp://127.0.0.1:*`).
     """
-    import zmq
-
     stop = stop or threading.Event()
     stats = EmulatorStats()
     lockstep = settings.rate == "max" or (settings.rate is None and not source.live)

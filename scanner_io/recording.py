@@ -492,10 +492,6 @@ class RecordingReader:
             except (McapError, ValueError, EOFError, OSError, struct.error):
                 pass
 
-    def attachment(self, name: str) -> bytes | None:
-        """Return an attachment's bytes (after iteration has reached it), or None."""
-        return self._attachment_data.get(name)
-
     def calibration(self) -> tuple[str, bytes] | None:
         """Return (name, bytes) of the calibration profile attachment seen so far, if any."""
         for info in self.attachments:

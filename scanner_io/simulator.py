@@ -29,7 +29,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
@@ -321,9 +321,9 @@ def _render_geometry(
     if holes.any():
         k = np.ones((3, 3), np.float32)
         wsum = cv2.filter2D(hit2, -1, k, borderType=cv2.BORDER_CONSTANT)
-        for m in maps:
-            s = cv2.filter2D(m * hit2, -1, k, borderType=cv2.BORDER_CONSTANT)
-            m[holes] = (s[holes] / np.maximum(wsum[holes], 1.0)).astype(np.float32)
+        for plane in maps:
+            s = cv2.filter2D(plane * hit2, -1, k, borderType=cv2.BORDER_CONSTANT)
+            plane[holes] = (s[holes] / np.maximum(wsum[holes], 1.0)).astype(np.float32)
         hit2 = np.maximum(hit2, holes.astype(np.float32))
     nx, ny, nz, spec, diff, theta, phi, head = maps
     norm = np.sqrt(nx * nx + ny * ny + nz * nz) + 1e-6
@@ -840,20 +840,3 @@ class ScannerSimulator:
             _reference_fn=reference,
         )
         return Frame(header=header, data=raw, truth=truth)
-
-    def with_config(self, **changes: Any) -> ScannerSimulator:
-        """Return a fresh simulator (same seed and settings) with some SimConfig fields changed."""
-        return ScannerSimulator(
-            self.seed,
-            self.identities,
-            self.scanner,
-            self.shape,
-            config=replace(self.config, **changes),
-            concealed_fraction=self.concealed_fraction,
-            drift=self.drift,
-            claim_identity=self.claim_identity,
-            impostor_rate=self.impostor_rate,
-            start_time_ns=self.start_time_ns,
-            nominal_fps=self.nominal_fps,
-            cache_size=self._cache_size,
-        )

@@ -1,11 +1,15 @@
-"""Shared test set-up: the `gpu` marker skips where no CUDA device and TensorRT exist."""
+"""Shared test set-up: the `gpu` marker, zmq context teardown checks, tiny model bundles."""
 
 from __future__ import annotations
 
 import importlib.util
 import shutil
+import threading
+from collections.abc import Iterator
 
 import pytest
+import zmq
+import zmq.utils.garbage as zmq_garbage
 
 
 def _gpu_available() -> bool:
@@ -21,6 +25,60 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# --- zmq: every context a test creates must terminate -------------------------------------------
+# A context terminates only when all its sockets are closed, so a socket left open anywhere (a
+# test, a fixture, a library thread that was not stopped) fails the test that created the context.
+
+ZMQ_TERM_TIMEOUT_S = 10.0
+
+
+@pytest.fixture(autouse=True)
+def _zmq_contexts_terminate() -> Iterator[None]:
+    """Fail the test if a zmq context it created (`zmq.Context()`, `.instance()`) does not terminate."""
+    created: list[zmq.Context] = []
+    init = zmq.Context.__init__
+
+    def recording_init(self: zmq.Context, *args: object, **kwargs: object) -> None:
+        init(self, *args, **kwargs)
+        created.append(self)
+
+    zmq.Context.__init__ = recording_init  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        zmq.Context.__init__ = init  # type: ignore[method-assign]
+    # pyzmq's own zero-copy garbage collector keeps a context with a live pipe for the process.
+    pyzmq_gc = zmq_garbage.gc._context
+    checked = [ctx for ctx in created if ctx is not pyzmq_gc and not ctx._shadow and not ctx.closed]
+    stuck = [ctx for ctx in checked if not _terminates(ctx)]
+    if stuck:
+        if zmq.Context._instance in stuck:
+            zmq.Context._instance = None  # later tests get a fresh process context, not a dying one
+        pytest.fail(
+            f"{len(stuck)} zmq context(s) did not terminate within {ZMQ_TERM_TIMEOUT_S:g} s: "
+            "a socket was left open (close every socket, with linger=0)",
+            pytrace=False,
+        )
+
+
+def _terminates(ctx: zmq.Context) -> bool:
+    # term() blocks while a socket is open; run it aside so a leak fails the test instead of hanging it.
+    done = threading.Event()
+
+    def term() -> None:
+        ctx.term()
+        done.set()
+
+    threading.Thread(target=term, daemon=True, name="zmq-term-check").start()
+    return done.wait(ZMQ_TERM_TIMEOUT_S)
+
+
+@pytest.fixture
+def zmq_ctx() -> zmq.Context:
+    """The process context; `_zmq_contexts_terminate` fails the test if it does not terminate."""
+    return zmq.Context.instance()
 
 
 # --- model bundles (export-core) ---------------------------------------------------------------

@@ -90,7 +90,7 @@ class OrtBackend(Backend):
         opts.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
         opts.log_severity_level = 3  # errors only: ORT warnings are noise in a daemon's journal
         # Q/DQ graphs carry one QuantizeLinear per consumer so ORT fuses every conv to QLinearConv;
-        # common-subexpression elimination would merge them back (export/quantize.py, H8).
+        # common-subexpression elimination would merge them back (export/quantize.py).
         disabled = ["CommonSubexpressionElimination"] if precision == "int8" and optimize else []
         self._sessions: dict[str, Any] = {}
         self._outputs: dict[str, list[str]] = {}

@@ -101,7 +101,7 @@ def _cudart() -> Any | None:
         return runtime
     except Exception:
         try:
-            from cuda import cudart  # type: ignore[attr-defined]  # older cuda-python layout
+            from cuda import cudart  # older cuda-python layout
 
             return cudart
         except Exception:

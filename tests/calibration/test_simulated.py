@@ -292,8 +292,9 @@ def test_too_few_identities_for_a_split(tmp_path):
 
 def test_cli_sim_dataset_and_preview(tmp_path, capsys):
     out = tmp_path / "ds"
-    rc = main(["--json", "sim", "dataset", "--out", str(out), "--identities", "4", "--samples", "1",
-               "--seed", "2"])
+    rc = main(
+        ["--json", "sim", "dataset", "--out", str(out), "--identities", "4", "--samples", "1", "--seed", "2"]
+    )
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["images"] == 40 and summary["test_identities"] == ["id003", "id004"]

@@ -1,11 +1,9 @@
-"""Fixtures for scanner_io tests over real sockets: free endpoints, context teardown, frames."""
+"""Fixtures for scanner_io tests over real sockets: free endpoints and frames."""
 
 from __future__ import annotations
 
 import socket
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,23 +27,6 @@ def tcp_endpoint() -> str:
 @pytest.fixture
 def ipc_endpoint(tmp_path: Path) -> str:
     return f"ipc://{tmp_path}/scanner.sock"
-
-
-@pytest.fixture
-def zmq_ctx() -> Iterator[object]:
-    """The process context; fails the test if it does not terminate (a socket left open)."""
-    import zmq
-
-    ctx = zmq.Context.instance()
-    yield ctx
-    done = threading.Event()
-
-    def term() -> None:
-        ctx.term()
-        done.set()
-
-    threading.Thread(target=term, daemon=True).start()
-    assert done.wait(10), "zmq context did not terminate: a socket was left open"
 
 
 def synthetic_frames(

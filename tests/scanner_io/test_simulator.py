@@ -6,6 +6,8 @@ tested in tests/calibration/test_simulated.py.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -98,7 +100,12 @@ def test_distinct_identities(sim):
     heads = [sim.identity_params(i) for i in range(24)]
     assert len(set(heads)) == 24
     # Without pose jitter two captures of one person have the same scene; two people never do.
-    still = sim.with_config(jitter_angle_deg=0.0, jitter_roll_deg=0.0, jitter_shift_px=0.0, jitter_scale=0.0)
+    no_jitter = replace(
+        sim.config, jitter_angle_deg=0.0, jitter_roll_deg=0.0, jitter_shift_px=0.0, jitter_scale=0.0
+    )
+    still = ScannerSimulator(
+        seed=sim.seed, identities=sim.identities, start_time_ns=sim.start_time_ns, config=no_jitter
+    )
     clean = [np.log1p(still.render(i, 0, 1, concealed=False).truth.clean) for i in range(24)]
     np.testing.assert_array_equal(np.log1p(still.render(0, 0, 2, concealed=False).truth.clean), clean[0])
     diffs = [np.abs(clean[i] - clean[j]).mean() for i in range(24) for j in range(i + 1, 24)]
