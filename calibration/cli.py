@@ -50,7 +50,7 @@ def record(
     """Record raw frames from a source into an MCAP file (zstd chunks, manifest, calibration)."""
     import logging
 
-    from calibration.profile import profile_carried_by
+    from calibration.profile import resolve_profile
     from scanner_io.cli import stop_on_signals
     from scanner_io.recording import Recorder, default_manifest, record_source
     from scanner_io.sources import open_source
@@ -62,9 +62,7 @@ def record(
         manifest = default_manifest(source=source, extra={"frames_requested": frames, "duration_s": duration})
         # Without --calibration, attach what the source carries (a recording's own profile, the
         # simulator's true maps), so a replay is conditioned exactly as the live stream was.
-        attach = calibration
-        if attach is None and (carried := profile_carried_by(src)) is not None:
-            attach = carried[0]
+        attach = resolve_profile(calibration, src).profile
         recorder = Recorder(out, manifest=manifest, calibration=attach, chunk_bytes=chunk_kib * 1024)
         with stop_on_signals() as stop, terminal_progress("recording", frames) as progress:
             summary = record_source(
@@ -82,8 +80,6 @@ def record(
             f"{summary.duration_s:.1f} s, {summary.malformed} malformed, "
             f"{summary.upstream_gaps} missing upstream)"
         )
-
-
 
 
 # --- simulator: sim dataset, sim preview, sim profile ------------------------------------------

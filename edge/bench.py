@@ -125,9 +125,7 @@ def bench_model(
 
 
 def _infer_all(runner: Any, x: np.ndarray) -> Any:
-    from edge.infer import run_batched
-
-    return run_batched(runner, x, reconstruct=False)
+    return runner.infer(x, reconstruct=False)
 
 
 def render_bench(rows: Sequence[BenchRow]) -> str:

@@ -64,14 +64,14 @@ def infer_command(
     ] = False,
 ) -> None:
     """Run a bundle on conditioned 64x64 crops and write embeddings, postures, reconstructions (.npz)."""
-    from edge.infer import load_inputs, run_batched, save_results, truth_postures
+    from edge.infer import load_inputs, save_results, truth_postures
     from edge.runner import Runner
 
     batch = load_inputs(inputs)
     reconstruct = not no_reconstruction
     postures = truth_postures(batch) if reconstruct and routing is Routing.truth else None
     with Runner.from_bundle(model, backend=backend.value, precision=precision) as runner:
-        outputs = run_batched(runner, batch.x, reconstruct=reconstruct, postures=postures)
+        outputs = runner.infer(batch.x, reconstruct=reconstruct, postures=postures)
         names = runner.postures
     path = save_results(out, outputs, batch.names)
     counts = ", ".join(f"{n} {int((outputs.posture == k).sum())}" for k, n in enumerate(names))
@@ -144,7 +144,7 @@ def run_command(
     """Stream frames through the model and publish results until the source ends or a signal stops it."""
     import json
 
-    from edge.daemon import RunOptions, run_daemon
+    from edge.pipeline.assemble import RunOptions, run_daemon
 
     summary = run_daemon(
         RunOptions(
@@ -306,9 +306,9 @@ def enroll_command(
     """Enrol one identity into a gallery from conditioned crops or from raw frames of a source."""
     from edge.bundle import demo_bundle_path
     from edge.config import load_config
-    from edge.daemon import split_queue_mode
     from edge.gallery import enroll_from_inputs, enroll_from_source
     from scanner_io.errors import ThzEdgeError
+    from scanner_io.sources import split_queue_mode
 
     if not identity:
         raise ThzEdgeError("--identity NAME is required")

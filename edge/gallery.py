@@ -69,6 +69,8 @@ class VerificationMode(Choice):
     one_to_one = "1:1"
     one_to_n = "1:N"
     off = "off"
+
+
 # names, references [M, D] grouped by identity in name order, their postures [M], first rows
 _View = tuple[list[str], np.ndarray, np.ndarray, np.ndarray]
 
@@ -440,24 +442,21 @@ def enroll_from_source(
     """Capture `frames` raw frames from a source, calibrate and condition them exactly as the
     daemon does (`calibrate_and_condition` with the scanner's profile), and enrol them."""
     from calibration.conditioning import ConditioningParams, calibrate_and_condition
-    from calibration.profile import CalibrationProfile, profile_carried_by
+    from calibration.profile import resolve_profile
     from edge.bundle import Bundle
     from scanner_io.sources import open_source
 
     bundle = Bundle.open(bundle_path)
-    profile = CalibrationProfile.load(calibration) if calibration is not None else None
-    rows = []
+    rows: list[np.ndarray] = []
     source = open_source(source_uri)
     try:
-        if profile is None:  # as the daemon does: what the source carries, else identity
-            carried = profile_carried_by(source)
-            if carried is not None:
-                profile, origin = carried
-                log.info("no calibration profile given: using %s (profile %s)", origin, profile.profile_id)
-            else:
-                log.warning(
-                    "no calibration profile given: enrolling uncorrected frames (identity calibration)"
-                )
+        # As the daemon decides: configured, else what the source carries, else identity.
+        choice = resolve_profile(calibration, source)
+        profile = choice.profile
+        if profile is None:
+            log.warning("no calibration profile given: enrolling uncorrected frames (identity calibration)")
+        elif calibration is None:
+            log.info("no calibration profile given: using %s (profile %s)", choice.origin, profile.profile_id)
         params = profile.conditioning if profile is not None else ConditioningParams()
         if conditioning is not None:
             params = conditioning.apply(params)
@@ -503,13 +502,12 @@ def _encode_and_enroll(
     _check_identity(identity)
     runner = Runner.from_bundle(bundle, backend=backend, precision=precision)
     try:
-        step = max(1, int(runner.max_batch))
-        encs = [runner.encode(x[i : i + step]) for i in range(0, len(x), step)]
+        out = runner.infer(x, reconstruct=False)
     finally:
         runner.close()
-    embs = np.concatenate([np.asarray(e.embedding, np.float32) for e in encs])
+    embs = np.asarray(out.embedding, np.float32)
     # Each reference keeps its predicted posture (as the daemon predicts a probe's) for matching.
-    postures = np.concatenate([np.asarray(e.posture_logits).argmax(axis=1) for e in encs])
+    postures = out.posture
     gallery.enroll(identity, embs, replace=replace, postures=postures)
     gallery.save(gallery_path)
     return gallery, int(x.shape[0])

@@ -43,6 +43,7 @@ from scanner_io.codec import (
 )
 from scanner_io.errors import DataError, FrameDecodeError, SourceUnavailableError
 from scanner_io.frame import Frame
+from scanner_io.seq import SeqTracker
 
 RAW_ENCODING = "thz-raw/v1"
 RAW_SCHEMA_NAME = "thzedge.RawFrame"
@@ -88,7 +89,7 @@ def pack_frame(frame: Frame) -> bytes:
     """Return the thz-raw/v1 message body of a frame (length-prefixed header JSON + payload)."""
     header = encode_header(frame.header)
     payload = wire_array(frame.header, np.asarray(frame.data))
-    return b"".join((_LEN.pack(len(header)), header, memoryview(payload).cast("B")))
+    return b"".join((_LEN.pack(len(header)), header, payload.data.cast("B")))
 
 
 def unpack_frame(data: bytes | memoryview) -> Frame:
@@ -503,6 +504,10 @@ class RecordingReader:
                 return info.name, self._attachment_data[info.name]
         return None
 
+    def sensor_maps(self) -> None:
+        """A recording stores a built calibration profile, never the sensor's true maps: None."""
+        return None
+
 
 @dataclass
 class ScannerSummary:
@@ -584,19 +589,30 @@ def recording_info(path: str | os.PathLike[str]) -> RecordingInfo:
     reader = RecordingReader(path)
     reader.keep_attachments = False
     scanners: dict[str, ScannerSummary] = {}
+    seqs = SeqTracker()
+    events_seen = 0
     first_t = last_t = None
     for rec in reader:
+        # Malformed messages the recorder noted as events come before this frame in file order:
+        # they use up seqs exactly as they did for the live consumer (scanner_io.seq).
+        for event in reader.events[events_seen:]:
+            if event.get("kind") == "malformed":
+                seq = event.get("seq")
+                scanner = event.get("scanner")
+                seqs.malformed(
+                    scanner if isinstance(scanner, str) else None, seq if isinstance(seq, int) else None
+                )
+        events_seen = len(reader.events)
         if not isinstance(rec.item, Frame):
+            seqs.malformed(rec.item.scanner, rec.item.seq)
             continue
         h = rec.item.header
         s = scanners.setdefault(h.scanner, ScannerSummary())
         s.frames += 1
-        if s.last_seq is not None:
-            if h.seq > s.last_seq + 1:
-                s.seq_gaps += h.seq - s.last_seq - 1
-            elif h.seq <= s.last_seq:
-                s.seq_resets += 1
-        else:
+        step = seqs.frame(h.scanner, h.seq)
+        s.seq_gaps += step.missing
+        s.seq_resets += step.reset_from is not None
+        if s.first_seq is None:
             s.first_seq = h.seq
         s.last_seq = h.seq
         if list(h.shape) not in s.shapes:

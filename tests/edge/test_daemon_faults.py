@@ -1,6 +1,7 @@
 """`thzedge run` under faults, real processes: scanner restart with a gap, stalled subscriber, SIGHUP.
 
-Helpers (process start, the protocol-only subscriber) are shared with test_daemon_e2e.py.
+Helpers (process start, the protocol-only subscriber) are in daemon_helpers.py, shared with
+test_daemon_e2e.py.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_daemon_e2e import (
+from daemon_helpers import (
     Subscriber,
     finish,
     free_port,
