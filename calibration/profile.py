@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tarfile
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import numpy as np
 
 from calibration.conditioning import ConditioningParams
-from scanner_io.errors import CalibrationError
+from scanner_io.errors import CalibrationError, DataError
+from scanner_io.recording import extract_calibration
 
 if TYPE_CHECKING:
     from scanner_io.simulator import SensorMaps
@@ -227,11 +229,6 @@ def profile_from_attachment(name: str, data: bytes) -> CalibrationProfile:
     into a temporary directory and loaded with the usual checks (format, id). Anything that is not
     a valid profile is a CalibrationError naming the attachment.
     """
-    import tarfile
-
-    from scanner_io.errors import DataError
-    from scanner_io.recording import extract_calibration
-
     with tempfile.TemporaryDirectory(prefix="thzedge-calibration-") as tmp:
         try:
             path = extract_calibration(name, data, tmp)

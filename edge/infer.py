@@ -12,15 +12,13 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edge.bundle import INPUT_SIZE
+from edge.runner import InferenceResult
+from scanner_io.dataset import load_crop, parse_crop_name
 from scanner_io.errors import DataError, ThzEdgeError
-
-if TYPE_CHECKING:
-    from edge.runner import InferenceResult
 
 PNG_SUFFIXES = (".png",)
 NPY_SUFFIXES = (".npy",)
@@ -93,8 +91,6 @@ def load_inputs(inputs: Sequence[str | Path]) -> InputBatch:
     for path in _expand(inputs):
         suffix = path.suffix.lower()
         if suffix in PNG_SUFFIXES:
-            from scanner_io.dataset import load_crop
-
             rows.append(np.asarray(load_crop(path), dtype=np.float32)[None, None])
             names.append(path.name)
             paths.append(path)
@@ -125,8 +121,6 @@ def truth_postures(batch: InputBatch) -> np.ndarray:
                 f"{name}: --routing truth needs research-named PNG crops (<id>_b<k>b_<n>.png); "
                 "use --routing predicted for .npy inputs"
             )
-    from scanner_io.dataset import parse_crop_name
-
     return np.array([parse_crop_name(p.name).posture for p in batch.paths], dtype=np.int64)
 
 

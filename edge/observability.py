@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -28,6 +29,7 @@ from prometheus_client.exposition import generate_latest
 from edge.config import split_host_port
 from scanner_io.choices import Choice
 from scanner_io.codec import DECODE_REASONS
+from scanner_io.errors import ConfigError
 
 log = logging.getLogger("thzedge.daemon")
 
@@ -337,7 +339,6 @@ def serve_http(
     family_host = host
     server_cls = ThreadingHTTPServer
     if ":" in family_host:  # IPv6 literal
-        import socket
 
         class V6Server(ThreadingHTTPServer):
             address_family = socket.AF_INET6
@@ -347,8 +348,6 @@ def serve_http(
     try:
         httpd = server_cls((host, port), Handler)
     except OSError as exc:
-        from scanner_io.errors import ConfigError
-
         raise ConfigError(
             f"[metrics] cannot bind {host}:{port}: {exc.strerror}; choose another bind"
         ) from None

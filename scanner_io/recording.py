@@ -25,10 +25,15 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+from mcap.exceptions import McapError
+from mcap.records import Attachment, Channel, Chunk, Footer, Message, Metadata
+from mcap.stream_reader import StreamReader, breakup_chunk
+from mcap.writer import CompressionType, Writer
 
 from scanner_io.codec import (
     MAX_HEADER_BYTES,
@@ -211,7 +216,6 @@ class Recorder:
         chunk_seconds: float = DEFAULT_CHUNK_SECONDS,
         fsync: bool = True,
     ) -> None:
-        from mcap.writer import CompressionType, Writer
 
         self.path = Path(path)
         self.part_path = self.path.with_name(self.path.name + PART_SUFFIX)
@@ -332,8 +336,6 @@ class Recorder:
 
 
 def _thzedge_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("thzedge")
     except PackageNotFoundError:
@@ -404,8 +406,6 @@ class RecordingReader:
 
     def items(self) -> Iterator[RecordedItem]:
         """Yield every raw-frame message in file order, then record how reading ended."""
-        from mcap.records import Channel, Chunk, Footer, Message
-        from mcap.stream_reader import StreamReader, breakup_chunk
 
         self.complete = self.truncated = False
         self.truncation = None
@@ -445,7 +445,6 @@ class RecordingReader:
 
     def _collect(self, rec: Any, keep: bool) -> None:
         """Note an attachment (its bytes too when `keep`) or a metadata record; ignore others."""
-        from mcap.records import Attachment, Metadata
 
         if isinstance(rec, Attachment) and rec.name not in self._attachment_data:
             digest = hashlib.sha256(rec.data).hexdigest()
@@ -479,9 +478,6 @@ class RecordingReader:
         The recorder writes the manifest and the calibration profile first, so a replay knows
         them before it yields anything. A torn or empty file simply yields nothing here.
         """
-        from mcap.exceptions import McapError
-        from mcap.records import Chunk, Message
-        from mcap.stream_reader import StreamReader
 
         with open(self.path, "rb") as fh:
             reader = StreamReader(fh, emit_chunks=True, record_size_limit=MAX_RECORD_BYTES)

@@ -23,17 +23,19 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import parse_qs, parse_qsl, urlencode
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from scanner_io.choices import Choice
 from scanner_io.codec import MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES, MalformedFrame, decode_frame
 from scanner_io.errors import ConfigError, FrameDecodeError, SourceUnavailableError
 from scanner_io.frame import Frame
+from scanner_io.recording import RecordingReader
 from scanner_io.seq import SeqTracker
-
-if TYPE_CHECKING:
-    from scanner_io.simulator import SensorMaps
+from scanner_io.simulator import ScannerSimulator, SensorMaps
 
 __all__ = [
     "FrameSource",
@@ -62,10 +64,8 @@ HEARTBEAT_TIMEOUT_MS = 3000
 HANDOFF_QUEUE = 4  # frames decoded ahead of the consumer
 
 
-def zmq_context() -> Any:
+def zmq_context() -> zmq.Context:
     """Return the process's one zmq Context (created on first use)."""
-    import zmq
-
     return zmq.Context.instance()
 
 
@@ -267,10 +267,6 @@ class SimSource(Source):
         scanner: str = "sim0",
     ) -> None:
         super().__init__(uri)
-        try:
-            from scanner_io.simulator import ScannerSimulator
-        except ImportError as exc:
-            raise SourceUnavailableError(f"the simulator is not available in this build: {exc}") from None
         self.live = fps is not None
         self._sim = ScannerSimulator(seed=seed, identities=identities, scanner=scanner)
         self._fps = fps
@@ -306,8 +302,6 @@ class ReplaySource(Source):
     """
 
     def __init__(self, uri: str, path: str, rate: float | None = 1.0, loop: int = 1) -> None:
-        from scanner_io.recording import RecordingReader
-
         super().__init__(uri)
         self.live = rate is not None
         self._reader = RecordingReader(path)  # raises SourceUnavailableError if missing
@@ -449,8 +443,6 @@ class ZmqSource(Source):
         self._thread.join(5)
 
     def _configure(self, sock: Any) -> None:
-        import zmq
-
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, self._hwm)
         sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
@@ -463,8 +455,6 @@ class ZmqSource(Source):
             sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
 
     def _drain_monitor(self, mon: Any, recv_monitor_message: Any) -> None:
-        import zmq
-
         while mon.poll(0):
             event = recv_monitor_message(mon)["event"]
             if event == zmq.EVENT_CONNECTED:
@@ -478,8 +468,6 @@ class ZmqSource(Source):
                 log.warning("source %s: peer disconnected; reconnecting", self.endpoint)
 
     def _run(self) -> None:
-        import zmq
-        from zmq.utils.monitor import recv_monitor_message
 
         ctx = zmq_context()
         sock = mon = None
