@@ -42,6 +42,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -444,7 +445,7 @@ def enroll_from_source(
     from calibration.conditioning import ConditioningParams, calibrate_and_condition
     from calibration.profile import resolve_profile
     from edge.bundle import Bundle
-    from scanner_io.sources import open_source
+    from scanner_io.sources import MalformedFrame, open_source
 
     bundle = Bundle.open(bundle_path)
     rows: list[np.ndarray] = []
@@ -460,22 +461,19 @@ def enroll_from_source(
         params = profile.conditioning if profile is not None else ConditioningParams()
         if conditioning is not None:
             params = conditioning.apply(params)
-        import time
-
         deadline = time.monotonic() + timeout_s
         while len(rows) < frames:
             if time.monotonic() > deadline:
                 raise ThzEdgeError(f"{source_uri}: got {len(rows)} of {frames} frames within {timeout_s:g} s")
             item = source.read(0.5)
             if item is None:
-                if getattr(source, "exhausted", False):
+                if source.exhausted:
                     raise ThzEdgeError(f"{source_uri} ended after {len(rows)} of {frames} frames")
                 continue
-            data = getattr(item, "data", None)
-            if data is None:  # a MalformedFrame: skip it, as the daemon would
-                log.warning("skipped a malformed frame: %s", getattr(item, "reason", "?"))
+            if isinstance(item, MalformedFrame):  # skip it, as the daemon would
+                log.warning("skipped a malformed frame: %s", item.reason)
                 continue
-            rows.append(calibrate_and_condition(data, profile, params))
+            rows.append(calibrate_and_condition(item.data, profile, params))
     finally:
         source.close()
     x = np.stack(rows).astype(np.float32)[:, None]
