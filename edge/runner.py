@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -94,6 +94,7 @@ class Task(Choice):
     reconstruct = "reconstruct"
 
 
+@runtime_checkable
 class ModelRunner(Protocol):
     """What running a batch needs of a runner (`Runner`, or a test's wrapper around one)."""
 

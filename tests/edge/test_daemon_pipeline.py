@@ -105,6 +105,16 @@ def collect(endpoint: str, stop: threading.Event, out: list[dict]) -> threading.
     return t
 
 
+def test_the_test_doubles_satisfy_the_pipeline_protocols(runner: Any) -> None:
+    from edge.runner import ModelRunner
+    from scanner_io.sources import FrameSource
+
+    assert isinstance(ScriptedSource([]), FrameSource)
+    for fake in (PoisonRunner(runner, np.zeros((64, 64))), HangingRunner(runner), SlowOrBrokenRunner(runner)):
+        assert isinstance(fake, ModelRunner)
+    assert isinstance(runner, ModelRunner)
+
+
 def test_frame_queue_drop_oldest_and_block() -> None:
     stop = threading.Event()
     q = FrameQueue(2, block_when_full=False)
