@@ -1,9 +1,8 @@
 """The daemon: the stage graph (`Daemon.compose`) and its lifecycle (`Daemon.run`).
 
 ```
- acquire ──► FrameQueue ──► infer ──► Outbox ──► publish
- (acquire.py)  (queues.py)   (infer.py,  (queues.py)  (publish.py)
-                              postprocess.py)
+ acquire ──► FrameQueue ──► infer ──► post-process ──► Outbox ──► publish
+ (acquire.py) (queues.py)   (infer.py) (postprocess.py) (queues.py) (publish.py)
 ```
 
 `Daemon.run()` is the main loop: it starts the stages, sends sd_notify STATUS/READY/WATCHDOG/
@@ -31,6 +30,7 @@ from edge.pipeline.acquire import AcquisitionStage, OpenRecorder, OpenSource
 from edge.pipeline.context import DaemonSettings, ModelInfo, ProcessingContext
 from edge.pipeline.infer import InferenceStage
 from edge.pipeline.metrics import Metrics
+from edge.pipeline.postprocess import PostProcessor
 from edge.pipeline.publish import Binder, PublisherStage
 from edge.pipeline.queues import Event, FrameQueue, Outbox
 from edge.pipeline.stage import Pipeline, Stage
@@ -152,9 +152,13 @@ class Daemon:
             state_version=self._state_version,
         )
         self.pipe = pipe
-        self.acquire = AcquisitionStage(pipe, self._open_source, self._open_recorder)  # source → frames
-        self.infer = InferenceStage(pipe, self.runner)  # frames → outbox
-        self.publish = PublisherStage(pipe, upstream=self.acquire, binder=self._binder)  # outbox → socket
+        # source → decode+validate, seq gaps → calibrate+condition → frames
+        self.acquire = AcquisitionStage(pipe, self._open_source, self._open_recorder)
+        # frames → encoder + decoders (edge.runner.infer_isolated) → post-process → outbox
+        post = PostProcessor(pipe, self.runner.postures)
+        self.infer = InferenceStage(pipe, self.runner, post)
+        # outbox → results socket
+        self.publish = PublisherStage(pipe, upstream=self.acquire, binder=self._binder)
         return [self.acquire, self.infer, self.publish]
 
     # -- lifecycle ----------------------------------------------------------------------------

@@ -25,11 +25,11 @@ log = logging.getLogger("thzedge.daemon")
 class InferenceStage(Stage):
     """Batches prepared frames through the model and the post-processing steps."""
 
-    def __init__(self, pipe: Pipeline, runner: ModelRunner) -> None:
+    def __init__(self, pipe: Pipeline, runner: ModelRunner, post: PostProcessor) -> None:
         super().__init__("infer", pipe)
         self.runner = runner
         self.max_batch = max(1, int(runner.max_batch))
-        self.post = PostProcessor(pipe, runner.postures)
+        self.post = post
         self._accounted = 0  # frames of the current batch already published or dropped
 
     def loop(self) -> None:
