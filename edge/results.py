@@ -253,12 +253,10 @@ class ResultPublisher:
         self.blocked_s = 0.0
 
     @staticmethod
-    def _bind(
-        ctx: zmq.Context, sock: zmq.Socket, endpoint: str, ipc_mode: int, ipc_group: str | None
-    ) -> str:
+    def _bind(ctx: zmq.Context, sock: zmq.Socket, endpoint: str, ipc_mode: int, ipc_group: str | None) -> str:
         if not endpoint.startswith("ipc://"):
             sock.bind(endpoint)
-            return sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+            return sock.getsockopt_string(zmq.LAST_ENDPOINT)
         from edge.security import EndpointSecurity
 
         # Results are biometric decisions: the daemon's own ipc protection (owner-only or one
@@ -271,7 +269,7 @@ class ResultPublisher:
         sock = self._owned.check()
         joins = 0
         # EVENTS is a cheap check; this runs once per published message.
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             msg = sock.recv(zmq.NOBLOCK)
             if msg and msg[0] == 1:
                 joins += 1

@@ -361,8 +361,8 @@ def _gid(group: str) -> int:
 
 
 def _last_endpoint(sock: zmq.Socket, fallback: str) -> str:
-    last = sock.getsockopt(zmq.LAST_ENDPOINT)
-    return last.decode() if last else fallback
+    last = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    return last or fallback
 
 
 def _write_cert(path: Path, public: bytes, secret: bytes | None, created: str, mode: int) -> None:

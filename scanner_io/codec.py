@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -118,7 +118,7 @@ def encode_frame(header: FrameHeader, array: np.ndarray) -> list[Any]:
     payloads; the caller must not mutate the array until that send's tracker is done (R-ZMQ-6).
     """
     arr = wire_array(header, array)
-    payload = memoryview(arr).cast("B").toreadonly()
+    payload = arr.data.cast("B").toreadonly()
     if payload.nbytes > MAX_PAYLOAD_BYTES:
         raise ValueError(f"payload of {payload.nbytes} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit")
     return [topic_for(header.scanner), encode_header(header), payload]
@@ -155,7 +155,7 @@ def _as_buffer(part: Any) -> memoryview:
     return view
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
