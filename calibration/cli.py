@@ -15,7 +15,7 @@ from typing import Annotated
 import cv2
 import typer
 
-from calibration.profile import CalibrationProfile, profile_carried_by
+from calibration.profile import resolve_profile
 from calibration.simulated import preview_sheet, true_profile, write_dataset
 from scanner_io.cli_common import global_options, stop_on_signals, terminal_progress
 from scanner_io.errors import ThzEdgeError
@@ -67,9 +67,7 @@ def record(
         manifest = default_manifest(source=source, extra={"frames_requested": frames, "duration_s": duration})
         # Without --calibration, attach what the source carries (a recording's own profile, the
         # simulator's true maps), so a replay is conditioned exactly as the live stream was.
-        attach: Path | CalibrationProfile | None = calibration
-        if attach is None and (carried := profile_carried_by(src)) is not None:
-            attach = carried[0]
+        attach = resolve_profile(calibration, src).profile
         recorder = Recorder(out, manifest=manifest, calibration=attach, chunk_bytes=chunk_kib * 1024)
         with stop_on_signals() as stop, terminal_progress("recording", frames) as progress:
             summary = record_source(

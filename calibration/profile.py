@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -24,7 +24,17 @@ from calibration.conditioning import ConditioningParams
 from scanner_io.errors import CalibrationError, DataError
 from scanner_io.recording import extract_calibration
 
-__all__ = ["CalibrationProfile", "PROFILE_FORMAT", "profile_from_attachment"]
+if TYPE_CHECKING:
+    from scanner_io.simulator import SensorMaps
+
+__all__ = [
+    "CalibrationProfile",
+    "PROFILE_FORMAT",
+    "ProfileChoice",
+    "profile_carried_by",
+    "profile_from_attachment",
+    "resolve_profile",
+]
 
 PROFILE_FORMAT = 1
 _JSON_NAME = "profile.json"
@@ -233,23 +243,78 @@ def profile_from_attachment(name: str, data: bytes) -> CalibrationProfile:
             raise CalibrationError(f"the recording's calibration attachment {name!r}: {exc}") from exc
 
 
-def profile_carried_by(source: Any) -> tuple[CalibrationProfile, str] | None:
+class ProfileCarrier(Protocol):
+    """Anything that may carry its own calibration: a frame source, a recording being read."""
+
+    def calibration(self) -> tuple[str, bytes] | None:
+        """Return the embedded profile attachment (name, bytes), if there is one."""
+        ...
+
+    def sensor_maps(self) -> SensorMaps | None:
+        """Return the sensor's true maps (only the simulator knows them), else None."""
+        ...
+
+
+class ProfileChoice(NamedTuple):
+    """The calibration that conditions a stream, and where it came from (for the log)."""
+
+    profile: CalibrationProfile | None  # None: identity calibration (uncorrected frames)
+    origin: str
+
+    @property
+    def calibration_id(self) -> str:
+        """The id stamped on results: the profile's id, or `identity`."""
+        return self.profile.profile_id if self.profile is not None else "identity"
+
+
+CONFIGURED = "the configured calibration profile"
+NO_PROFILE = "no calibration profile (identity calibration)"
+
+
+def profile_carried_by(source: ProfileCarrier) -> tuple[CalibrationProfile, str] | None:
     """Return (profile, origin) when a frame source carries its own calibration, else None.
 
     A replayed recording may embed the profile it was taken with (R-REC-2); the simulator knows
-    its sensor's true maps. The daemon and enrolment both call this when no profile is
-    configured, so what is enrolled and what is streamed go through identical conditioning.
-    A recording whose attachment is not a valid profile raises CalibrationError.
+    its sensor's true maps. A recording whose attachment is not a valid profile raises
+    CalibrationError.
     """
-    attached = source.calibration() if callable(getattr(source, "calibration", None)) else None
+    attached = source.calibration()
     if attached is not None:
         return profile_from_attachment(*attached), "the recording's embedded calibration profile"
-    maps = source.sensor_maps() if callable(getattr(source, "sensor_maps", None)) else None
+    maps = source.sensor_maps()
     if maps is not None:
+        # calibration.simulated builds on this module (and imports OpenCV): import it on use.
         from calibration.simulated import profile_from_sensor_maps
 
         return profile_from_sensor_maps(maps), "the simulator's true sensor maps"
     return None
+
+
+def resolve_profile(
+    configured: CalibrationProfile | str | os.PathLike[str] | None,
+    source: ProfileCarrier | None = None,
+    carried: ProfileChoice | None = None,
+) -> ProfileChoice:
+    """Decide which profile conditions a stream: configured, else carried by the source, else none.
+
+    The one rule of the daemon, enrolment, `thzedge record` and INT8 calibration from
+    recordings, so all of them condition a scanner's frames alike. `carried` is what was read off
+    the source already (the daemon reads it once, in the thread that owns the source). A bad
+    configured profile or a bad attachment raises CalibrationError.
+    """
+    if configured is not None:
+        profile = (
+            configured
+            if isinstance(configured, CalibrationProfile)
+            else CalibrationProfile.load(Path(configured))
+        )
+        return ProfileChoice(profile, CONFIGURED)
+    if carried is not None:
+        return carried
+    found = profile_carried_by(source) if source is not None else None
+    if found is not None:
+        return ProfileChoice(*found)
+    return ProfileChoice(None, NO_PROFILE)
 
 
 def _atomic_write(target: Path, write: Any) -> None:

@@ -22,7 +22,6 @@ import numpy as np
 
 from edge.bundle import Bundle
 from edge.evaluation import row_cosine
-from edge.infer import run_batched
 from edge.runner import Runner
 from scanner_io.dataset import load_crop
 from scanner_io.errors import ThzEdgeError
@@ -124,7 +123,7 @@ def bench_model(
 
 
 def _infer_all(runner: Any, x: np.ndarray) -> Any:
-    return run_batched(runner, x, reconstruct=False)
+    return runner.infer(x, reconstruct=False)
 
 
 def render_bench(rows: Sequence[BenchRow]) -> str:

@@ -18,12 +18,14 @@ from edge.bundle import Precision, demo_bundle_path
 from edge.config import load_config
 from edge.evaluation import Routing, evaluate
 from edge.gallery import Gallery, enroll_from_inputs, enroll_from_source
-from edge.infer import load_inputs, run_batched, save_results, truth_postures
+from edge.infer import load_inputs, save_results, truth_postures
+from edge.pipeline.assemble import RunOptions, run_daemon
 from edge.runner import Runner
 from edge.security import generate_keys, load_keypair
 from scanner_io.cli_common import global_options, split_choices
 from scanner_io.errors import ThzEdgeError
 from scanner_io.frame import POSTURES
+from scanner_io.sources import split_queue_mode
 
 
 def register(app: typer.Typer) -> None:
@@ -78,7 +80,7 @@ def infer_command(
     reconstruct = not no_reconstruction
     postures = truth_postures(batch) if reconstruct and routing is Routing.truth else None
     with Runner.from_bundle(model, backend=backend, precision=precision.value) as runner:
-        outputs = run_batched(runner, batch.x, reconstruct=reconstruct, postures=postures)
+        outputs = runner.infer(batch.x, reconstruct=reconstruct, postures=postures)
         names = runner.postures
     path = save_results(out, outputs, batch.names)
     counts = ", ".join(f"{n} {int((outputs.posture == k).sum())}" for k, n in enumerate(names))
@@ -137,7 +139,6 @@ def run_command(
     ] = False,
 ) -> None:
     """Stream frames through the model and publish results until the source ends or a signal stops it."""
-    from edge.daemon import RunOptions, run_daemon
 
     opts = global_options(ctx)
     summary = run_daemon(
@@ -254,7 +255,6 @@ def enroll_command(
     ] = False,
 ) -> None:
     """Enrol one identity into a gallery from conditioned crops or from raw frames of a source."""
-    from edge.daemon import split_queue_mode
 
     if not identity:
         raise ThzEdgeError("--identity NAME is required")

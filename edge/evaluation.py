@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge.infer import run_batched
 from scanner_io.choices import Choice
 from scanner_io.dataset import load_crop, parse_crop_name, read_triplets
 from scanner_io.errors import DataError, ThzEdgeError
@@ -418,15 +417,14 @@ def collect_outputs(
     recon_pairs = np.unique(triplets[:, :2], axis=0)
 
     t0 = time.perf_counter()
-    anchor_out = run_batched(
-        runner,
+    anchor_out = runner.infer(
         images[:n_anchors],
         reconstruct=True,
         postures=truth[:n_anchors] if routing == "truth" else None,
     )
     parts = [anchor_out]
     if len(paths) > n_anchors:
-        parts.append(run_batched(runner, images[n_anchors:], reconstruct=False))
+        parts.append(runner.infer(images[n_anchors:], reconstruct=False))
     inference_s = time.perf_counter() - t0
     assert anchor_out.reconstruction is not None
     return EvalOutputs(

@@ -51,14 +51,14 @@ from typing import Any
 import numpy as np
 
 from calibration.conditioning import ConditioningParams, calibrate_and_condition
-from calibration.profile import CalibrationProfile, profile_carried_by
+from calibration.profile import resolve_profile
 from edge.bundle import Bundle
 from edge.infer import load_inputs
 from edge.runner import Runner
 from scanner_io.choices import Choice
 from scanner_io.errors import ConfigError, DataError, ThzEdgeError
 from scanner_io.frame import POSTURES
-from scanner_io.sources import open_source
+from scanner_io.sources import MalformedFrame, open_source
 
 log = logging.getLogger("thzedge.gallery")
 
@@ -446,19 +446,16 @@ def enroll_from_source(
     """Capture `frames` raw frames from a source, calibrate and condition them exactly as the
     daemon does (`calibrate_and_condition` with the scanner's profile), and enrol them."""
     bundle = Bundle.open(bundle_path)
-    profile = CalibrationProfile.load(calibration) if calibration is not None else None
     rows: list[np.ndarray] = []
     source = open_source(source_uri)
     try:
-        if profile is None:  # as the daemon does: what the source carries, else identity
-            carried = profile_carried_by(source)
-            if carried is not None:
-                profile, origin = carried
-                log.info("no calibration profile given: using %s (profile %s)", origin, profile.profile_id)
-            else:
-                log.warning(
-                    "no calibration profile given: enrolling uncorrected frames (identity calibration)"
-                )
+        # As the daemon decides: configured, else what the source carries, else identity.
+        choice = resolve_profile(calibration, source)
+        profile = choice.profile
+        if profile is None:
+            log.warning("no calibration profile given: enrolling uncorrected frames (identity calibration)")
+        elif calibration is None:
+            log.info("no calibration profile given: using %s (profile %s)", choice.origin, profile.profile_id)
         params = profile.conditioning if profile is not None else ConditioningParams()
         if conditioning is not None:
             params = conditioning.apply(params)
@@ -468,14 +465,13 @@ def enroll_from_source(
                 raise ThzEdgeError(f"{source_uri}: got {len(rows)} of {frames} frames within {timeout_s:g} s")
             item = source.read(0.5)
             if item is None:
-                if getattr(source, "exhausted", False):
+                if source.exhausted:
                     raise ThzEdgeError(f"{source_uri} ended after {len(rows)} of {frames} frames")
                 continue
-            data = getattr(item, "data", None)
-            if data is None:  # a MalformedFrame: skip it, as the daemon would
-                log.warning("skipped a malformed frame: %s", getattr(item, "reason", "?"))
+            if isinstance(item, MalformedFrame):  # skip it, as the daemon would
+                log.warning("skipped a malformed frame: %s", item.reason)
                 continue
-            rows.append(calibrate_and_condition(data, profile, params))
+            rows.append(calibrate_and_condition(item.data, profile, params))
     finally:
         source.close()
     x = np.stack(rows).astype(np.float32)[:, None]
@@ -500,13 +496,12 @@ def _encode_and_enroll(
     _check_identity(identity)
     runner = Runner.from_bundle(bundle, backend=backend, precision=precision)
     try:
-        step = max(1, int(runner.max_batch))
-        encs = [runner.encode(x[i : i + step]) for i in range(0, len(x), step)]
+        out = runner.infer(x, reconstruct=False)
     finally:
         runner.close()
-    embs = np.concatenate([np.asarray(e.embedding, np.float32) for e in encs])
+    embs = np.asarray(out.embedding, np.float32)
     # Each reference keeps its predicted posture (as the daemon predicts a probe's) for matching.
-    postures = np.concatenate([np.asarray(e.posture_logits).argmax(axis=1) for e in encs])
+    postures = out.posture
     gallery.enroll(identity, embs, replace=replace, postures=postures)
     gallery.save(gallery_path)
     return gallery, int(x.shape[0])

@@ -12,15 +12,13 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edge.bundle import INPUT_SIZE
+from edge.runner import InferenceResult
+from scanner_io.dataset import load_crop, parse_crop_name
 from scanner_io.errors import DataError, ThzEdgeError
-
-if TYPE_CHECKING:
-    from edge.runner import Runner
 
 PNG_SUFFIXES = (".png",)
 NPY_SUFFIXES = (".npy",)
@@ -33,17 +31,6 @@ class InputBatch:
     x: np.ndarray
     names: list[str]
     paths: list[Path]  # the file each row came from (an .npy file gives several rows)
-
-
-@dataclass(frozen=True)
-class BatchOutputs:
-    """Runner outputs for a whole input set, concatenated over batches."""
-
-    embedding: np.ndarray  # [N, D] float32
-    posture_logits: np.ndarray  # [N, 5] float32
-    posture: np.ndarray  # [N] int64, argmax of the logits
-    confidence: np.ndarray  # [N] float32, softmax probability of `posture`
-    reconstruction: np.ndarray | None  # [N, 1, 64, 64] float32, or None when switched off
 
 
 def _expand(inputs: Sequence[str | Path]) -> list[Path]:
@@ -104,8 +91,6 @@ def load_inputs(inputs: Sequence[str | Path]) -> InputBatch:
     for path in _expand(inputs):
         suffix = path.suffix.lower()
         if suffix in PNG_SUFFIXES:
-            from scanner_io.dataset import load_crop
-
             rows.append(np.asarray(load_crop(path), dtype=np.float32)[None, None])
             names.append(path.name)
             paths.append(path)
@@ -136,37 +121,10 @@ def truth_postures(batch: InputBatch) -> np.ndarray:
                 f"{name}: --routing truth needs research-named PNG crops (<id>_b<k>b_<n>.png); "
                 "use --routing predicted for .npy inputs"
             )
-    from scanner_io.dataset import parse_crop_name
-
     return np.array([parse_crop_name(p.name).posture for p in batch.paths], dtype=np.int64)
 
 
-def run_batched(
-    runner: Runner, x: np.ndarray, reconstruct: bool = True, postures: np.ndarray | None = None
-) -> BatchOutputs:
-    """Run the runner over x in chunks of its max batch and concatenate the results."""
-    n = int(x.shape[0])
-    step = max(1, int(getattr(runner, "max_batch", 0) or 32))
-    parts = []
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        sub = None if postures is None else np.asarray(postures[start:stop], dtype=np.int64)
-        parts.append(runner.infer(x[start:stop], reconstruct=reconstruct, postures=sub))
-    if not parts:
-        raise ThzEdgeError("nothing to run: the input batch is empty")
-    recon = None
-    if reconstruct:
-        recon = np.concatenate([np.asarray(p.reconstruction, dtype=np.float32) for p in parts])
-    return BatchOutputs(
-        embedding=np.concatenate([np.asarray(p.embedding, dtype=np.float32) for p in parts]),
-        posture_logits=np.concatenate([np.asarray(p.posture_logits, dtype=np.float32) for p in parts]),
-        posture=np.concatenate([np.asarray(p.posture, dtype=np.int64) for p in parts]),
-        confidence=np.concatenate([np.asarray(p.confidence, dtype=np.float32) for p in parts]),
-        reconstruction=recon,
-    )
-
-
-def save_results(out: Path, outputs: BatchOutputs, names: Sequence[str]) -> Path:
+def save_results(out: Path, outputs: InferenceResult, names: Sequence[str]) -> Path:
     """Write the outputs to an .npz atomically (temp file + rename) and return its path.
 
     Keys: embedding, posture_logits, posture, confidence, names and, when run, reconstruction.
@@ -186,7 +144,9 @@ def save_results(out: Path, outputs: BatchOutputs, names: Sequence[str]) -> Path
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else ".")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)  # a file object keeps the name as given (no ".npz" appended)
+            np.savez(
+                f, allow_pickle=False, **arrays
+            )  # a file object keeps the name as given (no ".npz" appended)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -26,13 +27,42 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, E
 from prometheus_client.exposition import generate_latest
 
 from edge.config import split_host_port
+from scanner_io.choices import Choice
+from scanner_io.codec import DECODE_REASONS
+from scanner_io.errors import ConfigError
 
 log = logging.getLogger("thzedge.daemon")
 
 # Known reasons are pre-created at 0 so dashboards and alerts see the series before the first drop.
 DROP_REASONS = ("queue_full", "stale", "malformed", "upstream_gap", "task_error", "shutdown")
-MALFORMED_REASONS = ("truncated", "bad_header", "bad_version", "bad_dtype", "size_mismatch")
-STAGES = ("queue_wait", "decode", "calibrate", "condition", "infer", "postprocess", "publish")
+
+
+class Stage(Choice):
+    """A timed step of the frame's way: its key in a result's `latency_ms` (docs/protocol.md) and
+    the `stage` label it is observed under in `thzedge_stage_duration_seconds` (`metric`).
+
+    The metric is coarser than the result: encoder time is `infer`; gallery verification and the
+    decoders together are `postprocess`.
+    """
+
+    metric: str
+
+    def __new__(cls, key: str, metric: str) -> Stage:
+        member = str.__new__(cls, key)
+        member._value_ = key
+        member.metric = metric
+        return member
+
+    queue = ("queue", "queue_wait")
+    condition = ("condition", "condition")
+    encoder = ("encode", "infer")  # not `encode`: that name is str.encode
+    verify = ("verify", "postprocess")
+    reconstruct = ("reconstruct", "postprocess")
+    publish = ("publish", "publish")
+
+
+# The `stage` labels of thzedge_stage_duration_seconds, in the order of the frame's way.
+STAGE_METRICS: tuple[str, ...] = tuple(dict.fromkeys(s.metric for s in Stage))
 RESULT_STATUSES = ("ok", "partial", "error")
 SOURCE_STATES = ("up", "stalled", "down", "ended")
 DAEMON_STATES = (
@@ -136,11 +166,11 @@ class DaemonMetrics:
 
         for reason in DROP_REASONS:
             self.frames_dropped.labels(reason)
-        for reason in MALFORMED_REASONS:
+        for reason in DECODE_REASONS:
             self.frames_malformed.labels(reason)
         for status in RESULT_STATUSES:
             self.results_published.labels(status)
-        for stage in STAGES:
+        for stage in STAGE_METRICS:
             self.stage_latency.labels(stage)
         self.state.state("starting")
         self.source_state.state("down")
@@ -236,7 +266,9 @@ class MetricsServer:
     def __init__(self, httpd: ThreadingHTTPServer, thread: threading.Thread) -> None:
         self._httpd = httpd
         self._thread = thread
-        self.host, self.port = httpd.server_address[:2]
+        host, port = httpd.server_address[:2]
+        self.host = host.decode() if isinstance(host, bytes) else str(host)
+        self.port = int(port)
 
     @property
     def url(self) -> str:
@@ -263,7 +295,11 @@ def serve_http(
 ) -> MetricsServer:
     """Serve /metrics, /healthz and /readyz on `bind` ("127.0.0.1:9464"; port 0 picks one)."""
     host, port = split_host_port(bind) if isinstance(bind, str) else bind
-    health_fn = health_fn or (lambda: Health(alive=True, ready=bool(metrics.value("thzedge_ready"))))
+
+    def default_health() -> Health:
+        return Health(alive=True, ready=bool(metrics.value("thzedge_ready")))
+
+    check_health = health_fn if health_fn is not None else default_health
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "thzedge"
@@ -275,7 +311,7 @@ def serve_http(
                 self._send(200, metrics.render(), CONTENT_TYPE_LATEST)
             elif path in ("/healthz", "/readyz"):
                 try:
-                    health = health_fn()
+                    health = check_health()
                 except Exception as exc:  # a failing health check is itself unhealthy
                     health = Health(alive=False, ready=False, state="failed", detail=type(exc).__name__)
                 ok = health.alive if path == "/healthz" else health.alive and health.ready
@@ -303,7 +339,6 @@ def serve_http(
     family_host = host
     server_cls = ThreadingHTTPServer
     if ":" in family_host:  # IPv6 literal
-        import socket
 
         class V6Server(ThreadingHTTPServer):
             address_family = socket.AF_INET6
@@ -313,8 +348,6 @@ def serve_http(
     try:
         httpd = server_cls((host, port), Handler)
     except OSError as exc:
-        from scanner_io.errors import ConfigError
-
         raise ConfigError(
             f"[metrics] cannot bind {host}:{port}: {exc.strerror}; choose another bind"
         ) from None

@@ -34,7 +34,6 @@ from edge.evaluation import (
     threshold_at_eer,
     threshold_at_far,
 )
-from edge.infer import run_batched
 from edge.runner import Runner
 from scanner_io.errors import ThzEdgeError
 
@@ -187,10 +186,10 @@ def _line(group: str, name: str, ref: float | None, cand: float | None, limit: s
 def _timed_fps(runner: Any, images: np.ndarray, batch: int, seconds: float) -> float:
     """Frames/s of encoder + routed decoder over `images` at `batch`, after one warm-up batch."""
     x = images[:batch] if len(images) >= batch else np.resize(images, (batch, *images.shape[1:]))
-    run_batched(runner, x, reconstruct=True)
+    runner.infer(x, reconstruct=True)
     n, t0 = 0, time.perf_counter()
     while True:
-        run_batched(runner, x, reconstruct=True)
+        runner.infer(x, reconstruct=True)
         n += len(x)
         if time.perf_counter() - t0 >= seconds:
             break
@@ -293,7 +292,7 @@ def run_gate(
         fast = Runner.from_bundle(bundle, backend="ort", precision=precision, optimize=True)
         try:
             sub = ref.images[: min(len(ref.images), 64)]
-            fast_out = run_batched(fast, sub, reconstruct=False)
+            fast_out = fast.infer(sub, reconstruct=False)
             checked = cand.embedding[: len(sub)]
             fcos = row_cosine(checked, fast_out.embedding)
             fagree = float(np.mean(fast_out.posture == cand.posture[: len(sub)]))

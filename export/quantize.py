@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from calibration.conditioning import calibrate_and_condition
-from calibration.profile import CalibrationProfile, profile_from_attachment
+from calibration.profile import CalibrationProfile, resolve_profile
 from edge.bundle import MANIFEST_NAME, Bundle, Precision, file_entry, save_manifest, sha256_file
 from export.bundle_writer import add_variant as write_variant
 from export.bundle_writer import set_accuracy_gate
@@ -308,10 +308,8 @@ def _calibration_from_mcap(
     for f in files:
         reader = RecordingReader(f)
         raw = [rec.item.data for rec in reader if not isinstance(rec.item, MalformedFrame)]
-        prof = given
-        attached = reader.calibration() if given is None else None
-        if attached is not None:
-            prof = profile_from_attachment(*attached)
+        # The daemon's rule: the given profile, else the one the recording carries, else none.
+        prof = resolve_profile(given, reader).profile
         if prof is None:
             log.warning(
                 "%s has no calibration profile attached and no --profile was given: its frames are "

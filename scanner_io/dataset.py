@@ -118,7 +118,7 @@ def load_crop(path: str | Path, size: int = CROP_SIZE) -> np.ndarray:
     else:
         raise DataError(f"crop {path} has pixel type {img.dtype}; expected 8- or 16-bit grayscale")
     if out.shape != (size, size):
-        out = cv2.resize(out, (size, size), interpolation=cv2.INTER_LINEAR)
+        out = np.asarray(cv2.resize(out, (size, size), interpolation=cv2.INTER_LINEAR), dtype=np.float32)
     return out
 
 

@@ -25,10 +25,15 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+from mcap.exceptions import McapError
+from mcap.records import Attachment, Channel, Chunk, Footer, Message, Metadata
+from mcap.stream_reader import StreamReader, breakup_chunk
+from mcap.writer import CompressionType, Writer
 
 from scanner_io.codec import (
     MAX_HEADER_BYTES,
@@ -43,6 +48,7 @@ from scanner_io.codec import (
 )
 from scanner_io.errors import DataError, FrameDecodeError, SourceUnavailableError
 from scanner_io.frame import Frame
+from scanner_io.seq import SeqTracker
 
 RAW_ENCODING = "thz-raw/v1"
 RAW_SCHEMA_NAME = "thzedge.RawFrame"
@@ -88,7 +94,7 @@ def pack_frame(frame: Frame) -> bytes:
     """Return the thz-raw/v1 message body of a frame (length-prefixed header JSON + payload)."""
     header = encode_header(frame.header)
     payload = wire_array(frame.header, np.asarray(frame.data))
-    return b"".join((_LEN.pack(len(header)), header, memoryview(payload).cast("B")))
+    return b"".join((_LEN.pack(len(header)), header, payload.data.cast("B")))
 
 
 def unpack_frame(data: bytes | memoryview) -> Frame:
@@ -210,7 +216,6 @@ class Recorder:
         chunk_seconds: float = DEFAULT_CHUNK_SECONDS,
         fsync: bool = True,
     ) -> None:
-        from mcap.writer import CompressionType, Writer
 
         self.path = Path(path)
         self.part_path = self.path.with_name(self.path.name + PART_SUFFIX)
@@ -331,8 +336,6 @@ class Recorder:
 
 
 def _thzedge_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("thzedge")
     except PackageNotFoundError:
@@ -403,8 +406,6 @@ class RecordingReader:
 
     def items(self) -> Iterator[RecordedItem]:
         """Yield every raw-frame message in file order, then record how reading ended."""
-        from mcap.records import Channel, Chunk, Footer, Message
-        from mcap.stream_reader import StreamReader, breakup_chunk
 
         self.complete = self.truncated = False
         self.truncation = None
@@ -444,7 +445,6 @@ class RecordingReader:
 
     def _collect(self, rec: Any, keep: bool) -> None:
         """Note an attachment (its bytes too when `keep`) or a metadata record; ignore others."""
-        from mcap.records import Attachment, Metadata
 
         if isinstance(rec, Attachment) and rec.name not in self._attachment_data:
             digest = hashlib.sha256(rec.data).hexdigest()
@@ -478,9 +478,6 @@ class RecordingReader:
         The recorder writes the manifest and the calibration profile first, so a replay knows
         them before it yields anything. A torn or empty file simply yields nothing here.
         """
-        from mcap.exceptions import McapError
-        from mcap.records import Chunk, Message
-        from mcap.stream_reader import StreamReader
 
         with open(self.path, "rb") as fh:
             reader = StreamReader(fh, emit_chunks=True, record_size_limit=MAX_RECORD_BYTES)
@@ -497,6 +494,10 @@ class RecordingReader:
         for info in self.attachments:
             if info.media_type == CALIBRATION_MEDIA_TYPE and info.name in self._attachment_data:
                 return info.name, self._attachment_data[info.name]
+        return None
+
+    def sensor_maps(self) -> None:
+        """A recording stores a built calibration profile, never the sensor's true maps: None."""
         return None
 
 
@@ -580,19 +581,30 @@ def recording_info(path: str | os.PathLike[str]) -> RecordingInfo:
     reader = RecordingReader(path)
     reader.keep_attachments = False
     scanners: dict[str, ScannerSummary] = {}
+    seqs = SeqTracker()
+    events_seen = 0
     first_t = last_t = None
     for rec in reader:
+        # Malformed messages the recorder noted as events come before this frame in file order:
+        # they use up seqs exactly as they did for the live consumer (scanner_io.seq).
+        for event in reader.events[events_seen:]:
+            if event.get("kind") == "malformed":
+                seq = event.get("seq")
+                scanner = event.get("scanner")
+                seqs.malformed(
+                    scanner if isinstance(scanner, str) else None, seq if isinstance(seq, int) else None
+                )
+        events_seen = len(reader.events)
         if not isinstance(rec.item, Frame):
+            seqs.malformed(rec.item.scanner, rec.item.seq)
             continue
         h = rec.item.header
         s = scanners.setdefault(h.scanner, ScannerSummary())
         s.frames += 1
-        if s.last_seq is not None:
-            if h.seq > s.last_seq + 1:
-                s.seq_gaps += h.seq - s.last_seq - 1
-            elif h.seq <= s.last_seq:
-                s.seq_resets += 1
-        else:
+        step = seqs.frame(h.scanner, h.seq)
+        s.seq_gaps += step.missing
+        s.seq_resets += step.reset_from is not None
+        if s.first_seq is None:
             s.first_seq = h.seq
         s.last_seq = h.seq
         if list(h.shape) not in s.shapes:

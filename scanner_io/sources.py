@@ -23,24 +23,31 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs
+from typing import Any, Protocol, runtime_checkable
+from urllib.parse import parse_qs, parse_qsl, urlencode
 
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from scanner_io.choices import Choice
 from scanner_io.codec import MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES, MalformedFrame, decode_frame
 from scanner_io.errors import ConfigError, FrameDecodeError, SourceUnavailableError
 from scanner_io.frame import Frame
-
-if TYPE_CHECKING:
-    from scanner_io.simulator import SensorMaps
+from scanner_io.recording import RecordingReader
+from scanner_io.seq import SeqTracker
+from scanner_io.simulator import ScannerSimulator, SensorMaps
 
 __all__ = [
+    "FrameSource",
     "MalformedFrame",
+    "QueuePolicy",
     "ReplaySource",
     "SimSource",
     "Source",
     "SourceStats",
     "ZmqSource",
     "open_source",
+    "split_queue_mode",
     "zmq_context",
 ]
 
@@ -57,10 +64,8 @@ HEARTBEAT_TIMEOUT_MS = 3000
 HANDOFF_QUEUE = 4  # frames decoded ahead of the consumer
 
 
-def zmq_context() -> Any:
+def zmq_context() -> zmq.Context:
     """Return the process's one zmq Context (created on first use)."""
-    import zmq
-
     return zmq.Context.instance()
 
 
@@ -92,30 +97,67 @@ class SourceStats:
         }
 
 
-class _SeqTracker:
-    """Counts gaps in each scanner's seq; a seq that does not increase is a scanner restart."""
+@runtime_checkable
+class FrameSource(Protocol):
+    """What a consumer (the daemon, enrolment, the recorder) needs of a frame source."""
 
-    def __init__(self, stats: SourceStats) -> None:
-        self._last: dict[str, int] = {}
-        self._stats = stats
+    live: bool  # True: the consumer drops oldest when behind; False: lockstep, nothing dropped
 
-    def observe(self, item: Frame | MalformedFrame) -> None:
-        if isinstance(item, MalformedFrame):
-            self._stats.malformed[item.reason] = self._stats.malformed.get(item.reason, 0) + 1
-            # A rejected frame with a readable seq still occupies its place in the sequence.
-            if item.scanner is None or item.seq is None:
-                return
-            scanner, seq = item.scanner, item.seq
-        else:
-            self._stats.received += 1
-            scanner, seq = item.header.scanner, item.header.seq
-        last = self._last.get(scanner)
-        if last is not None:
-            if seq > last + 1:
-                self._stats.upstream_gaps += seq - last - 1
-            elif seq <= last:
-                self._stats.seq_resets += 1
-        self._last[scanner] = seq
+    def read(self, timeout_s: float) -> Frame | MalformedFrame | None:
+        """Return the next frame, a rejected message, or None if nothing came within timeout_s."""
+        ...
+
+    @property
+    def exhausted(self) -> bool:
+        """True once a finite source has delivered everything."""
+        ...
+
+    @property
+    def state(self) -> str:
+        """One of "up", "stalled", "down", "ended"."""
+        ...
+
+    def calibration(self) -> tuple[str, bytes] | None:
+        """Return the calibration profile attachment (name, bytes) the source carries, else None."""
+        ...
+
+    def sensor_maps(self) -> SensorMaps | None:
+        """Return the sensor's true maps if the source knows them (the simulator), else None."""
+        ...
+
+    def close(self) -> None:
+        """Release the source; safe to call twice."""
+        ...
+
+
+class QueuePolicy(Choice):
+    """What the consumer's bounded queue does when full: follow the source, block, or drop oldest."""
+
+    auto = "auto"  # live source → drop_oldest, lockstep source → block
+    block = "block"
+    drop_oldest = "drop_oldest"
+
+
+def split_queue_mode(uri: str) -> tuple[str, QueuePolicy]:
+    """Take the consumer's own `mode=live|lockstep` parameter off a tcp:// or ipc:// source URI.
+
+    A ZeroMQ source is live by default (drop oldest when the consumer falls behind). With
+    `mode=lockstep` the daemon's queue blocks instead, the PULL socket stops reading and the
+    scanner (e.g. `thzedge scanner serve --rate max`) blocks in turn: nothing is dropped end to
+    end. Returns (URI without the parameter, queue policy).
+    """
+    if not uri.startswith(("tcp://", "ipc://")) or "?" not in uri:
+        return uri, QueuePolicy.auto
+    base, _, query = uri.partition("?")
+    params = parse_qsl(query, keep_blank_values=True)
+    modes = [v for k, v in params if k == "mode"]
+    if not modes:
+        return uri, QueuePolicy.auto
+    if modes[-1] not in ("live", "lockstep"):
+        raise ConfigError(f"source {uri!r}: mode={modes[-1]!r}; expected mode=live or mode=lockstep")
+    rest = [(k, v) for k, v in params if k != "mode"]
+    policy = QueuePolicy.block if modes[-1] == "lockstep" else QueuePolicy.drop_oldest
+    return base + ("?" + urlencode(rest) if rest else ""), policy
 
 
 class Source(ABC):
@@ -127,12 +169,27 @@ class Source(ABC):
     def __init__(self, uri: str) -> None:
         self.uri = uri
         self.stats = SourceStats()
-        self._seq = _SeqTracker(self.stats)
+        self._seq = SeqTracker()
         self._closed = False
 
     @abstractmethod
     def read(self, timeout_s: float) -> Frame | MalformedFrame | None:
         """Return the next frame, a rejected message, or None if nothing came within timeout_s."""
+
+    def _observe(self, item: Frame | MalformedFrame) -> None:
+        """Count one delivered item in `stats` (seq gaps and resets by the one `SeqTracker` rule)."""
+        if isinstance(item, MalformedFrame):
+            self.stats.malformed[item.reason] = self.stats.malformed.get(item.reason, 0) + 1
+            self._seq.malformed(item.scanner, item.seq)
+        else:
+            self.stats.received += 1
+            self._seq.frame(item.header.scanner, item.header.seq)
+        self.stats.upstream_gaps = self._seq.gaps
+        self.stats.seq_resets = self._seq.resets
+
+    def calibration(self) -> tuple[str, bytes] | None:
+        """Return the calibration profile attachment (name, bytes) the source carries, else None."""
+        return None
 
     @property
     def exhausted(self) -> bool:
@@ -210,10 +267,6 @@ class SimSource(Source):
         scanner: str = "sim0",
     ) -> None:
         super().__init__(uri)
-        try:
-            from scanner_io.simulator import ScannerSimulator
-        except ImportError as exc:
-            raise SourceUnavailableError(f"the simulator is not available in this build: {exc}") from None
         self.live = fps is not None
         self._sim = ScannerSimulator(seed=seed, identities=identities, scanner=scanner)
         self._fps = fps
@@ -232,7 +285,7 @@ class SimSource(Source):
             return None
         frame = self._sim.next_frame()
         self._count += 1
-        self._seq.observe(frame)
+        self._observe(frame)
         return frame
 
     def sensor_maps(self) -> SensorMaps:
@@ -249,8 +302,6 @@ class ReplaySource(Source):
     """
 
     def __init__(self, uri: str, path: str, rate: float | None = 1.0, loop: int = 1) -> None:
-        from scanner_io.recording import RecordingReader
-
         super().__init__(uri)
         self.live = rate is not None
         self._reader = RecordingReader(path)  # raises SourceUnavailableError if missing
@@ -325,7 +376,7 @@ class ReplaySource(Source):
                 return None
             self._last_offset_s = offset
         self._pending = None
-        self._seq.observe(rec.item)
+        self._observe(rec.item)
         return rec.item
 
 
@@ -392,8 +443,6 @@ class ZmqSource(Source):
         self._thread.join(5)
 
     def _configure(self, sock: Any) -> None:
-        import zmq
-
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, self._hwm)
         sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
@@ -406,8 +455,6 @@ class ZmqSource(Source):
             sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
 
     def _drain_monitor(self, mon: Any, recv_monitor_message: Any) -> None:
-        import zmq
-
         while mon.poll(0):
             event = recv_monitor_message(mon)["event"]
             if event == zmq.EVENT_CONNECTED:
@@ -421,8 +468,6 @@ class ZmqSource(Source):
                 log.warning("source %s: peer disconnected; reconnecting", self.endpoint)
 
     def _run(self) -> None:
-        import zmq
-        from zmq.utils.monitor import recv_monitor_message
 
         ctx = zmq_context()
         sock = mon = None
@@ -469,7 +514,7 @@ class ZmqSource(Source):
                     log.warning(
                         "source %s: rejected message (%s): %s", self.endpoint, item.reason, item.message
                     )
-                self._seq.observe(item)
+                self._observe(item)
                 try:
                     self._queue.put_nowait(item)
                 except queue.Full:

@@ -1,6 +1,7 @@
 """`thzedge run` under faults, real processes: scanner restart with a gap, stalled subscriber, SIGHUP.
 
-Helpers (process start, the protocol-only subscriber) are shared with test_daemon_e2e.py.
+Helpers (process start, the protocol-only subscriber) are in daemon_helpers.py, shared with
+test_daemon_e2e.py.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_daemon_e2e import (
+from daemon_helpers import (
     Subscriber,
     finish,
     free_port,
@@ -54,6 +55,11 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+def source_states(sub: Subscriber, since: int) -> set[str]:
+    """The source states the daemon's `state` events reported, from event `since` on."""
+    return {e["source"] for e in sub.events[since:] if e["kind"] == "state"}
+
+
 def test_scanner_killed_and_restarted_reconnects_and_counts_the_gap(bundle_dir: Path, tmp_path: Path) -> None:
     rec1 = write_recording(tmp_path / "a.mcap", range(0, 60))
     rec2 = write_recording(tmp_path / "b.mcap", range(70, 400))  # seq 60..69 never arrive
@@ -70,15 +76,21 @@ def test_scanner_killed_and_restarted_reconnects_and_counts_the_gap(bundle_dir: 
         sub.pump(60, until=lambda s: len(s.results) >= 15)
         emu1.kill()  # SIGKILL mid-stream: no goodbye, frames in flight are lost
         emu1.wait()
-        sub.pump(1.5)
+        killed_at = len(sub.events)
+        # The daemon notices: a state event after the kill reports the source down or stalled.
+        sub.pump(60, until=lambda s: bool(source_states(s, killed_at) & {"down", "stalled"}))
         assert daemon.poll() is None  # no process restart
-        down_states = {e["source"] for e in sub.events if e["kind"] == "state"}
+        down_states = source_states(sub, 0)
         emu2 = thzedge("scanner", "serve", "--source", f"replay:{rec2}", "--bind", bind, "--rate", "40")
         sub.pump(60, until=lambda s: sum(h["seq"] >= 70 for h in s.results) >= 10 or emu2.poll() is not None)
-        sub.pump(1.0)
+        # The missing seqs are counted: a `drop` event for the gap reaches the subscriber.
+        sub.pump(
+            60, until=lambda s: any(e["kind"] == "drop" and e["reason"] == "upstream_gap" for e in s.events)
+        )
         daemon.send_signal(signal.SIGTERM)
         rc, out, err = finish(daemon)
-        sub.pump(0.3)
+        # The publisher's last message is the `stopped` state: everything before it has arrived.
+        sub.pump(30, until=lambda s: any(e["kind"] == "state" and e["state"] == "stopped" for e in s.events))
     finally:
         for p in (daemon, emu1, emu2):
             if p is not None and p.poll() is None:

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import zmq
 
-from edge.daemon import DaemonSettings, FrameQueue, ProcessingContext, QueuedFrame
+from edge.pipeline.context import DaemonSettings, ModelInfo, ProcessingContext, QueuedFrame
+from edge.pipeline.queues import FrameQueue
 from scanner_io.frame import Frame, FrameHeader
 
 pytestmark = pytest.mark.timeout(90)
@@ -69,6 +70,12 @@ class ScriptedSource:
             time.sleep(timeout_s)  # a silence; or a live source's pacing: one frame per poll
         return item
 
+    def calibration(self) -> None:
+        return None  # a scripted stream carries no calibration
+
+    def sensor_maps(self) -> None:
+        return None
+
     def close(self) -> None:
         self.closed = True
 
@@ -98,6 +105,16 @@ def collect(endpoint: str, stop: threading.Event, out: list[dict]) -> threading.
     return t
 
 
+def test_the_test_doubles_satisfy_the_pipeline_protocols(runner: Any) -> None:
+    from edge.runner import ModelRunner
+    from scanner_io.sources import FrameSource
+
+    assert isinstance(ScriptedSource([]), FrameSource)
+    for fake in (PoisonRunner(runner, np.zeros((64, 64))), HangingRunner(runner), SlowOrBrokenRunner(runner)):
+        assert isinstance(fake, ModelRunner)
+    assert isinstance(runner, ModelRunner)
+
+
 def test_frame_queue_drop_oldest_and_block() -> None:
     stop = threading.Event()
     q = FrameQueue(2, block_when_full=False)
@@ -112,8 +129,8 @@ def test_frame_queue_drop_oldest_and_block() -> None:
 
 
 def test_stage_metrics_observe_each_label_once_per_frame() -> None:
-    from edge.daemon import Metrics
     from edge.observability import DaemonMetrics
+    from edge.pipeline.metrics import Metrics
     from edge.results import FrameResult, Provenance
 
     m = DaemonMetrics()
@@ -134,7 +151,7 @@ class PoisonRunner:
         self.inner = inner
         self.poison = poison
         self.max_batch = inner.max_batch
-        self.bundle = inner.bundle
+        self.postures = inner.postures
         self.backend = inner.backend
 
     def encode(self, x: np.ndarray) -> Any:
@@ -150,7 +167,7 @@ class PoisonRunner:
 
 def test_a_failing_task_marks_only_its_frame_partial(runner: Any, tmp_path: Path) -> None:
     from calibration.conditioning import calibrate_and_condition
-    from edge.daemon import Daemon
+    from edge.pipeline.daemon import Daemon
 
     poison_frame = make_frame(5, value=3000)
     poison = calibrate_and_condition(poison_frame.data, None)
@@ -167,7 +184,7 @@ def test_a_failing_task_marks_only_its_frame_partial(runner: Any, tmp_path: Path
         PoisonRunner(runner, poison),
         lambda: src,
         identity_context,
-        model_info={"bundle": "b", "backend": "ort", "precision": "fp32"},
+        model=ModelInfo(bundle="b", backend="ort", precision="fp32"),
     )
     summary = daemon.run()
     time.sleep(0.3)
@@ -188,7 +205,7 @@ class HangingRunner:
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.max_batch = inner.max_batch
-        self.bundle = inner.bundle
+        self.postures = inner.postures
         self.hang = threading.Event()
         self.release = threading.Event()
 
@@ -204,7 +221,7 @@ class HangingRunner:
 def test_watchdog_pings_continue_while_the_source_is_silent_and_stop_when_inference_hangs(
     runner: Any, tmp_path: Path
 ) -> None:
-    from edge.daemon import Daemon
+    from edge.pipeline.daemon import Daemon
     from edge.sdnotify import Notifier
 
     path = str(tmp_path / "notify.sock")
@@ -269,7 +286,7 @@ class SlowOrBrokenRunner:
     def __init__(self, inner: Any, delay_s: float = 0.0, break_call: int | None = None) -> None:
         self.inner = inner
         self.max_batch = inner.max_batch
-        self.bundle = inner.bundle
+        self.postures = inner.postures
         self.delay_s = delay_s
         self.break_call = break_call
         self.calls = 0
@@ -287,7 +304,7 @@ class SlowOrBrokenRunner:
 
 
 def test_stale_frames_and_an_inference_bug_are_counted_not_lost(runner: Any, tmp_path: Path) -> None:
-    from edge.daemon import Daemon
+    from edge.pipeline.daemon import Daemon
 
     # Live source faster than inference: frames wait, the old ones are dropped as stale.
     src = ScriptedSource([make_frame(i) for i in range(60)], live=True)
@@ -306,7 +323,7 @@ def test_without_a_model_the_demo_bundle_is_used_and_announced(
     tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     import edge.bundle
-    from edge.daemon import RunOptions, run_daemon
+    from edge.pipeline.assemble import RunOptions, run_daemon
 
     # Stand-in for the shipped demo bundle (edge/demo_bundle), whichever bundle is installed there.
     monkeypatch.setattr(edge.bundle, "demo_bundle_path", lambda: tiny_bundle)
@@ -321,7 +338,7 @@ def test_without_a_model_the_demo_bundle_is_used_and_announced(
 
 
 def test_a_bad_queue_mode_is_a_config_error_before_the_model_loads(tmp_path: Path) -> None:
-    from edge.daemon import RunOptions, run_daemon
+    from edge.pipeline.assemble import RunOptions, run_daemon
     from scanner_io.errors import ConfigError
 
     cfg = tmp_path / "thzedge.toml"
@@ -334,7 +351,7 @@ def test_a_bad_queue_mode_is_a_config_error_before_the_model_loads(tmp_path: Pat
 def test_a_recording_calibrates_with_its_embedded_profile(tmp_path: Path) -> None:
     from calibration.conditioning import ConditioningParams
     from calibration.profile import CalibrationProfile
-    from edge.daemon import profile_from_source
+    from edge.pipeline.acquire import profile_from_source
     from scanner_io.recording import Recorder
     from scanner_io.sources import open_source
 

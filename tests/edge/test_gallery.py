@@ -382,8 +382,8 @@ def test_daemon_publishes_the_gallerys_decision_for_each_frame(tiny_bundle, tmp_
 
     import zmq
 
-    from edge.daemon import RunOptions, run_daemon
     from edge.gallery import enroll_from_source
+    from edge.pipeline.assemble import RunOptions, run_daemon
     from edge.results import decode_message
 
     gpath = tmp_path / "gallery.npz"

@@ -13,8 +13,8 @@ import numpy as np
 import zmq
 
 from calibration.simulated import CalibratedSimulator
-from edge.daemon import RunOptions, run_daemon
 from edge.evaluation import ssim
+from edge.pipeline.assemble import RunOptions, run_daemon
 from edge.results import decode_message
 from scanner_io.simulator import ScannerSimulator
 

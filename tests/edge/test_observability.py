@@ -63,6 +63,26 @@ def test_counters_and_histograms_show_up_in_the_scrape():
         assert f'thzedge_frames_dropped_total{{reason="{reason}"}}' in text
 
 
+def test_pre_created_labels_are_the_ones_the_pipeline_can_emit():
+    from edge.observability import STAGE_METRICS, Stage
+    from scanner_io.codec import DECODE_REASONS
+
+    text = DaemonMetrics().render().decode()
+    malformed = {
+        ln.split('reason="')[1].split('"')[0]
+        for ln in text.splitlines()
+        if ln.startswith("thzedge_frames_malformed_total{")
+    }
+    assert malformed == set(DECODE_REASONS)  # exactly the decoder's reasons, at 0 before the first
+    stages = {
+        ln.split('stage="')[1].split('"')[0]
+        for ln in text.splitlines()
+        if ln.startswith("thzedge_stage_duration_seconds_count{")
+    }
+    assert stages == set(STAGE_METRICS) == {s.metric for s in Stage}
+    assert not stages & {"decode", "calibrate"}  # never observed: not announced
+
+
 def test_two_daemons_in_one_process_do_not_share_series():
     a, b = DaemonMetrics(), DaemonMetrics()
     a.frame_received()

@@ -141,3 +141,58 @@ def test_backend_choice(tiny_bundle: Path) -> None:
             create_backend(b, "trt")
         if importlib.util.find_spec("edge.backends.trt") is None:
             assert isinstance(info.value, MissingDependencyError)
+
+
+class _BreaksOn:
+    """A real runner whose encoder rejects any batch holding frame `bad_enc`, and whose decoders
+    fail for any group holding the frame with features equal to frame `bad_dec`'s."""
+
+    def __init__(self, inner: Runner, x: np.ndarray, bad_enc: int, bad_dec: int) -> None:
+        self.inner = inner
+        self.max_batch = inner.max_batch
+        self.postures = inner.postures
+        self.bad_x = x[bad_enc]
+        self.bad_feat = inner.encode(x[bad_dec : bad_dec + 1]).features["feat4"][0]
+
+    def encode(self, x: np.ndarray):
+        if any(np.array_equal(row, self.bad_x) for row in x):
+            raise RuntimeError("encoder failed")
+        return self.inner.encode(x)
+
+    def reconstruct(self, enc, postures: np.ndarray) -> np.ndarray:
+        if any(np.array_equal(f, self.bad_feat) for f in enc.features["feat4"]):
+            raise RuntimeError("decoder failed")
+        return self.inner.reconstruct(enc, postures)
+
+
+def test_infer_isolated_costs_a_failure_only_its_own_frame(runner: Runner) -> None:
+    from edge.runner import Task, infer_isolated
+
+    x = _frames(4)
+    want = runner.infer(x)
+    # A batch the encoder rejects: every frame is retried alone, only frame 1 fails.
+    got = infer_isolated(_BreaksOn(runner, x, bad_enc=1, bad_dec=2), x)
+    assert [[f.task for f in o.failures] for o in got.frames] == [[], [Task.encoder], [Task.reconstruct], []]
+    assert got.frames[1].prediction is None
+    for i in (0, 2, 3):
+        p = got.frames[i].prediction
+        assert p is not None and p.posture == int(want.posture[i])
+        assert abs(p.confidence - float(want.confidence[i])) < 1e-6
+        np.testing.assert_allclose(p.embedding, want.embedding[i], atol=1e-6)
+    # Frame 2's decoder failed alone: it keeps its posture, the others their reconstructions.
+    assert got.frames[2].prediction.reconstruction is None
+    for i in (0, 3):
+        np.testing.assert_allclose(
+            got.frames[i].prediction.reconstruction, want.reconstruction[i, 0], atol=1e-6
+        )
+    assert got.encode_ms > 0 and got.reconstruct_ms is not None
+
+
+def test_infer_isolated_one_batch_when_nothing_fails(runner: Runner) -> None:
+    from edge.runner import infer_isolated
+
+    x = _frames(3)
+    got = infer_isolated(runner, x, reconstruct=False)
+    assert all(not o.failures and o.prediction is not None for o in got.frames)
+    assert got.reconstruct_ms is None
+    assert all(o.prediction.reconstruction is None for o in got.frames)

@@ -401,3 +401,17 @@ def test_cli_scanner_serve_streams_the_simulator(tmp_path, ipc_endpoint, sources
         assert isinstance(item, Frame)
         assert replace(item.header, t_capture_ns=0) == replace(expected.header, t_capture_ns=0)
         assert item.data.tobytes() == expected.data.tobytes()
+
+
+def test_split_queue_mode_takes_the_consumers_mode_off_a_zmq_uri() -> None:
+    from scanner_io.sources import QueuePolicy, split_queue_mode
+
+    assert split_queue_mode("tcp://127.0.0.1:5710?mode=lockstep&hwm=4") == (
+        "tcp://127.0.0.1:5710?hwm=4",
+        QueuePolicy.block,
+    )
+    assert split_queue_mode("ipc:///run/s.sock?mode=live") == ("ipc:///run/s.sock", QueuePolicy.drop_oldest)
+    assert split_queue_mode("tcp://127.0.0.1:5710") == ("tcp://127.0.0.1:5710", QueuePolicy.auto)
+    assert split_queue_mode("replay:x.mcap?rate=max") == ("replay:x.mcap?rate=max", QueuePolicy.auto)
+    with pytest.raises(ConfigError, match="mode=live or mode=lockstep"):
+        split_queue_mode("tcp://127.0.0.1:5710?mode=fast")

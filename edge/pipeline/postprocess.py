@@ -1,0 +1,121 @@
+"""Post-processing: model outputs of one batch → results (posture, verification, reconstruction).
+
+The model work and its per-frame failure isolation are the runner's (`edge.runner.infer_isolated`);
+this module turns each frame's outcome into its `FrameResult`, matches the embedding against the
+gallery with the predicted posture, and records every failure on its own frame: a frame whose
+conditioning or encoder failed is `error`, one whose verification or reconstruction failed is
+`partial`; the other frames of the batch are unaffected.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from edge.gallery import VerificationMode
+from edge.observability import Stage
+from edge.pipeline.context import ProcessingContext, QueuedFrame
+from edge.pipeline.queues import Event
+from edge.pipeline.stage import Pipeline
+from edge.results import FrameResult, Provenance
+from edge.runner import FramePrediction, IsolatedBatch, Task
+
+log = logging.getLogger("thzedge.daemon")
+
+
+class PostProcessor:
+    """Builds and completes the results of a batch; failures are reported per frame and task."""
+
+    def __init__(self, pipe: Pipeline, postures: tuple[str, ...]) -> None:
+        self.pipe = pipe
+        self.postures = postures
+
+    def new_result(self, q: QueuedFrame, now: float) -> FrameResult:
+        """Start the result of one dequeued frame (provenance, queue and conditioning times)."""
+        assert q.ctx is not None  # prepared by the acquisition stage
+        h = q.frame.header
+        model = self.pipe.model
+        r = FrameResult(
+            scanner=h.scanner,
+            seq=h.seq,
+            t_capture_ns=h.t_capture_ns,
+            status="ok",
+            provenance=Provenance(model.bundle, model.precision, model.backend, q.ctx.calibration_id),
+            t_received_mono=q.t_received,
+        )
+        r.latency_ms[Stage.queue.value] = (now - q.t_received) * 1e3
+        r.latency_ms[Stage.condition.value] = q.condition_ms
+        if q.error is not None:
+            self.fail(r, Task.condition, q.error, fatal=True)
+        return r
+
+    def complete(self, results: list[FrameResult], frames: list[QueuedFrame], batch: IsolatedBatch) -> None:
+        """Fill in posture, embedding, verification and reconstruction from the batch's outcomes."""
+        for r, outcome in zip(results, batch.frames, strict=True):
+            r.latency_ms[Stage.encoder.value] = batch.encode_ms
+            for f in outcome.failures:
+                if f.task is Task.encoder:
+                    self.fail(r, f.task, f.error, fatal=True)
+        done = [
+            (r, q, o.prediction)
+            for r, q, o in zip(results, frames, batch.frames, strict=True)
+            if o.prediction is not None
+        ]
+        for r, q, p in done:
+            r.posture = self._posture(p)
+            r.embedding = p.embedding
+            assert q.ctx is not None
+            self._verify(r, q, q.ctx, p)
+        if batch.reconstruct_ms is None:
+            return
+        for r, outcome in zip(results, batch.frames, strict=True):
+            if outcome.prediction is None:
+                continue
+            r.reconstruction = outcome.prediction.reconstruction
+            for f in outcome.failures:
+                if f.task is Task.reconstruct:
+                    self.fail(r, f.task, f.error)
+            r.latency_ms[Stage.reconstruct.value] = batch.reconstruct_ms
+
+    def _posture(self, p: FramePrediction) -> dict[str, object]:
+        names = self.postures
+        return {
+            "label": names[p.posture] if p.posture < len(names) else str(p.posture),
+            "index": p.posture,
+            "confidence": p.confidence,
+        }
+
+    def _verify(self, r: FrameResult, q: QueuedFrame, ctx: ProcessingContext, p: FramePrediction) -> None:
+        mode = self.pipe.settings.verification_mode
+        if ctx.gallery is None or mode is VerificationMode.off:
+            return
+        t0 = time.perf_counter()
+        claimed = q.frame.header.claimed_identity
+        # The gallery compares with the references of the predicted posture (edge.gallery).
+        try:
+            if mode is VerificationMode.one_to_one or (mode is VerificationMode.auto and claimed is not None):
+                if claimed is None:
+                    raise ValueError("1:1 verification needs claimed_identity in the frame header")
+                outcome = ctx.gallery.match_1to1(p.embedding, claimed, posture=p.posture)
+            else:
+                outcome = ctx.gallery.match_1toN(p.embedding, posture=p.posture)
+            r.verification = outcome.to_dict()  # its threshold is the gallery's
+        except Exception as exc:
+            self.fail(r, Task.verify, exc)
+        r.latency_ms[Stage.verify.value] = (time.perf_counter() - t0) * 1e3
+
+    def fail(self, r: FrameResult, task: Task, exc: BaseException, fatal: bool = False) -> None:
+        """Record a task failure on its frame: `error` when fatal, else `partial`; event + metric."""
+        # The log names the task and the exception type only: messages may quote an identity.
+        log.warning("task %s failed on seq %d: %s", task, r.seq, type(exc).__name__)
+        r.errors.append({"task": task.value, "error": f"{type(exc).__name__}: {exc}"[:300]})
+        r.status = "error" if fatal else ("partial" if r.status == "ok" else r.status)
+        self.pipe.metrics.task_error(task.value)
+        body = {
+            "stage": "infer",
+            "task": task.value,
+            "seq": r.seq,
+            "reason": "task_failed",
+            "message": type(exc).__name__,
+        }
+        self.pipe.outbox.put_nowait(Event("error", body))
