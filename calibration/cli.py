@@ -84,8 +84,6 @@ def record(
         )
 
 
-
-
 # --- simulator: sim dataset, sim preview, sim profile ------------------------------------------
 
 

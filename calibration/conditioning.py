@@ -92,9 +92,7 @@ class ConditioningParams:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(d) - known)
         if unknown:
-            raise CalibrationError(
-                f"unknown conditioning key(s) {unknown}; valid keys are {sorted(known)}"
-            )
+            raise CalibrationError(f"unknown conditioning key(s) {unknown}; valid keys are {sorted(known)}")
         kw = dict(d)
         if kw.get("roi") is not None:
             kw["roi"] = tuple(kw["roi"])
