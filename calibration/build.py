@@ -69,8 +69,8 @@ class BuildSettings:
     hot_min_counts: float = 1000.0  # … and at least this many counts
     dead_ratio: float = 0.5  # dead: response below this fraction of the local median response
     stuck_margin: float = 0.002  # stuck: clipped median within this fraction of full scale
-    flicker_sigma: float = 10.0  # a spike: above the pixel's clipped median by this many of its σ …
-    flicker_min_population: float = 20.0  # … and by this many population temporal σ
+    # A spike: above the neighbours' level by the hot threshold and this many temporal σ.
+    flicker_min_population: float = 20.0
     noisy_ratio: float = 3.0  # noisy: clipped temporal σ above this multiple of the population's
     cluster_min: int = 2  # connected bad pixels (8-neighbourhood) that count as a cluster
     line_fraction: float = 0.25  # a column/row with this fraction bad is a defective line
@@ -85,12 +85,11 @@ class StackStats:
     mean: np.ndarray  # sigma-clipped mean over frames
     median: np.ndarray
     std: np.ndarray  # sigma-clipped temporal σ (ddof 1)
-    spikes: np.ndarray  # frames far above the pixel's clipped median (int)
     frames: int
 
 
 def stack_stats(frames: np.ndarray, settings: BuildSettings | None = None) -> StackStats:
-    """Return sigma-clipped mean / median / temporal σ along the frame axis, and spike counts."""
+    """Return sigma-clipped mean / median / temporal σ along the frame axis."""
     from astropy.stats import sigma_clip
 
     settings = settings or BuildSettings()
@@ -118,18 +117,19 @@ def stack_stats(frames: np.ndarray, settings: BuildSettings | None = None) -> St
         mean[bad] = frames.mean(axis=0)[bad]
         median[bad] = np.median(frames, axis=0)[bad]
     std = np.nan_to_num(std, nan=0.0)
-    pop = float(np.median(std))
-    threshold = np.maximum(settings.flicker_sigma * std, settings.flicker_min_population * max(pop, 1e-6))
-    spikes = (frames > (median + threshold)[None]).sum(axis=0)
     f32 = np.float32
-    return StackStats(
-        mean.astype(f32), median.astype(f32), std.astype(f32), spikes.astype(np.int32), len(frames)
-    )
+    return StackStats(mean.astype(f32), median.astype(f32), std.astype(f32), len(frames))
 
 
 def _robust_sigma(values: np.ndarray) -> float:
     med = np.median(values)
     return float(1.4826 * np.median(np.abs(values - med)))
+
+
+def _intermittent(frames: np.ndarray, reference: np.ndarray, threshold: float) -> np.ndarray:
+    """Pixels that in this stack are sometimes near `reference` and sometimes far above it."""
+    spikes = (frames > (reference + threshold)[None]).sum(axis=0)
+    return (spikes > 0) & (spikes < len(frames))
 
 
 def classify_bad_pixels(
@@ -138,8 +138,13 @@ def classify_bad_pixels(
     response: np.ndarray,
     full_scale: float,
     settings: BuildSettings | None = None,
+    stacks: Sequence[np.ndarray] = (),
 ) -> np.ndarray:
-    """Return the uint8 class map (BadPixelClass.code, 0 = good) from dark and flat statistics."""
+    """Return the uint8 class map (BadPixelClass.code, 0 = good) from dark and flat statistics.
+
+    `stacks` are the frames behind [dark, *flats] (in that order); without them flickering
+    pixels (intermittent spikes) cannot be found.
+    """
     from scipy import ndimage
 
     s = settings or BuildSettings()
@@ -151,19 +156,28 @@ def classify_bad_pixels(
     # Stuck at full scale: saturated in the dark already.
     if np.isfinite(full_scale):
         assign(dark.median >= full_scale * (1.0 - s.stuck_margin), BadPixelClass.STUCK)
-    # Hot: dark level far above the neighbourhood's.
     local = ndimage.median_filter(dark.median, size=s.neighbourhood, mode="reflect")
     resid = dark.median - local
     hot_thr = max(s.hot_min_counts, s.hot_sigma * _robust_sigma(resid))
+    # Flickering: intermittent spikes far above the neighbours in at least one stack. Before
+    # hot, since a pixel that happened to spike in most dark frames has a high dark median.
+    pop = max(float(np.median(dark.std)), 1e-6)
+    spike_thr = max(hot_thr, s.flicker_min_population * pop)
+    flicker = np.zeros(codes.shape, bool)
+    # In the dark the reference is the lower of the pixel's median and its neighbours' (a pixel
+    # that spiked in most dark frames still counts); in a flat, where responses differ by more
+    # than the threshold, the pixel's own median.
+    references = [np.minimum(dark.median, local), *(f.median for f in flats)]
+    for frames, ref in zip(stacks, references, strict=False):
+        flicker |= _intermittent(frames, ref, spike_thr)
+    assign(flicker, BadPixelClass.FLICKERING)
+    # Hot: dark level far above the neighbourhood's, all the time.
     assign(resid > hot_thr, BadPixelClass.HOT)
     # Dead: (almost) no response to the flat, relative to the local response.
     if flats:
         local_resp = ndimage.median_filter(response, size=s.neighbourhood, mode="reflect")
         ratio = response / np.maximum(np.abs(local_resp), 1e-6)
         assign(ratio < s.dead_ratio, BadPixelClass.DEAD)
-    # Flickering: at least one spike in any stack (spikes are clipped out of the means).
-    spikes = dark.spikes + sum((f.spikes for f in flats), np.zeros_like(dark.spikes))
-    assign(spikes > 0, BadPixelClass.FLICKERING)
     # Noisy: temporal σ far above the population's. Each stack is compared with its own
     # population (a flat adds shot noise to everyone) and the ratios pooled over all stacks, so
     # a short dark stack's sampling luck does not decide alone.
@@ -235,6 +249,7 @@ class _Maps:
     signals: list[np.ndarray]
     levels: list[float]
     nonlinearity: float | None
+    steady_flats: list[np.ndarray]
 
 
 def _steady(flat: np.ndarray, dark: np.ndarray) -> np.ndarray:
@@ -256,7 +271,8 @@ def _estimate(
     """Dark, response and normalised gain from a dark stack and flat stacks (one per level)."""
     dstats = stack_stats(dark_frames, s)
     dark = dstats.mean
-    fstats = [stack_stats(_steady(f, dark), s) for f in flat_stacks]
+    steady = [_steady(f, dark) for f in flat_stacks]
+    fstats = [stack_stats(f, s) for f in steady]
     signals = [f.mean - dark for f in fstats]
     sel = good if good is not None else np.ones(dark.shape, bool)
     levels = [float(np.median(sig[sel])) for sig in signals]
@@ -281,7 +297,7 @@ def _estimate(
     with np.errstate(divide="ignore", invalid="ignore"):
         gain = np.where(np.abs(response) > 1e-6, resp_med / response, 1.0).astype(np.float32)
     gain = np.nan_to_num(gain, nan=1.0, posinf=1.0, neginf=1.0)
-    return _Maps(dark, gain, response, dstats, fstats, signals, levels, nonlin)
+    return _Maps(dark, gain, response, dstats, fstats, signals, levels, nonlin, steady)
 
 
 def _figures(
@@ -392,7 +408,9 @@ def build_profile(
         raise CalibrationError("every capture stack needs at least 2 frames")
 
     first = _estimate(dark_frames, flat_stacks, None, s)
-    codes = classify_bad_pixels(first.dark_stats, first.flat_stats, first.response, full_scale, s)
+    codes = classify_bad_pixels(
+        first.dark_stats, first.flat_stats, first.response, full_scale, s, [dark_frames, *first.steady_flats]
+    )
     bad = codes > 0
     good = ~bad
     maps = _estimate(dark_frames, flat_stacks, good, s)  # gain normalised over good pixels only
