@@ -29,6 +29,7 @@ import numpy as np
 
 from calibration.capture import CaptureKind, CaptureSet
 from calibration.conditioning import ConditioningParams
+from calibration.emva import nonuniformity
 from calibration.profile import BadPixelClass, CalibrationProfile
 from calibration.validity import DEFAULT_MAX_AGE_S, DEFAULT_MAX_DELTA_T_C, ValidityEnvelope
 from scanner_io.errors import CalibrationError, DataError, MissingDependencyError
@@ -38,7 +39,6 @@ __all__ = [
     "StackStats",
     "build_profile",
     "classify_bad_pixels",
-    "nonuniformity",
     "require_calibrate_extra",
     "stack_stats",
 ]
@@ -215,28 +215,6 @@ def defect_structures(bad: np.ndarray, settings: BuildSettings | None = None) ->
     rows = np.flatnonzero(bad.sum(axis=1) >= s.line_fraction * w).tolist()
     clusters.sort(key=lambda c: -c["size"])
     return {"clusters": clusters, "columns": cols, "rows": rows}
-
-
-def nonuniformity(image: np.ndarray, good: np.ndarray, noise_var: float) -> dict[str, float]:
-    """EMVA 1288 spatial non-uniformity of a mean image: total, row, column and pixel σ.
-
-    `noise_var` is the temporal variance left in each pixel of `image` (σ²/L for a mean of L
-    frames); it is subtracted so what remains is the fixed pattern only. Bad pixels (`good`
-    False) are left out. Negative variance estimates (pure noise) report 0.
-    """
-    img = np.ma.masked_array(np.asarray(image, np.float64), mask=~good)
-    h, w = img.shape
-    m = float(img.mean())
-    row = img.mean(axis=1)  # per row, over columns
-    col = img.mean(axis=0)
-    resid = img - row[:, None] - col[None, :] + m
-    s2_pix = float(resid.var()) - noise_var
-    # A row mean still carries the pixel part and the noise of its w pixels, and vice versa.
-    s2_row = float(row.var()) - (s2_pix + noise_var) / w
-    s2_col = float(col.var()) - (s2_pix + noise_var) / h
-    s2_tot = float(img.var()) - noise_var
-    f = lambda v: float(np.sqrt(max(v, 0.0)))  # noqa: E731
-    return {"total": f(s2_tot), "row": f(s2_row), "column": f(s2_col), "pixel": f(s2_pix), "mean": m}
 
 
 @dataclass(frozen=True)
@@ -455,6 +433,10 @@ def build_profile(
         "residual_prnu_pct": after.get("prnu_pct", {}).get("total"),
         "nonlinearity_pct": None if maps.nonlinearity is None else 100.0 * maps.nonlinearity,
         "flat_levels_dn": maps.levels,
+        # Signal above dark per nominal flat level: what `calibrate check` compares a flat with.
+        "flat_signal": [
+            {"level": lv, "signal_dn": sig} for lv, sig in zip(sorted(by_level), maps.levels, strict=True)
+        ],
         "frames": {"dark": int(len(dark_frames)), "flat": [int(len(f)) for f in flat_stacks]},
         "settings": asdict(s),
     }
