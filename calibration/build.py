@@ -39,6 +39,7 @@ __all__ = [
     "StackStats",
     "build_profile",
     "classify_bad_pixels",
+    "profile_summary",
     "require_calibrate_extra",
     "stack_stats",
 ]
@@ -466,6 +467,32 @@ def build_profile(
         envelope=envelope,
         qa=_jsonable(qa),
     )
+
+
+def profile_summary(profile: CalibrationProfile) -> str:
+    """One line a technician reads: id, bad pixels by class, DSNU/PRNU before → after, envelope."""
+    qa = profile.qa or {}
+    counts = ", ".join(f"{v} {k}" for k, v in (qa.get("bad_pixels") or {}).items())
+    before, after = qa.get("before") or {}, qa.get("after") or {}
+    parts = [
+        f"profile {profile.profile_id} for {profile.scanner} {profile.shape[1]}x{profile.shape[0]}",
+        f"{100 * profile.bad_pixel_fraction:.2f} % bad pixels ({counts}; "
+        f"{len(qa.get('clusters') or [])} clusters, columns {qa.get('columns') or []})",
+    ]
+    if "dsnu_dn" in before:
+        parts.append(f"DSNU {before['dsnu_dn']['total']:.1f} → {after['dsnu_dn']['total']:.2f} DN")
+    if "prnu_pct" in before:
+        parts.append(f"PRNU {before['prnu_pct']['total']:.2f} → {after['prnu_pct']['total']:.3f} %")
+    if "temporal_dark_noise_dn" in before:
+        parts.append(f"temporal dark noise {before['temporal_dark_noise_dn']:.2f} DN")
+    if qa.get("nonlinearity_pct") is not None:
+        parts.append(f"non-linearity {qa['nonlinearity_pct']:.3f} %")
+    env = profile.envelope
+    if env is not None:
+        parts.append(
+            f"valid at {env.sensor_temp_c} ± {env.max_delta_t_c:g} °C for {env.max_age_s / 86400:g} days"
+        )
+    return ", ".join(parts)
 
 
 def _jsonable(value: Any) -> Any:

@@ -33,6 +33,7 @@ __all__ = [
     "check_capture",
     "full_scale",
     "read_capture",
+    "read_frames",
     "record_capture",
 ]
 
@@ -296,7 +297,12 @@ def record_capture(
     kind = CaptureKind(kind)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{capture_file_name(kind, level)}.mcap"
+    stem = capture_file_name(kind, level)
+    path = out / f"{stem}.mcap"
+    n = 1
+    while path.exists() or path.with_name(path.name + ".part").exists():  # never overwrite a capture
+        n += 1
+        path = out / f"{stem}-{n}.mcap"
     t0 = time.monotonic()
     src = open_source(source_uri)
     try:
@@ -320,3 +326,26 @@ def record_capture(
         path.rename(refused)
         path = refused
     return CaptureResult(path, check, time.monotonic() - t0)
+
+
+def read_frames(source_uri: str, frames: int, timeout_s: float = 30.0) -> list[Frame]:
+    """Read `frames` frames from a source (malformed messages skipped); a DataError if too few came."""
+    from scanner_io.sources import MalformedFrame, open_source
+
+    src = open_source(source_uri)
+    got: list[Frame] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(got) < frames and time.monotonic() < deadline:
+            item = src.read(0.2)
+            if item is None:
+                if src.exhausted:
+                    break
+                continue
+            if not isinstance(item, MalformedFrame):
+                got.append(item)
+    finally:
+        src.close()
+    if len(got) < frames:
+        raise DataError(f"{source_uri} delivered {len(got)} of {frames} frames in {timeout_s:g} s")
+    return got

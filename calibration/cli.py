@@ -21,6 +21,9 @@ def register(app: typer.Typer) -> None:
     """Attach this package's commands to the root `thzedge` app."""
     register_sim(app)
     app.command("record")(record)
+    from calibration.calibrate_cli import calibrate_app
+
+    app.add_typer(calibrate_app, name="calibrate")
 
 
 # --- record: raw frames to MCAP, with the calibration profile they need ------------------------
