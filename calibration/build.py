@@ -466,6 +466,7 @@ def build_profile(
         defects=codes,
         envelope=envelope,
         qa=_jsonable(qa),
+        noise=maps.dark_stats.std,
     )
 
 

@@ -94,6 +94,7 @@ class CalibrationProfile:
     defects: np.ndarray | None = None
     envelope: ValidityEnvelope | None = None
     qa: Mapping[str, Any] | None = None
+    noise: np.ndarray | None = None  # float32 per-pixel temporal dark noise σ (counts), format 2
     _repair: RepairTable | None = field(init=False, repr=False, compare=False, default=None)
     _id: str = field(init=False, repr=False, compare=False, default="")
 
@@ -123,6 +124,12 @@ class CalibrationProfile:
                 raise CalibrationError("profile defects map flags pixels the bad-pixel mask does not")
             codes.setflags(write=False)
             object.__setattr__(self, "defects", codes)
+        if self.noise is not None:
+            noise = np.ascontiguousarray(self.noise, dtype=np.float32)
+            if noise.shape != shape or not np.isfinite(noise).all():
+                raise CalibrationError(f"profile noise map must be finite with shape {shape}")
+            noise.setflags(write=False)
+            object.__setattr__(self, "noise", noise)
         if self.envelope is not None and tuple(self.envelope.shape) != shape:
             raise CalibrationError(f"profile envelope is for {self.envelope.shape}, the maps are {shape}")
         try:
@@ -140,7 +147,7 @@ class CalibrationProfile:
     @property
     def format(self) -> int:
         """1 for a profile with maps only, 2 when it has classes, an envelope or QA figures."""
-        extended = self.defects is not None or self.envelope is not None or self.qa is not None
+        extended = any(v is not None for v in (self.defects, self.envelope, self.qa, self.noise))
         return 2 if extended else 1
 
     def _metadata(self) -> dict[str, Any]:
@@ -164,6 +171,8 @@ class CalibrationProfile:
             h.update(arr.tobytes())
         if self.defects is not None:
             h.update(self.defects.tobytes())
+        if self.noise is not None:
+            h.update(self.noise.tobytes())
         return h.hexdigest()[:16]
 
     def class_mask(self, cls: BadPixelClass | str) -> np.ndarray:
@@ -228,6 +237,7 @@ class CalibrationProfile:
             self.defects,
             self.envelope,
             self.qa,
+            self.noise,
         )
 
     # -- persistence ------------------------------------------------------------------------
@@ -239,6 +249,8 @@ class CalibrationProfile:
         arrays = {"dark": self.dark, "gain": self.gain, "bad_pixels": self.bad_pixels.astype(np.uint8)}
         if self.defects is not None:
             arrays["defects"] = self.defects
+        if self.noise is not None:
+            arrays["noise"] = self.noise
         _atomic_write(path / _ARRAYS_NAME, lambda f: np.savez_compressed(f, **arrays))
         _atomic_write(path / _JSON_NAME, lambda f: f.write(json.dumps(doc, indent=2).encode() + b"\n"))
         return path
@@ -259,6 +271,7 @@ class CalibrationProfile:
             with np.load(arrays_path, allow_pickle=False) as z:
                 dark, gain, bad = z["dark"], z["gain"], z["bad_pixels"].astype(bool)
                 defects = z["defects"] if "defects" in z.files else None
+                noise = z["noise"] if "noise" in z.files else None
         except (OSError, ValueError, KeyError) as exc:
             raise CalibrationError(f"cannot read calibration profile {path}: {exc}") from exc
         if doc.get("format") not in _FORMATS_READ:
@@ -278,6 +291,7 @@ class CalibrationProfile:
                 defects=defects,
                 envelope=ValidityEnvelope.from_dict(doc["envelope"]) if doc.get("envelope") else None,
                 qa=doc.get("qa"),
+                noise=noise,
             )
         except KeyError as exc:
             raise CalibrationError(f"calibration profile {path} lacks field {exc}") from exc
