@@ -140,9 +140,17 @@ def threshold_command(
     precision: Annotated[
         str, typer.Option("--precision", help="Bundle variant to calibrate (fp32, int8, ...).")
     ] = "fp32",
+    target_far: Annotated[
+        float | None,
+        typer.Option("--target-far", min=0.0, max=1.0, help="Threshold at this FAR instead of EER."),
+    ] = None,
+    roc: Annotated[
+        Path | None,
+        typer.Option("--roc", help="ROC PNG to write (default: BUNDLE-roc-PRECISION.png beside it)."),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Store the verification threshold at the EER point of the validation identities in a bundle."""
+    """Store the verification threshold (EER point or target FAR) in a bundle and draw its ROC."""
     from export.cli import require_export_extra
 
     require_export_extra()
@@ -150,11 +158,13 @@ def threshold_command(
 
     from export.train import calibrate_threshold
 
-    r = calibrate_threshold(model, data, checkpoint, precision=precision)
+    roc = roc or model.resolve().with_name(f"{model.resolve().name}-roc-{precision}.png")
+    r = calibrate_threshold(model, data, checkpoint, precision=precision, target_far=target_far, roc_png=roc)
     if json_out:
-        typer.echo(json.dumps(asdict(r), indent=2))
+        typer.echo(json.dumps(asdict(r) | {"roc": str(roc)}, indent=2))
         return
     typer.echo(
         f"{precision} threshold {r.threshold:.4f} (EER {r.eer:.4f} on {r.n_pairs} validation pairs of "
-        f"{r.identities} held-out identities) stored in {model}; bundle id now {r.bundle_id[:12]}"
+        f"{r.identities} held-out identities, {r.method}) stored in {model}; bundle id now "
+        f"{r.bundle_id[:12]}; ROC in {roc}"
     )
