@@ -47,9 +47,10 @@ __all__ = [
 CALIBRATE_EXTRA_HINT = "pip install 'thzedge[calibrate]'"
 
 
-def require_calibrate_extra(what: str = "this command") -> None:
-    """Fail with what to install when astropy/scipy/matplotlib (the `calibrate` extra) are missing."""
-    needed = ("astropy", "scipy", "matplotlib")
+def require_calibrate_extra(
+    what: str = "this command", needed: tuple[str, ...] = ("astropy", "scipy")
+) -> None:
+    """Fail with what to install when a module of the `calibrate` extra is not installed."""
     missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
         raise MissingDependencyError(
@@ -322,6 +323,11 @@ def _figures(
     return out
 
 
+def _halves(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Even and odd frames: interleaved, so both halves share any slow drift of the stack."""
+    return frames[0::2], frames[1::2]
+
+
 def _consistent_envelope(captures: Sequence[CaptureSet], s: BuildSettings) -> ValidityEnvelope:
     first = captures[0].headers[0]
     for cap in captures:
@@ -402,9 +408,8 @@ def build_profile(
         target = 0.5 * (full_scale if np.isfinite(full_scale) else 2 * max(maps.levels))
         ref_flat = int(np.argmin([abs(lv + float(np.median(maps.dark)) - target) for lv in maps.levels]))
     before = _figures(dark_frames, flat_stacks[ref_flat] if ref_flat is not None else None, None, None, good)
-    half = lambda a: (a[0::2], a[1::2])  # noqa: E731 - interleaved halves share any slow drift
-    d_a, d_b = half(dark_frames)
-    f_halves = [half(f) for f in flat_stacks]
+    d_a, d_b = _halves(dark_frames)
+    f_halves = [_halves(f) for f in flat_stacks]
     maps_a = _estimate(d_a, [fa for fa, _ in f_halves], good, s)
     dark_noise = float(np.mean(maps.dark_stats.std[good] ** 2))
     extra_dark = dark_noise / len(d_a)

@@ -177,7 +177,7 @@ def report_command(
     """Write the technician's report: maps, bad-pixel classes, histograms, profiles, figures (PNG + HTML)."""
     from calibration.build import require_calibrate_extra
 
-    require_calibrate_extra("calibrate report")
+    require_calibrate_extra("calibrate report", ("matplotlib",))
     from calibration.capture import read_capture
     from calibration.profile import CalibrationProfile
     from calibration.report import write_report

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -321,6 +321,9 @@ def record_capture(
         raise DataError(f"{source_uri} delivered no frame in {timeout_s:g} s: is the scanner sending?")
     capture = read_capture(path)
     check = check_capture(capture, limits)
+    if summary.frames < frames:
+        short = f"only {summary.frames} of {frames} frames arrived ({summary.stopped_by})"
+        check = replace(check, ok=False, reasons=(*check.reasons, short))
     if not check.ok:
         refused = path.with_name(path.name[: -len(".mcap")] + REFUSED_SUFFIX)
         path.rename(refused)

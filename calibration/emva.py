@@ -1,7 +1,8 @@
 """EMVA 1288 spatial non-uniformity (DSNU / PRNU) of a mean image, numpy only.
 
-The standard's split of the fixed pattern into row, column and pixel parts, with the temporal
-noise still in a mean of L frames subtracted, so a figure measures the pattern, not the noise.
+The standard's split of the fixed pattern into row, column and pixel parts (to first order in
+1/rows and 1/columns), with the temporal noise still in a mean of L frames subtracted, so a
+figure measures the pattern, not the noise.
 Used by `calibrate build` (before and after correction) and `calibrate check` (residuals).
 """
 
@@ -30,5 +31,5 @@ def nonuniformity(image: np.ndarray, good: np.ndarray, noise_var: float) -> dict
     s2_row = float(row.var()) - (s2_pix + noise_var) / w
     s2_col = float(col.var()) - (s2_pix + noise_var) / h
     s2_tot = float(img.var()) - noise_var
-    f = lambda v: float(np.sqrt(max(v, 0.0)))  # noqa: E731
-    return {"total": f(s2_tot), "row": f(s2_row), "column": f(s2_col), "pixel": f(s2_pix), "mean": m}
+    variances = {"total": s2_tot, "row": s2_row, "column": s2_col, "pixel": s2_pix}
+    return {k: float(np.sqrt(max(v, 0.0))) for k, v in variances.items()} | {"mean": m}
