@@ -3,7 +3,7 @@
 A frame with no head in it — the shutter closed (blank), the reference reflector or a wall
 filling the field (flat), the sensor saturated, or nothing above the head-detection threshold —
 must not come out as `ok` with a posture. `assess_frame` says `no_face` and why, from the same
-block-averaged dB map the ROI finder uses (calibration.conditioning.find_roi), so "head found"
+block-averaged dB map the ROI finder uses (calibration.conditioning.head_weights), so "head found"
 means the same thing in both places.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from calibration.conditioning import ConditioningParams
+from calibration.conditioning import ConditioningParams, head_weights
 from scanner_io.choices import Choice
 
 __all__ = ["FrameQuality", "FrameStatus", "QualityLimits", "NoFaceReason", "assess_frame"]
@@ -73,15 +73,7 @@ def assess_frame(
     params = params or ConditioningParams()
     lim = limits or QualityLimits()
     saturated = float(np.count_nonzero(raw >= full_scale)) / raw.size if np.isfinite(full_scale) else 0.0
-    b = max(1, params.roi_block)
-    h, w = power.shape
-    hb, wb = max(h // b, 1), max(w // b, 1)
-    if b > 1 and h >= b and w >= b:
-        blocks = power[: hb * b, : wb * b].reshape(hb, b, wb, b).mean(axis=(1, 3))
-    else:
-        blocks = power
-    db = 10.0 * np.log10(np.maximum(blocks, 1e-3))
-    weight = np.clip((db - params.roi_threshold_db) / params.roi_softness_db, 0.0, 1.0)
+    weight, db, _ = head_weights(power, params)
     head = float(weight.mean())
     lit = db[weight > 0.5]
     spread = float(np.subtract(*np.percentile(lit, [75, 25]))) if lit.size >= 4 else 0.0
