@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from calibration.capture import CaptureKind
 from scanner_io.cli import terminal_progress
 from scanner_io.errors import CalibrationError, DataError
 
@@ -32,22 +33,12 @@ _STATE = Annotated[
 ]
 
 
-def _kind(value: str) -> str:
-    from calibration.capture import CaptureKind
-
-    if value not in CaptureKind.values():
-        raise typer.BadParameter(f"must be one of {', '.join(CaptureKind.values())}")
-    return value
-
-
 @calibrate_app.command("capture")
 def capture_command(
     source: Annotated[
         str, typer.Option("--source", help="Source URI (tcp://, ipc://, sim?scene=dark, replay:F).")
     ],
-    kind: Annotated[
-        str, typer.Option("--kind", callback=_kind, help="dark (shutter closed) or flat (reflector).")
-    ],
+    kind: Annotated[CaptureKind, typer.Option("--kind", help="dark (shutter closed) or flat (reflector).")],
     out: Annotated[Path, typer.Option("--out", help="Directory to write the capture MCAP into (created).")],
     frames: Annotated[int, typer.Option("--frames", min=2, help="Frames to record.")] = 64,
     level: Annotated[
@@ -58,12 +49,12 @@ def capture_command(
     as_json: _JSON = False,
 ) -> None:
     """Record a dark or flat capture set and check it is usable (still, unsaturated, right kind)."""
-    from calibration.capture import CaptureKind, record_capture
+    from calibration.capture import record_capture
     from scanner_io.cli import stop_on_signals
 
-    if kind == CaptureKind.FLAT and level is None:
+    if kind is CaptureKind.FLAT and level is None:
         level = 1.0
-    if kind == CaptureKind.DARK and level is not None:
+    if kind is CaptureKind.DARK and level is not None:
         raise typer.BadParameter("--level is for flat captures", param_hint="--level")
     with stop_on_signals() as stop, terminal_progress(f"capturing {kind}", frames) as progress:
         result = record_capture(
@@ -140,7 +131,7 @@ def check_command(
         str, typer.Option("--source", help="Source URI of the scanner (shutter closed or reflector).")
     ],
     profile: Annotated[Path, typer.Option("--profile", help="Profile directory to check against.")],
-    kind: Annotated[str, typer.Option("--kind", callback=_kind, help="dark or flat frames.")] = "dark",
+    kind: Annotated[CaptureKind, typer.Option("--kind", help="dark or flat frames.")] = CaptureKind.DARK,
     level: Annotated[
         float | None, typer.Option("--level", min=0.0, help="Flat: the reference level.")
     ] = None,
@@ -149,12 +140,12 @@ def check_command(
     as_json: _JSON = False,
 ) -> None:
     """Check drift, residual non-uniformity, new bad pixels and temperature; exit 0/3/4 = pass/warn/fail."""
-    from calibration.capture import CaptureKind, capture_set_from_frames, read_frames
+    from calibration.capture import capture_set_from_frames, read_frames
     from calibration.check import check_capture_against
     from calibration.profile import CalibrationProfile
 
     prof = CalibrationProfile.load(profile)
-    if kind == CaptureKind.FLAT and level is None:
+    if kind is CaptureKind.FLAT and level is None:
         level = 1.0
     got = read_frames(source, frames, timeout)
     report = check_capture_against(prof, capture_set_from_frames(kind, got, level))

@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from calibration.calibrate_cli import calibrate_app
 from scanner_io.cli import terminal_progress
 from scanner_io.errors import ThzEdgeError
 
@@ -21,8 +22,6 @@ def register(app: typer.Typer) -> None:
     """Attach this package's commands to the root `thzedge` app."""
     register_sim(app)
     app.command("record")(record)
-    from calibration.calibrate_cli import calibrate_app
-
     app.add_typer(calibrate_app, name="calibrate")
 
 

@@ -12,14 +12,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from calibration.build import BuildSettings, build_profile
-from calibration.capture import CaptureKind, capture_set_from_frames, read_capture
+from calibration.capture import capture_set_from_frames, read_capture
 from calibration.check import Verdict, check_capture_against
 from calibration.profile import BadPixelClass, CalibrationProfile
 from edge.cli import main
@@ -390,9 +389,6 @@ def test_build_refuses_captures_of_different_scanners() -> None:
 def test_one_flat_level_gives_gain_without_non_linearity() -> None:
     dark = _capture(f"sim?seed={SEED}&scene=dark", "dark", n=8)
     flat = _capture(f"sim?seed={SEED}&scene=flat", "flat", 1.0, n=8)
-    t0 = time.perf_counter()
     p = build_profile([dark, flat], settings=BuildSettings())
-    assert time.perf_counter() - t0 < 60
     assert p.qa["nonlinearity_pct"] is None and p.qa["flat_signal"][0]["level"] == 1.0
     assert p.qa["after"]["prnu_pct"]["total"] <= 0.1 * p.qa["before"]["prnu_pct"]["total"]
-    assert CaptureKind.FLAT.value == "flat"
