@@ -15,6 +15,7 @@ from typing import Annotated
 import cv2
 import typer
 
+from calibration.calibrate_cli import calibrate_app
 from calibration.profile import resolve_profile
 from calibration.simulated import preview_sheet, true_profile, write_dataset
 from scanner_io.cli_common import global_options, stop_on_signals, terminal_progress
@@ -36,6 +37,7 @@ def register(app: typer.Typer) -> None:
     sim.command("profile")(sim_profile)
     app.add_typer(sim, name="sim")
     app.command("record")(record)
+    app.add_typer(calibrate_app, name="calibrate")
 
 
 def record(

@@ -33,6 +33,7 @@ __all__ = [
     "condition",
     "condition_with_roi",
     "find_roi",
+    "head_weights",
     "calibrate_and_condition",
     "power_to_db",
 ]
@@ -149,6 +150,25 @@ def power_to_db(power: np.ndarray, params: ConditioningParams) -> np.ndarray:
     return (10.0 * np.log10(np.maximum(power, floor))).astype(np.float32, copy=False)
 
 
+def head_weights(power: np.ndarray, params: ConditioningParams) -> tuple[np.ndarray, np.ndarray, int]:
+    """Return (weight, dB, block): the soft "is head" weight of each block of block-averaged power.
+
+    One definition of "head found" for the ROI finder and the frame-quality check
+    (calibration.quality): blocks of `roi_block`² pixels, in dB, weighted by
+    clip((dB − roi_threshold_db) / roi_softness_db, 0, 1).
+    """
+    h, w = power.shape
+    b = params.roi_block
+    hb, wb = h // b, w // b
+    if hb >= 1 and wb >= 1 and b > 1:
+        blocks = power[: hb * b, : wb * b].reshape(hb, b, wb, b).mean(axis=(1, 3))
+    else:
+        b, blocks = 1, power
+    db = 10.0 * np.log10(np.maximum(blocks, 1e-3))
+    weight = np.clip((db - params.roi_threshold_db) / params.roi_softness_db, 0.0, 1.0)
+    return weight, db, b
+
+
 def find_roi(power: np.ndarray, params: ConditioningParams) -> Roi:
     """Return the crop (x, y, w, h) round the head: soft-thresholded centroid of block power.
 
@@ -164,15 +184,8 @@ def find_roi(power: np.ndarray, params: ConditioningParams) -> Roi:
         x, y, rw, rh = params.roi
         rw, rh = min(rw, w), min(rh, h)
         return (int(np.clip(x, 0, w - rw)), int(np.clip(y, 0, h - rh)), rw, rh)
-    b = params.roi_block
-    hb, wb = h // b, w // b
-    if hb >= 1 and wb >= 1 and b > 1:
-        blocks = power[: hb * b, : wb * b].reshape(hb, b, wb, b).mean(axis=(1, 3))
-    else:
-        b, blocks = 1, power
-        hb, wb = h, w
-    db = 10.0 * np.log10(np.maximum(blocks, 1e-3))
-    weight = np.clip((db - params.roi_threshold_db) / params.roi_softness_db, 0.0, 1.0)
+    weight, _, b = head_weights(power, params)
+    hb, wb = weight.shape
     total = float(weight.sum())
     if total <= 0.0:
         cx, cy = w / 2.0, h / 2.0

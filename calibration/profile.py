@@ -4,6 +4,10 @@ A profile is immutable and content-addressed: `profile_id` is a short sha256 of 
 it, so a result stamped with the id says exactly which correction produced it. On disk a
 profile is a directory holding `profile.json` (metadata, conditioning, id) and `arrays.npz`
 (dark, gain, bad-pixel mask); loading recomputes the id and refuses a mismatch.
+
+Format 2 (written by `thzedge calibrate build`) adds the bad-pixel class map (`defects` in
+arrays.npz), the validity envelope and the QA figures; a profile without them is written, and
+content-addressed, exactly as format 1 was, so old profiles keep loading with their ids.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import numpy as np
 
 from calibration.conditioning import ConditioningParams
+from calibration.validity import ValidityEnvelope
+from scanner_io.choices import Choice
 from scanner_io.errors import CalibrationError, DataError
 from scanner_io.recording import extract_calibration
 
@@ -28,6 +34,7 @@ if TYPE_CHECKING:
     from scanner_io.simulator import SensorMaps
 
 __all__ = [
+    "BadPixelClass",
     "CalibrationProfile",
     "PROFILE_FORMAT",
     "ProfileChoice",
@@ -36,11 +43,28 @@ __all__ = [
     "resolve_profile",
 ]
 
-PROFILE_FORMAT = 1
+PROFILE_FORMAT = 2
+_FORMATS_READ = (1, 2)
 _JSON_NAME = "profile.json"
 _ARRAYS_NAME = "arrays.npz"
 # Bad pixels take the median of valid pixels within this radius (5×5 window).
 _REPAIR_RADIUS = 2
+
+
+class BadPixelClass(Choice):
+    """Why a pixel is bad; its code in the profile's `defects` map is its position + 1 (0 = good)."""
+
+    DEAD = "dead"  # no response to light
+    HOT = "hot"  # dark level far above its neighbours
+    FLICKERING = "flickering"  # intermittent spikes across a stack
+    NOISY = "noisy"  # temporal noise far above the population
+    STUCK = "stuck"  # stuck at full scale (saturated) whatever the scene
+
+    @property
+    def code(self) -> int:
+        """The value this class has in a profile's `defects` map."""
+        return list(BadPixelClass).index(self) + 1
+
 
 # (bad flat index [B], neighbour flat index [B, K], neighbour valid [B, K], valid count [B], any empty)
 RepairTable = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]
@@ -78,6 +102,12 @@ class CalibrationProfile:
     conditioning: ConditioningParams = field(default_factory=ConditioningParams)
     # Free-form JSON metadata (sensor temperature at calibration, settings, …); part of the id.
     meta: Mapping[str, Any] = field(default_factory=dict)
+    # Format 2: bad-pixel class per pixel (uint8, BadPixelClass.code, 0 = good), validity
+    # envelope and QA figures (DSNU/PRNU, noise, counts). None in profiles made without them.
+    defects: np.ndarray | None = None
+    envelope: ValidityEnvelope | None = None
+    qa: Mapping[str, Any] | None = None
+    noise: np.ndarray | None = None  # float32 per-pixel temporal dark noise σ (counts), format 2
     _repair: RepairTable | None = field(init=False, repr=False, compare=False, default=None)
     _id: str = field(init=False, repr=False, compare=False, default="")
 
@@ -97,30 +127,78 @@ class CalibrationProfile:
             arr.setflags(write=False)  # shared by every frame: nobody may change it in place
             arrays[name] = arr
             object.__setattr__(self, name, arr)
+        if self.defects is not None:
+            codes = np.ascontiguousarray(self.defects, dtype=np.uint8)
+            if codes.shape != shape:
+                raise CalibrationError(f"profile defects map has shape {codes.shape}, expected {shape}")
+            if int(codes.max(initial=0)) > len(BadPixelClass):
+                raise CalibrationError(f"profile defects map has unknown class code {int(codes.max())}")
+            if not np.array_equal(codes > 0, arrays["bad_pixels"] & (codes > 0)):
+                raise CalibrationError("profile defects map flags pixels the bad-pixel mask does not")
+            codes.setflags(write=False)
+            object.__setattr__(self, "defects", codes)
+        if self.noise is not None:
+            noise = np.ascontiguousarray(self.noise, dtype=np.float32)
+            if noise.shape != shape or not np.isfinite(noise).all():
+                raise CalibrationError(f"profile noise map must be finite with shape {shape}")
+            noise.setflags(write=False)
+            object.__setattr__(self, "noise", noise)
+        if self.envelope is not None and tuple(self.envelope.shape) != shape:
+            raise CalibrationError(f"profile envelope is for {self.envelope.shape}, the maps are {shape}")
         try:
             json.dumps(dict(self.meta))
+            json.dumps(dict(self.qa or {}))
         except (TypeError, ValueError) as exc:
-            raise CalibrationError(f"profile meta must be JSON-serialisable: {exc}") from exc
+            raise CalibrationError(f"profile meta and qa must be JSON-serialisable: {exc}") from exc
         object.__setattr__(self, "meta", dict(self.meta))
+        if self.qa is not None:
+            object.__setattr__(self, "qa", dict(self.qa))
         object.__setattr__(self, "_repair", _build_repair_table(arrays["bad_pixels"]))
         object.__setattr__(self, "_id", self._compute_id())
 
     # -- identity ---------------------------------------------------------------------------
+    @property
+    def format(self) -> int:
+        """1 for a profile with maps only, 2 when it has classes, an envelope or QA figures."""
+        extended = any(v is not None for v in (self.defects, self.envelope, self.qa, self.noise))
+        return 2 if extended else 1
+
     def _metadata(self) -> dict[str, Any]:
-        return {
-            "format": PROFILE_FORMAT,
+        doc: dict[str, Any] = {
+            "format": self.format,
             "scanner": self.scanner,
             "shape": list(self.shape),
             "conditioning": self.conditioning.to_dict(),
             "meta": self.meta,
         }
+        if self.envelope is not None:
+            doc["envelope"] = self.envelope.to_dict()
+        if self.qa is not None:
+            doc["qa"] = self.qa
+        return doc
 
     def _compute_id(self) -> str:
         h = hashlib.sha256()
         h.update(json.dumps(self._metadata(), sort_keys=True, separators=(",", ":")).encode())
         for arr in (self.dark, self.gain, self.bad_pixels.astype(np.uint8)):
             h.update(arr.tobytes())
+        if self.defects is not None:
+            h.update(self.defects.tobytes())
+        if self.noise is not None:
+            h.update(self.noise.tobytes())
         return h.hexdigest()[:16]
+
+    def class_mask(self, cls: BadPixelClass | str) -> np.ndarray:
+        """Return the bool mask of one bad-pixel class (all False in a profile without classes)."""
+        if self.defects is None:
+            return np.zeros(self.shape, bool)
+        return self.defects == BadPixelClass(cls).code
+
+    def class_counts(self) -> dict[str, int]:
+        """Return the number of pixels per bad-pixel class (empty without a class map)."""
+        if self.defects is None:
+            return {}
+        return {c.value: int((self.defects == c.code).sum()) for c in BadPixelClass}
 
     @property
     def profile_id(self) -> str:
@@ -162,7 +240,17 @@ class CalibrationProfile:
     def with_conditioning(self, conditioning: ConditioningParams) -> CalibrationProfile:
         """Return a copy with other conditioning parameters (and so another id)."""
         return CalibrationProfile(
-            self.scanner, self.shape, self.dark, self.gain, self.bad_pixels, conditioning, self.meta
+            self.scanner,
+            self.shape,
+            self.dark,
+            self.gain,
+            self.bad_pixels,
+            conditioning,
+            self.meta,
+            self.defects,
+            self.envelope,
+            self.qa,
+            self.noise,
         )
 
     # -- persistence ------------------------------------------------------------------------
@@ -171,12 +259,12 @@ class CalibrationProfile:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         doc = self._metadata() | {"profile_id": self.profile_id}
-        _atomic_write(
-            path / _ARRAYS_NAME,
-            lambda f: np.savez_compressed(
-                f, dark=self.dark, gain=self.gain, bad_pixels=self.bad_pixels.astype(np.uint8)
-            ),
-        )
+        arrays = {"dark": self.dark, "gain": self.gain, "bad_pixels": self.bad_pixels.astype(np.uint8)}
+        if self.defects is not None:
+            arrays["defects"] = self.defects
+        if self.noise is not None:
+            arrays["noise"] = self.noise
+        _atomic_write(path / _ARRAYS_NAME, lambda f: np.savez_compressed(f, allow_pickle=False, **arrays))
         _atomic_write(path / _JSON_NAME, lambda f: f.write(json.dumps(doc, indent=2).encode() + b"\n"))
         return path
 
@@ -195,12 +283,14 @@ class CalibrationProfile:
             doc = json.loads(json_path.read_text())
             with np.load(arrays_path, allow_pickle=False) as z:
                 dark, gain, bad = z["dark"], z["gain"], z["bad_pixels"].astype(bool)
+                defects = z["defects"] if "defects" in z.files else None
+                noise = z["noise"] if "noise" in z.files else None
         except (OSError, ValueError, KeyError) as exc:
             raise CalibrationError(f"cannot read calibration profile {path}: {exc}") from exc
-        if doc.get("format") != PROFILE_FORMAT:
+        if doc.get("format") not in _FORMATS_READ:
             raise CalibrationError(
                 f"calibration profile {path} has format {doc.get('format')!r}; this thzedge reads "
-                f"format {PROFILE_FORMAT}"
+                f"formats {', '.join(map(str, _FORMATS_READ))}"
             )
         try:
             profile = cls(
@@ -211,6 +301,10 @@ class CalibrationProfile:
                 bad_pixels=bad,
                 conditioning=ConditioningParams.from_dict(doc.get("conditioning", {})),
                 meta=doc.get("meta", {}),
+                defects=defects,
+                envelope=ValidityEnvelope.from_dict(doc["envelope"]) if doc.get("envelope") else None,
+                qa=doc.get("qa"),
+                noise=noise,
             )
         except KeyError as exc:
             raise CalibrationError(f"calibration profile {path} lacks field {exc}") from exc

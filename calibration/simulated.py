@@ -84,10 +84,19 @@ class CalibratedSimulator:
     calibrated the same way and cut at the input's ROI, so input and target are pixel-aligned.
     """
 
-    def __init__(self, sim: ScannerSimulator, conditioning: ConditioningParams | None = None) -> None:
+    def __init__(
+        self,
+        sim: ScannerSimulator,
+        conditioning: ConditioningParams | None = None,
+        profile: CalibrationProfile | None = None,
+    ) -> None:
         self.sim = sim
         self.conditioning = conditioning if conditioning is not None else sim_conditioning(sim.shape)
-        self.profile = profile_from_sensor_maps(sim.sensor_maps(), self.conditioning)
+        # Another profile (one estimated by `calibrate build`, or an identity one) conditions
+        # the same raw captures differently: that is how calibration quality is compared.
+        if profile is None:
+            profile = profile_from_sensor_maps(sim.sensor_maps(), self.conditioning)
+        self.profile = profile.with_conditioning(self.conditioning)
 
     @property
     def identities(self) -> int:

@@ -751,14 +751,19 @@ def calibrate_threshold(
     checkpoint: str | Path,
     precision: str = "fp32",
     backend: str = "auto",
+    target_far: float | None = None,
+    roc_png: str | Path | None = None,
 ) -> ThresholdResult:
-    """Store the EER-point distance threshold, measured on the checkpoint's validation identities.
+    """Store the EER-point (or target-FAR) distance threshold, measured on the validation identities.
+
+    `target_far` picks the threshold with the highest TAR at FAR <= target instead of the EER
+    point; `roc_png` also draws the ROC with that operating point marked (edge.roc_plot).
 
     The bundle itself (ONNX Runtime, `precision`) embeds the held-out identities' triplets of
     `data_dir/train_val.csv`; the threshold where FAR = FRR on those pairs
     (`edge.evaluation.threshold_at_eer`) goes into the manifest with how it was chosen.
     """
-    from edge.evaluation import collect_outputs, equal_error_rate, threshold_at_eer
+    from edge.evaluation import collect_outputs, equal_error_rate, threshold_at_eer, threshold_at_far
     from export.checkpoint import load_raw
 
     data_dir = Path(data_dir)
@@ -776,8 +781,14 @@ def calibrate_threshold(
         with Runner.from_bundle(Path(bundle_dir), backend=backend, precision=precision) as runner:
             out = collect_outputs(runner, data_dir, csv_path, routing="predicted")
     d_pos, d_neg = out.d_pos, out.d_neg
-    t = threshold_at_eer(d_pos, d_neg)
+    method = "eer" if target_far is None else "far"
+    t = threshold_at_eer(d_pos, d_neg) if target_far is None else threshold_at_far(d_pos, d_neg, target_far)
     eer = equal_error_rate(d_pos, d_neg)
+    if roc_png is not None:
+        from edge.roc_plot import plot_roc
+
+        label = "EER" if target_far is None else f"FAR <= {target_far:g}"
+        plot_roc(d_pos, d_neg, t, roc_png, title=f"{precision} validation ROC", method=label)
     chosen_on = {
         "dataset": _dataset_description(data_dir),
         "split": "validation: identities held out from training (recorded in the checkpoint)",
@@ -785,11 +796,13 @@ def calibrate_threshold(
         "pairs": int(len(d_pos) + len(d_neg)),
         "eer": round(float(eer), 6),
     }
-    bundle = set_threshold(bundle_dir, precision, t, "eer", chosen_on)
+    if target_far is not None:
+        chosen_on["target_far"] = float(target_far)
+    bundle = set_threshold(bundle_dir, precision, t, method, chosen_on)
     return ThresholdResult(
         threshold=float(t),
         precision=precision,
-        method="eer",
+        method=method,
         eer=float(eer),
         n_pairs=int(len(d_pos) + len(d_neg)),
         identities=len(val_ids),

@@ -119,14 +119,26 @@ def threshold_command(
     precision: Annotated[
         Precision, typer.Option("--precision", help="Bundle variant to calibrate.")
     ] = Precision.fp32,
+    target_far: Annotated[
+        float | None,
+        typer.Option("--target-far", min=0.0, max=1.0, help="Threshold at this FAR instead of EER."),
+    ] = None,
+    roc: Annotated[
+        Path | None,
+        typer.Option("--roc", help="ROC PNG to write (default: BUNDLE-roc-PRECISION.png beside it)."),
+    ] = None,
 ) -> None:
-    """Store the verification threshold at the EER point of the validation identities in a bundle."""
+    """Store the verification threshold (EER point or target FAR) in a bundle and draw its ROC."""
     require_export_extra()
-    r = calibrate_threshold(model, data, checkpoint, precision=precision.value)
+    roc = roc or model.resolve().with_name(f"{model.resolve().name}-roc-{precision.value}.png")
+    r = calibrate_threshold(
+        model, data, checkpoint, precision=precision.value, target_far=target_far, roc_png=roc
+    )
     if global_options(ctx).json:
-        typer.echo(json.dumps(asdict(r), indent=2))
+        typer.echo(json.dumps(asdict(r) | {"roc": str(roc)}, indent=2))
         return
     typer.echo(
         f"{precision} threshold {r.threshold:.4f} (EER {r.eer:.4f} on {r.n_pairs} validation pairs of "
-        f"{r.identities} held-out identities) stored in {model}; bundle id now {r.bundle_id[:12]}"
+        f"{r.identities} held-out identities, {r.method}) stored in {model}; bundle id now "
+        f"{r.bundle_id[:12]}; ROC in {roc}"
     )

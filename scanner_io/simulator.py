@@ -29,22 +29,27 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import cv2
 import numpy as np
 
+from scanner_io.choices import Choice
 from scanner_io.errors import ConfigError
 from scanner_io.frame import POSTURES, Frame, FrameHeader
 
 __all__ = [
+    "DEFECT_CLASSES",
     "Capture",
     "HeadParams",
+    "Scene",
+    "SceneTruth",
     "SensorMaps",
     "SimConfig",
     "SimTruth",
     "ScannerSimulator",
+    "full_defects_config",
     "identity_name",
     "POSTURE_ANGLES",
 ]
@@ -62,9 +67,20 @@ POSTURE_ANGLES: tuple[tuple[float, float], ...] = (
 )
 # Seed-sequence tags, so each random stream is independent of the others.
 _TAG_IDENTITY, _TAG_SENSOR, _TAG_POSE, _TAG_CLOTH, _TAG_NOISE, _TAG_STREAM = 11, 12, 13, 14, 15, 16
+_TAG_DEFECTS, _TAG_SCENE, _TAG_NOISY = 17, 18, 19
+# Bad-pixel classes of the sensor model, in the order calibration reports them.
+DEFECT_CLASSES: tuple[str, ...] = ("dead", "hot", "flickering", "noisy", "stuck")
 _STREAM_SAMPLE_OFFSET = 1 << 20  # stream frames never reuse a dataset sample number
 _BOX = 104  # geometry is rendered in a _BOX×_BOX head box (raw pixels at scale 1)
 _HEAD_Y = 0.42  # head centre sits at this fraction of the box height; the neck fills below
+
+
+class Scene(Choice):
+    """What the scanner looks at: a person, the closed shutter, or a uniform reference reflector."""
+
+    FACE = "face"
+    DARK = "dark"  # shutter closed / absorber: dark signal only
+    FLAT = "flat"  # uniform reference reflector at a power level
 
 
 def identity_name(index: int) -> str:
@@ -111,6 +127,21 @@ class SimConfig:
     drift_frames: float = 3000.0  # warm-up time constant, frames
     dark_tc: float = 10.0  # mean dark change per °C (counts), per-pixel spread 30 %
     gain_tc: float = -0.002  # relative responsivity change per °C
+    # Further defect classes, off by default so the default sensor's frames stay as they were
+    # (`full_defects_config()` turns them on). Drawn from their own seeded stream.
+    noisy_fraction: float = 0.0  # pixels whose temporal noise is several times the read noise
+    noisy_factor: tuple[float, float] = (5.0, 10.0)  # their noise σ, in read-noise units
+    stuck_fraction: float = 0.0  # pixels stuck at full scale (65535) whatever the scene
+    defect_clusters: bool = False  # one 3×3 dead cluster and one dead column segment
+    # Calibration scenes: the reference reflector returns flat_power × level, uniformly; its
+    # source is power-stabilised (a calibration target, not a moving person).
+    flat_power: float = 20000.0
+    flat_source_jitter_db: float = 0.05
+
+
+def full_defects_config(**changes: Any) -> SimConfig:
+    """Return a SimConfig with every defect class on (noisy, stuck, a cluster and a column too)."""
+    return replace(SimConfig(noisy_fraction=0.002, stuck_fraction=0.001, defect_clusters=True), **changes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,6 +417,23 @@ class SimTruth:
         return self._reference
 
 
+@dataclass(frozen=True)
+class SceneTruth:
+    """Ground truth of one calibration-scene frame (dark or flat; never sent on the wire).
+
+    `power` is the incident power (zero for dark), `dark`/`gain`/`bad_pixels` the sensor's actual
+    maps at this frame's temperature, as in `SimTruth`.
+    """
+
+    scene: Scene
+    level: float
+    sensor_temp_c: float
+    power: np.ndarray
+    dark: np.ndarray
+    gain: np.ndarray
+    bad_pixels: np.ndarray
+
+
 @dataclass(frozen=True, eq=False)
 class SensorMaps:
     """A simulated sensor's true correction maps, as plain arrays (no conditioning, no profile).
@@ -412,16 +460,26 @@ class _Sensor:
     hot: np.ndarray
     flicker: np.ndarray
     hot_level: np.ndarray
+    noisy: np.ndarray | None = None  # the optional classes (SimConfig.noisy_fraction, …)
+    noisy_sigma: np.ndarray | None = None  # extra temporal noise σ of each noisy pixel (counts)
+    stuck: np.ndarray | None = None
     bad: np.ndarray = field(init=False)
     dead_idx: np.ndarray = field(init=False)
     hot_idx: np.ndarray = field(init=False)
     flicker_idx: np.ndarray = field(init=False)
+    noisy_idx: np.ndarray = field(init=False)
+    stuck_idx: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        bad = self.dead | self.hot | self.flicker
+        none = np.zeros_like(self.dead)
+        if self.noisy is None:
+            object.__setattr__(self, "noisy", none)
+        if self.stuck is None:
+            object.__setattr__(self, "stuck", none)
+        bad = self.dead | self.hot | self.flicker | self.noisy | self.stuck
         bad.setflags(write=False)
         object.__setattr__(self, "bad", bad)
-        for name in ("dead", "hot", "flicker"):
+        for name in ("dead", "hot", "flicker", "noisy", "stuck"):
             object.__setattr__(self, f"{name}_idx", np.flatnonzero(getattr(self, name)))
 
 
@@ -462,6 +520,10 @@ class ScannerSimulator:
         start_time_ns: int | None = None,
         nominal_fps: float = 30.0,
         cache_size: int = 400,
+        scene: Scene | str = Scene.FACE,
+        level: float = 1.0,
+        temp_offset_c: float = 0.0,
+        gain_drift: float = 0.0,
     ) -> None:
         if identities < 1:
             raise ConfigError(f"simulator identities must be >= 1, got {identities}")
@@ -473,6 +535,23 @@ class ScannerSimulator:
                 f"concealed_fraction ({concealed_fraction}) and impostor_rate ({impostor_rate}) "
                 "must be in [0, 1]"
             )
+        try:
+            self.scene = Scene(scene)
+        except ValueError:
+            raise ConfigError(
+                f"simulator scene must be one of {', '.join(Scene.values())}, got {scene!r}"
+            ) from None
+        if not (math.isfinite(level) and level >= 0.0):
+            raise ConfigError(f"simulator flat level must be a finite number >= 0, got {level}")
+        if not (math.isfinite(temp_offset_c) and math.isfinite(gain_drift) and gain_drift > -1.0):
+            raise ConfigError(
+                f"temp_offset_c ({temp_offset_c}) must be finite and gain_drift ({gain_drift}) > -1"
+            )
+        self.level = float(level)
+        # Forced sensor changes, so drift checks can be tested: a temperature offset moves the
+        # dark level (and the header's sensor_temp_c); gain_drift scales the responsivity.
+        self.temp_offset_c = float(temp_offset_c)
+        self.gain_drift = float(gain_drift)
         self.seed = int(seed)
         self.identities = int(identities)
         self.scanner = scanner
@@ -549,15 +628,53 @@ class ScannerSimulator:
         )
         hot_level = rng.uniform(15000.0, 50000.0, (h, w))
         f32 = np.float32
+        extra = self._extra_defects(dead | hot | flicker)
         return _Sensor(
             dark=np.clip(dark, 0, 60000).astype(f32),
             resp=resp.astype(f32),
             dark_tc=dark_tc.astype(f32),
-            dead=dead,
+            dead=dead | extra["dead"],
             hot=hot,
             flicker=flicker,
             hot_level=hot_level.astype(f32),
+            noisy=extra["noisy"],
+            noisy_sigma=extra["noisy_sigma"],
+            stuck=extra["stuck"],
         )
+
+    def _extra_defects(self, taken: np.ndarray) -> dict[str, np.ndarray]:
+        """Draw the optional defect classes from their own stream, on pixels not already bad."""
+        c = self.config
+        h, w = self.shape
+        rng = np.random.default_rng([self.seed, _TAG_DEFECTS])
+        u = rng.random((h, w))
+        free = ~taken
+        noisy = free & (u < c.noisy_fraction)
+        stuck = free & (u >= c.noisy_fraction) & (u < c.noisy_fraction + c.stuck_fraction)
+        lo, hi = c.noisy_factor
+        noisy_sigma = (rng.uniform(lo, hi, (h, w)) * c.read_noise).astype(np.float32)
+        dead = np.zeros((h, w), bool)
+        if c.defect_clusters:
+            # A 3×3 dead cluster and a dead column segment, away from the frame edges.
+            cy, cx = int(rng.integers(8, h - 8)), int(rng.integers(8, w // 2))
+            dead[cy - 1 : cy + 2, cx - 1 : cx + 2] = True
+            col = int(rng.integers(w // 2 + 4, w - 8))
+            y0 = int(rng.integers(0, h // 4))
+            dead[y0 : y0 + h // 2, col] = True
+            dead &= free
+            noisy &= ~dead
+            stuck &= ~dead
+        return {"dead": dead, "noisy": noisy, "noisy_sigma": noisy_sigma, "stuck": stuck}
+
+    def defect_maps(self) -> dict[str, np.ndarray]:
+        """Return the sensor's true bad-pixel mask per class (`DEFECT_CLASSES`), read-only bool."""
+        s = self._sensor
+        out = {}
+        for name, arr in zip(DEFECT_CLASSES, (s.dead, s.hot, s.flicker, s.noisy, s.stuck), strict=True):
+            arr = np.array(arr, dtype=bool)
+            arr.setflags(write=False)
+            out[name] = arr
+        return out
 
     def _speckle_norm(self) -> float:
         # E|h * (a + ib)|² = 2·Σh² for unit-variance white a, b: normalise speckle to mean 1.
@@ -569,9 +686,9 @@ class ScannerSimulator:
         """Sensor temperature (°C) at stream frame `index`: a warm-up plus a slow wobble."""
         c = self.config
         if not self.drift:
-            return c.reference_temp_c
+            return c.reference_temp_c + self.temp_offset_c
         warm = c.drift_c * (1.0 - math.exp(-index / c.drift_frames))
-        return c.reference_temp_c + warm + 0.2 * math.sin(2 * math.pi * index / 900.0)
+        return c.reference_temp_c + self.temp_offset_c + warm + 0.2 * math.sin(2 * math.pi * index / 900.0)
 
     def seek(self, index: int) -> None:
         """Move the stream to frame `index` (e.g. past the warm-up); header seq keeps increasing."""
@@ -584,11 +701,13 @@ class ScannerSimulator:
         dark/reference calibration would measure (calibration.simulated makes the profile).
         """
         c = self.config
-        if temp_c is None or temp_c == c.reference_temp_c:
+        if (temp_c is None or temp_c == c.reference_temp_c) and self.gain_drift == 0.0:
             return self._true_maps
+        if temp_c is None:
+            temp_c = c.reference_temp_c
         dt = np.float32(temp_c - c.reference_temp_c)
         dark = self._sensor.dark + dt * self._sensor.dark_tc
-        resp = self._sensor.resp * np.float32(1.0 + c.gain_tc * float(dt))
+        resp = self._sensor.resp * np.float32((1.0 + c.gain_tc * float(dt)) * (1.0 + self.gain_drift))
         return self._maps(dark.astype(np.float32), (1.0 / resp).astype(np.float32), temp_c)
 
     def _maps(self, dark: np.ndarray, gain: np.ndarray, temp_c: float) -> SensorMaps:
@@ -743,13 +862,7 @@ class ScannerSimulator:
         counts *= f32(read)
         counts += dark
         counts += power / gain
-        s = self._sensor
-        flat, dflat = counts.reshape(-1), dark.reshape(-1)
-        flat[s.dead_idx] = dflat[s.dead_idx] * f32(0.1)  # stuck near zero response
-        flat[s.hot_idx] = s.hot_level.reshape(-1)[s.hot_idx] + dflat[s.hot_idx]
-        off = s.flicker_idx[noise.random(len(s.flicker_idx)) < c.flicker_probability]
-        flat[off] = f32(60000.0)
-        raw = np.clip(np.rint(counts), 0, 65535).astype(np.uint16)
+        raw = self._sensor_defects(counts, dark, noise, seq)
         return Capture(
             raw=raw,
             power=power,
@@ -761,13 +874,84 @@ class ScannerSimulator:
             gain=gain,
         )
 
+    def _sensor_defects(
+        self, counts: np.ndarray, dark: np.ndarray, noise: np.random.Generator, seq: int
+    ) -> np.ndarray:
+        """Apply the bad pixels to float counts (in place) and return the rounded uint16 frame."""
+        c = self.config
+        f32 = np.float32
+        s = self._sensor
+        flat, dflat = counts.reshape(-1), dark.reshape(-1)
+        if len(s.noisy_idx):
+            # Own stream, so turning the class on never changes the other pixels' noise.
+            extra = np.random.default_rng([self.seed, _TAG_NOISY, seq]).standard_normal(len(s.noisy_idx))
+            assert s.noisy_sigma is not None
+            flat[s.noisy_idx] += (extra * s.noisy_sigma.reshape(-1)[s.noisy_idx]).astype(f32)
+        flat[s.dead_idx] = dflat[s.dead_idx] * f32(0.1)  # stuck near zero response
+        flat[s.hot_idx] = s.hot_level.reshape(-1)[s.hot_idx] + dflat[s.hot_idx]
+        off = s.flicker_idx[noise.random(len(s.flicker_idx)) < c.flicker_probability]
+        flat[off] = f32(60000.0)
+        flat[s.stuck_idx] = f32(65535.0)
+        return np.clip(np.rint(counts), 0, 65535).astype(np.uint16)
+
+    def capture_scene(
+        self, scene: Scene | str, level: float = 1.0, temp_c: float | None = None, seq: int = 0
+    ) -> tuple[np.ndarray, SceneTruth]:
+        """Make one raw frame of a calibration scene (dark or flat) and its truth.
+
+        Dark: the shutter is closed, so the frame is the dark signal, read noise and the bad
+        pixels. Flat: a uniform reference reflector returns `flat_power × level` on every pixel
+        (a power-stabilised source: `flat_source_jitter_db`). Same sensor as the face frames.
+        """
+        c = self.config
+        scene = Scene(scene)
+        if scene is Scene.FACE:
+            raise ValueError("capture_scene makes dark or flat frames; faces come from capture()")
+        if temp_c is None:
+            temp_c = c.reference_temp_c
+        h, w = self.shape
+        f32 = np.float32
+        code = 1 if scene is Scene.DARK else 2
+        noise = np.random.default_rng([self.seed, _TAG_SCENE, code, int(round(level * 1000)), seq])
+        maps = self.sensor_maps(temp_c)
+        counts = noise.standard_normal((h, w), dtype=f32)
+        counts *= f32(c.read_noise)
+        counts += maps.dark
+        if scene is Scene.FLAT:
+            src = 10.0 ** (float(noise.normal(0.0, c.flat_source_jitter_db)) / 10.0)
+            power = np.full((h, w), f32(c.flat_power * level * src), f32)
+            counts += power / maps.gain
+        else:
+            power = np.zeros((h, w), f32)
+        raw = self._sensor_defects(counts, maps.dark, noise, seq)
+        truth = SceneTruth(
+            scene=scene,
+            level=float(level),
+            sensor_temp_c=float(temp_c),
+            power=power,
+            dark=maps.dark,
+            gain=maps.gain,
+            bad_pixels=self._sensor.bad,
+        )
+        return raw, truth
+
     # -- public API ---------------------------------------------------------------------------
     def render(self, identity: int, posture: int, sample: int, concealed: bool = True) -> Frame:
         """Capture one specific (identity, posture, sample) at the calibration temperature."""
         return self._frame(identity, posture, sample, concealed, self.config.reference_temp_c, 0)
 
     def next_frame(self) -> Frame:
-        """Return the next stream frame: visits of random identities turning their heads, with drift."""
+        """Return the next stream frame: visits of random identities turning their heads, with drift.
+
+        With `scene="dark"` or `"flat"` the stream is that calibration scene instead (same
+        sensor, same temperature drift, same header).
+        """
+        if self.scene is not Scene.FACE:
+            k = self._stream_index
+            self._stream_index += 1
+            temp = self.temperature_at(k)
+            raw, truth = self.capture_scene(self.scene, self.level, temp, k)
+            return Frame(header=self._header(temp), data=raw, truth=truth)
         r = self._stream_rng
         ident, left = self._visit
         if left <= 0:
@@ -800,22 +984,7 @@ class ScannerSimulator:
         if not 0 <= identity < self.identities:
             raise ValueError(f"identity must be 0..{self.identities - 1}, got {identity}")
         cap = self.capture(identity, posture, sample, concealed, False, temp_c, noise_key)
-        seq = self._seq
-        self._seq += 1
-        if self.start_time_ns is None:
-            t_ns = time.time_ns()
-        else:
-            t_ns = self.start_time_ns + int(round(seq * 1e9 / self.nominal_fps))
-        header = FrameHeader(
-            scanner=self.scanner,
-            seq=seq,
-            t_capture_ns=t_ns,
-            shape=self.shape,
-            dtype="uint16",
-            settings={"frequency_ghz": 340.0, "looks": self.config.looks, "mode": "sim"},
-            sensor_temp_c=round(cap.temp, 3),
-            claimed_identity=claimed,
-        )
+        header = self._header(cap.temp, claimed)
         dark, gain = cap.dark, cap.gain
         raw = cap.raw
 
@@ -840,3 +1009,24 @@ class ScannerSimulator:
             _reference_fn=reference,
         )
         return Frame(header=header, data=raw, truth=truth)
+
+    def _header(self, temp_c: float, claimed: str | None = None) -> FrameHeader:
+        """Return the next frame header (seq counts every frame made, stream or render)."""
+        seq = self._seq
+        self._seq += 1
+        if self.start_time_ns is None:
+            t_ns = time.time_ns()
+        else:
+            t_ns = self.start_time_ns + int(round(seq * 1e9 / self.nominal_fps))
+        # The scene is not an acquisition setting: closing the shutter changes no setting, so
+        # dark, flat and face frames of one scanner carry the same settings.
+        return FrameHeader(
+            scanner=self.scanner,
+            seq=seq,
+            t_capture_ns=t_ns,
+            shape=self.shape,
+            dtype="uint16",
+            settings={"frequency_ghz": 340.0, "looks": self.config.looks, "mode": "sim"},
+            sensor_temp_c=round(temp_c, 3),
+            claimed_identity=claimed,
+        )

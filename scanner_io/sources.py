@@ -1,7 +1,9 @@
 """Frame sources behind one interface, opened from a URI with `open_source`.
 
 - `sim[?seed=0&fps=30&identities=20&frames=N&scanner=sim0]`: the THz simulator; paced at `fps`
-  (live) or, without `fps`, as fast as the consumer reads (lockstep).
+  (live) or, without `fps`, as fast as the consumer reads (lockstep). Calibration scenes and
+  forced drift: `scene=face|dark|flat`, `level=L` (flat), `temp_offset_c=`, `gain_drift=`,
+  `defects=default|full`, `start=K` (stream position).
 - `replay:PATH.mcap[?rate=1.0|max&loop=N]`: a recording; `max` is lockstep, a number paces by
   the recorded timestamps on the monotonic clock; `loop=N` plays it N times (0: forever).
 - `tcp://HOST:PORT` / `ipc://PATH` (optional `?hwm=8&stall_s=2&reconnect_max_ms=5000`): the
@@ -35,7 +37,7 @@ from scanner_io.errors import ConfigError, FrameDecodeError, SourceUnavailableEr
 from scanner_io.frame import Frame
 from scanner_io.recording import RecordingReader
 from scanner_io.seq import SeqTracker
-from scanner_io.simulator import ScannerSimulator, SensorMaps
+from scanner_io.simulator import ScannerSimulator, SensorMaps, SimConfig, full_defects_config
 
 __all__ = [
     "FrameSource",
@@ -265,10 +267,28 @@ class SimSource(Source):
         identities: int = 20,
         frames: int | None = None,
         scanner: str = "sim0",
+        scene: str = "face",
+        level: float = 1.0,
+        temp_offset_c: float = 0.0,
+        gain_drift: float = 0.0,
+        defects: str = "default",
+        start: int = 0,
     ) -> None:
         super().__init__(uri)
+        if defects not in ("default", "full"):
+            raise ConfigError(f"defects={defects!r} in source {uri!r} is invalid: use default or full")
         self.live = fps is not None
-        self._sim = ScannerSimulator(seed=seed, identities=identities, scanner=scanner)
+        self._sim = ScannerSimulator(
+            seed=seed,
+            identities=identities,
+            scanner=scanner,
+            config=full_defects_config() if defects == "full" else SimConfig(),
+            scene=scene,
+            level=level,
+            temp_offset_c=temp_offset_c,
+            gain_drift=gain_drift,
+        )
+        self._sim.seek(start)
         self._fps = fps
         self._limit = frames
         self._count = 0
@@ -564,6 +584,33 @@ def _split(uri: str, prefix_len: int) -> tuple[str, str]:
     return base, rest
 
 
+# sim URI parameters; scene/level/temp_offset_c/gain_drift/defects/start make calibration scenes
+# and forced drift (docs/simulator.md).
+_SIM_PARAMS: dict[str, type] = {
+    "seed": int,
+    "fps": float,
+    "identities": int,
+    "frames": int,
+    "scanner": str,
+    "scene": str,
+    "level": float,
+    "temp_offset_c": str,
+    "gain_drift": str,
+    "defects": str,
+    "start": int,
+}
+
+
+def _signed_float(uri: str, key: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ConfigError(f"parameter {key}={raw!r} in source {uri!r} is invalid: must be a number")
+    return value
+
+
 URI_FORMS = "sim[?seed=..&fps=..], replay:FILE.mcap[?rate=1.0|max&loop=N], tcp://HOST:PORT, ipc://PATH"
 
 
@@ -577,7 +624,10 @@ def open_source(uri: str, names: Mapping[str, str] | None = None) -> Source:
         return open_source(resolved)
     if uri == "sim" or uri.startswith(("sim?", "sim://")):
         rest = uri.split("?", 1)[1] if "?" in uri else ""
-        q = _query(uri, rest, {"seed": int, "fps": float, "identities": int, "frames": int, "scanner": str})
+        q = _query(uri, rest, _SIM_PARAMS)
+        for key in ("temp_offset_c", "gain_drift"):  # signed, unlike the other numbers
+            if key in q:
+                q[key] = _signed_float(uri, key, q[key])
         return SimSource(uri, **q)
     if uri.startswith("replay:"):
         path, rest = _split(uri, len("replay:"))

@@ -27,6 +27,7 @@ COMMANDS = {
     "scanner": {"serve"},
     "recording": {"info"},
     "sim": {"dataset", "preview", "profile"},
+    "calibrate": {"capture", "build", "check", "report", "activate", "list"},
 }
 
 

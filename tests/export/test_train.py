@@ -236,6 +236,15 @@ def test_train_and_threshold_commands(
     from edge.bundle import Bundle
 
     assert Bundle.open(bundle_dir).threshold("fp32") == pytest.approx(th["threshold"])
+    roc = Path(th["roc"])
+    assert roc == tmp_path / "b-roc-fp32.png" and roc.read_bytes()[:4] == b"\x89PNG"
+    # One command, a target FAR instead of the EER point: another threshold, its own ROC file.
+    far_png = tmp_path / "far.png"
+    code = main([*args.split(), "--target-far", "0.05", "--roc", str(far_png)])
+    assert code == 0
+    far = json.loads(capsys.readouterr().out)
+    assert far["method"] == "far" and far_png.is_file()
+    assert Bundle.open(bundle_dir).threshold("fp32") == pytest.approx(far["threshold"])
 
 
 def test_train_command_reports_missing_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -155,3 +155,57 @@ def test_speckle_has_unit_mean_and_l_look_contrast():
     looks = s.config.looks
     assert r.mean() == pytest.approx(1.0, abs=0.08)
     assert r.std() == pytest.approx(1.0 / np.sqrt(looks), rel=0.2)
+
+
+def test_calibration_scenes_share_the_sensor_and_are_deterministic() -> None:
+    from scanner_io.simulator import DEFECT_CLASSES, SceneTruth, full_defects_config
+
+    sim = ScannerSimulator(seed=2, config=full_defects_config(), scene="dark")
+    a = [sim.next_frame() for _ in range(3)]
+    again = ScannerSimulator(seed=2, config=full_defects_config(), scene="dark")
+    assert all(np.array_equal(f.data, again.next_frame().data) for f in a)
+    assert isinstance(a[0].truth, SceneTruth) and a[0].truth.power.max() == 0.0
+    maps = sim.defect_maps()
+    assert tuple(maps) == DEFECT_CLASSES
+    stacked = np.stack(list(maps.values()))
+    assert (stacked.sum(axis=0) <= 1).all(), "a pixel belongs to one class"
+    assert np.array_equal(stacked.any(axis=0), sim.sensor_maps().bad_pixels)
+    good = ~sim.sensor_maps().bad_pixels
+    dark = np.stack([f.data for f in a]).astype(np.float32)
+    assert abs(float(np.median(dark[:, good])) - 1500.0) < 30.0
+    assert (dark[:, maps["stuck"]] == 65535).all()
+    flat = ScannerSimulator(seed=2, config=full_defects_config(), scene="flat", level=0.5).next_frame()
+    assert 9000 < float(np.median(flat.data[good])) < 13000
+    # The default sensor has none of the optional classes: today's frames are unchanged.
+    default = ScannerSimulator(seed=2).defect_maps()
+    assert not default["noisy"].any() and not default["stuck"].any()
+
+
+def test_forced_drift_moves_dark_and_gain() -> None:
+    base = ScannerSimulator(seed=1, scene="dark", drift=False).next_frame()
+    warm = ScannerSimulator(seed=1, scene="dark", drift=False, temp_offset_c=3.0).next_frame()
+    assert warm.header.sensor_temp_c == base.header.sensor_temp_c + 3.0
+    good = ~base.truth.bad_pixels
+    shift = float(np.median(warm.data[good].astype(np.float32) - base.data[good]))
+    assert 25.0 < shift < 35.0  # ≈ 10 counts/°C
+    flat = ScannerSimulator(seed=1, scene="flat", drift=False).next_frame()
+    more = ScannerSimulator(seed=1, scene="flat", drift=False, gain_drift=0.1).next_frame()
+    ratio = (more.data[good].astype(np.float32) - base.data[good]) / (
+        flat.data[good].astype(np.float32) - base.data[good]
+    )
+    assert abs(float(np.median(ratio)) - 1.1) < 0.01
+
+
+def test_sim_uri_scene_parameters() -> None:
+    from scanner_io.errors import ConfigError
+    from scanner_io.sources import open_source
+
+    src = open_source("sim?scene=flat&level=0.5&temp_offset_c=-2&gain_drift=-0.05&defects=full&start=10")
+    try:
+        frame = src.read(1.0)
+    finally:
+        src.close()
+    assert frame.header.sensor_temp_c < 34.0
+    for bad in ("sim?scene=moon", "sim?defects=all", "sim?temp_offset_c=warm", "sim?gain_drift=-2"):
+        with pytest.raises(ConfigError):
+            open_source(bad).close()
