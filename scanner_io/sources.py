@@ -474,8 +474,9 @@ class ZmqSource(Source):
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
             sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
 
-    def _drain_monitor(self, mon: Any, recv_monitor_message: Any) -> None:
-        while mon.poll(0):
+    def _drain_monitor(self, mon: Any, recv_monitor_message: Any, wait_ms: int = 0) -> None:
+        while mon.poll(wait_ms):
+            wait_ms = 0
             event = recv_monitor_message(mon)["event"]
             if event == zmq.EVENT_CONNECTED:
                 self._peers += 1
@@ -526,6 +527,10 @@ class ZmqSource(Source):
                     parts = sock.recv_multipart(copy=True)
                 except zmq.Again:
                     continue
+                if self._peers <= 0:
+                    # A message proves a peer: take its (possibly still queued) connect event now,
+                    # so `state` never reads "down" while frames flow.
+                    self._drain_monitor(mon, recv_monitor_message, wait_ms=100)
                 try:
                     item: Frame | MalformedFrame = decode_frame(parts)
                     self._last_frame = time.monotonic()
