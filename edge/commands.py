@@ -19,11 +19,12 @@ from edge.config import load_config
 from edge.evaluation import Routing, evaluate
 from edge.gallery import Gallery, enroll_from_inputs, enroll_from_source
 from edge.infer import load_inputs, save_results, truth_postures
+from edge.ops_cli import register as register_ops
 from edge.pipeline.assemble import RunOptions, run_daemon
 from edge.runner import Runner
 from edge.security import generate_keys, load_keypair
 from scanner_io.cli_common import global_options, split_choices
-from scanner_io.errors import ThzEdgeError
+from scanner_io.errors import ConfigError, ThzEdgeError
 from scanner_io.frame import POSTURES
 from scanner_io.sources import split_queue_mode
 
@@ -49,6 +50,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(gallery_app, name="gallery")
     app.command("enroll")(enroll_command)
     app.command("bench")(bench_command)
+    register_ops(app)
 
 
 _MODEL_HELP = "Model bundle directory (from `thzedge export onnx`)."
@@ -200,11 +202,25 @@ def config_show_command(ctx: typer.Context) -> None:
 
 
 def config_validate_command(ctx: typer.Context) -> None:
-    """Check a config file; exit 0 if valid, 78 with one line naming the problem otherwise."""
-    cfg = load_config(global_options(ctx).config)
-    for note in cfg.warnings():
-        typer.echo(f"warning: {note}", err=True)
-    typer.echo(f"{cfg.path or 'built-in defaults'}: ok ({len(cfg.sources)} source(s))")
+    """Check a config as `thzedge run` would at start-up (bundle, profiles, gallery, keys); exit 78 if not."""
+    from edge.doctor import CheckStatus, static_checks
+
+    opts = global_options(ctx)
+    cfg = load_config(opts.config)  # a file that does not parse is one line, exit 78, as before
+    checks = static_checks(opts.config)
+    failed = [c for c in checks if c.status is CheckStatus.fail]
+    if opts.json:
+        typer.echo(json.dumps({"valid": not failed, "checks": [c.to_dict() for c in checks]}, indent=2))
+    for c in checks:
+        if c.status is CheckStatus.warn:
+            typer.echo(f"warning: {c.name}: {c.detail}", err=True)
+    if failed:
+        # Every failure in order; the last one is the raised error (exit 78, like `run`).
+        for c in failed[:-1]:
+            typer.echo(f"thzedge: error: {c.name}: {c.detail}", err=True)
+        raise ConfigError(f"{failed[-1].name}: {failed[-1].detail}")
+    if not opts.json:
+        typer.echo(f"{cfg.path or 'built-in defaults'}: ok ({len(cfg.sources)} source(s))")
 
 
 def keys_generate_command(

@@ -16,6 +16,7 @@ import typer
 from edge.backends.trt import current_platform, import_tensorrt
 from edge.bundle import Bundle, Precision
 from export.engine import EngineSettings, build_bundle_engines
+from export.extras import require_export_extra
 from export.gate import GateFailedError, GateTolerances, run_gate
 from export.quantize import (
     QUANTIZED_PRECISIONS,
@@ -130,6 +131,7 @@ def quantize_command(
     min_cosine: MinCosine = 0.99,
 ) -> None:
     """Add an INT8 (Q/DQ) or FP16 variant to a bundle; it is kept only if the accuracy gate passes."""
+    require_export_extra(("onnx",))  # graphs are rewritten with onnx; torch is not needed
     settings = QuantizeSettings(
         precision=precision,
         method=method,

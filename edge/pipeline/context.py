@@ -42,6 +42,7 @@ class DaemonSettings:
     reconstruction: bool = True
     publish_embedding: bool = field(default=False, metadata=_from("privacy", "publish_embedding"))
     publish_reconstruction: bool = field(default=False, metadata=_from("privacy", "publish_reconstruction"))
+    publish_input: bool = field(default=False, metadata=_from("privacy", "publish_input"))
     verification_mode: VerificationMode = field(
         default=VerificationMode.auto, metadata=_from("verification", "mode")
     )

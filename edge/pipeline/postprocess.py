@@ -42,6 +42,7 @@ class PostProcessor:
             status="ok",
             provenance=Provenance(model.bundle, model.precision, model.backend, q.ctx.calibration_id),
             t_received_mono=q.t_received,
+            input=q.x if self.pipe.settings.publish_input else None,
         )
         r.latency_ms[Stage.queue.value] = (now - q.t_received) * 1e3
         r.latency_ms[Stage.condition.value] = q.condition_ms

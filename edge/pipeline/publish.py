@@ -55,6 +55,7 @@ class PublisherStage(Stage):
             "payloads": {
                 "embedding": s.publish_embedding,
                 "reconstruction": s.publish_reconstruction and s.reconstruction,
+                "input": s.publish_input,
             },
         }
 
@@ -68,6 +69,7 @@ class PublisherStage(Stage):
             lockstep=not self.upstream.live,
             publish_embedding=s.publish_embedding,
             publish_reconstruction=s.publish_reconstruction,
+            publish_input=s.publish_input,
             binder=self._binder,
             ipc_mode=s.ipc_mode,
             ipc_group=s.ipc_group,
