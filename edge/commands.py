@@ -139,6 +139,14 @@ def run_command(
     no_reconstruction: Annotated[
         bool, typer.Option("--no-reconstruction", help="Skip the decoders (posture and verification only).")
     ] = False,
+    record_results: Annotated[
+        Path | None,
+        typer.Option(
+            "--record-results",
+            help="Also write the results to this MCAP file (posture, decision, latency channels that "
+            "Foxglove plots; identities and reconstructions only with [privacy] record_results).",
+        ),
+    ] = None,
 ) -> None:
     """Stream frames through the model and publish results until the source ends or a signal stops it."""
 
@@ -153,6 +161,7 @@ def run_command(
             record=record,
             max_frames=max_frames,
             reconstruction=not no_reconstruction,
+            record_results=record_results,
         )
     )
     typer.echo(json.dumps(summary.to_dict(), sort_keys=True) if opts.json else summary.render())

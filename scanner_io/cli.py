@@ -24,8 +24,9 @@ def register(app: typer.Typer) -> None:
     scanner = typer.Typer(help="Scanner acquisition: emulate a scanner's frame stream.", no_args_is_help=True)
     scanner.command("serve")(scanner_serve)
     app.add_typer(scanner, name="scanner")
-    recording = typer.Typer(help="Inspect MCAP recordings of raw frames.", no_args_is_help=True)
+    recording = typer.Typer(help="Inspect or convert MCAP recordings of raw frames.", no_args_is_help=True)
     recording.command("info")(recording_info)
+    recording.command("export")(recording_export)
     app.add_typer(recording, name="recording")
 
 
@@ -92,3 +93,32 @@ def recording_info(
         typer.echo(json.dumps(info.to_dict(), sort_keys=True))
     else:
         typer.echo(info.render())
+
+
+def recording_export(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="An MCAP recording (a .part left by a crash works too).")],
+    out: Annotated[Path, typer.Option("--out", help="The MCAP file to write.")],
+    foxglove: Annotated[
+        bool,
+        typer.Option(
+            "--foxglove", help="Write frames as foxglove.RawImage (Foxglove, Lichtblick can show them)."
+        ),
+    ] = False,
+) -> None:
+    """Convert a recording for other tools: `--foxglove` writes its frames as foxglove.RawImage."""
+    from scanner_io.errors import UsageError
+    from scanner_io.foxglove import export_foxglove
+
+    if not foxglove:
+        raise UsageError("say which format to write: --foxglove (the one export there is)")
+    if out.resolve() == file.resolve():
+        raise UsageError("--out must be another file than the recording")
+    result = export_foxglove(file, out)
+    if global_options(ctx).json:
+        typer.echo(json.dumps(result.to_dict(), sort_keys=True))
+    else:
+        skipped = f", {result.malformed} malformed skipped" if result.malformed else ""
+        typer.echo(
+            f"wrote {result.path}: {result.frames} frames as foxglove.RawImage on {', '.join(result.topics)}{skipped}"
+        )

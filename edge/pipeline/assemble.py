@@ -58,6 +58,7 @@ class RunOptions:
     record: Path | None = None
     max_frames: int | None = None
     reconstruction: bool = True
+    record_results: Path | None = None
 
 
 def settings_from_config(
@@ -67,6 +68,7 @@ def settings_from_config(
     max_frames: int | None = None,
     reconstruction: bool = True,
     queue_policy: QueuePolicy = QueuePolicy.auto,
+    record_results: Path | None = None,
 ) -> DaemonSettings:
     """Build the daemon's settings: each field the config names (`cfg.<section>.<name>`), the rest given."""
     values: dict[str, Any] = {}
@@ -85,6 +87,7 @@ def settings_from_config(
         max_frames=max_frames,
         reconstruction=reconstruction,
         queue_policy=queue_policy,
+        record_results=record_results,
     )
 
 
@@ -191,6 +194,7 @@ def run_daemon(
         max_frames=opts.max_frames,
         reconstruction=opts.reconstruction,
         queue_policy=queue_policy,
+        record_results=opts.record_results,
     )
 
     notifier = notifier if notifier is not None else Notifier()

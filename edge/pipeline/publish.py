@@ -19,6 +19,7 @@ from edge.pipeline.acquire import AcquisitionStage
 from edge.pipeline.queues import Event
 from edge.pipeline.stage import Pipeline, Stage
 from edge.results import RESULTS_PROTOCOL_VERSION, FrameResult, ResultPublisher
+from edge.results_mcap import ResultsRecorder
 
 Binder = Callable[[zmq.Socket, str], str]  # edge.security.EndpointSecurity.bind
 
@@ -31,6 +32,7 @@ class PublisherStage(Stage):
         self.upstream = upstream  # the source's scanner name, state and mode
         self._binder = binder
         self.publisher: ResultPublisher | None = None
+        self.recorder: ResultsRecorder | None = None
         self._drops_reported = 0
         self._last_state = 0.0
         self._state_version = -1
@@ -74,6 +76,8 @@ class PublisherStage(Stage):
             ipc_mode=s.ipc_mode,
             ipc_group=s.ipc_group,
         )
+        if s.record_results is not None:
+            self.recorder = ResultsRecorder(s.record_results, biometric=s.record_biometric)
 
     def loop(self) -> None:
         """Send until inference is done and the outbox is empty."""
@@ -129,6 +133,8 @@ class PublisherStage(Stage):
                 if ring is not None:
                     ring.append(v)
         pipe.metrics.published(r, t_pub)
+        if self.recorder is not None:
+            self.recorder.write(r, t_pub)
 
     def teardown(self) -> None:
         """Announce `stopped` and close the socket."""
@@ -138,3 +144,5 @@ class PublisherStage(Stage):
                 st["state"] = "stopped"
                 self.publisher.publish_event("state", st, time.monotonic())
             self.publisher.close()
+        if self.recorder is not None:
+            self.recorder.close()
