@@ -18,6 +18,9 @@ COMMANDS = {
     "run": None,
     "enroll": None,
     "bench": None,
+    "tail": None,
+    "view": None,
+    "doctor": None,
     "train": None,
     "record": None,
     "config": {"show", "validate"},
@@ -25,7 +28,7 @@ COMMANDS = {
     "gallery": {"info", "remove"},
     "export": {"onnx", "quantize", "check", "engine", "threshold"},
     "scanner": {"serve"},
-    "recording": {"info"},
+    "recording": {"info", "export"},
     "sim": {"dataset", "preview", "profile"},
     "calibrate": {"capture", "build", "check", "report", "activate", "list"},
 }
