@@ -406,8 +406,11 @@ def _validate(config: Config) -> Config:
         raise ConfigError("[publisher] ipc_mode = 0o660 needs ipc_group (the group allowed to connect)")
     # Biometric payloads only over an authenticated channel: CURVE+ZAP on tcp, file permissions
     # on ipc (R-NEW-1, R-SEC-5). insecure_dev does not lift this rule.
-    biometric = [k for k in ("publish_embedding", "publish_reconstruction", "publish_input")
-        if getattr(config.privacy, k)]
+    biometric = [
+        k
+        for k in ("publish_embedding", "publish_reconstruction", "publish_input")
+        if getattr(config.privacy, k)
+    ]
     if biometric and scheme == "tcp" and not curve.enabled:
         raise ConfigError(
             f"[privacy] {' and '.join(biometric)} = true but [publisher] endpoint {pub.endpoint} has no "

@@ -166,7 +166,8 @@ def runtime_checks() -> list[CheckResult]:
             rows.append(
                 ok(
                     "gpu",
-                    f"{plat.gpu_name}, compute capability {plat.compute_capability}, CUDA {plat.cuda_runtime_version}",
+                    f"{plat.gpu_name}, compute capability {plat.compute_capability}, "
+                    f"CUDA {plat.cuda_runtime_version}",
                 )
             )
         except ThzEdgeError as exc:

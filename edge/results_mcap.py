@@ -3,12 +3,13 @@
 One JSON-schema channel per kind of value, per scanner, so Foxglove / Lichtblick plot them
 over time (log time = publish time):
 
-| topic | schema | fields |
-|---|---|---|
-| `/<scanner>/posture` | `thzedge.Posture` | timestamp, seq, label, index, confidence |
-| `/<scanner>/decision` | `thzedge.Decision` | timestamp, seq, mode, decision, accepted (0/1), score, threshold |
-| `/<scanner>/latency` | `thzedge.Latency` | timestamp, seq, queue, condition, encode, verify, reconstruct, publish, total (ms) |
-| `/<scanner>/status` | `thzedge.ResultStatus` | timestamp, seq, status, ok (0/1), dropped_since_last, errors |
+- `/<scanner>/posture` (`thzedge.Posture`): label, index, confidence
+- `/<scanner>/decision` (`thzedge.Decision`): mode, decision, accepted (0/1), score, threshold
+- `/<scanner>/latency` (`thzedge.Latency`): queue, condition, encode, verify, reconstruct,
+  publish, total (ms)
+- `/<scanner>/status` (`thzedge.ResultStatus`): status, ok (0/1), dropped_since_last, errors
+
+Every message also has a Foxglove `timestamp` and the frame's `seq`.
 
 Biometric parts go in only with `[privacy] record_results = true`: the identity named by a
 decision, and the reconstruction (`/<scanner>/reconstruction`, `foxglove.RawImage` 32FC1).

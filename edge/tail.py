@@ -87,7 +87,8 @@ def format_message(msg: DecodedMessage) -> str:
             f"calibration={h.get('calibration')}"
         )
     if kind == "drop":
-        return f"{h.get('scanner')} event drop reason={h.get('reason')} count={h.get('count')} seq={h.get('seq')}"
+        reason, count = h.get("reason"), h.get("count")
+        return f"{h.get('scanner')} event drop reason={reason} count={count} seq={h.get('seq')}"
     if kind == "error":
         return (
             f"{h.get('scanner')} event error stage={h.get('stage')} reason={h.get('reason')} "

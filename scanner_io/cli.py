@@ -120,5 +120,6 @@ def recording_export(
     else:
         skipped = f", {result.malformed} malformed skipped" if result.malformed else ""
         typer.echo(
-            f"wrote {result.path}: {result.frames} frames as foxglove.RawImage on {', '.join(result.topics)}{skipped}"
+            f"wrote {result.path}: {result.frames} frames as foxglove.RawImage on "
+            f"{', '.join(result.topics)}{skipped}"
         )

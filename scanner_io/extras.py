@@ -46,5 +46,6 @@ def require_extra(extra: str, modules: Iterable[str] | None = None) -> None:
     missing = missing_modules(EXTRAS[extra].modules if modules is None else modules)
     if missing:
         raise MissingDependencyError(
-            f"{' and '.join(missing)} not installed; install the {extra} extra: pip install 'thzedge[{extra}]'"
+            f"{' and '.join(missing)} not installed; install the {extra} extra: "
+            f"pip install 'thzedge[{extra}]'"
         )

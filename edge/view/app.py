@@ -91,7 +91,9 @@ def build_app(state: ViewState, options: ViewOptions, token: str = "") -> web.Ap
 async def _token_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
     token = request.app[TOKEN_KEY]
     if token and not hmac.compare_digest(request.query.get("token", ""), token):
-        raise web.HTTPForbidden(text="thzedge view: a valid ?token= is required (printed when the viewer started)")
+        raise web.HTTPForbidden(
+            text="thzedge view: a valid ?token= is required (printed when the viewer started)"
+        )
     response: web.StreamResponse = await handler(request)
     return response
 
@@ -156,7 +158,9 @@ def check_bind(bind: str, allow_remote: bool) -> tuple[str, int, bool]:
     return host, port, True
 
 
-def serve_view(options: ViewOptions, announce: Callable[[str], None], stop: threading.Event | None = None) -> None:
+def serve_view(
+    options: ViewOptions, announce: Callable[[str], None], stop: threading.Event | None = None
+) -> None:
     """Subscribe and serve the page until SIGINT/SIGTERM (or `stop`)."""
     cfg = load_config(options.config)
     host, port, needs_token = check_bind(options.bind, cfg.view.allow_remote)
@@ -164,7 +168,9 @@ def serve_view(options: ViewOptions, announce: Callable[[str], None], stop: thre
     token = secrets.token_urlsafe(18) if needs_token else ""
     state = ViewState(target.endpoint, show_reconstruction=options.show_reconstruction)
     stop = stop or threading.Event()
-    follower = threading.Thread(target=follow, args=(target, state, stop), name="view-subscriber", daemon=True)
+    follower = threading.Thread(
+        target=follow, args=(target, state, stop), name="view-subscriber", daemon=True
+    )
     follower.start()
     try:
         asyncio.run(_serve(build_app(state, options, token), host, port, token, announce, stop))
@@ -188,7 +194,9 @@ async def _serve(
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise SourceUnavailableError(f"cannot serve the page on {host}:{port}: {exc.strerror}; use --bind") from None
+        raise SourceUnavailableError(
+            f"cannot serve the page on {host}:{port}: {exc.strerror}; use --bind"
+        ) from None
     server = site._server
     sockets = getattr(server, "sockets", None) or []
     bound = sockets[0].getsockname()[1] if sockets else port

@@ -76,7 +76,8 @@ class ViewState:
                     self._latency.append(float(total))
             elif h.get("kind") == "state":
                 self._daemon = {
-                    k: h.get(k) for k in ("state", "source", "mode", "calibration", "model", "payloads", "verification")
+                    k: h.get(k)
+                    for k in ("state", "source", "mode", "calibration", "model", "payloads", "verification")
                 }
             elif h.get("kind") == "drop":
                 reason = str(h.get("reason"))

@@ -48,7 +48,10 @@ def test_doctor_on_the_shipped_example_config_is_not_ready(capsys: pytest.Captur
     )
     assert r.returncode == 1, r.stderr
     rows = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
-    assert rows["model bundle"]["status"] == "fail" and "/var/lib/thzedge/models/thz-mtl" in rows["model bundle"]["detail"]
+    assert (
+        rows["model bundle"]["status"] == "fail"
+        and "/var/lib/thzedge/models/thz-mtl" in rows["model bundle"]["detail"]
+    )
     assert rows["calibration scanner0"]["status"] == "fail"
     assert rows["source scanner0 answers"]["status"] == "warn"  # nothing listens on the acquisition socket
 
@@ -70,9 +73,12 @@ def test_config_validate_runs_the_start_up_checks(
     assert main(["--json", "--config", str(precision), "config", "validate"]) == EXIT_CONFIG
     doc = json.loads(capsys.readouterr().out)
     assert doc["valid"] is False
-    assert _by_name([CheckResult(c["name"], CheckStatus(c["status"]), c["detail"]) for c in doc["checks"]])[
-        "model precision"
-    ].status is CheckStatus.fail
+    assert (
+        _by_name([CheckResult(c["name"], CheckStatus(c["status"]), c["detail"]) for c in doc["checks"]])[
+            "model precision"
+        ].status
+        is CheckStatus.fail
+    )
 
 
 def test_config_validate_accepts_a_real_profile_and_refuses_a_foreign_gallery(
@@ -99,14 +105,18 @@ def test_config_validate_accepts_a_real_profile_and_refuses_a_foreign_gallery(
     assert main(["--config", str(foreign), "config", "validate"]) == EXIT_CONFIG
     assert "gallery" in capsys.readouterr().err
     bound = tmp_path / "bound.toml"
-    bound.write_text(f'[model]\nbundle = "{tiny_bundle}"\n[verification]\ngallery = "{gallery}"\nthreshold = 0.8\n')
+    bound.write_text(
+        f'[model]\nbundle = "{tiny_bundle}"\n[verification]\ngallery = "{gallery}"\nthreshold = 0.8\n'
+    )
     rows = _by_name(run_doctor(bound).checks)
     assert rows["gallery"].status is CheckStatus.ok and "1 identities" in rows["gallery"].detail
     assert rows["gallery file mode"].status is CheckStatus.ok  # written 0600
 
 
 def test_report_is_ready_unless_a_check_fails_and_renders_a_table() -> None:
-    report = DoctorReport([CheckResult("a", CheckStatus.ok, "fine"), CheckResult("jetson clocks", CheckStatus.warn)])
+    report = DoctorReport(
+        [CheckResult("a", CheckStatus.ok, "fine"), CheckResult("jetson clocks", CheckStatus.warn)]
+    )
     assert report.ready and report.summary() == "1 ok, 1 warn, 0 fail, 0 skip"
     report.checks.append(CheckResult("b", CheckStatus.fail, "broken"))
     assert not report.ready and [c.name for c in report.failures()] == ["b"]
@@ -120,7 +130,9 @@ def test_a_command_whose_extra_is_missing_names_the_extra_and_exits_69(
     argv = ["export", "quantize", "--bundle", str(tmp_path), "--calibration", str(tmp_path)]
     assert main(argv) == EXIT_UNAVAILABLE
     err = capsys.readouterr().err.strip()
-    assert err == "thzedge: error: onnx not installed; install the export extra: pip install 'thzedge[export]'"
+    assert (
+        err == "thzedge: error: onnx not installed; install the export extra: pip install 'thzedge[export]'"
+    )
     monkeypatch.setitem(sys.modules, "aiohttp", None)
     assert main(["view"]) == EXIT_UNAVAILABLE
     assert "pip install 'thzedge[view]'" in capsys.readouterr().err

@@ -36,7 +36,10 @@ def gallery(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     crops = d / "crops.npy"
     np.save(crops, np.random.default_rng(1).random((3, 64, 64), dtype=np.float32))
     g = d / "g.npz"
-    assert main(["enroll", str(crops), "--model", str(tiny_bundle), "--gallery", str(g), "--identity", "p-7"]) == 0
+    assert (
+        main(["enroll", str(crops), "--model", str(tiny_bundle), "--gallery", str(g), "--identity", "p-7"])
+        == 0
+    )
     return g
 
 
@@ -52,7 +55,9 @@ def test_recorded_results_match_the_published_ones(
     )
     out = tmp_path / "results.mcap"
     sub = Subscriber(pub)
-    daemon = thzedge_run("sim?seed=5", tiny_bundle, cfg, pub, "--max-frames", "12", "--record-results", str(out))
+    daemon = thzedge_run(
+        "sim?seed=5", tiny_bundle, cfg, pub, "--max-frames", "12", "--record-results", str(out)
+    )
     try:
         sub.wait_state(proc=daemon)
         rc, stdout, err = run_until_exit(daemon, sub)

@@ -53,7 +53,9 @@ def test_filter_keeps_matching_results_and_every_event() -> None:
     assert f.keep(decode_message(encode_result(_result(), 5)))
     assert not f.keep(decode_message(encode_result(_result(decision="unknown"), 5)))
     assert not f.keep(decode_message(encode_result(_result(status="error"), 5)))
-    assert not ResultFilter.parse("decision=accept").keep(decode_message(encode_result(_result(decision=None), 5)))
+    assert not ResultFilter.parse("decision=accept").keep(
+        decode_message(encode_result(_result(decision=None), 5))
+    )
     assert f.keep(decode_message(encode_event("sim0", "state", {"state": "ready"})))
     for bad in ("status", "colour=red", "status="):
         with pytest.raises(UsageError):

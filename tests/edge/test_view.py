@@ -80,12 +80,28 @@ class Viewer:
 
 
 @pytest.fixture(scope="module")
-def daemon(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, subprocess.Popen]]:
+def daemon(
+    tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Path, subprocess.Popen]]:
     d = tmp_path_factory.mktemp("view")
     crops = d / "crops.npy"
     np.save(crops, np.random.default_rng(2).random((3, 64, 64), dtype=np.float32))
     gallery = d / "g.npz"
-    assert main(["enroll", str(crops), "--model", str(tiny_bundle), "--gallery", str(gallery), "--identity", "p-3"]) == 0
+    assert (
+        main(
+            [
+                "enroll",
+                str(crops),
+                "--model",
+                str(tiny_bundle),
+                "--gallery",
+                str(gallery),
+                "--identity",
+                "p-3",
+            ]
+        )
+        == 0
+    )
     pub = f"ipc://{d}/results.sock"
     cfg = write_config(
         d / "thzedge.toml",
@@ -173,7 +189,9 @@ def test_reconstruction_only_with_the_flag_and_a_banner(daemon, browser) -> None
     try:
         page = browser.new_page(bypass_csp=True)  # type: ignore[attr-defined]  # page CSP forbids eval
         page.goto(viewer.url())
-        page.wait_for_function("document.getElementById('recon').src.startsWith('data:image/png')", timeout=30000)
+        page.wait_for_function(
+            "document.getElementById('recon').src.startsWith('data:image/png')", timeout=30000
+        )
         assert page.is_visible("#banner") and "biometric" in page.inner_text("#banner")
         assert page.is_visible("#recon")
         assert any("biometric" in line for line in viewer.lines)

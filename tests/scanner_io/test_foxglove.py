@@ -57,7 +57,9 @@ def test_export_foxglove_writes_raw_images_with_the_well_known_schema(
 
 def test_raw_image_encodings_and_refusals() -> None:
     img = raw_image(np.arange(12, dtype=np.float32).reshape(3, 4), 1_500_000_000, "s")
-    assert img["encoding"] == "32FC1" and img["step"] == 16 and img["timestamp"] == {"sec": 1, "nsec": 5 * 10**8}
+    assert (
+        img["encoding"] == "32FC1" and img["step"] == 16 and img["timestamp"] == {"sec": 1, "nsec": 5 * 10**8}
+    )
     np.testing.assert_array_equal(_decode(img), np.arange(12, dtype=np.float32).reshape(3, 4))
     with pytest.raises(Exception, match="2-D"):
         raw_image(np.zeros((2, 2, 2), np.float64), 0, "s")
