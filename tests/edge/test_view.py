@@ -223,3 +223,13 @@ def test_remote_bind_needs_the_config_setting_and_then_a_token(daemon, tmp_path:
             assert r.status == 200 and b"thzedge view" in r.read()
     finally:
         viewer.stop()
+
+
+def test_the_input_is_published_only_where_biometric_data_may_go() -> None:
+    from edge.config import config_from_dict
+    from scanner_io.errors import ConfigError
+
+    plain_tcp = {"publisher": {"endpoint": "tcp://127.0.0.1:5999"}, "daemon": {"insecure_dev": True}}
+    with pytest.raises(ConfigError, match="publish_input = true but .* has no CURVE"):
+        config_from_dict({**plain_tcp, "privacy": {"publish_input": True}})
+    assert config_from_dict({"privacy": {"publish_input": True}}).privacy.publish_input  # ipc default
