@@ -55,8 +55,9 @@ def test_recorded_results_match_the_published_ones(
     )
     out = tmp_path / "results.mcap"
     sub = Subscriber(pub)
+    # Live at 10 frames/s: the subscriber has joined (at bind) long before the last results.
     daemon = thzedge_run(
-        "sim?seed=5", tiny_bundle, cfg, pub, "--max-frames", "12", "--record-results", str(out)
+        "sim?seed=5&fps=10", tiny_bundle, cfg, pub, "--max-frames", "12", "--record-results", str(out)
     )
     try:
         sub.wait_state(proc=daemon)
