@@ -53,13 +53,14 @@ def tail_command(
     opts = global_options(ctx)
     only = ResultFilter.parse(filter_)
     target = resolve_target(endpoint, opts.config, source)
-    typer.echo(f"subscribed to {target.endpoint}{' (CURVE)' if target.curve else ''}", err=True)
 
     def emit(line: str) -> None:
         typer.echo(line)
         sys.stdout.flush()
 
     with stop_on_signals() as stop:
+        # Printed once SIGTERM/SIGINT stop it cleanly (a script may wait for this line).
+        typer.echo(f"subscribed to {target.endpoint}{' (CURVE)' if target.curve else ''}", err=True)
         tail(target, emit, stop, as_json=opts.json, only=only, max_results=count, events=not no_events)
 
 

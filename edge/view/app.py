@@ -197,6 +197,11 @@ async def _serve(
         raise SourceUnavailableError(
             f"cannot serve the page on {host}:{port}: {exc.strerror}; use --bind"
         ) from None
+    # Handlers before the URL is printed: whoever waits for that line may stop us at once.
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
     server = site._server
     sockets = getattr(server, "sockets", None) or []
     bound = sockets[0].getsockname()[1] if sockets else port
@@ -205,10 +210,6 @@ async def _serve(
     announce(f"view: subscribed to {app[STATE_KEY].endpoint}; open {url}")
     if app[STATE_KEY].show_reconstruction:
         announce("view: reconstructions are shown when the daemon publishes them (biometric data)")
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, stop.set)
     try:
         while not stop.is_set():
             await asyncio.sleep(0.1)

@@ -139,7 +139,8 @@ def test_tail_by_source_name_and_one_line_errors(tmp_path: Path, capsys: pytest.
 
 def test_tail_with_no_daemon_waits_and_stops_on_sigterm(tmp_path: Path) -> None:
     tail = _tail("tail", f"ipc://{tmp_path}/none.sock")
-    time.sleep(2.0)
+    assert tail.stderr is not None and tail.stderr.readline().startswith("subscribed to ipc://")
+    time.sleep(1.0)
     assert tail.poll() is None  # waiting for a daemon that is not there yet
     tail.terminate()
     out, err = tail.communicate(timeout=20)
