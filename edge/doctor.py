@@ -276,15 +276,14 @@ def _source_static_checks(cfg: Any) -> list[CheckResult]:
             rows.append(fail(f"source {name}", str(exc)))
         base = ConditioningParams()
         if src.calibration is None:
-            rows.append(
-                warn(f"calibration {name}", "no profile configured: frames are conditioned, not corrected")
-            )
+            rows.append(_unconfigured_profile(name, src.uri))
         else:
             try:
                 profile = resolve_profile(src.calibration).profile
                 assert profile is not None  # a configured path loads or raises
                 base = profile.conditioning
                 rows.append(ok(f"calibration {name}", f"{src.calibration}: profile {profile.profile_id}"))
+                rows.append(_profile_age(name, profile))
             except ThzEdgeError as exc:
                 rows.append(fail(f"calibration {name}", f"[sources.{name}] calibration: {exc}"))
         if src.conditioning:
@@ -295,6 +294,40 @@ def _source_static_checks(cfg: Any) -> list[CheckResult]:
             except ConfigError as exc:
                 rows.append(fail(f"conditioning {name}", str(exc)))
     return rows
+
+
+def _unconfigured_profile(name: str, uri: str) -> CheckResult:
+    """No profile in the config: warn, and point at the scanner's active one when there is one."""
+    from calibration.active import active_profile_path
+
+    label = f"calibration {name}"
+    if uri.startswith(("sim", "replay:")):
+        return skip(
+            label, "none configured: the source's own profile is used (simulator maps, recording attachment)"
+        )
+    try:
+        active = active_profile_path(name)
+    except ThzEdgeError:
+        active = None
+    if active is not None:
+        return warn(
+            label,
+            f"no profile configured, but `calibrate activate` made {active} active for {name}: "
+            f"set [sources.{name}] calibration to {active.parent.parent / 'current'}",
+        )
+    return warn(label, "no profile configured: frames are conditioned, not corrected")
+
+
+def _profile_age(name: str, profile: Any) -> CheckResult:
+    """The profile against its validity envelope's age (the temperature needs a live frame)."""
+    from calibration.validity import check_envelope
+
+    verdict = check_envelope(profile, None)
+    label = f"calibration {name} validity"
+    if verdict.stale:
+        return warn(label, f"{verdict.reason}; recalibrate (docs/calibration.md)")
+    age = f"{verdict.age_s / 86400:.1f} days old" if verdict.age_s is not None else "fresh"
+    return ok(label, f"within its validity envelope ({age})")
 
 
 def _gallery_checks(cfg: Any, loaded: _Loaded) -> list[CheckResult]:

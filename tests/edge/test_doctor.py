@@ -67,7 +67,7 @@ def test_config_validate_runs_the_start_up_checks(
     swapped.write_text('[sources.s]\nuri = "sim"\n[sources.s.conditioning]\ndb_min = 50.0\ndb_max = 10.0\n')
     assert main(["--config", str(swapped), "config", "validate"]) == EXIT_CONFIG
     err = capsys.readouterr().err
-    assert "db_max (10.0) must be greater than db_min (50.0)" in err and len(err.strip().splitlines()) == 2
+    assert "db_max (10.0) must be greater than db_min (50.0)" in err and len(err.strip().splitlines()) == 1
     precision = tmp_path / "precision.toml"
     precision.write_text(f'[model]\nbundle = "{tiny_bundle}"\nprecision = "fp16"\n')  # it has fp32 only
     assert main(["--json", "--config", str(precision), "config", "validate"]) == EXIT_CONFIG
@@ -136,3 +136,22 @@ def test_a_command_whose_extra_is_missing_names_the_extra_and_exits_69(
     monkeypatch.setitem(sys.modules, "aiohttp", None)
     assert main(["view"]) == EXIT_UNAVAILABLE
     assert "pip install 'thzedge[view]'" in capsys.readouterr().err
+
+
+def test_doctor_points_at_an_active_profile_the_config_does_not_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert main(["sim", "profile", "--out", str(tmp_path / "prof"), "--seed", "2"]) == 0
+    # The layout `calibrate activate` leaves (calibration/active.py): profiles/<id> and a `current` link.
+    state = tmp_path / "state"
+    (state / "scanner0" / "profiles").mkdir(parents=True)
+    (tmp_path / "prof").rename(state / "scanner0" / "profiles" / "p1")
+    (state / "scanner0" / "current").symlink_to("profiles/p1")
+    monkeypatch.setenv("THZEDGE_CALIBRATION_DIR", str(state))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[sources.scanner0]\nuri = "ipc://{tmp_path}/acq.sock"\n[sources.sim]\nuri = "sim"\n')
+    rows = _by_name(run_doctor(cfg).checks)
+    hint = rows["calibration scanner0"]
+    assert hint.status is CheckStatus.warn and str(state / "scanner0" / "current") in hint.detail
+    assert rows["calibration sim"].status is CheckStatus.skip  # the simulator carries its own maps
+    assert rows["source scanner0 answers"].status is CheckStatus.warn
