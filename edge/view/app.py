@@ -202,9 +202,8 @@ async def _serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop.set)
-    server = site._server
-    sockets = getattr(server, "sockets", None) or []
-    bound = sockets[0].getsockname()[1] if sockets else port
+    addresses = runner.addresses  # the real port when port 0 was asked for
+    bound = int(addresses[0][1]) if addresses else port
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{bound}/" + (f"?token={token}" if token else "")
     announce(f"view: subscribed to {app[STATE_KEY].endpoint}; open {url}")

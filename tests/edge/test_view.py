@@ -149,6 +149,7 @@ def test_page_shows_live_frames_and_decisions_and_never_the_reconstruction(daemo
     try:
         page = browser.new_page(bypass_csp=True)  # type: ignore[attr-defined]  # page CSP forbids eval
         frames = _watch(page)
+        t0 = time.monotonic()
         page.goto(viewer.url())
         assert page.title() == "thzedge view"
         page.wait_for_function("document.body.dataset.seq !== ''", timeout=30000)
@@ -164,6 +165,8 @@ def test_page_shows_live_frames_and_decisions_and_never_the_reconstruction(daemo
         assert float(page.inner_text("#fps")) > 0
         # The daemon publishes reconstructions, but this page was not started with the flag.
         assert not page.is_visible("#recon-figure") and not page.is_visible("#banner")
+        # At most --max-fps snapshots a second reach the page (the daemon sends 20 results a second).
+        assert len(frames) <= 5 * (time.monotonic() - t0) + 2
         assert frames and all("reconstruction" not in f for f in frames)
         assert all(not f["reconstruction_enabled"] for f in frames)
         seqs = [f["seq"] for f in frames if f["seq"] is not None]
