@@ -147,6 +147,14 @@ def run_command(
             "Foxglove plots; identities and reconstructions only with [privacy] record_results).",
         ),
     ] = None,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            "--calibration",
+            help="Calibration profile directory for this source (default: the config's, else the "
+            "scanner's active one, else what the source carries).",
+        ),
+    ] = None,
 ) -> None:
     """Stream frames through the model and publish results until the source ends or a signal stops it."""
 
@@ -162,6 +170,7 @@ def run_command(
             max_frames=max_frames,
             reconstruction=not no_reconstruction,
             record_results=record_results,
+            calibration=calibration,
         )
     )
     typer.echo(json.dumps(summary.to_dict(), sort_keys=True) if opts.json else summary.render())

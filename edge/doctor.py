@@ -262,7 +262,7 @@ def _bundle_checks(cfg: Any, loaded: _Loaded) -> list[CheckResult]:
 
 def _source_static_checks(cfg: Any) -> list[CheckResult]:
     from calibration.conditioning import ConditioningParams
-    from calibration.profile import resolve_profile
+    from edge.pipeline.assemble import refuse_uncalibrated, stream_profile
     from scanner_io.sources import split_queue_mode
 
     rows = []
@@ -270,22 +270,34 @@ def _source_static_checks(cfg: Any) -> list[CheckResult]:
         rows.append(skip("sources", "none configured (give `thzedge run --source URI`)"))
     for name, src in cfg.sources.items():
         try:
-            split_queue_mode(src.uri)
+            uri, _ = split_queue_mode(src.uri)
             rows.append(ok(f"source {name}", src.uri))
         except ThzEdgeError as exc:
             rows.append(fail(f"source {name}", str(exc)))
+            continue
         base = ConditioningParams()
-        if src.calibration is None:
-            rows.append(_unconfigured_profile(name, src.uri))
-        else:
+        label = f"calibration {name}"
+        # The daemon's own rule (configured, else the scanner's active profile, else none).
+        try:
+            choice = stream_profile(src, cfg.calibration)
+        except ThzEdgeError as exc:
+            rows.append(fail(label, str(exc)))
+            choice = None
+        if choice is not None and choice.profile is not None:
+            base = choice.profile.conditioning
+            rows.append(ok(label, f"profile {choice.profile.profile_id}: {choice.origin}"))
+            rows.append(_profile_age(name, choice.profile))
+        elif choice is not None:
             try:
-                profile = resolve_profile(src.calibration).profile
-                assert profile is not None  # a configured path loads or raises
-                base = profile.conditioning
-                rows.append(ok(f"calibration {name}", f"{src.calibration}: profile {profile.profile_id}"))
-                rows.append(_profile_age(name, profile))
-            except ThzEdgeError as exc:
-                rows.append(fail(f"calibration {name}", f"[sources.{name}] calibration: {exc}"))
+                refuse_uncalibrated(src, uri, cfg.calibration)
+                if uri.startswith(("sim", "replay:")):
+                    rows.append(
+                        skip(label, "none configured: the source's own profile is used, if it has one")
+                    )
+                else:
+                    rows.append(warn(label, "no profile: results are published `uncalibrated`"))
+            except ConfigError as exc:
+                rows.append(fail(label, str(exc)))
         if src.conditioning:
             # The profile's values (or the defaults when it failed) under the overrides, as run applies them.
             try:
@@ -294,28 +306,6 @@ def _source_static_checks(cfg: Any) -> list[CheckResult]:
             except ConfigError as exc:
                 rows.append(fail(f"conditioning {name}", str(exc)))
     return rows
-
-
-def _unconfigured_profile(name: str, uri: str) -> CheckResult:
-    """No profile in the config: warn, and point at the scanner's active one when there is one."""
-    from calibration.active import active_profile_path
-
-    label = f"calibration {name}"
-    if uri.startswith(("sim", "replay:")):
-        return skip(
-            label, "none configured: the source's own profile is used (simulator maps, recording attachment)"
-        )
-    try:
-        active = active_profile_path(name)
-    except ThzEdgeError:
-        active = None
-    if active is not None:
-        return warn(
-            label,
-            f"no profile configured, but `calibrate activate` made {active} active for {name}: "
-            f"set [sources.{name}] calibration to {active.parent.parent / 'current'}",
-        )
-    return warn(label, "no profile configured: frames are conditioned, not corrected")
 
 
 def _profile_age(name: str, profile: Any) -> CheckResult:

@@ -50,6 +50,8 @@ class ViewState:
         self._recon: np.ndarray | None = None
         self._daemon: dict[str, Any] = {}
         self._drops: dict[str, int] = {}
+        # check (envelope, input) → {state, reason}, from the daemon's `calibration` events.
+        self._calibration: dict[str, dict[str, Any]] = {}
         self._errors = 0
         self._arrivals: deque[float] = deque()
         self._latency: deque[float] = deque(maxlen=LATENCY_WINDOW)
@@ -84,6 +86,11 @@ class ViewState:
                 self._drops[reason] = self._drops.get(reason, 0) + int(h.get("count") or 0)
             elif h.get("kind") == "error":
                 self._errors += 1
+            elif h.get("kind") == "calibration":
+                self._calibration[str(h.get("check"))] = {
+                    "state": h.get("state"),
+                    "reason": h.get("reason") or "",
+                }
             self.version += 1
 
     def snapshot(self, now: float | None = None) -> dict[str, Any]:
@@ -115,6 +122,7 @@ class ViewState:
                 "drops": dict(self._drops),
                 "errors": self._errors,
                 "daemon": dict(self._daemon),
+                "calibration_checks": {k: dict(v) for k, v in self._calibration.items()},
                 "input": png_data_url(self._input) if self._input is not None else None,
                 "reconstruction_enabled": self.show_reconstruction,
             }

@@ -138,20 +138,27 @@ def test_a_command_whose_extra_is_missing_names_the_extra_and_exits_69(
     assert "pip install 'thzedge[view]'" in capsys.readouterr().err
 
 
-def test_doctor_points_at_an_active_profile_the_config_does_not_use(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_live_scanner_needs_a_profile_the_active_one_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["sim", "profile", "--out", str(tmp_path / "prof"), "--seed", "2"]) == 0
+    monkeypatch.setenv("THZEDGE_CALIBRATION_DIR", str(tmp_path / "state"))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[sources.scanner0]\nuri = "ipc://{tmp_path}/acq.sock"\n[sources.sim]\nuri = "sim"\n')
+    # `run` refuses a live scanner link with no profile (exit 78): so do validate and doctor.
+    assert main(["--config", str(cfg), "config", "validate"]) == EXIT_CONFIG
+    assert "no calibration profile" in capsys.readouterr().err
+    rows = _by_name(run_doctor(cfg).checks)
+    assert rows["calibration scanner0"].status is CheckStatus.fail
+    assert rows["calibration sim"].status is CheckStatus.skip  # the simulator carries its own maps
+    assert rows["source scanner0 answers"].status is CheckStatus.warn
     # The layout `calibrate activate` leaves (calibration/active.py): profiles/<id> and a `current` link.
+    assert main(["sim", "profile", "--out", str(tmp_path / "prof"), "--seed", "2"]) == 0
     state = tmp_path / "state"
     (state / "scanner0" / "profiles").mkdir(parents=True)
     (tmp_path / "prof").rename(state / "scanner0" / "profiles" / "p1")
     (state / "scanner0" / "current").symlink_to("profiles/p1")
-    monkeypatch.setenv("THZEDGE_CALIBRATION_DIR", str(state))
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(f'[sources.scanner0]\nuri = "ipc://{tmp_path}/acq.sock"\n[sources.sim]\nuri = "sim"\n')
     rows = _by_name(run_doctor(cfg).checks)
-    hint = rows["calibration scanner0"]
-    assert hint.status is CheckStatus.warn and str(state / "scanner0" / "current") in hint.detail
-    assert rows["calibration sim"].status is CheckStatus.skip  # the simulator carries its own maps
-    assert rows["source scanner0 answers"].status is CheckStatus.warn
+    assert rows["calibration scanner0"].status is CheckStatus.ok
+    assert "active calibration profile" in rows["calibration scanner0"].detail
+    assert rows["calibration scanner0 validity"].status is CheckStatus.warn  # a sim profile has no envelope
+    assert main(["--config", str(cfg), "config", "validate"]) == 0

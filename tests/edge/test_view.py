@@ -236,3 +236,29 @@ def test_the_input_is_published_only_where_biometric_data_may_go() -> None:
     with pytest.raises(ConfigError, match="publish_input = true but .* has no CURVE"):
         config_from_dict({**plain_tcp, "privacy": {"publish_input": True}})
     assert config_from_dict({"privacy": {"publish_input": True}}).privacy.publish_input  # ipc default
+
+
+def test_state_folds_drops_and_calibration_events_and_drops_unasked_reconstructions() -> None:
+    from edge.results import FrameResult, Provenance, decode_message, encode_event, encode_result
+    from edge.view.state import ViewState
+
+    r = FrameResult("s0", 7, 1, "ok", Provenance("b" * 64, "fp32", "ort", "p1"), latency_ms={"total": 3.0})
+    r.reconstruction = np.full((64, 64), 0.5, np.float32)
+    r.input = np.zeros((64, 64), np.float32)
+    msg = decode_message(encode_result(r, 2, publish_reconstruction=True, publish_input=True))
+    events = [
+        encode_event("s0", "drop", {"reason": "stale", "count": 2, "seq": 5}),
+        encode_event("s0", "drop", {"reason": "stale", "count": 3, "seq": 6}),
+        encode_event("s0", "calibration", {"check": "envelope", "state": "stale", "reason": "30 days old"}),
+    ]
+    for show in (False, True):
+        state = ViewState("ipc:///x", show_reconstruction=show)
+        state.update(msg, now=10.0)
+        for e in events:
+            state.update(decode_message(e), now=10.1)
+        snap = state.snapshot(now=10.2)
+        assert snap["seq"] == 7 and snap["connected"] and snap["drops"] == {"stale": 5}
+        assert snap["calibration_checks"] == {"envelope": {"state": "stale", "reason": "30 days old"}}
+        assert snap["input"].startswith("data:image/png;base64,")
+        assert ("reconstruction" in snap) is show and (not show or snap["reconstruction"].startswith("data:"))
+        assert not state.snapshot(now=20.0)["connected"]  # silent for 2 s: "no daemon"
