@@ -45,11 +45,21 @@ def _split(value: str) -> tuple[str, ...]:
 TargetFar = Annotated[
     float | None, typer.Option("--target-far", help="Derive the threshold at this FAR instead of the EER.")
 ]
-MaxTripletDrop = Annotated[float, typer.Option("--max-triplet-drop", help="pp")]
-MaxEerRise = Annotated[float, typer.Option("--max-eer-rise", help="pp")]
-MaxPostureDrop = Annotated[float, typer.Option("--max-posture-drop", help="pp")]
-MaxSsimDrop = Annotated[float, typer.Option("--max-ssim-drop")]
-MaxPsnrDrop = Annotated[float, typer.Option("--max-psnr-drop", help="dB")]
+MaxTripletDrop = Annotated[
+    float, typer.Option("--max-triplet-drop", help="Largest allowed drop of triplet accuracy vs fp32, in pp.")
+]
+MaxEerRise = Annotated[
+    float, typer.Option("--max-eer-rise", help="Largest allowed rise of the verification EER, in pp.")
+]
+MaxPostureDrop = Annotated[
+    float, typer.Option("--max-posture-drop", help="Largest allowed drop of posture accuracy, in pp.")
+]
+MaxSsimDrop = Annotated[
+    float, typer.Option("--max-ssim-drop", help="Largest allowed drop of reconstruction SSIM (0-1).")
+]
+MaxPsnrDrop = Annotated[
+    float, typer.Option("--max-psnr-drop", help="Largest allowed drop of reconstruction PSNR, in dB.")
+]
 MinCosine = Annotated[float, typer.Option("--min-cosine", help="Median embedding cosine vs fp32.")]
 
 
