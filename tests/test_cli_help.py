@@ -74,7 +74,9 @@ def test_help_shows_what_to_type():
 
 def test_version_option_and_command():
     for args in (["--version"], ["version"]):
-        out = subprocess.run([sys.executable, "-m", "edge", *args], capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-m", "edge", *args], capture_output=True, text=True, timeout=60
+        )
         assert out.returncode == 0 and out.stdout.strip() == __version__, out.stderr
 
 
