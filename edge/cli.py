@@ -36,8 +36,8 @@ try:  # typer >= 0.22 carries its own copy of click
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
     from typer._click.exceptions import UsageError as ClickUsageError
 except ImportError:  # pragma: no cover - older typer on the real click
-    from click.exceptions import ClickException, NoArgsIsHelpError  # type: ignore[no-redef]
-    from click.exceptions import UsageError as ClickUsageError  # type: ignore[no-redef]
+    from click.exceptions import ClickException, NoArgsIsHelpError  # type: ignore[no-redef,assignment,unused-ignore]
+    from click.exceptions import UsageError as ClickUsageError  # type: ignore[no-redef,assignment,unused-ignore]
 
 log = logging.getLogger("thzedge")
 
