@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from edge.backends.trt import current_platform, import_tensorrt
-from edge.bundle import Bundle, Precision
+from edge.bundle import Bundle, Precision, model_path, writable_model_path
 from export.engine import EngineSettings, build_bundle_engines
 from export.gate import GateFailedError, GateTolerances, run_gate
 from export.quantize import (
@@ -94,7 +94,7 @@ def _default_triplets(data: Path | None, calibration: Path, triplets: Path | Non
 
 def quantize_command(
     ctx: typer.Context,
-    bundle: Annotated[Path, typer.Option("--bundle", help="Model bundle directory to add the variant to.")],
+    bundle: Annotated[str, typer.Option("--bundle", help="Model bundle directory to add the variant to.")],
     calibration: Annotated[
         Path,
         typer.Option(
@@ -140,6 +140,7 @@ def quantize_command(
     min_cosine: MinCosine = 0.99,
 ) -> None:
     """Add an INT8 (Q/DQ) or FP16 variant to a bundle; it is kept only if the accuracy gate passes."""
+    bundle_dir = writable_model_path(bundle, "thzedge export quantize")
     settings = QuantizeSettings(
         precision=precision,
         method=method,
@@ -151,7 +152,7 @@ def quantize_command(
     tol = _tolerances(
         max_triplet_drop, max_eer_rise, max_posture_drop, max_ssim_drop, max_psnr_drop, min_cosine
     )
-    outcome = quantize_bundle(bundle, calibration, settings, data_dir, csv, tol, target_far, profile)
+    outcome = quantize_bundle(bundle_dir, calibration, settings, data_dir, csv, tol, target_far, profile)
     if global_options(ctx).json:
         typer.echo(
             json.dumps({"added": outcome.added, "report": outcome.report.to_dict()}, indent=2, default=str)
@@ -168,7 +169,9 @@ def quantize_command(
 
 def check_command(
     ctx: typer.Context,
-    bundle: Annotated[Path, typer.Option("--bundle", help="Model bundle directory.")],
+    bundle: Annotated[
+        str, typer.Option("--bundle", help="Model bundle directory, or `demo` for the shipped demo model.")
+    ],
     precision: Annotated[
         Precision,
         typer.Option(
@@ -192,7 +195,9 @@ def check_command(
     tol = _tolerances(
         max_triplet_drop, max_eer_rise, max_posture_drop, max_ssim_drop, max_psnr_drop, min_cosine
     )
-    report = run_gate(bundle, precision.value, data, triplets, tol, target_far, speed_seconds=speed_seconds)
+    report = run_gate(
+        model_path(bundle), precision.value, data, triplets, tol, target_far, speed_seconds=speed_seconds
+    )
     as_json = global_options(ctx).json
     typer.echo(json.dumps(report.to_dict(), indent=2, default=str) if as_json else report.render())
     if not report.passed:
@@ -202,7 +207,7 @@ def check_command(
 
 
 def engine_command(
-    bundle: Annotated[Path, typer.Option("--bundle", help="Model bundle directory.")],
+    bundle: Annotated[str, typer.Option("--bundle", help="Model bundle directory to add the engines to.")],
     precision: Annotated[Precision, typer.Option("--precision", help="Engine precision.")] = Precision.fp16,
     max_batch: Annotated[
         int | None, typer.Option("--max-batch", help="Profile max (default: bundle's).")
@@ -214,16 +219,17 @@ def engine_command(
 ) -> None:
     """Build one TensorRT engine per graph on this device, with a manifest the trt backend checks."""
     # Fail at once, in one line, when TensorRT or the GPU is missing (before touching the bundle).
+    bundle_dir = writable_model_path(bundle, "thzedge export engine")
     trt = import_tensorrt()
     platform = current_platform(trt)
-    b = Bundle.open(bundle)
+    b = Bundle.open(bundle_dir)
     settings = EngineSettings(
         precision=precision,
         max_batch=max_batch or b.max_batch,
         workspace_mb=workspace,
         dla_core=dla_core,
     )
-    manifests = build_bundle_engines(bundle, settings, trt=trt, platform=platform)
+    manifests = build_bundle_engines(bundle_dir, settings, trt=trt, platform=platform)
     for m in manifests:
         typer.echo(
             f"{m['graph']:<10} {m['precision']}  TensorRT {m['tensorrt_version']}  {m['gpu_name']} "

@@ -54,10 +54,12 @@ class RunOptions:
     model: Path | None = None
     config: Path | None = None
     backend: str | None = None
+    precision: str | None = None
     publish: str | None = None
     record: Path | None = None
     max_frames: int | None = None
     reconstruction: bool = True
+    metrics_bind: str | None = None  # HOST:PORT, or "off"
 
 
 def settings_from_config(
@@ -164,6 +166,11 @@ def _config_for(opts: RunOptions) -> Config:
         overrides["model"] = {"backend": opts.backend}
     if opts.model is not None:
         overrides.setdefault("model", {})["bundle"] = str(opts.model)
+    if opts.precision is not None:
+        overrides.setdefault("model", {})["precision"] = opts.precision
+    if opts.metrics_bind is not None:
+        off = opts.metrics_bind == "off"
+        overrides["metrics"] = {"enabled": not off, **({} if off else {"bind": opts.metrics_bind})}
     if opts.publish is not None:
         overrides["publisher"] = {"endpoint": opts.publish}
     return apply_overrides(cfg, **overrides) if overrides else cfg
