@@ -146,7 +146,8 @@ def run_command(
         str | None,
         typer.Option(
             "--metrics-bind",
-            help="HOST:PORT of the metrics and health server, or `off` (default: config, else 127.0.0.1:9464).",
+            help="HOST:PORT of the metrics and health server, or `off` "
+            "(default: config, else 127.0.0.1:9464).",
         ),
     ] = None,
 ) -> None:

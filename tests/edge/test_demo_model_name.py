@@ -51,7 +51,9 @@ def test_infer_eval_bench_enroll_run_take_demo(elsewhere: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert np.load(elsewhere / "r.npz")["embedding"].shape[0] == 3
 
-    out = thzedge(elsewhere, "--json", "eval", "--model", "demo", "--data", "ds/images", "--triplets", "ds/test.csv")
+    out = thzedge(
+        elsewhere, "--json", "eval", "--model", "demo", "--data", "ds/images", "--triplets", "ds/test.csv"
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["model"]["bundle"] == str(demo_bundle_path())
 

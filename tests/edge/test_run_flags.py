@@ -25,8 +25,17 @@ def test_two_daemons_without_a_config_file(tmp_path: Path) -> None:
     subs = [Subscriber(p) for p in pubs]
     daemons = [
         thzedge(
-            "run", "--source", "sim?fps=20", "--model", "demo", "--precision", precision,
-            "--publish", pub, "--metrics-bind", f"127.0.0.1:{port}",
+            "run",
+            "--source",
+            "sim?fps=20",
+            "--model",
+            "demo",
+            "--precision",
+            precision,
+            "--publish",
+            pub,
+            "--metrics-bind",
+            f"127.0.0.1:{port}",
         )  # fmt: skip
         for precision, pub, port in zip(("int8", "fp32"), pubs, ports, strict=True)
     ]
@@ -35,7 +44,8 @@ def test_two_daemons_without_a_config_file(tmp_path: Path) -> None:
         for sub in subs:
             sub.pump(60, until=lambda s: len(s.results) >= 3)
         ready = [
-            json.loads(urllib.request.urlopen(f"http://127.0.0.1:{p}/readyz", timeout=5).read()) for p in ports
+            json.loads(urllib.request.urlopen(f"http://127.0.0.1:{p}/readyz", timeout=5).read())
+            for p in ports
         ]
         for d in daemons:
             d.send_signal(signal.SIGTERM)
