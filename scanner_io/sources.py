@@ -8,7 +8,9 @@
   the recorded timestamps on the monotonic clock; `loop=N` plays it N times (0: forever).
 - `tcp://HOST:PORT` / `ipc://PATH` (optional `?hwm=8&stall_s=2&reconnect_max_ms=5000`): the
   acquisition protocol. The source connects a PULL socket to the scanner's bound PUSH socket,
-  reconnects with bounded backoff, reports up / stalled / down and counts sequence gaps.
+  reconnects with bounded backoff, reports up / stalled / down and counts sequence gaps. The
+  scanner's end-of-stream message ends it (state "ended", `exhausted`) once the frames before
+  it have been read.
 
 A source's `read(timeout_s)` returns a Frame, a MalformedFrame (rejected message; the stream
 goes on) or None (nothing within the timeout).
@@ -32,7 +34,13 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from scanner_io.choices import Choice
-from scanner_io.codec import MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES, MalformedFrame, decode_frame
+from scanner_io.codec import (
+    MAX_HEADER_BYTES,
+    MAX_PAYLOAD_BYTES,
+    EndOfStream,
+    MalformedFrame,
+    decode_message,
+)
 from scanner_io.errors import ConfigError, FrameDecodeError, SourceUnavailableError
 from scanner_io.frame import Frame
 from scanner_io.recording import RecordingReader
@@ -407,7 +415,9 @@ class ZmqSource(Source):
     thread-safe); decoded frames reach `read()` through a small queue. When the consumer falls
     behind, the thread stops receiving, ZeroMQ's high-water marks fill and the scanner, which
     sends with NOBLOCK, drops and counts — it never blocks. Those losses show up here as
-    `upstream_gaps`.
+    `upstream_gaps`. The scanner's end-of-stream message travels through the same queue, behind
+    the frames sent before it; once `read()` reaches it the source is exhausted and "ended"
+    (`end` holds the message) and the I/O thread has closed its socket.
     """
 
     def __init__(
@@ -424,7 +434,8 @@ class ZmqSource(Source):
         self._hwm = hwm
         self._stall_s = stall_s
         self._reconnect_max_ms = reconnect_max_ms
-        self._queue: queue.Queue[Frame | MalformedFrame] = queue.Queue(maxsize=HANDOFF_QUEUE)
+        self._queue: queue.Queue[Frame | MalformedFrame | EndOfStream] = queue.Queue(maxsize=HANDOFF_QUEUE)
+        self.end: EndOfStream | None = None  # set when read() reaches the scanner's end of stream
         self._stop = threading.Event()
         self._started = threading.Event()
         self._error: BaseException | None = None
@@ -438,8 +449,12 @@ class ZmqSource(Source):
             raise SourceUnavailableError(f"cannot connect to {endpoint}: {self._error}")
 
     @property
+    def exhausted(self) -> bool:
+        return self.end is not None
+
+    @property
     def state(self) -> str:
-        if self._closed:
+        if self._closed or self.end is not None:
             return "ended"
         if self._peers <= 0:
             return "down"
@@ -448,12 +463,16 @@ class ZmqSource(Source):
         return "up"
 
     def read(self, timeout_s: float) -> Frame | MalformedFrame | None:
-        if self._closed:
+        if self._closed or self.end is not None:
             return None
         try:
-            return self._queue.get(timeout=max(timeout_s, 0.0)) if timeout_s > 0 else self._queue.get_nowait()
+            item = self._queue.get(timeout=max(timeout_s, 0.0)) if timeout_s > 0 else self._queue.get_nowait()
         except queue.Empty:
             return None
+        if isinstance(item, EndOfStream):
+            self.end = item
+            return None
+        return item
 
     def close(self) -> None:
         if self._closed:
@@ -508,7 +527,7 @@ class ZmqSource(Source):
         self._started.set()
         # Blocking receives with a short timeout (not poll + recv): one GIL release per frame.
         sock.setsockopt(zmq.RCVTIMEO, 50)
-        pending: Frame | MalformedFrame | None = None
+        pending: Frame | MalformedFrame | EndOfStream | None = None
         next_monitor = 0.0
         try:
             while not self._stop.is_set():
@@ -522,6 +541,8 @@ class ZmqSource(Source):
                         self._queue.put(pending, timeout=0.05)
                     except queue.Full:
                         continue
+                    if isinstance(pending, EndOfStream):
+                        return  # the stream is over: nothing after it is read
                     pending = None
                 try:
                     parts = sock.recv_multipart(copy=True)
@@ -531,14 +552,23 @@ class ZmqSource(Source):
                     # A message proves a peer: take its (possibly still queued) connect event now,
                     # so `state` never reads "down" while frames flow.
                     self._drain_monitor(mon, recv_monitor_message, wait_ms=100)
+                message: Frame | MalformedFrame | EndOfStream
                 try:
-                    item: Frame | MalformedFrame = decode_frame(parts)
+                    message = decode_message(parts)
                     self._last_frame = time.monotonic()
                 except FrameDecodeError as exc:
-                    item = MalformedFrame.from_error(exc)
+                    rejected = message = MalformedFrame.from_error(exc)
                     log.warning(
-                        "source %s: rejected message (%s): %s", self.endpoint, item.reason, item.message
+                        "source %s: rejected message (%s): %s",
+                        self.endpoint,
+                        rejected.reason,
+                        rejected.message,
                     )
+                if isinstance(message, EndOfStream):
+                    self._ending(message)
+                    pending = message  # queued behind the frames before it, then the thread ends
+                    continue
+                item: Frame | MalformedFrame = message
                 self._observe(item)
                 try:
                     self._queue.put_nowait(item)
@@ -548,6 +578,19 @@ class ZmqSource(Source):
             sock.disable_monitor()
             mon.close(0)
             sock.close(0)
+
+    def _ending(self, end: EndOfStream) -> None:
+        last = self._seq.last(end.scanner)
+        lost = end.last_seq - last if end.last_seq is not None and last is not None else 0
+        log.info(
+            "source %s: %s ended its stream after %d frame(s) (last seq %s)",
+            self.endpoint,
+            end.scanner,
+            end.frames,
+            end.last_seq,
+        )
+        if lost > 0:
+            log.warning("source %s: the last %d frame(s) before the end did not arrive", self.endpoint, lost)
 
 
 # --- URI parsing ----------------------------------------------------------------------------
