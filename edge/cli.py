@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated, Any, TextIO
@@ -26,11 +27,13 @@ import typer.main
 from calibration.cli import register as register_calibration
 from edge import __version__
 from edge.commands import register as register_edge
+from edge.config import is_source_uri, load_config
 from edge.sdnotify import JournaldHandler, stderr_is_journal
 from export.cli import register as register_export
 from scanner_io.cli import register as register_scanner_io
-from scanner_io.cli_common import GlobalOptions, LogLevel
+from scanner_io.cli_common import GlobalOptions, LogLevel, NamedSource
 from scanner_io.errors import EXIT_SOFTWARE, EXIT_USAGE, ThzEdgeError, UsageError
+from scanner_io.sources import split_queue_mode
 
 try:  # typer >= 0.22 carries its own copy of click
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
@@ -63,7 +66,22 @@ def _root(
 ) -> None:
     """Edge deployment toolkit for terahertz face scanners."""
     configure_logging(log_level)
-    ctx.obj = GlobalOptions(log_level=log_level, json=json_out, config=config)
+    ctx.obj = GlobalOptions(
+        log_level=log_level, json=json_out, config=config, resolve_source=partial(named_source, config)
+    )
+
+
+def named_source(config: Path | None, name_or_uri: str) -> NamedSource:
+    """Resolve `--source`: a URI as given, a name (`scanner0`) through the config's [sources].
+
+    The config is read only for a name, so a URI works whatever state the config file is in.
+    The daemon's own `mode=` parameter is taken off: it is no source parameter.
+    """
+    if is_source_uri(name_or_uri):
+        return NamedSource(uri=name_or_uri)
+    src = load_config(config).resolve_source(name_or_uri)  # unknown: ConfigError listing the known
+    uri, _ = split_queue_mode(src.uri)
+    return NamedSource(uri=uri, calibration=src.calibration)
 
 
 def version() -> None:

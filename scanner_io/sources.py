@@ -6,6 +6,8 @@
   `defects=default|full`, `start=K` (stream position).
 - `replay:PATH.mcap[?rate=1.0|max&loop=N]`: a recording; `max` is lockstep, a number paces by
   the recorded timestamps on the monotonic clock; `loop=N` plays it N times (0: forever).
+  PATH may also be a directory (its `*.mcap` recordings) or a glob (`recs/day1-*.mcap`): the
+  recordings play one after the other in name order, as one stream.
 - `tcp://HOST:PORT` / `ipc://PATH` (optional `?hwm=8&stall_s=2&reconnect_max_ms=5000`): the
   acquisition protocol. The source connects a PULL socket to the scanner's bound PUSH socket,
   reconnects with bounded backoff, reports up / stalled / down and counts sequence gaps. The
@@ -19,6 +21,7 @@ goes on) or None (nothing within the timeout).
 from __future__ import annotations
 
 import difflib
+import glob
 import logging
 import math
 import queue
@@ -27,6 +30,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import parse_qs, parse_qsl, urlencode
 
@@ -43,7 +47,7 @@ from scanner_io.codec import (
 )
 from scanner_io.errors import ConfigError, FrameDecodeError, SourceUnavailableError
 from scanner_io.frame import Frame
-from scanner_io.recording import RecordingReader
+from scanner_io.recording import PART_SUFFIX, RecordingReader
 from scanner_io.seq import SeqTracker
 from scanner_io.simulator import ScannerSimulator, SensorMaps, SimConfig, full_defects_config
 
@@ -321,19 +325,50 @@ class SimSource(Source):
         return self._sim.sensor_maps()
 
 
+def replay_paths(spec: str) -> list[str]:
+    """Expand a `replay:` path: one recording, a directory of them, or a glob; in name order.
+
+    A directory contributes its `*.mcap` files, and the `.mcap.part` a crashed recorder left
+    where no finished file of that name exists. Nothing to play is SourceUnavailableError.
+    """
+    if glob.has_magic(spec):
+        found = sorted(glob.glob(spec))
+        if not found:
+            raise SourceUnavailableError(f"no recording matches {spec!r}")
+        return found
+    path = Path(spec)
+    if not path.is_dir():
+        return [spec]
+    names = {p.name for p in path.iterdir() if p.is_file()}
+    picked = [n for n in names if n.endswith(".mcap")] + [
+        n for n in names if n.endswith(".mcap" + PART_SUFFIX) and n[: -len(PART_SUFFIX)] not in names
+    ]
+    if not picked:
+        raise SourceUnavailableError(f"no recordings (*.mcap) in directory {spec}")
+    return [str(path / n) for n in sorted(picked)]
+
+
 class ReplaySource(Source):
-    """Frames from an MCAP recording, bit-identical to what was recorded.
+    """Frames from MCAP recordings, bit-identical to what was recorded.
 
     `rate=None` is lockstep (as fast as read, nothing dropped); a number paces by the
-    recorded log times divided by the rate. After the end, `recovered` is the number of frames
-    read and `truncated` says whether the file was cut off (crash) before its footer.
+    recorded log times divided by the rate. Several recordings play one after the other as one
+    stream: each starts one mean frame interval after the previous one's last frame (as a
+    `loop` pass does), however far apart they were recorded. After the end, `recovered` is the
+    number of frames read and `truncated` says whether a file was cut off (crash) before its
+    footer. The manifest and calibration are the first recording's.
     """
 
-    def __init__(self, uri: str, path: str, rate: float | None = 1.0, loop: int = 1) -> None:
+    def __init__(self, uri: str, path: str | list[str], rate: float | None = 1.0, loop: int = 1) -> None:
         super().__init__(uri)
         self.live = rate is not None
-        self._reader = RecordingReader(path)  # raises SourceUnavailableError if missing
-        self._reader.read_preamble()
+        self.paths = [path] if isinstance(path, str) else list(path)
+        # Every file is opened (and checked) now, so a missing one fails before the first frame.
+        self._readers = [RecordingReader(p) for p in self.paths]  # SourceUnavailableError if missing
+        for reader in self._readers:
+            reader.read_preamble()
+        self._file = 0
+        self._reader = self._readers[0]
         self.path = self._reader.path
         # The device/config manifest the recorder stored (empty for foreign files).
         self.manifest: dict[str, str] = dict(self._reader.metadata.get("thzedge.manifest", {}))
@@ -347,6 +382,7 @@ class ReplaySource(Source):
         self._pass_offset_s = 0.0
         self._last_offset_s = 0.0
         self._pending: Any = None
+        self._played = 0  # frames of the current pass, over all files
         self.recovered = 0
         self.truncated = False
         self.truncation: str | None = None
@@ -357,7 +393,28 @@ class ReplaySource(Source):
 
     def calibration(self) -> tuple[str, bytes] | None:
         """Return the embedded calibration profile attachment (name, bytes), if the file has one."""
-        return self._reader.calibration()
+        return self._readers[0].calibration()
+
+    def _file_ended(self) -> None:
+        reader = self._reader
+        if self._pass == 0:
+            self.recovered += reader.frames
+            if reader.truncated:
+                self.truncated = True
+                self.truncation = reader.truncation
+                log.warning(
+                    "recording %s is cut off (%s): recovered %d frames",
+                    reader.path,
+                    reader.truncation,
+                    reader.frames,
+                )
+        self._played += reader.frames
+        # The next file (or pass) starts one mean interval (of this file) after its last frame;
+        # `_pass_offset_s` is where this file's first frame was scheduled.
+        step = (self._last_offset_s - self._pass_offset_s) / max(reader.frames - 1, 1)
+        self._pass_offset_s = self._last_offset_s + step
+        self._first_t = None
+        self._iter = None
 
     def _next_record(self) -> Any:
         while not self._done:
@@ -366,26 +423,16 @@ class ReplaySource(Source):
             try:
                 return next(self._iter)
             except StopIteration:
-                self._iter = None
-                if self._pass == 0:
-                    self.recovered = self._reader.frames
-                    self.truncated = self._reader.truncated
-                    self.truncation = self._reader.truncation
-                    if self.truncated:
-                        log.warning(
-                            "recording %s is cut off (%s): recovered %d frames",
-                            self.path,
-                            self.truncation,
-                            self.recovered,
-                        )
+                self._file_ended()
+                if self._file + 1 < len(self._readers):
+                    self._file += 1
+                    self._reader = self._readers[self._file]
+                    continue
                 self._pass += 1
-                if (self._loops and self._pass >= self._loops) or self._reader.frames == 0:
+                if (self._loops and self._pass >= self._loops) or self._played == 0:
                     self._done = True
                     return None
-                # The next pass starts one mean interval after the last frame of this one.
-                step = self._last_offset_s / max(self._reader.frames - 1, 1)
-                self._pass_offset_s = self._last_offset_s + step
-                self._first_t = None
+                self._file, self._reader, self._played = 0, self._readers[0], 0
         return None
 
     def read(self, timeout_s: float) -> Frame | MalformedFrame | None:
@@ -684,7 +731,7 @@ def open_source(uri: str, names: Mapping[str, str] | None = None) -> Source:
         if not path:
             raise ConfigError(f"source {uri!r} names no file; use replay:PATH.mcap")
         q = _query(uri, rest, {"rate": float, "loop": int})
-        return ReplaySource(uri, path, rate=q.get("rate", 1.0), loop=q.get("loop", 1))
+        return ReplaySource(uri, replay_paths(path), rate=q.get("rate", 1.0), loop=q.get("loop", 1))
     if uri.startswith(("tcp://", "ipc://")):
         endpoint, rest = _split(uri, 0)
         q = _query(uri, rest, {"hwm": int, "stall_s": float, "reconnect_max_ms": int})
