@@ -409,3 +409,21 @@ def test_replay_of_a_directory_or_a_glob_plays_the_recordings_in_name_order(tmp_
     empty.mkdir()
     with pytest.raises(SourceUnavailableError, match=r"no recordings \(\*\.mcap\)"):
         open_source(f"replay:{empty}")
+
+
+def test_recording_info_text_has_no_python_reprs(tmp_path: Path) -> None:
+    frames = synthetic_frames(2, shape=(4, 4)) + synthetic_frames(
+        1, shape=(8, 16, 4), dtype="float32", start_seq=2
+    )
+    path = _write_at(tmp_path / "mixed.mcap", frames, 1_800_000_000_000_000_000)
+    out = subprocess.run(
+        [sys.executable, "-m", "edge", "recording", "info", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert out.returncode == 0, out.stderr
+    (line,) = [ln for ln in out.stdout.splitlines() if ln.startswith("scanner ")]
+    assert line.endswith("seq 0..2, 0 missing, 0 resets, shape 4x4, 8x16x4, dtype uint16, float32"), line
+    assert not any(c in out.stdout for c in "[]'{}"), out.stdout
