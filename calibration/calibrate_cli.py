@@ -36,7 +36,10 @@ _STATE = Annotated[
 def capture_command(
     ctx: typer.Context,
     source: Annotated[
-        str, typer.Option("--source", help="Source URI (tcp://, ipc://, sim?scene=dark, replay:F).")
+        str,
+        typer.Option(
+            "--source", help="Source URI (tcp://, ipc://, sim?scene=dark, replay:F) or a config source name."
+        ),
     ],
     kind: Annotated[CaptureKind, typer.Option("--kind", help="dark (shutter closed) or flat (reflector).")],
     out: Annotated[Path, typer.Option("--out", help="Directory to write the capture MCAP into (created).")],
@@ -57,7 +60,14 @@ def capture_command(
         raise typer.BadParameter("--level is for flat captures", param_hint="--level")
     with stop_on_signals() as stop, terminal_progress(f"capturing {kind}", frames) as progress:
         result = record_capture(
-            source, kind, frames, out, level=level, progress=progress, stop=stop, timeout_s=timeout
+            global_options(ctx).resolve_source(source).uri,
+            kind,
+            frames,
+            out,
+            level=level,
+            progress=progress,
+            stop=stop,
+            timeout_s=timeout,
         )
     if as_json:
         typer.echo(json.dumps({"path": str(result.path), **result.check.to_dict()}, sort_keys=True))
@@ -129,7 +139,10 @@ def build_command(
 def check_command(
     ctx: typer.Context,
     source: Annotated[
-        str, typer.Option("--source", help="Source URI of the scanner (shutter closed or reflector).")
+        str,
+        typer.Option(
+            "--source", help="Source URI or config source name of the scanner (shutter closed or reflector)."
+        ),
     ],
     profile: Annotated[Path, typer.Option("--profile", help="Profile directory to check against.")],
     kind: Annotated[CaptureKind, typer.Option("--kind", help="dark or flat frames.")] = CaptureKind.DARK,
@@ -148,7 +161,7 @@ def check_command(
     prof = CalibrationProfile.load(profile)
     if kind is CaptureKind.FLAT and level is None:
         level = 1.0
-    got = read_frames(source, frames, timeout)
+    got = read_frames(global_options(ctx).resolve_source(source).uri, frames, timeout)
     report = check_capture_against(prof, capture_set_from_frames(kind, got, level))
     typer.echo(json.dumps(report.to_dict(), sort_keys=True) if as_json else report.line())
     if report.verdict.exit_code:

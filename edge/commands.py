@@ -126,7 +126,8 @@ def run_command(
     ] = None,
     backend: Annotated[BackendKind | None, typer.Option("--backend", help=_BACKEND_HELP)] = None,
     precision: Annotated[
-        Precision | None, typer.Option("--precision", help=_PRECISION_HELP + " (default: config, else fp32)")
+        Precision | None,
+        typer.Option("--precision", help="Bundle precision variant to run (default: config, else fp32)."),
     ] = None,
     publish: Annotated[
         str | None,
