@@ -203,20 +203,27 @@ def activate_command(
     source: Annotated[
         str | None,
         typer.Option(
-            "--source", help="Read one frame header from this source to check serial/resolution/settings."
+            "--source",
+            help="Read one frame header from this source (URI or config name) to check "
+            "serial/resolution/settings.",
         ),
     ] = None,
     state_dir: _STATE = None,
     max_bad: Annotated[float, typer.Option("--max-bad-fraction", min=0.0, help="Refuse above this.")] = 0.02,
-    max_dsnu: Annotated[float, typer.Option("--max-residual-dsnu", min=0.0, help="DN; refuse above.")] = 5.0,
-    max_prnu: Annotated[float, typer.Option("--max-residual-prnu", min=0.0, help="%; refuse above.")] = 1.0,
+    max_dsnu: Annotated[
+        float, typer.Option("--max-residual-dsnu", min=0.0, help="Refuse above this residual DSNU, in DN.")
+    ] = 5.0,
+    max_prnu: Annotated[
+        float, typer.Option("--max-residual-prnu", min=0.0, help="Refuse above this residual PRNU, in %.")
+    ] = 1.0,
 ) -> None:
     """Make a profile the scanner's active one (atomic); refuses a mismatch or a profile failing QA."""
     as_json = global_options(ctx).json
     from calibration.active import ActivationLimits, activate_profile, calibration_state_dir
     from calibration.capture import read_frames
 
-    header = read_frames(source, 1, 10.0)[0].header if source is not None else None
+    uri = global_options(ctx).resolve_source(source).uri if source is not None else None
+    header = read_frames(uri, 1, 10.0)[0].header if uri is not None else None
     limits = ActivationLimits(max_bad, max_dsnu, max_prnu)
     record = activate_profile(profile, scanner, state_dir, header=header, limits=limits)
     if as_json:
