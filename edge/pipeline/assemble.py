@@ -21,12 +21,14 @@ from calibration.profile import ProfileChoice, resolve_profile
 from edge import __version__
 from edge.bundle import Bundle, demo_bundle_path
 from edge.config import (
+    DEFAULT_METRICS_PORT,
     Config,
     SourceConfig,
     VerificationConfig,
     apply_overrides,
     load_config,
     log_start_warnings,
+    split_host_port,
 )
 from edge.gallery import Gallery, VerificationMode
 from edge.observability import DaemonMetrics, health_from, serve_http
@@ -37,7 +39,7 @@ from edge.pipeline.stats import RunSummary
 from edge.runner import Runner
 from edge.sdnotify import Notifier
 from edge.security import EndpointSecurity
-from scanner_io.errors import BundleError, CalibrationError, ConfigError
+from scanner_io.errors import BundleError, CalibrationError, ConfigError, UsageError
 from scanner_io.recording import Recorder, default_manifest
 from scanner_io.sources import FrameSource, QueuePolicy, open_source, split_queue_mode, zmq_context
 
@@ -170,6 +172,14 @@ def _config_for(opts: RunOptions) -> Config:
         overrides.setdefault("model", {})["precision"] = opts.precision
     if opts.metrics_bind is not None:
         off = opts.metrics_bind == "off"
+        if not off:
+            try:
+                split_host_port(opts.metrics_bind)
+            except ConfigError:
+                raise UsageError(
+                    f"--metrics-bind {opts.metrics_bind!r}: expected HOST:PORT such as "
+                    f"127.0.0.1:{DEFAULT_METRICS_PORT}, or off"
+                ) from None
         overrides["metrics"] = {"enabled": not off, **({} if off else {"bind": opts.metrics_bind})}
     if opts.publish is not None:
         overrides["publisher"] = {"endpoint": opts.publish}

@@ -66,7 +66,9 @@ def test_metrics_bind_off_and_a_bad_value(tmp_path: Path) -> None:
     port = free_port()
     args = ("run", "--source", "sim?frames=2", "--model", str(demo_bundle_path()), "--publish")
     rc, _, err = finish(thzedge(*args, f"ipc://{tmp_path}/r.sock", "--metrics-bind", "nowhere"))
-    assert rc == 78 and "expected HOST:PORT" in err
+    assert rc == 2 and err.strip() == (
+        "thzedge: error: --metrics-bind 'nowhere': expected HOST:PORT such as 127.0.0.1:9464, or off"
+    )
     rc, _, err = finish(thzedge(*args, f"ipc://{tmp_path}/r.sock", "--precision", "fp64"))
     assert rc == 2 and "Invalid value for '--precision'" in err
     # `off`: no server; the port stays free for whoever wants it.
