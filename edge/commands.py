@@ -151,6 +151,14 @@ def run_command(
             "(default: config, else 127.0.0.1:9464).",
         ),
     ] = None,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            "--calibration",
+            help="Calibration profile directory for this source (default: the config's, else the "
+            "scanner's active one, else what the source carries).",
+        ),
+    ] = None,
 ) -> None:
     """Stream frames through the model and publish results until the source ends or a signal stops it."""
 
@@ -167,6 +175,7 @@ def run_command(
             max_frames=max_frames,
             reconstruction=not no_reconstruction,
             metrics_bind=metrics_bind,
+            calibration=calibration,
         )
     )
     typer.echo(json.dumps(summary.to_dict(), sort_keys=True) if opts.json else summary.render())
