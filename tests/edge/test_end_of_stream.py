@@ -10,6 +10,7 @@ from daemon_helpers import (
     finish,
     free_port,
     run_until_exit,
+    sim_profile,
     summary_of,
     thzedge,
     thzedge_run,
@@ -33,9 +34,10 @@ def test_run_exits_when_the_scanner_ends_its_stream(mode: str, tiny_bundle: Path
         source = f"ipc://{tmp_path}/scanner.sock"
         uri, serve_args = source, ()
     pub = f"ipc://{tmp_path}/results.sock"
+    cal = sim_profile(tmp_path / "cal", seed=3)  # a live scanner needs its profile (R-CAL-1)
     sub = Subscriber(pub)
     # No --max-frames: only the scanner's end of stream ends this run.
-    daemon = thzedge_run(uri, tiny_bundle, write_config(tmp_path / "thzedge.toml"), pub)
+    daemon = thzedge_run(uri, tiny_bundle, write_config(tmp_path / "thzedge.toml"), pub, calibration=cal)
     try:
         sub.wait_state(proc=daemon)
         emu = _serve("sim?seed=3", source, "--frames", str(frames), *serve_args)
