@@ -146,18 +146,35 @@ class ContextLoader:
         v = self.verification
         if v.gallery is not None and VerificationMode(v.mode) is not VerificationMode.off:
             gallery = Gallery.load(v.gallery, self.bundle, threshold=v.threshold, precision=self.precision)
+        params = self.src.conditioning.apply(base)
+        _check_model_input(params, self.bundle, choice)
         guard = None
         if choice.profile is not None:
             guard = StreamGuard(choice.profile, GuardSettings(monitor_every=self.calibration.monitor_every))
         return ProcessingContext(
             profile=choice.profile,
-            params=self.src.conditioning.apply(base),
+            params=params,
             calibration_id=choice.calibration_id,
             gallery=gallery,
             generation=generation,
             guard=guard,
             require_profile=is_scanner_uri(self.src.uri),
             quality=QualityLimits() if self.calibration.frame_quality else None,
+        )
+
+
+def _check_model_input(params: ConditioningParams, bundle: Bundle, choice: ProfileChoice) -> None:
+    """R-NEW-10: the conditioning must produce what the model was trained on (its input side).
+
+    Conditioning always maps to [0, 1] float32; the crop side is the profile's (or an override's)
+    and must be the encoder input's, else every frame would fail at inference.
+    """
+    spatial = [d for d in bundle.input_spec.shape[-2:] if isinstance(d, int)]
+    if spatial and any(d != params.out_size for d in spatial):
+        raise ConfigError(
+            f"{choice.origin} ({choice.calibration_id}) conditions frames to {params.out_size}x"
+            f"{params.out_size}, but the model bundle takes {spatial[0]}x{spatial[-1]}; set "
+            f"[sources.NAME.conditioning] out_size = {spatial[0]} or rebuild the profile"
         )
 
 

@@ -248,3 +248,16 @@ def test_the_scanners_active_profile_is_used_and_a_sighup_picks_up_a_new_activat
     switch = ids.index(second_id)
     assert switch > 0 and set(ids[:switch]) == {first_id} and set(ids[switch:]) == {second_id}
     assert {h["status"] for h in sub.results} == {"ok"}
+
+
+def test_conditioning_to_another_size_than_the_model_takes_is_refused_at_start(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """R-NEW-10: the profile's output must be the model's input; exit 78 before READY."""
+    cfg = write_config(
+        tmp_path / "thzedge.toml",
+        '[sources.s]\nuri = "sim?frames=5"\n[sources.s.conditioning]\nout_size = 48\n',
+    )
+    rc, out, err = finish(thzedge_run("s", tiny_bundle, cfg, f"ipc://{tmp_path}/r.sock"), timeout=60)
+    assert rc == 78, err
+    assert "conditions frames to 48x48, but the model bundle takes 64x64" in err.strip().splitlines()[-1]
