@@ -111,6 +111,11 @@ class ModelConfig:
     backend: BackendKind = BackendKind.auto
     precision: Precision = Precision.fp32
     max_batch: int | None = field(default=None, metadata={"min": 1})
+    # Where `thzedge export engine` puts TensorRT engines and the trt backend finds them (None:
+    # $THZEDGE_ENGINE_CACHE, else the unit's $STATE_DIRECTORY/engines; edge/backends/engine_cache.py).
+    engine_cache: Path | None = None
+    # The DLA core the engines were built for (`export engine --dla-core`); None: the GPU.
+    dla_core: int | None = field(default=None, metadata={"min": 0})
 
 
 @dataclass(frozen=True)

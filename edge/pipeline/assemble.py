@@ -147,7 +147,13 @@ def _open_bundle(cfg: Config) -> tuple[Bundle, Runner]:
         )
     try:
         bundle = Bundle.open(bundle_path)
-        runner = Runner.from_bundle(bundle, backend=cfg.model.backend, precision=cfg.model.precision)
+        runner = Runner.from_bundle(
+            bundle,
+            backend=cfg.model.backend,
+            precision=cfg.model.precision,
+            engine_cache=cfg.model.engine_cache,
+            dla_core=cfg.model.dla_core,
+        )
     except BundleError as exc:
         # A missing or broken bundle, or a precision it lacks, does not heal on a restart: exit 78
         # so systemd stops retrying (RestartPreventExitStatus=78).
