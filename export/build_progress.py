@@ -1,4 +1,4 @@
-"""Keep a long engine build visibly alive: a status line on a terminal, periodic plain lines otherwise, systemd notices.
+"""Keep a long engine build visibly alive: a terminal line, periodic plain lines, systemd notices.
 
 A TensorRT build on an Orin takes minutes per graph and prints nothing, so an operator cannot
 tell it from a hung process (roboflow/inference PR 2703). `BuildProgress.step(graph)` wraps one
@@ -32,6 +32,7 @@ from typing import TextIO
 
 from edge.sdnotify import Notifier
 
+MEMINFO = Path("/proc/meminfo")
 DEFAULT_WORKSPACE_MB = 1024
 JETSON_WORKSPACE_RANGE_MB = (256, 2048)
 
@@ -87,7 +88,9 @@ class BuildProgress:
         self._line(f"[{self.done + 1}/{self.total}] building {graph} {self.precision} engine ...")
         self._notify(self.status(graph, t0))
         stop = threading.Event()
-        ticker = threading.Thread(target=self._tick, args=(graph, t0, stop), name="engine-build-progress", daemon=True)
+        ticker = threading.Thread(
+            target=self._tick, args=(graph, t0, stop), name="engine-build-progress", daemon=True
+        )
         ticker.start()
         ok = False
         try:
@@ -104,7 +107,8 @@ class BuildProgress:
 
     def finish(self) -> str:
         """The closing line (also sent as STATUS=)."""
-        text = f"built {self.done}/{self.total} {self.precision} engines in {format_duration(self.clock() - self.started)}"
+        took = format_duration(self.clock() - self.started)
+        text = f"built {self.done}/{self.total} {self.precision} engines in {took}"
         self._notify(text)
         return text
 
@@ -121,9 +125,9 @@ class BuildProgress:
         if not self.notifier.enabled:
             return
         with contextlib.suppress(OSError):  # a vanished systemd must not fail the build
-            self.notifier.status(text)
-            # Ask for more than one interval: the next notice may come a little late under load.
-            self.notifier.extend_timeout(max(3 * self.interval_s, 90.0))
+            # One datagram; ask for more than one interval: the next may come late under load.
+            usec = int(max(3 * self.interval_s, 90.0) * 1_000_000)
+            self.notifier.notify(STATUS=text, EXTEND_TIMEOUT_USEC=usec)
 
     def _redraw(self, text: str) -> None:
         self.stream.write("\r\x1b[2K" + text)
@@ -137,10 +141,10 @@ class BuildProgress:
         self.lines += 1
 
 
-def available_memory_mb(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+def available_memory_mb(meminfo: Path | None = None) -> int | None:
     """MemAvailable (else MemTotal) from /proc/meminfo, in MB; None when unreadable."""
     try:
-        text = meminfo.read_text(encoding="ascii", errors="replace")
+        text = (meminfo or MEMINFO).read_text(encoding="ascii", errors="replace")
     except OSError:
         return None
     for field in ("MemAvailable", "MemTotal"):
@@ -150,7 +154,7 @@ def available_memory_mb(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     return None
 
 
-def default_workspace_mb(jetson: bool, meminfo: Path = Path("/proc/meminfo")) -> int:
+def default_workspace_mb(jetson: bool, meminfo: Path | None = None) -> int:
     """The builder workspace cap when --workspace is not given (see the module docstring)."""
     if not jetson:
         return DEFAULT_WORKSPACE_MB

@@ -86,7 +86,7 @@ class EngineSettings:
     def opt(self) -> int:
         return self.opt_batch or self.max_batch
 
-    def with_workspace_for(self, platform: Platform, meminfo: Path = Path("/proc/meminfo")) -> EngineSettings:
+    def with_workspace_for(self, platform: Platform, meminfo: Path | None = None) -> EngineSettings:
         """These settings with the workspace filled in for this device when it was left open."""
         if self.workspace_mb is not None:
             return self
@@ -236,7 +236,7 @@ def build_bundle_engines(
     cache: EngineCache | Path | str | None = None,
     progress: BuildProgress | None = None,
 ) -> list[dict[str, Any]]:
-    """Build an engine per graph of a bundle for one precision into the engine cache; returns the manifests."""
+    """Build an engine per graph of a bundle at one precision into the engine cache; returns the manifests."""
     trt = trt or import_tensorrt()
     generation = trt_generation(str(trt.__version__))
     platform = platform or current_platform(trt)

@@ -242,9 +242,7 @@ def engine_command(
         workspace_mb=workspace,
         dla_core=dla_core,
     ).with_workspace_for(platform)
-    typer.echo(
-        f"engine cache {cache.root} ({cache.source}); workspace {settings.workspace_mb} MB", err=True
-    )
+    typer.echo(f"engine cache {cache.root} ({cache.source}); workspace {settings.workspace_mb} MB", err=True)
     manifests = build_bundle_engines(bundle, settings, trt=trt, platform=platform, cache=cache)
     for m in manifests:
         typer.echo(

@@ -148,9 +148,9 @@ def check_engine_manifest(
     if manifest.get("onnx_sha256") != key.onnx_sha256:
         reasons.append("built from a different ONNX than the bundle now holds (stale engine)")
     if plan is not None:
-        if len(plan) != manifest.get("engine_bytes"):
-            reasons.append(f"engine file is {len(plan)} bytes, its manifest says {manifest.get('engine_bytes')} "
-                           "(truncated or replaced)")  # fmt: skip
+        want = manifest.get("engine_bytes")
+        if len(plan) != want:
+            reasons.append(f"engine file is {len(plan)} bytes, its manifest says {want} (truncated?)")
         elif hashlib.sha256(plan).hexdigest() != manifest.get("engine_sha256"):
             reasons.append("engine file fails its sha256 (corrupted or replaced)")
     return reasons
@@ -159,7 +159,9 @@ def check_engine_manifest(
 def _platform_reasons(manifest: Mapping[str, Any], key: EngineKey) -> list[str]:
     reasons = []
     if str(manifest.get("tensorrt_version")) != key.tensorrt_version:
-        reasons.append(f"built with TensorRT {manifest.get('tensorrt_version')}, running {key.tensorrt_version}")
+        reasons.append(
+            f"built with TensorRT {manifest.get('tensorrt_version')}, running {key.tensorrt_version}"
+        )
     if str(manifest.get("compute_capability")) != key.compute_capability:
         reasons.append(
             f"built for compute capability {manifest.get('compute_capability')}, this GPU is "
@@ -179,7 +181,9 @@ def _platform_reasons(manifest: Mapping[str, Any], key: EngineKey) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_engine_cache(explicit: Path | str | None = None, env: Mapping[str, str] | None = None) -> EngineCache:
+def resolve_engine_cache(
+    explicit: Path | str | None = None, env: Mapping[str, str] | None = None
+) -> EngineCache:
     """The engine cache to use: explicit path, $THZEDGE_ENGINE_CACHE, $STATE_DIRECTORY, system, user."""
     env = os.environ if env is None else env
     if explicit is not None:
@@ -239,7 +243,7 @@ class EngineCache:
 
     def entries(self) -> list[CacheEntry]:
         """Every entry whose manifest parses (sorted by name)."""
-        out = []
+        out: list[CacheEntry] = []
         if not self.root.is_dir():
             return out
         for man in sorted(self.root.glob(f"*{MANIFEST_SUFFIX}")):
@@ -278,7 +282,7 @@ class EngineCache:
         if not plan_path.is_file():
             self._discard(graph, plan_path, man_path, "manifest without its plan file")
             raise EngineMismatchError(
-                f"no {key.precision} TensorRT engine for {graph} in {self.root} (its plan file is gone); {fix}"
+                f"no {key.precision} TensorRT engine for {graph} in {self.root} (its plan is gone); {fix}"
             )
         plan = plan_path.read_bytes()
         reasons = check_engine_manifest(manifest, key, plan)
@@ -345,7 +349,7 @@ class EngineCache:
             os.close(fd)
 
     def store(self, graph: str, key: EngineKey, plan: bytes, manifest: Mapping[str, Any]) -> dict[str, Any]:
-        """Write `graph`'s plan then its manifest (with size and sha256), each atomically; returns the manifest."""
+        """Write `graph`'s plan, then its manifest (size, sha256), each atomically; returns the manifest."""
         plan_path, man_path = self.paths(graph, key)
         full = {
             **manifest,
@@ -372,9 +376,8 @@ class EngineCache:
         for path in sorted(self.root.iterdir()):
             if path.is_dir() or path.name == LOCK_NAME:
                 continue
-            stale = (
-                path.name.endswith(PART_SUFFIX)
-                or (path.suffix in (PLAN_SUFFIX, MANIFEST_SUFFIX) and path.stem not in keep_names)
+            stale = path.name.endswith(PART_SUFFIX) or (
+                path.suffix in (PLAN_SUFFIX, MANIFEST_SUFFIX) and path.stem not in keep_names
             )
             if stale:
                 path.unlink(missing_ok=True)
@@ -390,7 +393,9 @@ class EngineCache:
         """Entries, bytes and leftovers, for doctor and the build report (no plan is read)."""
         entries = self.entries()
         plans = {p.stem for p in self.root.glob(f"*{PLAN_SUFFIX}")} if self.root.is_dir() else set()
-        truncated = [e.name for e in entries if e.plan.exists() and e.nbytes != e.manifest.get("engine_bytes")]
+        truncated = [
+            e.name for e in entries if e.plan.exists() and e.nbytes != e.manifest.get("engine_bytes")
+        ]
         return {
             "path": str(self.root),
             "source": self.source,
@@ -405,7 +410,7 @@ class EngineCache:
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write `data` to `path` through a temp file in the same directory: fsync, rename, fsync the directory."""
+    """Write `data` to `path` through a temp file beside it: fsync, rename, fsync the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PART_SUFFIX, dir=path.parent)
     try:

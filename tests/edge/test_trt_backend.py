@@ -18,8 +18,8 @@ pytest.importorskip("onnx")
 
 import edge.backends.trt as trt_backend  # noqa: E402
 from edge.backends import create_backend  # noqa: E402
-from edge.backends.ort import OrtBackend  # noqa: E402
 from edge.backends.engine_cache import EngineKey, graph_sha256, resolve_engine_cache  # noqa: E402
+from edge.backends.ort import OrtBackend  # noqa: E402
 from edge.backends.trt import EngineMismatchError, Platform, TrtBackend  # noqa: E402
 from edge.bundle import Bundle  # noqa: E402
 from edge.runner import Runner  # noqa: E402
@@ -153,7 +153,9 @@ def test_auto_falls_back_to_ort_with_a_warning(
     bundle = Bundle.open(engine_bundle)
     checks: list[str] = []
     verify = trt_backend.verified_engines
-    monkeypatch.setattr(trt_backend, "verified_engines", lambda *a, **k: checks.append("x") or verify(*a, **k))
+    monkeypatch.setattr(
+        trt_backend, "verified_engines", lambda *a, **k: checks.append("x") or verify(*a, **k)
+    )
     be = create_backend(bundle, "auto")
     assert be.name == "trt"  # a matching engine is taken
     assert len(checks) == 1  # every plan read and hashed once at start-up, not once per check

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -26,7 +25,9 @@ from scanner_io.errors import ThzEdgeError  # noqa: E402
 PLATFORM = Platform("10.3.0", "Orin (nvgpu)", "8.7", "12.6", "R36.4.3")
 
 
-def engine_files(bundle: Path, precision: str, graph: str, platform: Platform = PLATFORM) -> tuple[Path, Path]:
+def engine_files(
+    bundle: Path, precision: str, graph: str, platform: Platform = PLATFORM
+) -> tuple[Path, Path]:
     """(plan, manifest) of one graph's engine in the test's engine cache."""
     b = Bundle.open(bundle)
     variant = precision if precision in b.precisions else "fp32"
@@ -179,3 +180,35 @@ def test_engine_command_without_tensorrt_is_one_line(bundle: Path, capsys: pytes
 def test_unsupported_tensorrt_version(bundle: Path) -> None:
     with pytest.raises(ThzEdgeError, match="not supported"):
         build_bundle_engines(bundle, EngineSettings("fp32"), make_fake_tensorrt("8.5.3"), PLATFORM)
+
+
+def test_engine_command_builds_into_the_cache_with_progress_and_prunes(
+    bundle: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import sys
+
+    import edge.backends.trt as trt_backend
+    from edge.cli import main
+
+    # Engines an older JetPack left behind: superseded, so pruned after the new build.
+    build_bundle_engines(bundle, EngineSettings("fp32", max_batch=4), make_fake_tensorrt("8.6.2"),
+                         _platform("8.6.2"))  # fmt: skip
+    cache = resolve_engine_cache()
+    assert len(cache.entries()) == 6
+    capsys.readouterr()
+    trt = make_fake_tensorrt("10.3.0")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(trt_backend, "probe_gpu", lambda device=0: (PLATFORM.gpu_name, "8.7", "12.6"))
+    monkeypatch.setattr(trt_backend, "_read_l4t", lambda: "R36.4.3")
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 7801480 kB\nMemAvailable: 4194304 kB\n")
+    monkeypatch.setattr("export.build_progress.MEMINFO", meminfo)
+    rc = main(["export", "engine", "--bundle", str(bundle), "--precision", "fp32"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert len(out.strip().splitlines()) == 6 and "TensorRT 10.3.0" in out
+    assert f"engine cache {cache.root} (${'THZEDGE_ENGINE_CACHE'}); workspace 1024 MB" in err  # 4 GB free / 4
+    assert "[1/6] building encoder fp32 engine ..." in err and "[6/6] built decoder_4 fp32 engine in" in err
+    assert "pruned 13 file(s)" in err  # 6 plans + 6 manifests + the 8.6 timing cache
+    assert {e.manifest["tensorrt_version"] for e in cache.entries()} == {"10.3.0"}
+    assert _builds(trt)[0]["pools"] == {"WORKSPACE": 1024 << 20}
