@@ -33,6 +33,7 @@ from edge.observability import DaemonMetrics, health_from, serve_http
 from edge.pipeline.acquire import profile_from_source
 from edge.pipeline.context import DaemonSettings, ModelInfo, ProcessingContext
 from edge.pipeline.daemon import Daemon
+from edge.pipeline.metrics import start_device_telemetry
 from edge.pipeline.stats import RunSummary
 from edge.runner import Runner
 from edge.sdnotify import Notifier
@@ -242,6 +243,7 @@ def run_daemon(
         on_ready=on_ready,
     )
     server = None
+    stop_telemetry = start_device_telemetry(metrics)
     try:
         if cfg.metrics.enabled:
             server = serve_http(
@@ -253,6 +255,7 @@ def run_daemon(
     finally:
         if server is not None:
             server.close()
+        stop_telemetry()
         security.close()
         with contextlib.suppress(Exception):
             runner.close()
