@@ -17,7 +17,6 @@ and the CUDA bindings are imported lazily here, so importing this module never n
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
@@ -36,6 +35,7 @@ from edge.backends.engine_cache import (
     source_variant,
 )
 from edge.bundle import Bundle
+from edge.jetson import read_l4t
 from scanner_io.errors import MissingDependencyError, ThzEdgeError
 
 __all__ = ["EngineMismatchError", "Platform", "TrtBackend", "can_run", "create", "current_platform"]
@@ -95,12 +95,8 @@ def _cudart() -> Any | None:
 
 
 def _read_l4t() -> str | None:
-    try:
-        text = Path("/etc/nv_tegra_release").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    m = re.search(r"R(\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)", text)
-    return f"R{m.group(1)}.{m.group(2)}" if m else text.split("\n")[0][:60]
+    release = read_l4t(Path("/"))
+    return str(release) if release is not None else None
 
 
 def probe_gpu(device: int = 0) -> tuple[str, str, str | None]:
