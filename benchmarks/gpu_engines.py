@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from edge.backends.trt import current_platform, import_tensorrt
     from edge.bench import bench_inputs, bench_model, render_bench
     from edge.bundle import Bundle, demo_bundle_path
-    from edge.config import load_config
+    from edge.config import load_model_config
     from edge.jetson import jetson_checks
     from edge.runner import Runner
     from export.engine import EngineSettings, build_bundle_engines
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
 
     trt = import_tensorrt()  # one line and exit 69 when missing
     platform = current_platform(trt)
-    cache = resolve_engine_cache(args.engine_cache or load_config(None).model.engine_cache)
+    cache = resolve_engine_cache(args.engine_cache or load_model_config(None).engine_cache)
     # bench_model opens its runners with the default cache: point it at this one.
     os.environ[ENGINE_CACHE_ENV] = str(cache.root)
     bundle = Bundle.open(args.bundle or demo_bundle_path())

@@ -16,7 +16,7 @@ import typer
 from edge.backends.engine_cache import resolve_engine_cache
 from edge.backends.trt import current_platform, import_tensorrt
 from edge.bundle import Bundle, Precision
-from edge.config import load_config
+from edge.config import load_model_config
 from export.engine import EngineSettings, build_bundle_engines, prune_engine_cache
 from export.gate import GateFailedError, GateTolerances, run_gate
 from export.quantize import (
@@ -229,8 +229,8 @@ def engine_command(
 ) -> None:
     """Build one TensorRT engine per graph into this device's engine cache (the daemon never builds)."""
     # The config names the cache and the bundle the daemon runs (kept when pruning).
-    cfg = load_config(global_options(ctx).config)
-    cache = resolve_engine_cache(engine_cache or cfg.model.engine_cache)
+    model_cfg = load_model_config(global_options(ctx).config)
+    cache = resolve_engine_cache(engine_cache or model_cfg.engine_cache)
     # Fail at once, in one line, when TensorRT or the GPU is missing or the cache is not writable.
     trt = import_tensorrt()
     platform = current_platform(trt)
@@ -250,7 +250,7 @@ def engine_command(
             f"(sm {m['compute_capability']})  engine {m['engine_sha256'][:12]}"
         )
     if prune:
-        keep = [b.path] + ([cfg.model.bundle] if cfg.model.bundle is not None else [])
+        keep = [b.path] + ([model_cfg.bundle] if model_cfg.bundle is not None else [])
         removed = prune_engine_cache(cache, platform, keep)
         if removed:
             typer.echo(f"pruned {len(removed)} file(s) no current bundle needs from {cache.root}", err=True)

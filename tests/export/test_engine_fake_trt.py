@@ -212,3 +212,36 @@ def test_engine_command_builds_into_the_cache_with_progress_and_prunes(
     assert "pruned 13 file(s)" in err  # 6 plans + 6 manifests + the 8.6 timing cache
     assert {e.manifest["tensorrt_version"] for e in cache.entries()} == {"10.3.0"}
     assert _builds(trt)[0]["pools"] == {"WORKSPACE": 1024 << 20}
+
+
+def test_engine_command_reads_only_the_model_section(
+    bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A production config names paths only systemd provides; the builder still finds its cache."""
+    import sys
+
+    import edge.backends.trt as trt_backend
+    from edge.cli import main
+
+    cfg = tmp_path / "thzedge.toml"
+    cache_dir = tmp_path / "configured-cache"
+    cfg.write_text(
+        f'[model]\nbundle = "{bundle}"\nengine_cache = "{cache_dir}"\n'
+        '[publisher]\nendpoint = "tcp://0.0.0.0:5560"\n[publisher.curve]\nenabled = true\n'
+        'secret_key_file = "${CREDENTIALS_DIRECTORY}/curve-server.key_secret"\n'
+        'allowed_clients_dir = "/etc/c"\n'
+    )
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    from edge.config import load_config
+    from scanner_io.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="CREDENTIALS_DIRECTORY"):
+        load_config(cfg)  # what the daemon's full loader says outside systemd
+    trt = make_fake_tensorrt("10.3.0")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(trt_backend, "probe_gpu", lambda device=0: (PLATFORM.gpu_name, "8.7", "12.6"))
+    rc = main(["--config", str(cfg), "export", "engine", "--bundle", str(bundle), "--precision", "fp32"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert f"engine cache {cache_dir} (configured)" in err
+    assert len(list(cache_dir.glob("*.plan"))) == 6
