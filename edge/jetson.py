@@ -64,8 +64,8 @@ class JetPackRelease:
     """What one L4T release line ships (NVIDIA's JetPack archive; tensorrt-and-quantization.md §1)."""
 
     jetpack: str
-    cuda: str  # major.minor
-    tensorrt: tuple[str, ...]  # major.minor of each TensorRT JetPack offers there
+    cuda: str  # major.minor, or major where the reference gives no minor
+    tensorrt: tuple[str, ...]  # major.minor (or major: any minor) of each TensorRT offered there
 
 
 # (L4T major, minor) -> release. Minor None: every minor of that major.
@@ -76,7 +76,7 @@ JETPACK: dict[tuple[int, int | None], JetPackRelease] = {
     (36, 2): JetPackRelease("6.0 DP", "12.2", ("8.6",)),
     (36, 3): JetPackRelease("6.0", "12.2", ("8.6",)),
     (36, 4): JetPackRelease("6.1/6.2", "12.6", ("10.3",)),
-    (38, None): JetPackRelease("7.0/7.1", "13.0", ("10.13",)),
+    (38, None): JetPackRelease("7.0/7.1", "13", ("10",)),  # Thor only; the reference says "10.x"
     (39, None): JetPackRelease("7.2", "13.2", ("10.16", "11.4")),
 }
 
@@ -216,7 +216,7 @@ def support_problems(trt: str, cuda: str | None, l4t: L4TRelease | None) -> tupl
             f"{'/'.join(release.tensorrt)} with CUDA {release.cuda}; "
             "a TensorRT for another CUDA will not load"
         )
-    if _major_minor(trt) not in release.tensorrt:
+    if _major_minor(trt) not in release.tensorrt and trt.split(".")[0] not in release.tensorrt:
         return CheckStatus.warn, (
             f"TensorRT {trt} is not the {'/'.join(release.tensorrt)} JetPack {release.jetpack} ships (a pip "
             "wheel?); engines must be built and run with the same TensorRT"

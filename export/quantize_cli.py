@@ -215,8 +215,8 @@ def engine_command(
         Path | None,
         typer.Option(
             "--engine-cache",
-            help="Engine cache directory (default: [model] engine_cache, $THZEDGE_ENGINE_CACHE, "
-            "$STATE_DIRECTORY/engines, /var/lib/thzedge/engines).",
+            help="Engine cache directory (default: the config's model.engine_cache, else "
+            "$THZEDGE_ENGINE_CACHE, $STATE_DIRECTORY/engines, /var/lib/thzedge/engines).",
         ),
     ] = None,
     prune: Annotated[

@@ -258,3 +258,10 @@ def test_engine_cache_states(tmp_path: Path) -> None:
     assert "truncated: encoder.fp16." in r.detail
     assert "an interrupted build): decoder_0.fp16.0123456789abcdef" in r.detail
     assert "engines for TensorRT 8.6.2 can no longer load" in r.detail
+
+
+def test_a_release_known_only_by_its_major_versions(tmp_path: Path) -> None:
+    l4t = read_l4t(make_root(tmp_path, nv_tegra="# R38 (release), REVISION: 2.0\n"))
+    assert support_problems("10.13.3", "13.0.48", l4t)[0] == "ok"
+    status, detail = support_problems("8.6.2", "13.0.48", l4t)
+    assert status == "warn" and "not the 10 JetPack 7.0/7.1 ships" in detail
