@@ -297,6 +297,7 @@ class EngineCache:
         """Why no entry fits: the nearest engine of this graph that is here, and how it differs."""
         same_graph = [e for e in self.entries() if e.manifest.get("graph") == graph]
         same_onnx = [e for e in same_graph if e.manifest.get("onnx_sha256") == key.onnx_sha256]
+        same_onnx.sort(key=lambda e: e.manifest.get("precision") != key.precision)  # same precision first
         for entry in same_onnx:
             reasons = check_engine_manifest(entry.manifest, key)
             if reasons:

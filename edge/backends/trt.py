@@ -438,18 +438,20 @@ class TrtBackend(Backend):
 
 
 def can_run(bundle: Bundle, precision: str = "fp32", **options: Any) -> bool:
-    """Whether the engine cache holds engines of this bundle's graphs, so `auto` should try TensorRT.
+    """Whether the engine cache holds an engine of any of this bundle's graphs, so `auto` should try TensorRT.
 
     Only a manifest check, for any TensorRT and GPU: `create` verifies the engines against this
     platform (reading and hashing every plan once, not twice), and `create_backend` falls back to
-    ONNX Runtime with a warning when it refuses them. No engines at all: ONNX Runtime, quietly.
+    ONNX Runtime with a warning when it refuses them — at every start while one graph's engine is
+    missing or stale, not only the first. No engine of this bundle at all: ONNX Runtime, quietly.
     """
     cache = open_cache(options.get("engine_cache"))
-    for graph in bundle.graphs:
-        variants = [v for v in {precision, "fp32"} if v in bundle.precisions]
-        if not any(cache.has_any(graph, precision, graph_sha256(bundle, graph, v)) for v in variants):
-            return False
-    return True
+    variants = [v for v in dict.fromkeys((precision, "fp32")) if v in bundle.precisions]
+    return any(
+        cache.has_any(graph, precision, graph_sha256(bundle, graph, v))
+        for graph in bundle.graphs
+        for v in variants
+    )
 
 
 def create(bundle: Bundle, precision: str = "fp32", **options: Any) -> TrtBackend:

@@ -235,3 +235,24 @@ def test_configured_cache_reaches_the_daemon(bundle: Path, fake_trt, tmp_path: P
         assert runner.backend.describe()["engine_cache"] == str(cache.root)
     finally:
         runner.close()
+
+
+def test_auto_keeps_warning_while_one_graph_is_missing(
+    bundle: Path, fake_trt, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a discard the operator is told at every start, not only at the one that discarded."""
+    build(bundle)
+    b = Bundle.open(bundle)
+    cache = resolve_engine_cache()
+    plan, man = cache.paths(
+        "decoder_1", EngineKey.for_platform(ORIN, "fp32", graph_sha256(b, "decoder_1", "fp32"))
+    )
+    plan.unlink()
+    man.unlink()
+    for _ in range(2):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            be = create_backend(b, "auto")
+        assert be.name == "ort"
+        be.close()
+        assert any("no fp32 TensorRT engine for decoder_1" in r.getMessage() for r in caplog.records)
