@@ -37,6 +37,7 @@ from edge.observability import DaemonMetrics, health_from, serve_http
 from edge.pipeline.acquire import profile_from_source
 from edge.pipeline.context import DaemonSettings, ModelInfo, ProcessingContext
 from edge.pipeline.daemon import Daemon
+from edge.pipeline.metrics import start_device_telemetry
 from edge.pipeline.stats import RunSummary
 from edge.runner import Runner
 from edge.sdnotify import Notifier
@@ -225,7 +226,13 @@ def _open_bundle(cfg: Config) -> tuple[Bundle, Runner]:
         )
     try:
         bundle = Bundle.open(bundle_path)
-        runner = Runner.from_bundle(bundle, backend=cfg.model.backend, precision=cfg.model.precision)
+        runner = Runner.from_bundle(
+            bundle,
+            backend=cfg.model.backend,
+            precision=cfg.model.precision,
+            engine_cache=cfg.model.engine_cache,
+            dla_core=cfg.model.dla_core,
+        )
     except BundleError as exc:
         # A missing or broken bundle, or a precision it lacks, does not heal on a restart: exit 78
         # so systemd stops retrying (RestartPreventExitStatus=78).
@@ -319,6 +326,7 @@ def run_daemon(
         on_ready=on_ready,
     )
     server = None
+    stop_telemetry = start_device_telemetry(metrics)
     try:
         if cfg.metrics.enabled:
             server = serve_http(
@@ -330,6 +338,7 @@ def run_daemon(
     finally:
         if server is not None:
             server.close()
+        stop_telemetry()
         security.close()
         with contextlib.suppress(Exception):
             runner.close()
