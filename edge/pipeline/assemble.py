@@ -39,6 +39,7 @@ from edge.observability import DaemonMetrics, health_from, serve_http
 from edge.pipeline.acquire import profile_from_source
 from edge.pipeline.context import DaemonSettings, ModelInfo, ProcessingContext
 from edge.pipeline.daemon import Daemon
+from edge.pipeline.metrics import start_device_telemetry
 from edge.pipeline.stats import RunSummary
 from edge.runner import Runner
 from edge.sdnotify import Notifier
@@ -150,18 +151,35 @@ class ContextLoader:
         v = self.verification
         if v.gallery is not None and VerificationMode(v.mode) is not VerificationMode.off:
             gallery = Gallery.load(v.gallery, self.bundle, threshold=v.threshold, precision=self.precision)
+        params = self.src.conditioning.apply(base)
+        _check_model_input(params, self.bundle, choice)
         guard = None
         if choice.profile is not None:
             guard = StreamGuard(choice.profile, GuardSettings(monitor_every=self.calibration.monitor_every))
         return ProcessingContext(
             profile=choice.profile,
-            params=self.src.conditioning.apply(base),
+            params=params,
             calibration_id=choice.calibration_id,
             gallery=gallery,
             generation=generation,
             guard=guard,
             require_profile=is_scanner_uri(self.src.uri),
             quality=QualityLimits() if self.calibration.frame_quality else None,
+        )
+
+
+def _check_model_input(params: ConditioningParams, bundle: Bundle, choice: ProfileChoice) -> None:
+    """R-NEW-10: the conditioning must produce what the model was trained on (its input side).
+
+    Conditioning always maps to [0, 1] float32; the crop side is the profile's (or an override's)
+    and must be the encoder input's, else every frame would fail at inference.
+    """
+    spatial = [d for d in bundle.input_spec.shape[-2:] if isinstance(d, int)]
+    if spatial and any(d != params.out_size for d in spatial):
+        raise ConfigError(
+            f"{choice.origin} ({choice.calibration_id}) conditions frames to {params.out_size}x"
+            f"{params.out_size}, but the model bundle takes {spatial[0]}x{spatial[-1]}; set "
+            f"[sources.NAME.conditioning] out_size = {spatial[0]} or rebuild the profile"
         )
 
 
@@ -212,7 +230,13 @@ def _open_bundle(cfg: Config) -> tuple[Bundle, Runner]:
         )
     try:
         bundle = Bundle.open(bundle_path)
-        runner = Runner.from_bundle(bundle, backend=cfg.model.backend, precision=cfg.model.precision)
+        runner = Runner.from_bundle(
+            bundle,
+            backend=cfg.model.backend,
+            precision=cfg.model.precision,
+            engine_cache=cfg.model.engine_cache,
+            dla_core=cfg.model.dla_core,
+        )
     except BundleError as exc:
         # A missing or broken bundle, or a precision it lacks, does not heal on a restart: exit 78
         # so systemd stops retrying (RestartPreventExitStatus=78).
@@ -319,6 +343,7 @@ def run_daemon(
         on_ready=on_ready,
     )
     server = None
+    stop_telemetry = start_device_telemetry(metrics)
     try:
         if cfg.metrics.enabled:
             server = serve_http(
@@ -330,6 +355,7 @@ def run_daemon(
     finally:
         if server is not None:
             server.close()
+        stop_telemetry()
         security.close()
         with contextlib.suppress(Exception):
             runner.close()
