@@ -16,7 +16,6 @@ by appending functions to `EXTRA_CHECKS`.
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import os
 import platform
 import shutil
@@ -31,7 +30,7 @@ from typing import Any
 
 from scanner_io.choices import Choice
 from scanner_io.errors import ConfigError, ThzEdgeError
-from scanner_io.extras import EXTRAS, missing_modules
+from scanner_io.extras import EXTRAS, is_installed, missing_modules
 
 
 class CheckStatus(Choice):
@@ -155,7 +154,7 @@ def runtime_checks() -> list[CheckResult]:
         rows.append(
             fail("onnxruntime providers", f"onnxruntime does not import: {type(exc).__name__}: {exc}")
         )
-    if importlib.util.find_spec("tensorrt") is None:
+    if not is_installed("tensorrt"):
         rows.append(skip("tensorrt", "not installed (ONNX Runtime runs the model)"))
     else:
         try:
@@ -172,7 +171,7 @@ def runtime_checks() -> list[CheckResult]:
             )
         except ThzEdgeError as exc:
             rows.append(warn("tensorrt", str(exc)))
-    if importlib.util.find_spec("tensorrt") is None:
+    if not is_installed("tensorrt"):
         smi = shutil.which("nvidia-smi")
         if smi is None:
             rows.append(skip("gpu", "no NVIDIA GPU tools (nvidia-smi) found"))
@@ -492,19 +491,30 @@ def _port_free(name: str, host: str, port: int) -> CheckResult:
 def _engine_checks(cfg: Any, loaded: _Loaded) -> list[CheckResult]:
     if loaded.bundle is None:
         return []
-    from edge.backends.trt import can_run
+    from edge.backends.trt import can_run, open_cache
 
     precision = str(cfg.model.precision)
-    if not can_run(loaded.bundle, precision):
-        return [skip("tensorrt engines", f"none for {precision} in the bundle (ONNX Runtime runs it)")]
+    cache = open_cache(cfg.model.engine_cache)
+    if not can_run(loaded.bundle, precision, engine_cache=cache):
+        return [
+            skip(
+                "tensorrt engines",
+                f"none for {precision} in the engine cache {cache.root} ({cache.source}); "
+                "ONNX Runtime runs it",
+            )
+        ]
     try:
-        from edge.backends.trt import current_platform, verified_engines
+        # The checks the trt backend makes before it deserialises anything (edge/backends/trt.py).
+        from edge.backends.trt import current_platform, import_tensorrt, trt_generation, verified_engines
 
-        verified_engines(loaded.bundle, precision, current_platform())
+        trt = import_tensorrt()
+        platform = current_platform(trt)
+        generation = trt_generation(str(trt.__version__))
+        verified_engines(loaded.bundle, precision, platform, cache, generation, cfg.model.dla_core)
     except ThzEdgeError as exc:
         level = fail if str(cfg.model.backend) == "trt" else warn
         return [level("tensorrt engines", str(exc))]
-    return [ok("tensorrt engines", f"{precision} engines match this TensorRT and GPU")]
+    return [ok("tensorrt engines", f"{precision} engines in {cache.root} match this TensorRT and GPU")]
 
 
 # Functions other modules add (each returns rows), e.g. Jetson power mode and clocks.

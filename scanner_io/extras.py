@@ -8,6 +8,7 @@ A command whose extra is missing says which extra to install and exits 69
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -36,9 +37,19 @@ EXTRAS: dict[str, Extra] = {
 }
 
 
+def is_installed(module: str) -> bool:
+    """Whether `module` can be imported here (an already imported one counts, `None` in sys.modules not)."""
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package that fails, or a module without a spec
+        return False
+
+
 def missing_modules(modules: Iterable[str]) -> list[str]:
     """The modules of `modules` that cannot be imported here."""
-    return [m for m in modules if importlib.util.find_spec(m) is None]
+    return [m for m in modules if not is_installed(m)]
 
 
 def require_extra(extra: str, modules: Iterable[str] | None = None) -> None:

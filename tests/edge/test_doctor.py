@@ -162,3 +162,41 @@ def test_a_live_scanner_needs_a_profile_the_active_one_counts(
     assert "active calibration profile" in rows["calibration scanner0"].detail
     assert rows["calibration scanner0 validity"].status is CheckStatus.warn  # a sim profile has no envelope
     assert main(["--config", str(cfg), "config", "validate"]) == 0
+
+
+def test_doctor_checks_tensorrt_the_gpu_and_the_bundles_engines(
+    tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against the fake TensorRT of the trt backend's wiring tests (the real one needs a GPU)."""
+    pytest.importorskip("onnx")
+    import shutil
+
+    from fake_tensorrt import make_fake_tensorrt
+
+    import edge.backends.trt as trt_backend
+    from edge.backends.trt import Platform
+    from export.engine import EngineSettings, build_bundle_engines
+
+    platform = Platform("10.3.0", "Orin (nvgpu)", "8.7", "12.6")
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    monkeypatch.setenv("THZEDGE_ENGINE_CACHE", str(tmp_path / "engines"))
+    build_bundle_engines(bundle, EngineSettings("fp32", max_batch=4), make_fake_tensorrt("10.3.0"), platform)
+    fake = make_fake_tensorrt("10.3.0")
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt_backend, "probe_gpu", lambda device=0: (platform.gpu_name, "8.7", "12.6"))
+    monkeypatch.setattr(trt_backend, "_read_l4t", lambda: None)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[model]\nbundle = "{bundle}"\n')
+    rows = _by_name(run_doctor(cfg).checks)
+    assert rows["tensorrt"].status is CheckStatus.ok and rows["tensorrt"].detail == "10.3.0"
+    assert rows["gpu"].detail.startswith("Orin (nvgpu), compute capability 8.7")
+    assert rows["tensorrt engines"].status is CheckStatus.ok, rows["tensorrt engines"].detail
+    # Another TensorRT than the engines were built with: ort would run (warn), trt would not (fail).
+    fake.__version__ = "10.4.0"
+    assert _by_name(run_doctor(cfg).checks)["tensorrt engines"].status is CheckStatus.warn
+    cfg.write_text(f'[model]\nbundle = "{bundle}"\nbackend = "trt"\n')
+    report = run_doctor(cfg)
+    engines = _by_name(report.checks)["tensorrt engines"]
+    assert engines.status is CheckStatus.fail and "thzedge export engine" in engines.detail
+    assert not report.ready
