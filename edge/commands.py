@@ -23,7 +23,7 @@ from edge.pipeline.assemble import RunOptions, run_daemon
 from edge.runner import Runner
 from edge.security import generate_keys, load_keypair
 from scanner_io.cli_common import global_options, split_choices
-from scanner_io.errors import ThzEdgeError
+from scanner_io.errors import StorageError, ThzEdgeError
 from scanner_io.frame import POSTURES
 from scanner_io.sources import split_queue_mode
 
@@ -154,6 +154,9 @@ def run_command(
         )
     )
     typer.echo(json.dumps(summary.to_dict(), sort_keys=True) if opts.json else summary.render())
+    if summary.recording_error is not None:
+        # The stream ran to its end, the recording did not: exit 74 (retryable), not 0.
+        raise StorageError(summary.recording_error)
 
 
 def bench_command(
