@@ -142,6 +142,16 @@ def load_storage_key(path: Path) -> StorageKey:
     return StorageKey(raw, path)
 
 
+# The key a process configured once (the daemon or a command from its config file); found by
+# `find_storage_key()` before the environment, so readers deep in a library need no parameter.
+_configured: list[StorageKey | None] = [None]
+
+
+def use_storage_key(key: StorageKey | None) -> None:
+    """Make `key` the process's default storage key (None: back to the environment's)."""
+    _configured[0] = key
+
+
 def default_key_path() -> Path | None:
     """Where a key is found without configuration: $THZEDGE_STORAGE_KEY, else the systemd credential."""
     env = os.environ.get(KEY_ENV)
@@ -157,6 +167,8 @@ def default_key_path() -> Path | None:
 
 def find_storage_key(explicit: Path | None = None) -> StorageKey | None:
     """Return the storage key: `explicit`, else the default places (`default_key_path`), else None."""
+    if explicit is None and _configured[0] is not None:
+        return _configured[0]
     path = explicit if explicit is not None else default_key_path()
     return load_storage_key(path) if path is not None else None
 

@@ -37,6 +37,8 @@ from edge.pipeline.stats import RunSummary
 from edge.runner import Runner
 from edge.sdnotify import Notifier
 from edge.security import EndpointSecurity
+from edge.signing import verify_bundle_signature
+from edge.storage import Sweeper, recording_policy, storage_key_from_config
 from scanner_io.errors import BundleError, CalibrationError, ConfigError
 from scanner_io.recording import Recorder, default_manifest
 from scanner_io.sources import FrameSource, QueuePolicy, open_source, split_queue_mode, zmq_context
@@ -145,6 +147,10 @@ def _open_bundle(cfg: Config) -> tuple[Bundle, Runner]:
             "trained on simulated scans only and is not fit for real faces",
             bundle_path,
         )
+    if cfg.model.trusted_keys_dir is not None:
+        # Before any graph is parsed: an unsigned or wrongly signed bundle never reaches ONNX Runtime.
+        signer = verify_bundle_signature(bundle_path, cfg.model.trusted_keys_dir)
+        log.info("bundle %s is signed by trusted key %s", bundle_path, signer)
     try:
         bundle = Bundle.open(bundle_path)
         runner = Runner.from_bundle(bundle, backend=cfg.model.backend, precision=cfg.model.precision)
@@ -181,6 +187,8 @@ def run_daemon(
     """
     cfg = _config_for(opts)
     log_start_warnings(cfg, log)
+    # Galleries and recordings (read and written) use this key from here on (R-SEC-7).
+    storage_key = storage_key_from_config(cfg)
     src = cfg.resolve_source(opts.source)
     uri, queue_policy = split_queue_mode(src.uri)  # a bad mode= fails before the model loads
     if opts.max_frames is not None and opts.max_frames < 1:
@@ -219,9 +227,19 @@ def run_daemon(
     if opts.record is not None:
         record_path = opts.record
 
+        if storage_key is None:
+            log.warning("recording %s WITHOUT encryption: no storage key configured (R-SEC-7)", record_path)
+        policy = recording_policy(cfg)
+
         def open_recorder(carried: ProfileChoice | None) -> Recorder:
             profile = load_context.profile(carried).profile
-            return Recorder(record_path, manifest=default_manifest(source=src.uri), calibration=profile)
+            return Recorder(
+                record_path,
+                manifest=default_manifest(source=src.uri),
+                calibration=profile,
+                key=storage_key,
+                policy=policy,
+            )
 
     daemon = Daemon(
         settings,
@@ -236,7 +254,10 @@ def run_daemon(
         on_ready=on_ready,
     )
     server = None
+    sweeper = Sweeper(cfg) if cfg.storage.sweep_dir is not None else None
     try:
+        if sweeper is not None:
+            sweeper.start()  # retention enforced while the daemon runs (R-SEC-7)
         if cfg.metrics.enabled:
             server = serve_http(
                 cfg.metrics.bind,
@@ -245,6 +266,8 @@ def run_daemon(
             )
         return daemon.run()
     finally:
+        if sweeper is not None:
+            sweeper.stop()
         if server is not None:
             server.close()
         security.close()
