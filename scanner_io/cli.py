@@ -80,9 +80,25 @@ def scanner_serve(
     hwm: Annotated[int, typer.Option("--hwm", min=1, help="Send high-water mark, in frames.")] = 8,
     inject_malformed: Annotated[int, typer.Option("--inject-malformed", hidden=True, min=0)] = 0,
     skip_every: Annotated[int, typer.Option("--skip-every", hidden=True, min=0)] = 0,
+    curve_secret: Annotated[
+        Path | None,
+        typer.Option(
+            "--curve-secret", help="Serve as a CURVE server with this certificate (NAME.key_secret)."
+        ),
+    ] = None,
+    curve_clients: Annotated[
+        Path | None,
+        typer.Option(
+            "--curve-clients", help="With --curve-secret: directory of the allowed consumers' .key files."
+        ),
+    ] = None,
 ) -> None:
     """Stream frames in the acquisition protocol, as a scanner would (PUSH socket, bound)."""
+    if (curve_secret is None) != (curve_clients is None):
+        raise ThzEdgeError("--curve-secret and --curve-clients go together")
     settings = EmulatorSettings(
+        curve_secret_file=curve_secret,
+        curve_clients_dir=curve_clients,
         bind=bind,
         rate=_parse_rate(rate),
         frames=frames,

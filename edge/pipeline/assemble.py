@@ -36,12 +36,19 @@ from edge.pipeline.daemon import Daemon
 from edge.pipeline.stats import RunSummary
 from edge.runner import Runner
 from edge.sdnotify import Notifier
-from edge.security import EndpointSecurity
+from edge.security import EndpointSecurity, curve_available, load_keypair
 from edge.signing import verify_bundle_signature
 from edge.storage import Sweeper, recording_policy, storage_key_from_config
 from scanner_io.errors import BundleError, CalibrationError, ConfigError
 from scanner_io.recording import Recorder, default_manifest
-from scanner_io.sources import FrameSource, QueuePolicy, open_source, split_queue_mode, zmq_context
+from scanner_io.sources import (
+    CurveClientKeys,
+    FrameSource,
+    QueuePolicy,
+    open_source,
+    split_queue_mode,
+    zmq_context,
+)
 
 __all__ = ["ContextLoader", "RunOptions", "profile_from_source", "run_daemon", "settings_from_config"]
 
@@ -163,6 +170,20 @@ def _open_bundle(cfg: Config) -> tuple[Bundle, Runner]:
     return bundle, runner
 
 
+def _source_curve(src: SourceConfig) -> CurveClientKeys | None:
+    """The CURVE client keys of a tcp source, when configured (the scanner is the CURVE server)."""
+    if not src.curve:
+        return None
+    assert src.curve_server_key is not None and src.curve_client_key is not None
+    if not curve_available():
+        raise ConfigError("[sources] curve_server_key is set, but this libzmq has no CURVE support")
+    server = load_keypair(src.curve_server_key, need_secret=False)
+    client = load_keypair(src.curve_client_key)
+    assert client.secret is not None  # load_keypair(need_secret=True) guarantees it
+    log.info("source %s: CURVE client of scanner key %s", src.uri, server.public.decode())
+    return CurveClientKeys(server_public=server.public, public=client.public, secret=client.secret)
+
+
 def _config_for(opts: RunOptions) -> Config:
     cfg = load_config(opts.config)
     overrides: dict[str, dict[str, Any]] = {}
@@ -220,8 +241,10 @@ def run_daemon(
         raise
     load_context = ContextLoader(src, cfg.verification, bundle, cfg.model.precision, security)
 
+    curve = _source_curve(src)
+
     def open_src() -> FrameSource:
-        return open_source(uri, names=cfg.source_names())
+        return open_source(uri, names=cfg.source_names(), curve=curve)
 
     open_recorder = None
     if opts.record is not None:
