@@ -162,3 +162,10 @@ def test_config_doc_lists_every_key():
     text = CONFIG_DOC.read_text()
     missing = [f"{s}.{k}" for s, k in all_config_keys() if f"`{k}`" not in text]
     assert not missing, f"docs/config.md does not document: {missing}"
+
+
+def test_the_storage_key_comes_as_a_credential():
+    # R-SEC-7: the key that encrypts recordings and galleries never sits in the config directory's
+    # readable files; thzedge reads $CREDENTIALS_DIRECTORY/storage.key.
+    lines = [ln.strip() for ln in UNIT.read_text().splitlines()]
+    assert "LoadCredential=storage.key:/etc/thzedge/keys/storage.key" in lines
