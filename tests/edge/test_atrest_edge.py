@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -137,3 +138,39 @@ def test_the_daemon_refuses_unsigned_and_wrongly_signed_bundles(
     manifest["thresholds_note"] = "edited"
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     refused("does not match manifest.json")
+
+
+def test_the_daemon_sweeper_deletes_expired_recordings_and_redact_runs_from_the_cli(
+    tmp_path: Path, key: StorageKey, capsys
+) -> None:
+    from edge.config import config_from_dict
+    from edge.storage import Sweeper
+    from scanner_io.recording import Recorder, RecordingPolicy
+    from tests.scanner_io.conftest import synthetic_frames
+
+    d = tmp_path / "recordings"
+    d.mkdir()
+    for name, retention in (("expired.mcap", 0.0), ("kept.mcap", 86400.0)):
+        with Recorder(d / name, key=key, fsync=False, policy=RecordingPolicy(retention_s=retention)) as r:
+            for f in synthetic_frames(3):
+                r.write(f)
+    assert (
+        main(["recording", "redact", str(d / "kept.mcap"), "--out", str(tmp_path / "v.mcap")]) == 78
+    )  # no key
+    assert "encrypted" in capsys.readouterr().err
+    args = ["--json", "recording", "redact", str(d / "kept.mcap"), "--out", str(tmp_path / "v.mcap")]
+    assert main([*args, "--storage-key", str(key.path)]) == 0
+    assert json.loads(capsys.readouterr().out)["frames"] == 3
+    cfg = config_from_dict(
+        {"storage": {"sweep_dir": str(d), "sweep_interval_s": 1.0}}, path=tmp_path / "c.toml"
+    )
+    sweeper = Sweeper(cfg)
+    sweeper.start()
+    try:
+        deadline = time.monotonic() + 10
+        while (d / "expired.mcap").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        sweeper.stop()
+        sweeper.join(5)
+    assert not (d / "expired.mcap").exists() and (d / "kept.mcap").exists()
