@@ -174,3 +174,41 @@ def test_the_daemon_sweeper_deletes_expired_recordings_and_redact_runs_from_the_
         sweeper.stop()
         sweeper.join(5)
     assert not (d / "expired.mcap").exists() and (d / "kept.mcap").exists()
+
+
+def test_run_record_seals_under_the_systemd_credential_and_replays_it(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
+    from daemon_helpers import finish, summary_of, thzedge
+
+    creds = tmp_path / "creds"
+    generate_storage_key(creds / "storage.key")  # as LoadCredential=storage.key:... exposes it
+    config = tmp_path / "thzedge.toml"
+    config.write_text(
+        "[metrics]\nenabled = false\n"
+        '[storage]\nrequire_encryption = true\nretention_days = 7\nconsent = "test_data"\n'
+    )
+    rec = tmp_path / "run.mcap"
+    common = ["--json", "--config", str(config), "run", "--model", str(tiny_bundle), "--no-reconstruction"]
+    env = {"CREDENTIALS_DIRECTORY": str(creds)}
+    live = thzedge(*common, "--source", "sim?fps=200", "--max-frames", "20", "--record", str(rec),
+                   "--publish", f"ipc://{tmp_path}/a.sock", env=env)  # fmt: skip
+    rc, out, err = finish(live)
+    assert rc == 0, err[-2000:]
+    assert b"thzedge-aes256gcm-zstd" in rec.read_bytes()
+    from scanner_io.atrest import load_storage_key
+
+    reader = RecordingReader(rec, key=load_storage_key(creds / "storage.key"))
+    assert sum(1 for _ in reader) == 20 and reader.metadata["thzedge.privacy"]["consent"] == "test_data"
+    assert reader.metadata["thzedge.privacy"]["retention_s"] == repr(7 * 86400.0)
+    replay = thzedge(
+        *common, "--source", f"replay:{rec}?rate=max", "--publish", f"ipc://{tmp_path}/b.sock", env=env
+    )
+    rc, out, err = finish(replay)
+    assert rc == 0, err[-2000:]
+    assert summary_of(out)["frames_in"] == 20
+    # Without the credential, require_encryption refuses to start (exit 78), before any frame.
+    rc, _, err = finish(
+        thzedge(*common, "--source", "sim", "--max-frames", "1", "--publish", f"ipc://{tmp_path}/c.sock")
+    )
+    assert rc == 78 and "require_encryption" in err
