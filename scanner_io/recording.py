@@ -404,13 +404,19 @@ class ChunkOpener:
         self.missing = 0
         self.errors: list[str] = []
 
+    def _skip(self, exc: IntegrityError) -> list[Any]:
+        self.tampered += 1
+        self.errors.append(str(exc))
+        log.warning("recording chunk skipped: %s", exc)
+        return []
+
     def records(self, chunk: Chunk) -> list[Any]:
         """Return the records of one sealed chunk, or [] (counted) when it fails authentication."""
         data = bytes(chunk.data)
         index = _INDEX.unpack_from(data)[0] if len(data) >= _INDEX.size else -1
+        if 0 <= index < self.expected:  # a repeated or reordered chunk: AEAD alone would accept a copy
+            return self._skip(IntegrityError(f"sealed chunk {index} again after chunk {self.expected - 1}"))
         try:
-            if index < self.expected or index > self.expected + (1 << 32):
-                raise IntegrityError(f"sealed chunk claims index {index}, expected {self.expected}")
             plain_z = self.key.open(
                 data[_INDEX.size :], _chunk_aad(self.file_id, index, self.bound), f"sealed chunk {index}"
             )
@@ -419,11 +425,8 @@ class ChunkOpener:
                 self.errors.append(f"{index - self.expected} chunk(s) missing before chunk {index}")
             plain = zstandard.ZstdDecompressor().decompress(plain_z, max_output_size=MAX_CHUNK_BYTES)
         except IntegrityError as exc:
-            self.tampered += 1
-            self.errors.append(str(exc))
-            log.warning("recording chunk skipped: %s", exc)
-            self.expected += 1
-            return []
+            self.expected += 1  # it takes the place of the chunk that should be here
+            return self._skip(exc)
         self.expected = index + 1
         return breakup_chunk(
             Chunk(
@@ -479,7 +482,10 @@ class Recorder:
         try:
             fd = os.open(self.part_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         except OSError as exc:
-            raise StorageError(f"cannot create recording {self.part_path}: {exc.strerror}") from None
+            reason = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+            raise StorageError(
+                f"cannot create recording {self.part_path}: {exc.strerror}", reason=reason
+            ) from None
         self._stream: IO[bytes] = os.fdopen(fd, "wb")
         self._writer: Writer | SealedChunkWriter
         with self._storage("starting the file"):

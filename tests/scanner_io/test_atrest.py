@@ -230,3 +230,25 @@ def test_redacted_copy_has_no_raw_frames_templates_or_claimed_identities(
     meta.read_preamble()
     assert meta.metadata[PRIVACY_NAME]["biometric"] == "false"
     assert meta.metadata[PRIVACY_NAME]["consent"] == "obtained"
+
+
+def test_a_chunk_cut_out_or_repeated_is_reported(tmp_path: Path, key: StorageKey) -> None:
+    path = record(tmp_path / "enc.mcap", synthetic_frames(30, seed=11), key)
+    raw = path.read_bytes()
+    name = SEALED_CHUNK_COMPRESSION.encode()
+    starts = [o - 8 - 8 - 12 - len(name) for o in chunk_offsets(raw)]  # the compression string
+    # Record start: opcode, length, start/end time, uncompressed size, crc, string length.
+    spans = []
+    for at in starts:
+        (length,) = struct.unpack_from("<Q", raw, at + len(name))
+        spans.append((at - (1 + 8 + 8 + 8 + 8 + 4 + 4), at + len(name) + 8 + length))
+    cut = raw[: spans[1][0]] + raw[spans[1][1] :]  # chunk 1 removed
+    (tmp_path / "cut.mcap").write_bytes(cut)
+    reader = RecordingReader(tmp_path / "cut.mcap", key=key)
+    assert [r.item.header.seq for r in reader] == list(range(10)) + list(range(20, 30))  # type: ignore[union-attr]
+    assert reader.missing_chunks == 1 and reader.tampered_chunks == 0
+    again = raw[: spans[1][1]] + raw[spans[0][0] : spans[0][1]] + raw[spans[1][1] :]  # chunk 0 replayed
+    (tmp_path / "again.mcap").write_bytes(again)
+    reader = RecordingReader(tmp_path / "again.mcap", key=key)
+    assert [r.item.header.seq for r in reader] == list(range(30))  # type: ignore[union-attr]
+    assert reader.tampered_chunks == 1
