@@ -121,6 +121,7 @@ def test_install_script_stages_a_private_tree(tmp_path):
     mode = lambda p: stat.S_IMODE((root / p).stat().st_mode)  # noqa: E731
     assert mode("etc/thzedge/keys") == 0o700
     assert mode("etc/thzedge/keys/server.key_secret") == 0o600
+    assert mode("etc/thzedge/keys/storage.key") == 0o600  # LoadCredential=storage.key needs it
     assert mode("etc/thzedge/thzedge.toml") == 0o640
     assert mode("etc/thzedge/clients") == 0o750
     unit = (root / "etc/systemd/system/thzedge@.service").read_text()
@@ -128,11 +129,13 @@ def test_install_script_stages_a_private_tree(tmp_path):
     if shutil.which("systemd-analyze"):
         assert "unit verified" in first.stdout
     secret = (root / "etc/thzedge/keys/server.key_secret").read_bytes()
+    storage_key = (root / "etc/thzedge/keys/storage.key").read_bytes()
     second = subprocess.run(
         ["sh", str(INSTALL), "--root", str(root)], capture_output=True, text=True, env=env
     )
     assert second.returncode == 0, second.stderr
     assert (root / "etc/thzedge/keys/server.key_secret").read_bytes() == secret  # keys kept
+    assert (root / "etc/thzedge/keys/storage.key").read_bytes() == storage_key
 
 
 def all_config_keys() -> list[tuple[str, str]]:
