@@ -170,8 +170,8 @@ class AcquisitionStage(Stage):
         if not isinstance(exc, StorageError):
             exc = StorageError(f"recording stopped: {type(exc).__name__}: {exc}", reason=type(exc).__name__)
         self.recording_error = exc
-        pipe.metrics.recorder_failed(exc.reason)
         pipe.metrics.recording(False)
+        pipe.metrics.recorder_failed(exc.reason)
         log.error("%s; streaming and publishing continue", exc)
         body = {"stage": "record", "reason": "recorder_failed", "seq": None, "message": str(exc)[:200]}
         pipe.outbox.put(Event("error", body), pipe.clock.publish_deadline, pipe.settings.poll_s)
