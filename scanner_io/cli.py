@@ -93,7 +93,11 @@ def scanner_serve(
         ),
     ] = None,
 ) -> None:
-    """Stream frames in the acquisition protocol, as a scanner would (PUSH socket, bound)."""
+    """Stream frames in the acquisition protocol, as a scanner would (PUSH socket, bound).
+
+    After the last frame (`--frames N`, or the end of a recording) it sends the end-of-stream
+    message, so a consumer such as `thzedge run` ends too; a stop by signal sends none.
+    """
     if (curve_secret is None) != (curve_clients is None):
         raise ThzEdgeError("--curve-secret and --curve-clients go together")
     settings = EmulatorSettings(
@@ -112,7 +116,8 @@ def scanner_serve(
         typer.echo(json.dumps(stats.to_dict(), sort_keys=True))
     else:
         dropped = sum(stats.dropped.values())
-        typer.echo(f"sent {stats.sent} frames in {stats.elapsed_s:.1f} s, dropped {dropped}")
+        end = "end of stream sent" if stats.end_of_stream else "no end of stream sent"
+        typer.echo(f"sent {stats.sent} frames in {stats.elapsed_s:.1f} s, dropped {dropped}; {end}")
 
 
 def recording_info(

@@ -113,6 +113,7 @@ def test_the_daemon_streams_from_a_curve_scanner_process(tmp_path: Path, keys, t
     cfg = tmp_path / "thzedge.toml"
     cfg.write_text(
         "[metrics]\nenabled = false\n[daemon]\nstop_timeout_s = 3.0\n"
+        "[calibration]\nallow_uncalibrated = true\n"
         f'[sources.scanner0]\nuri = "tcp://127.0.0.1:{port}"\n'
         f'curve_server_key = "{keys["scanner"]}"\ncurve_client_key = "{keys["daemon_secret"]}"\n'
     )
