@@ -15,6 +15,7 @@ renamed when finished.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -25,9 +26,10 @@ from typing import IO, Any
 import numpy as np
 from mcap.writer import CompressionType, Writer
 
+from scanner_io.atrest import StorageKey
 from scanner_io.errors import DataError
 from scanner_io.frame import Frame
-from scanner_io.recording import EVENTS_TOPIC, MANIFEST_NAME, PART_SUFFIX, RecordingReader
+from scanner_io.recording import ENCRYPTION_NAME, EVENTS_TOPIC, MANIFEST_NAME, PART_SUFFIX, RecordingReader
 
 RAW_IMAGE_SCHEMA_NAME = "foxglove.RawImage"
 # The well-known schema as the Foxglove SDK publishes it for JSON encoding (bytes as base64).
@@ -96,7 +98,8 @@ class ChannelSpec:
 class JsonChannelWriter:
     """An MCAP writer of JSON messages on JSON-schema channels; `.part` + rename, mode 0600.
 
-    A context manager whose exit always finishes the file. Use from one thread.
+    A context manager: a clean exit finishes the file, an exception deletes the `.part`.
+    Use from one thread.
     """
 
     def __init__(self, path: str | os.PathLike[str], profile: str = "") -> None:
@@ -166,8 +169,20 @@ class JsonChannelWriter:
     def __enter__(self) -> JsonChannelWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def abort(self) -> None:
+        """Stop writing and delete the unfinished `.part` file (nothing half-done is left as NAME)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stream.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.part_path)
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
 
 
 def image_channel(topic: str) -> ChannelSpec:
@@ -191,6 +206,8 @@ class FoxgloveExport:
     malformed: int
     extra_images: int
     topics: tuple[str, ...]
+    # The recording was encrypted at rest; the export is not (viewers cannot read sealed chunks).
+    decrypted: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON-ready form."""
@@ -200,6 +217,7 @@ class FoxgloveExport:
             "malformed_skipped": self.malformed,
             "extra_images": self.extra_images,
             "topics": list(self.topics),
+            "decrypted": self.decrypted,
         }
 
 
@@ -208,15 +226,19 @@ DerivedImages = Callable[[Frame], Mapping[str, np.ndarray]]
 
 
 def export_foxglove(
-    recording: str | os.PathLike[str], out: str | os.PathLike[str], derived: DerivedImages | None = None
+    recording: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    derived: DerivedImages | None = None,
+    key: StorageKey | None = None,
 ) -> FoxgloveExport:
     """Rewrite a recording's raw frames as `foxglove.RawImage` on `/<scanner>/image`.
 
     `derived(frame)` may add more images per frame (`/<scanner>/<suffix>`, e.g. the conditioned
     input that edge computes). Malformed frames are skipped (counted); the events channel and
-    the manifest are copied.
+    the manifest are copied. An encrypted recording needs its storage `key`; the export itself is
+    plaintext (viewers cannot read sealed chunks), mode 0600 like every recording.
     """
-    reader = RecordingReader(recording)
+    reader = RecordingReader(recording, key=key)
     reader.keep_attachments = False
     frames = malformed = extra = 0
     last_log = 0
@@ -247,4 +269,5 @@ def export_foxglove(
             w.add_metadata(MANIFEST_NAME, reader.metadata[MANIFEST_NAME])
     if reader.events and EVENTS_TOPIC not in topics:
         topics.append(EVENTS_TOPIC)
-    return FoxgloveExport(Path(out), frames, malformed, extra, tuple(topics))
+    decrypted = ENCRYPTION_NAME in reader.metadata
+    return FoxgloveExport(Path(out), frames, malformed, extra, tuple(topics), decrypted)

@@ -63,3 +63,33 @@ def test_raw_image_encodings_and_refusals() -> None:
     np.testing.assert_array_equal(_decode(img), np.arange(12, dtype=np.float32).reshape(3, 4))
     with pytest.raises(Exception, match="2-D"):
         raw_image(np.zeros((2, 2, 2), np.float64), 0, "s")
+
+
+def test_an_encrypted_recording_exports_with_its_key_and_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("cryptography")
+    from scanner_io.atrest import KEY_ENV, generate_storage_key, use_storage_key
+    from scanner_io.recording import Recorder
+    from tests.scanner_io.conftest import synthetic_frames
+
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    use_storage_key(None)
+    key = generate_storage_key(tmp_path / "storage.key")
+    frames = synthetic_frames(5, seed=1)
+    rec = tmp_path / "enc.mcap"
+    with Recorder(rec, key=key, fsync=False) as r:
+        for f in frames:
+            r.write(f)
+    out = tmp_path / "enc.foxglove.mcap"
+    assert main(["recording", "export", str(rec), "--out", str(out), "--foxglove"]) == 78  # no key: one line
+    assert "is encrypted" in capsys.readouterr().err
+    assert not out.exists() and not Path(f"{out}.part").exists()  # nothing half-written is left
+    argv = ["recording", "export", str(rec), "--out", str(out), "--foxglove", "--storage-key", str(key.path)]
+    assert main(argv) == 0
+    assert "holds its raw frames in plaintext" in capsys.readouterr().err
+    decoded = [_decode(m) for _, _, m in _messages(out)]
+    assert len(decoded) == 5
+    for img, frame in zip(decoded, frames, strict=True):
+        np.testing.assert_array_equal(img, frame.data)
