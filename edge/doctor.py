@@ -517,6 +517,18 @@ def _engine_checks(cfg: Any, loaded: _Loaded) -> list[CheckResult]:
     return [ok("tensorrt engines", f"{precision} engines in {cache.root} match this TensorRT and GPU")]
 
 
+def _jetson_rows(loaded: _Loaded) -> list[CheckResult]:
+    """edge/jetson.py's checks (L4T, JetPack, TensorRT/CUDA match, device access, engine cache)."""
+    from edge.jetson import jetson_checks
+
+    cache = loaded.cfg.model.engine_cache if loaded.cfg is not None else None
+    try:
+        found = jetson_checks(engine_cache=cache)
+    except (OSError, ThzEdgeError) as exc:
+        return [warn("jetson", f"the Jetson checks could not run: {exc}")]
+    return [CheckResult(r.name, CheckStatus(str(r.status)), r.detail) for r in found]
+
+
 # Functions other modules add (each returns rows), e.g. Jetson power mode and clocks.
 EXTRA_CHECKS: list[Callable[[], list[CheckResult]]] = []
 
@@ -530,6 +542,7 @@ def run_doctor(config: Path | None) -> DoctorReport:
     rows, loaded = _static(config)
     report.checks += rows
     report.checks += _live_checks(loaded)
+    report.checks += _jetson_rows(loaded)
     for extra in EXTRA_CHECKS:
         report.checks += extra()
     return report

@@ -34,6 +34,7 @@ def test_doctor_on_the_demo_model_is_ready_and_reports_versions_and_extras(
     assert "CPUExecutionProvider" in rows["onnxruntime providers"]["detail"]
     assert {"extra export", "extra calibrate", "extra tensorrt", "extra view"} <= set(rows)
     assert rows["extra tensorrt"]["status"] in ("ok", "skip")
+    assert {"jetson.release", "engine_cache"} <= set(rows)  # edge/jetson.py's rows, here "not a Jetson"
     assert main(["doctor"]) == 0
     text = capsys.readouterr().out
     assert "model bundle" in text and text.rstrip().splitlines()[-1].startswith("ready:")
