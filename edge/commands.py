@@ -22,6 +22,8 @@ from edge.infer import load_inputs, save_results, truth_postures
 from edge.pipeline.assemble import RunOptions, run_daemon
 from edge.runner import Runner
 from edge.security import generate_keys, load_keypair
+from edge.templates import generate_template_key, load_template_key
+from scanner_io.choices import Choice
 from scanner_io.cli_common import global_options, split_choices
 from scanner_io.errors import ThzEdgeError
 from scanner_io.frame import POSTURES
@@ -207,13 +209,40 @@ def config_validate_command(ctx: typer.Context) -> None:
     typer.echo(f"{cfg.path or 'built-in defaults'}: ok ({len(cfg.sources)} source(s))")
 
 
+class KeyKind(Choice):
+    """What `keys generate` makes: a CURVE pair for endpoints, or a biometric template key."""
+
+    curve = "curve"
+    template = "template"
+
+
 def keys_generate_command(
-    out_dir: Annotated[Path, typer.Option("--out", help="Directory for NAME.key and NAME.key_secret.")],
-    name: Annotated[str, typer.Option("--name", help="Key name: 'server', or a consumer's name.")] = "server",
-    force: Annotated[bool, typer.Option("--force", help="Overwrite existing key files.")] = False,
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for the key file(s).")],
+    name: Annotated[
+        str | None,
+        typer.Option("--name", help="Key name: 'server' or a consumer's (curve); 'template' (template)."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing CURVE key files.")] = False,
+    kind: Annotated[
+        KeyKind,
+        typer.Option("--kind", help="curve: CURVE pair for tcp endpoints; template: gallery template key."),
+    ] = KeyKind.curve,
+    rotate: Annotated[
+        bool,
+        typer.Option("--rotate", help="Template key: replace it by the next epoch (revokes its templates)."),
+    ] = False,
+    site: Annotated[str, typer.Option("--site", help="Template key: the site it belongs to.")] = "",
 ) -> None:
-    """Create a CURVE key pair: NAME.key (public, share it) and NAME.key_secret (mode 0600)."""
-    public_file, secret_file = generate_keys(out_dir, name, overwrite=force)
+    """Create a CURVE key pair (NAME.key public, NAME.key_secret 0600) or a template key (NAME.tkey, 0600)."""
+    if kind is KeyKind.template:
+        path = generate_template_key(out_dir, name or "template", rotate=rotate, site=site)
+        key = load_template_key(path)
+        typer.echo(
+            f"wrote {path} (template key {key.key_id}, epoch {key.epoch}, 0600); set [verification] "
+            "template_key to it and (re-)enrol: templates of other epochs no longer match"
+        )
+        return
+    public_file, secret_file = generate_keys(out_dir, name or "server", overwrite=force)
     public = load_keypair(public_file, need_secret=False).public.decode()
     typer.echo(f"public key {public}\nwrote {public_file} (public) and {secret_file} (secret, 0600)")
 
@@ -253,6 +282,12 @@ def enroll_command(
     replace: Annotated[
         bool, typer.Option("--replace", help="Replace this identity's references instead of adding.")
     ] = False,
+    template_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--template-key", help="Template key (.tkey) protecting the references (default: config)."
+        ),
+    ] = None,
 ) -> None:
     """Enrol one identity into a gallery from conditioned crops or from raw frames of a source."""
 
@@ -268,9 +303,17 @@ def enroll_command(
     if gallery_path is None:
         raise ThzEdgeError("--gallery FILE.npz is required (or [verification] gallery in the config)")
     prec = precision.value if precision else cfg.model.precision
+    key_path = template_key or cfg.verification.template_key
+    key = load_template_key(key_path) if key_path is not None else None
+    if key is None:
+        typer.echo(
+            "warning: no template key: references are stored as plaintext embeddings; "
+            "`thzedge keys generate --kind template` makes one (R-NEW-3)",
+            err=True,
+        )
     if source is None:
         g, added = enroll_from_inputs(
-            gallery_path, bundle, identity, inputs or [], backend.value, prec, replace
+            gallery_path, bundle, identity, inputs or [], backend.value, prec, replace, key
         )
     else:
         if frames < 1:
@@ -288,11 +331,19 @@ def enroll_command(
             backend=backend.value,
             precision=prec,
             replace=replace,
+            template_key=key,
         )
+    protection = "plaintext" if key is None else f"templates under key {key.key_id} (epoch {key.epoch})"
     typer.echo(
         f"enrolled {added} embedding(s); {identity!r} now has {g.reference_count(identity)}; "
-        f"gallery {gallery_path}: {len(g)} identities, bundle {g.bundle_sha256[:12]}"
+        f"gallery {gallery_path}: {len(g)} identities, encoder {g.encoder_sha256[:12]}, {protection}"
     )
+    if g.threshold is None:
+        typer.echo(
+            f"warning: the bundle has no verification threshold for {prec} yet: `thzedge run` will "
+            "refuse this gallery until `thzedge export threshold` or [verification] threshold sets one",
+            err=True,
+        )
     # Probes are matched with the references of their posture: say which postures are covered.
     have, missing = _posture_coverage(g, identity)
     gap = f"; missing: {', '.join(missing)} (probes in those match worse; enrol them too)" if missing else ""
@@ -312,15 +363,17 @@ def gallery_info_command(
     names: Annotated[bool, typer.Option("--names", help="Also list identity names (personal data).")] = False,
 ) -> None:
     """Show a gallery's bundle, threshold source and size; names only with --names."""
-    g = Gallery.load(gallery)
+    g = Gallery.load(gallery, need_key=False)
     info: dict[str, Any] = {
         "path": str(gallery),
+        "encoder_sha256": g.encoder_sha256,
         "bundle_sha256": g.bundle_sha256,
         "embedding_dim": g.embedding_dim,
         "precision": g.precision,
         "identities": len(g),
         "references": sum(g.reference_count(n) for n in g.identities),
         "created": g.created,
+        "template": g.template_description,
     }
     if names:
         info["names"] = {n: g.reference_count(n) for n in g.identities}
@@ -339,7 +392,7 @@ def gallery_remove_command(
     identity: Annotated[str, typer.Option("--identity", help="Identity to delete with all its references.")],
 ) -> None:
     """Delete one identity from a gallery (right to erasure); the file is rewritten atomically."""
-    g = Gallery.load(gallery)
+    g = Gallery.load(gallery, need_key=False)
     if not g.remove(identity):
         raise ThzEdgeError(f"{identity!r} is not enrolled in {gallery}")
     g.save(gallery)

@@ -37,6 +37,7 @@ from edge.pipeline.stats import RunSummary
 from edge.runner import Runner
 from edge.sdnotify import Notifier
 from edge.security import EndpointSecurity
+from edge.templates import load_template_key
 from scanner_io.errors import BundleError, CalibrationError, ConfigError
 from scanner_io.recording import Recorder, default_manifest
 from scanner_io.sources import FrameSource, QueuePolicy, open_source, split_queue_mode, zmq_context
@@ -126,7 +127,10 @@ class ContextLoader:
         gallery = None
         v = self.verification
         if v.gallery is not None and VerificationMode(v.mode) is not VerificationMode.off:
-            gallery = Gallery.load(v.gallery, self.bundle, threshold=v.threshold, precision=self.precision)
+            key = load_template_key(v.template_key) if v.template_key is not None else None
+            gallery = Gallery.load(
+                v.gallery, self.bundle, threshold=v.threshold, precision=self.precision, template_key=key
+            )
         return ProcessingContext(
             profile=choice.profile,
             params=self.src.conditioning.apply(base),

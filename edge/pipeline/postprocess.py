@@ -63,8 +63,10 @@ class PostProcessor:
         ]
         for r, q, p in done:
             r.posture = self._posture(p)
-            r.embedding = p.embedding
             assert q.ctx is not None
+            gallery = q.ctx.gallery
+            # With a template key, what may be published is the protected template (R-NEW-3).
+            r.embedding = p.embedding if gallery is None else gallery.protect(p.embedding)
             self._verify(r, q, q.ctx, p)
         if batch.reconstruct_ms is None:
             return

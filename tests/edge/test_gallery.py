@@ -144,13 +144,13 @@ def test_postures_round_trip_and_a_format_1_file_is_read_by_nearest_reference(tm
     g.enroll("carl", np.stack([axis(0), axis(1)]), postures=[0, 1])
     path = g.save(tmp_path / "g.npz")
     with np.load(path) as z:
-        assert json.loads(str(z["meta"]))["format"] == 2 and z["postures"].tolist() == [0, 1]
+        assert json.loads(str(z["meta"]))["format"] == 3 and z["postures"].tolist() == [0, 1]
     loaded = Gallery.load(path, threshold=0.5)
     assert loaded.enrolled_postures("carl") == (0, 1)
     assert loaded.match_1to1(axis(1), "carl", posture=0).score == pytest.approx(np.sqrt(2), abs=1e-6)
 
     # A file of format 1 (no postures; it matched by mean template) is read, with every posture
-    # unknown, so it matches by the nearest reference; saving it writes format 2.
+    # unknown, so it matches by the nearest reference; saving it writes format 3.
     old = tmp_path / "old.npz"
     meta = {
         "format": 1,
@@ -173,12 +173,12 @@ def test_postures_round_trip_and_a_format_1_file_is_read_by_nearest_reference(tm
     assert v1.enrolled_postures("carl") == (-1,)
     assert v1.match_1to1(axis(1), "carl", posture=0).score == pytest.approx(0.0, abs=1e-6)
     with np.load(v1.save(tmp_path / "new.npz")) as z:
-        assert json.loads(str(z["meta"]))["format"] == 2
-    meta["format"] = 3
+        assert json.loads(str(z["meta"]))["format"] == 3
+    meta["format"] = 4
     np.savez(
         old, embeddings=np.stack([axis(0)]), labels=np.zeros(1, np.int32), meta=np.array(json.dumps(meta))
     )
-    with pytest.raises(DataError, match="format 1 or 2 .found 3.; re-enrol"):
+    with pytest.raises(DataError, match="format 1 or 2 or 3 .found 4.; re-enrol"):
         Gallery.load(old)
 
 
@@ -202,19 +202,23 @@ def test_save_is_owner_only_and_round_trips(gallery, tmp_path, umask):
 def test_gallery_of_another_bundle_is_refused(gallery, tmp_path):
     class OtherBundle:  # only what Gallery.load reads from a Bundle
         sha256 = "f" * 64
+        encoder_sha256 = "e" * 64
         embedding_dim = DIM
 
         def threshold(self, precision: str = "fp32") -> float | None:
             return 0.4
 
     path = gallery.save(tmp_path / "g.npz")
-    with pytest.raises(ConfigError, match="enrolled with model bundle aaaaaaaaaaaa.*re-enrol"):
+    with pytest.raises(
+        ConfigError, match="enrolled with encoder aaaaaaaaaaaa.*encoder is eeeeeeeeeeee.*re-enrol"
+    ):
         Gallery.load(path, OtherBundle())
 
 
 def test_bundle_threshold_is_used_and_a_missing_one_refused(gallery, tmp_path):
     class SameBundle:
         sha256 = "a" * 64
+        encoder_sha256 = "a" * 64
         embedding_dim = DIM
 
         def __init__(self, t):
@@ -222,6 +226,9 @@ def test_bundle_threshold_is_used_and_a_missing_one_refused(gallery, tmp_path):
 
         def threshold(self, precision: str = "fp32") -> float | None:
             return self.t.get(precision)
+
+        def accuracy_gate(self, precision: str) -> dict | None:
+            return {"passed": True, "lines": []}
 
     path = gallery.save(tmp_path / "g.npz")
     assert Gallery.load(path, SameBundle({"int8": 0.7}), precision="int8").threshold == 0.7
@@ -362,7 +369,8 @@ def test_enroll_from_raw_frames_uses_the_daemons_conditioning(tiny_bundle, tmp_p
         ]
     )
     assert code == 0, capsys.readouterr().err
-    src = open_source("sim?seed=7&frames=3")
+    # Enrolment from the simulator reads the enrolment session unless the URI names one.
+    src = open_source("sim?seed=7&frames=3&session=1")
     try:
         frames = [src.read(1.0) for _ in range(2)]
         profile, _ = profile_carried_by(src)
@@ -387,8 +395,9 @@ def test_daemon_publishes_the_gallerys_decision_for_each_frame(tiny_bundle, tmp_
     from edge.results import decode_message
 
     gpath = tmp_path / "gallery.npz"
-    enroll_from_source(gpath, tiny_bundle, "person-alpha", "sim?seed=3&frames=2", 2, backend="ort")
-    enroll_from_source(gpath, tiny_bundle, "person-bravo", "sim?seed=9&frames=2", 2, backend="ort")
+    # session=0: the very frames the daemon then streams, so some probes must be accepted.
+    enroll_from_source(gpath, tiny_bundle, "person-alpha", "sim?seed=3&frames=2&session=0", 2, backend="ort")
+    enroll_from_source(gpath, tiny_bundle, "person-bravo", "sim?seed=9&frames=2&session=0", 2, backend="ort")
     endpoint = f"ipc://{tmp_path}/run/results.sock"
     cfg = tmp_path / "thzedge.toml"
     cfg.write_text(
