@@ -20,6 +20,7 @@ from edge.evaluation import Routing, evaluate
 from edge.gallery import Gallery, enroll_from_inputs, enroll_from_source
 from edge.infer import load_inputs, save_results, truth_postures
 from edge.pipeline.assemble import RunOptions, run_daemon
+from edge.pipeline.scoring import render_score
 from edge.runner import Runner
 from edge.security import generate_keys, load_keypair
 from edge.templates import generate_template_key, load_template_key
@@ -139,6 +140,14 @@ def run_command(
     no_reconstruction: Annotated[
         bool, typer.Option("--no-reconstruction", help="Skip the decoders (posture and verification only).")
     ] = False,
+    score: Annotated[
+        bool,
+        typer.Option(
+            "--score",
+            help="At the end, score the published results against the simulator's truth "
+            "(posture, SSIM, 1:1 TAR/FAR, 1:N identification).",
+        ),
+    ] = False,
 ) -> None:
     """Stream frames through the model and publish results until the source ends or a signal stops it."""
 
@@ -153,9 +162,15 @@ def run_command(
             record=record,
             max_frames=max_frames,
             reconstruction=not no_reconstruction,
+            score=score,
         )
     )
-    typer.echo(json.dumps(summary.to_dict(), sort_keys=True) if opts.json else summary.render())
+    if opts.json:
+        typer.echo(json.dumps(summary.to_dict(), sort_keys=True))
+        return
+    typer.echo(summary.render())
+    if summary.score is not None:
+        typer.echo(render_score(summary.score))
 
 
 def bench_command(

@@ -1024,8 +1024,12 @@ class ScannerSimulator:
         dark, gain = cap.dark, cap.gain
         raw = cap.raw
 
+        # The reference is captured at the session's calibration temperature (the calibration
+        # temperature itself for session 0), so the session's profile calibrates it exactly.
+        ref_temp = self.config.reference_temp_c + self.session_temp_c
+
         def reference() -> np.ndarray:
-            return self.capture(identity, posture, sample, False, True).raw
+            return self.capture(identity, posture, sample, False, True, ref_temp).raw
 
         truth = SimTruth(
             identity=identity,

@@ -33,6 +33,7 @@ from edge.observability import DaemonMetrics, health_from, serve_http
 from edge.pipeline.acquire import profile_from_source
 from edge.pipeline.context import DaemonSettings, ModelInfo, ProcessingContext
 from edge.pipeline.daemon import Daemon
+from edge.pipeline.scoring import TruthScorer
 from edge.pipeline.stats import RunSummary
 from edge.runner import Runner
 from edge.sdnotify import Notifier
@@ -59,6 +60,7 @@ class RunOptions:
     record: Path | None = None
     max_frames: int | None = None
     reconstruction: bool = True
+    score: bool = False  # score the published results against the simulator's truth
 
 
 def settings_from_config(
@@ -238,6 +240,7 @@ def run_daemon(
         binder=security.bind,
         model=model,
         on_ready=on_ready,
+        scorer=TruthScorer() if opts.score else None,
     )
     server = None
     try:
@@ -247,7 +250,10 @@ def run_daemon(
                 metrics,
                 health_from(daemon.tracker, daemon.heartbeat, cfg.daemon.heartbeat_timeout_s),
             )
-        return daemon.run()
+        summary = daemon.run()
+        if daemon.scorer is not None:
+            summary = dataclasses.replace(summary, score=daemon.scorer.report())
+        return summary
     finally:
         if server is not None:
             server.close()

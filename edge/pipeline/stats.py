@@ -105,6 +105,7 @@ class RunSummary:
     duration_s: float
     endpoint: str
     exit_reason: str
+    score: dict[str, Any] | None = None  # `thzedge run --score`: results against simulator truth
 
     @property
     def unaccounted(self) -> int:
