@@ -9,7 +9,7 @@ import stat
 import numpy as np
 import pytest
 
-from edge.gallery import Gallery, Match
+from edge.gallery import Gallery, Match, enroll_from_source
 from scanner_io.errors import ConfigError, DataError, ThzEdgeError
 
 DIM = 8
@@ -508,3 +508,83 @@ def test_demo_bundle_accepts_most_genuine_probes_and_rejects_impostors():
         t = enrol.embedding[eid == i].mean(axis=0)
         mean_accepted.append(np.linalg.norm(e - t / np.linalg.norm(t)) <= g.threshold)
     assert np.mean(mean_accepted) == pytest.approx(DEMO_FIGURES["gar_mean_template"], abs=0.05)
+
+
+@pytest.mark.parametrize("claims", [True, False], ids=["1:1", "1:N"])
+def test_run_score_matches_the_published_results_against_truth(tiny_bundle, tmp_path, claims):
+    """`run --score`: the figures equal those recomputed from the published results and the truth."""
+    import time
+
+    import zmq
+
+    from edge.pipeline.assemble import RunOptions, run_daemon
+    from edge.results import decode_message
+    from scanner_io.sources import open_source
+
+    gpath = tmp_path / "gallery.npz"
+    for k in (0, 1):  # id001 and id002 enrolled (session 1); id003 walks past unenrolled
+        enroll_uri = f"sim?seed=7&identity={k}&frames=4"
+        enroll_from_source(gpath, tiny_bundle, f"id{k + 1:03d}", enroll_uri, 4, backend="ort")
+    # Seed 7's session-0 stream: a long visit of id002, then id003 (visits last 8-40 frames).
+    uri = "sim?seed=7&identities=0-2&frames=30" + ("&claim=1&impostor_rate=0.5" if claims else "")
+    endpoint = f"ipc://{tmp_path}/run/results.sock"
+    cfg = tmp_path / "thzedge.toml"
+    cfg.write_text(
+        f'[publisher]\nendpoint = "{endpoint}"\n[metrics]\nenabled = false\n'
+        f'[verification]\ngallery = "{gpath}"\nthreshold = 0.3\n'
+    )
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.linger = 0
+    sub.setsockopt(zmq.SUBSCRIBE, b"result/")
+
+    def on_ready(daemon) -> None:
+        sub.connect(endpoint)
+        time.sleep(0.5)
+
+    try:
+        summary = run_daemon(
+            RunOptions(source=uri, model=tiny_bundle, config=cfg, backend="ort", max_frames=30, score=True),
+            on_ready=on_ready,
+        )
+        results = []
+        while sub.poll(500):
+            results.append(decode_message(sub.recv_multipart()).header)
+    finally:
+        sub.close()
+        ctx.term()
+    with open_source(uri) as src:
+        frames = list(src)
+    truth = [f.truth for f in frames]
+    claimed = [f.header.claimed_identity for f in frames]
+    assert len(results) == 30
+    s = summary.score
+    assert s is not None and s["scored"] == 30 and s["unscored"] == 0 and s["threshold"] == 0.3
+    post = [r["posture"]["index"] == t.posture for r, t in zip(results, truth, strict=True)]
+    assert s["posture_accuracy"] == pytest.approx(np.mean(post))
+    assert s["ssim_frames"] == 30 and -1.0 <= s["ssim_mean"] <= 1.0
+    enrolled = {"id001", "id002"}
+    if claims:
+        one = s["1:1"]
+        pairs = [
+            (r["verification"], t.identity_name, c) for r, t, c in zip(results, truth, claimed, strict=True)
+        ]
+        gen = [v["decision"] == "accept" for v, name, c in pairs if c == name and c in enrolled]
+        imp = [v["decision"] == "accept" for v, name, c in pairs if c != name and c in enrolled]
+        assert (one["genuine"], one["impostor"]) == (len(gen), len(imp)) and gen and imp
+        assert one["claimed_not_enrolled"] == sum(c not in enrolled for _, _, c in pairs)
+        assert one["tar"] == pytest.approx(np.mean(gen)) and one["far"] == pytest.approx(np.mean(imp))
+    else:
+        many = s["1:N"]
+        mine = [(r["verification"], t.identity_name) for r, t in zip(results, truth, strict=True)]
+        known = [(v, n) for v, n in mine if n in enrolled]
+        strangers = [v for v, n in mine if n not in enrolled]
+        assert (many["enrolled_probes"], many["unenrolled_probes"]) == (len(known), len(strangers))
+        assert known and strangers
+        ok = [v["decision"] == "accept" and v["identity"] == n for v, n in known]
+        wrong = [v["decision"] == "accept" and v["identity"] != n for v, n in known]
+        assert many["identified"] == pytest.approx(np.mean(ok))
+        assert many["false_identification"] == pytest.approx(np.mean(wrong))
+        assert many["unenrolled_rejected"] == pytest.approx(
+            np.mean([v["decision"] != "accept" for v in strangers])
+        )
