@@ -296,7 +296,8 @@ def render(res: dict[str, Any]) -> str:
     lines = [
         f"bundle {res['bundle']}  stored threshold {res['threshold']:.4f}  seed {res['seed']}  enrolled "
         f"{res['enrolled']} people x {res['per_posture']}/posture (session {ENROL_SESSION}, "
-        f"{res['enrol_frames']} frames)  probes {res['probes']} (session {PROBE_SESSION}, +{res['unenrolled']} unenrolled people)  "
+        f"{res['enrol_frames']} frames)  probes {res['probes']} (session {PROBE_SESSION}, "
+        f"+{res['unenrolled']} unenrolled people)  "
         f"({res['seconds']} s)",
         f"{'conditioning':12} {'tmpl':4} {'post acc':>8} {'EER':>6} {'TAR@1%':>7} {'TAR':>6} {'FAR':>7} "
         f"{'rank-1':>6} {'ident':>6} {'falseID':>7} {'unenr rej':>9}",
@@ -318,7 +319,8 @@ def render(res: dict[str, Any]) -> str:
     if x:
         lines.append(
             f"int8 references, fp32 probes (session conditioning, templates on): "
-            f"TAR@1% {x['tar_at_far1']:.3f} TAR {x['tar']:.3f} FAR {x['far']:.4f} rank-1 {x['rank1']:.3f} false ID {x['false_id']:.4f}"
+            f"TAR@1% {x['tar_at_far1']:.3f} TAR {x['tar']:.3f} FAR {x['far']:.4f} "
+            f"rank-1 {x['rank1']:.3f} false ID {x['false_id']:.4f}"
         )
     if res.get("roc_png"):
         lines.append(f"ROC: {res['roc_png']}")
