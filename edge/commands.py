@@ -14,9 +14,9 @@ import typer
 
 from edge.backends import BackendKind
 from edge.bench import bench_model, render_bench
-from edge.bundle import Precision, demo_bundle_path
+from edge.bundle import Bundle, Precision, demo_bundle_path
 from edge.config import load_config
-from edge.evaluation import Routing, evaluate
+from edge.evaluation import Routing, evaluate, training_people_warning
 from edge.gallery import Gallery, enroll_from_inputs, enroll_from_source
 from edge.infer import load_inputs, save_results, truth_postures
 from edge.pipeline.assemble import RunOptions, run_daemon
@@ -106,6 +106,9 @@ def eval_command(
     precision: Annotated[Precision, typer.Option("--precision", help=_PRECISION_HELP)] = Precision.fp32,
 ) -> None:
     """Score a bundle on a triplet dataset: verification, posture, reconstruction, per posture."""
+    note = training_people_warning(Bundle.open(model).manifest, data, triplets, precision.value)
+    if note is not None:
+        typer.echo(f"warning: {note}", err=True)
     with Runner.from_bundle(model, backend=backend, precision=precision.value) as runner:
         report = evaluate(runner, data, triplets, routing=routing.value)
     typer.echo(json.dumps(report.to_dict(), indent=2) if global_options(ctx).json else report.render())
