@@ -18,6 +18,10 @@ Protocol (docs/operations.md, "Gallery verification in the field"):
   the sensor's true maps at that frame's temperature (no drift left: what conditioning could reach).
 - Matching: edge.gallery.Gallery (the shipped rule: nearest reference of the probe's predicted
   posture), with a template key (R-NEW-3) and without.
+- `--save-gallery G.npz` also writes the session-1 gallery (protected, key `bench.tkey` beside
+  it), so the same figures can be checked through the daemon: `thzedge run --source
+  'sim?seed=7&identities=48&session=2&frames=600' --score` with `[verification] gallery = G.npz`
+  streams exactly the probes scored here.
 - Figures: 1:1 — every enrolled person's probe against every enrolled identity (genuine = own);
   TAR at FAR 1 % (the threshold chosen on these pairs: the ROC point) and TAR/FAR at the bundle's
   stored threshold. 1:N — rank-1 (closest identity is the right one), and at the stored threshold
@@ -54,7 +58,7 @@ from edge.bundle import Bundle, demo_bundle_path  # noqa: E402
 from edge.evaluation import equal_error_rate, threshold_at_far  # noqa: E402
 from edge.gallery import Gallery  # noqa: E402
 from edge.runner import Runner  # noqa: E402
-from edge.templates import TemplateKey  # noqa: E402
+from edge.templates import TemplateKey, generate_template_key, load_template_key  # noqa: E402
 from scanner_io.frame import POSTURES, Frame  # noqa: E402
 from scanner_io.simulator import ScannerSimulator, SensorMaps, identity_name  # noqa: E402
 
@@ -246,6 +250,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 if how == "session" and protected:
                     roc = (f["_gen"], f["_imp"])
+            if how == "session" and args.save_gallery:
+                # The gallery `thzedge run --score` is checked with (docs/operations.md).
+                kpath = generate_template_key(Path(args.save_gallery).parent, "bench", rotate=True)
+                key = load_template_key(kpath)
+                g = Gallery.for_bundle(bundle, template_key=key)
+                for i in range(n_e):
+                    m = enrol.identity == i
+                    g.enroll(identity_name(i), enrol.emb[m], postures=enrol.posture[m])
+                extra["saved_gallery"] = {"gallery": str(g.save(Path(args.save_gallery))), "key": str(kpath)}
             if how == "session":
                 dr = rotated_distances(bundle, enrol, probes, n_e, key1, key2)
                 fr = figures(dr, probe_raw.identity, n_e, t)
@@ -322,6 +335,8 @@ def render(res: dict[str, Any]) -> str:
             f"TAR@1% {x['tar_at_far1']:.3f} TAR {x['tar']:.3f} FAR {x['far']:.4f} "
             f"rank-1 {x['rank1']:.3f} false ID {x['false_id']:.4f}"
         )
+    if res.get("saved_gallery"):
+        lines.append(f"gallery for `thzedge run --score`: {res['saved_gallery']}")
     if res.get("roc_png"):
         lines.append(f"ROC: {res['roc_png']}")
     return "\n".join(lines)
@@ -338,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threshold", type=float, help="override the bundle's fp32 threshold")
     ap.add_argument("--conditioning", default=",".join(CONDITIONINGS))
     ap.add_argument("--roc", default="build/gallery_roc.png", help="ROC PNG path ('' for none)")
+    ap.add_argument("--save-gallery", help="also write the session-conditioned protected gallery here (.npz)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     res = run(args)
