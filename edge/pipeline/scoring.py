@@ -15,8 +15,9 @@ subscriber. Per published result:
   someone else (false identification) / left unknown; for people not enrolled, rejected
   (`unknown`) or falsely accepted.
 
-Rates are computed at the threshold the daemon ran with. Frames without simulator truth (a
-scanner, a recording) are counted as `unscored`.
+Rates are computed at the threshold the daemon ran with. A replay of a recording made from the
+simulator carries the truth labels it recorded (`scanner_io.recording.RecordedTruth`: no
+reference image, so no SSIM); frames without truth (a scanner) are counted as `unscored`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from edge.evaluation import ssim
 from edge.pipeline.context import ProcessingContext
 from edge.results import FrameResult
 from scanner_io.frame import Frame
+from scanner_io.recording import RecordedTruth
 from scanner_io.simulator import SimTruth
 
 __all__ = ["TruthScorer", "render_score"]
@@ -82,12 +84,12 @@ class TruthScorer:
     def expect(self, result: FrameResult, frame: Frame, ctx: ProcessingContext, reconstruct: bool) -> None:
         """Note the truth of a frame whose result is about to be published (inference thread)."""
         truth = frame.truth
-        if not isinstance(truth, SimTruth):
+        if not isinstance(truth, SimTruth | RecordedTruth):
             with self._lock:
                 self._c.unscored += 1
             return
         target = None
-        if reconstruct and ctx.params is not None:
+        if reconstruct and ctx.params is not None and isinstance(truth, SimTruth):
             # The frame's own ROI with the daemon's profile, then the reference cut at that ROI.
             _, roi = condition_with_roi(calibrate(frame.data, ctx.profile), ctx.params)
             target = condition_with_roi(calibrate(truth.reference, ctx.profile), ctx.params, roi)[0]
