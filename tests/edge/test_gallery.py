@@ -588,3 +588,21 @@ def test_run_score_matches_the_published_results_against_truth(tiny_bundle, tmp_
         assert many["unenrolled_rejected"] == pytest.approx(
             np.mean([v["decision"] != "accept" for v in strangers])
         )
+
+
+def test_enrolment_skips_frames_without_a_face_and_refuses_a_capture_of_none(tiny_bundle, tmp_path, capsys):
+    from edge.cli import main
+
+    gallery = tmp_path / "g.npz"
+    args = ["enroll", "--model", str(tiny_bundle), "--gallery", str(gallery), "--identity", "id001"]
+    # The shutter closed: every frame is blank, so nothing is enrolled.
+    assert main([*args, "--source", "sim?scene=dark&frames=6", "--frames", "2", "--backend", "ort"]) == 1
+    err = capsys.readouterr().err
+    assert "ended after 0 of 2 frames with a face" in err and "blank 6" in err
+    assert not gallery.exists()
+    assert (
+        main([*args, "--source", "sim?seed=3&identity=0&frames=4", "--frames", "2", "--backend", "ort"]) == 0
+    )
+    out, err = capsys.readouterr()
+    assert "no template key" in err and "no verification threshold for fp32 yet" in err
+    assert "plaintext" in out and "postures enrolled" in out
