@@ -143,6 +143,14 @@ def run_command(
     no_reconstruction: Annotated[
         bool, typer.Option("--no-reconstruction", help="Skip the decoders (posture and verification only).")
     ] = False,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            "--calibration",
+            help="Calibration profile directory for this source (default: the config's, else the "
+            "scanner's active one, else what the source carries).",
+        ),
+    ] = None,
     score: Annotated[
         bool,
         typer.Option(
@@ -165,6 +173,7 @@ def run_command(
             record=record,
             max_frames=max_frames,
             reconstruction=not no_reconstruction,
+            calibration=calibration,
             score=score,
         )
     )

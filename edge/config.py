@@ -111,6 +111,11 @@ class ModelConfig:
     backend: BackendKind = BackendKind.auto
     precision: Precision = Precision.fp32
     max_batch: int | None = field(default=None, metadata={"min": 1})
+    # Where `thzedge export engine` puts TensorRT engines and the trt backend finds them (None:
+    # $THZEDGE_ENGINE_CACHE, else the unit's $STATE_DIRECTORY/engines; edge/backends/engine_cache.py).
+    engine_cache: Path | None = None
+    # The DLA core the engines were built for (`export engine --dla-core`); None: the GPU.
+    dla_core: int | None = field(default=None, metadata={"min": 0})
 
 
 @dataclass(frozen=True)
@@ -177,6 +182,25 @@ class VerificationConfig:
 
 
 @dataclass(frozen=True)
+class CalibrationConfig:
+    """How the daemon treats calibration: where active profiles live, and what it refuses."""
+
+    # `thzedge calibrate activate` state; None: $THZEDGE_CALIBRATION_DIR, $STATE_DIRECTORY/calibration, …
+    state_dir: Path | None = None
+    # A live source (tcp://, ipc://) without a fitting profile is refused (exit 78); with this,
+    # its results are published marked `uncalibrated` instead (never `ok`).
+    allow_uncalibrated: bool = False
+    # Input monitoring against the profile (R-NEW-11) on every Nth frame; 0 turns it off.
+    monitor_every: int = field(default=10, metadata={"min": 0})
+    # At start-up, how long to wait for a live source's first frame to check it fits the profile
+    # before READY; a later first frame is checked when it comes.
+    match_wait_s: float = field(default=5.0, metadata={"min": 0.0})
+    # Frames with no head in them (blank, flat, saturated) are published `no_face` without
+    # running the model; off: every frame goes to the model (e.g. synthetic test patterns).
+    frame_quality: bool = True
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     """Queueing, shutdown and liveness settings of the streaming loop."""
 
@@ -202,6 +226,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     verification: VerificationConfig = field(default_factory=VerificationConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     path: Path | None = None
 
@@ -286,6 +311,7 @@ SECTIONS: dict[str, type] = {
     "metrics": MetricsConfig,
     "privacy": PrivacyConfig,
     "verification": VerificationConfig,
+    "calibration": CalibrationConfig,
     "daemon": DaemonConfig,
 }
 TOP_LEVEL_KEYS = ("sources", *SECTIONS)
@@ -321,6 +347,32 @@ def load_config(path: Path | str | None = None) -> Config:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     return config_from_dict(raw, path=path)
+
+
+def load_model_config(path: Path | str | None = None) -> ModelConfig:
+    """Read only the [model] section of a config file (same lookup and checks as `load_config`).
+
+    For tools that run outside the service (`thzedge export engine` as the service user): the
+    rest of a production config may name `${CREDENTIALS_DIRECTORY}` and other paths only
+    systemd provides, which must not stop them from finding the engine cache and the bundle.
+    """
+    explicit = path is not None
+    if path is None:
+        env = os.environ.get(CONFIG_ENV)
+        path, explicit = (Path(env), True) if env else (DEFAULT_CONFIG_PATH, False)
+    path = Path(path)
+    if not path.exists():
+        if explicit:
+            raise ConfigError(f"config file {path} does not exist; create it or drop --config")
+        return ModelConfig()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    model: ModelConfig = _build(ModelConfig, raw.get("model", {}), f"{path}: [model]", path.resolve().parent)
+    return model
 
 
 def config_from_dict(raw: Mapping[str, Any], path: Path | None = None) -> Config:

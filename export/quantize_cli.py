@@ -13,9 +13,11 @@ from typing import Annotated
 
 import typer
 
+from edge.backends.engine_cache import resolve_engine_cache
 from edge.backends.trt import current_platform, import_tensorrt
 from edge.bundle import Bundle, Precision
-from export.engine import EngineSettings, build_bundle_engines
+from edge.config import load_model_config
+from export.engine import EngineSettings, build_bundle_engines, prune_engine_cache
 from export.gate import GateFailedError, GateTolerances, run_gate
 from export.quantize import (
     QUANTIZED_PRECISIONS,
@@ -192,30 +194,63 @@ def check_command(
 
 
 def engine_command(
+    ctx: typer.Context,
     bundle: Annotated[Path, typer.Option("--bundle", help="Model bundle directory.")],
     precision: Annotated[Precision, typer.Option("--precision", help="Engine precision.")] = Precision.fp16,
     max_batch: Annotated[
         int | None, typer.Option("--max-batch", help="Profile max (default: bundle's).")
     ] = None,
-    workspace: Annotated[int, typer.Option("--workspace", help="Builder workspace in MB.")] = 1024,
+    workspace: Annotated[
+        int | None,
+        typer.Option(
+            "--workspace",
+            help="Builder workspace in MB (default: a quarter of the free memory on a Jetson, within "
+            "256..2048; 1024 elsewhere).",
+        ),
+    ] = None,
     dla_core: Annotated[
         int | None, typer.Option("--dla-core", help="Build for this DLA core (Orin).")
     ] = None,
+    engine_cache: Annotated[
+        Path | None,
+        typer.Option(
+            "--engine-cache",
+            help="Engine cache directory (default: the config's model.engine_cache, else "
+            "$THZEDGE_ENGINE_CACHE, $STATE_DIRECTORY/engines, /var/lib/thzedge/engines).",
+        ),
+    ] = None,
+    prune: Annotated[
+        bool,
+        typer.Option(
+            "--prune/--no-prune",
+            help="Afterwards delete cached engines that neither this bundle nor the configured one needs.",
+        ),
+    ] = True,
 ) -> None:
-    """Build one TensorRT engine per graph on this device, with a manifest the trt backend checks."""
-    # Fail at once, in one line, when TensorRT or the GPU is missing (before touching the bundle).
+    """Build one TensorRT engine per graph into this device's engine cache (the daemon never builds)."""
+    # The config names the cache and the bundle the daemon runs (kept when pruning).
+    model_cfg = load_model_config(global_options(ctx).config)
+    cache = resolve_engine_cache(engine_cache or model_cfg.engine_cache)
+    # Fail at once, in one line, when TensorRT or the GPU is missing or the cache is not writable.
     trt = import_tensorrt()
     platform = current_platform(trt)
+    cache.ensure_writable()
     b = Bundle.open(bundle)
     settings = EngineSettings(
         precision=precision,
         max_batch=max_batch or b.max_batch,
         workspace_mb=workspace,
         dla_core=dla_core,
-    )
-    manifests = build_bundle_engines(bundle, settings, trt=trt, platform=platform)
+    ).with_workspace_for(platform)
+    typer.echo(f"engine cache {cache.root} ({cache.source}); workspace {settings.workspace_mb} MB", err=True)
+    manifests = build_bundle_engines(bundle, settings, trt=trt, platform=platform, cache=cache)
     for m in manifests:
         typer.echo(
             f"{m['graph']:<10} {m['precision']}  TensorRT {m['tensorrt_version']}  {m['gpu_name']} "
             f"(sm {m['compute_capability']})  engine {m['engine_sha256'][:12]}"
         )
+    if prune:
+        keep = [b.path] + ([model_cfg.bundle] if model_cfg.bundle is not None else [])
+        removed = prune_engine_cache(cache, platform, keep)
+        if removed:
+            typer.echo(f"pruned {len(removed)} file(s) no current bundle needs from {cache.root}", err=True)

@@ -545,10 +545,11 @@ class RecordingReader:
         if channel.message_encoding != RAW_ENCODING:
             return None
         try:
-            item: Frame | MalformedFrame = unpack_frame(rec.data)
-            truth = self._truth.pop((item.header.scanner, item.header.seq), None)
+            frame = unpack_frame(rec.data)
+            truth = self._truth.pop((frame.header.scanner, frame.header.seq), None)
             if truth is not None:
-                item = dataclasses.replace(item, truth=truth)
+                frame = dataclasses.replace(frame, truth=truth)
+            item: Frame | MalformedFrame = frame
             self.frames += 1
         except FrameDecodeError as exc:
             item = MalformedFrame.from_error(exc)

@@ -16,11 +16,15 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from calibration.active import active_profile_path
 from calibration.conditioning import ConditioningParams
+from calibration.guard import GuardSettings, StreamGuard
 from calibration.profile import ProfileChoice, resolve_profile
+from calibration.quality import QualityLimits
 from edge import __version__
 from edge.bundle import Bundle, demo_bundle_path
 from edge.config import (
+    CalibrationConfig,
     Config,
     SourceConfig,
     VerificationConfig,
@@ -33,6 +37,7 @@ from edge.observability import DaemonMetrics, health_from, serve_http
 from edge.pipeline.acquire import profile_from_source
 from edge.pipeline.context import DaemonSettings, ModelInfo, ProcessingContext
 from edge.pipeline.daemon import Daemon
+from edge.pipeline.metrics import start_device_telemetry
 from edge.pipeline.scoring import TruthScorer
 from edge.pipeline.stats import RunSummary
 from edge.runner import Runner
@@ -41,9 +46,24 @@ from edge.security import EndpointSecurity
 from edge.templates import load_template_key
 from scanner_io.errors import BundleError, CalibrationError, ConfigError
 from scanner_io.recording import Recorder, default_manifest
-from scanner_io.sources import FrameSource, QueuePolicy, open_source, split_queue_mode, zmq_context
+from scanner_io.sources import (
+    FrameSource,
+    QueuePolicy,
+    is_scanner_uri,
+    open_source,
+    split_queue_mode,
+    zmq_context,
+)
 
-__all__ = ["ContextLoader", "RunOptions", "profile_from_source", "run_daemon", "settings_from_config"]
+__all__ = [
+    "ContextLoader",
+    "RunOptions",
+    "profile_from_source",
+    "refuse_uncalibrated",
+    "run_daemon",
+    "settings_from_config",
+    "stream_profile",
+]
 
 log = logging.getLogger("thzedge.daemon")
 
@@ -60,6 +80,7 @@ class RunOptions:
     record: Path | None = None
     max_frames: int | None = None
     reconstruction: bool = True
+    calibration: Path | None = None  # profile directory for the source (overrides the config's)
     score: bool = False  # score the published results against the simulator's truth
 
 
@@ -106,19 +127,18 @@ class ContextLoader:
         bundle: Bundle,
         precision: str,
         security: EndpointSecurity,
+        calibration: CalibrationConfig | None = None,
     ) -> None:
         self.src = src
         self.verification = verification
         self.bundle = bundle
         self.precision = precision
         self.security = security
+        self.calibration = calibration or CalibrationConfig()
 
     def profile(self, carried: ProfileChoice | None) -> ProfileChoice:
-        """The profile that conditions the stream: configured, else what the source carries, else none."""
-        try:
-            return resolve_profile(self.src.calibration, carried=carried)
-        except CalibrationError as exc:
-            raise ConfigError(f"[sources] calibration: {exc}") from None
+        """The profile that conditions the stream (`stream_profile`)."""
+        return stream_profile(self.src, self.calibration, carried)
 
     def __call__(self, generation: int, carried: ProfileChoice | None) -> ProcessingContext:
         """Load generation `generation` of the processing context."""
@@ -133,13 +153,72 @@ class ContextLoader:
             gallery = Gallery.load(
                 v.gallery, self.bundle, threshold=v.threshold, precision=self.precision, template_key=key
             )
+        params = self.src.conditioning.apply(base)
+        _check_model_input(params, self.bundle, choice)
+        guard = None
+        if choice.profile is not None:
+            guard = StreamGuard(choice.profile, GuardSettings(monitor_every=self.calibration.monitor_every))
         return ProcessingContext(
             profile=choice.profile,
-            params=self.src.conditioning.apply(base),
+            params=params,
             calibration_id=choice.calibration_id,
             gallery=gallery,
             generation=generation,
+            guard=guard,
+            require_profile=is_scanner_uri(self.src.uri),
+            quality=QualityLimits() if self.calibration.frame_quality else None,
         )
+
+
+def _check_model_input(params: ConditioningParams, bundle: Bundle, choice: ProfileChoice) -> None:
+    """R-NEW-10: the conditioning must produce what the model was trained on (its input side).
+
+    Conditioning always maps to [0, 1] float32; the crop side is the profile's (or an override's)
+    and must be the encoder input's, else every frame would fail at inference.
+    """
+    spatial = [d for d in bundle.input_spec.shape[-2:] if isinstance(d, int)]
+    if spatial and any(d != params.out_size for d in spatial):
+        raise ConfigError(
+            f"{choice.origin} ({choice.calibration_id}) conditions frames to {params.out_size}x"
+            f"{params.out_size}, but the model bundle takes {spatial[0]}x{spatial[-1]}; set "
+            f"[sources.NAME.conditioning] out_size = {spatial[0]} or rebuild the profile"
+        )
+
+
+def stream_profile(
+    src: SourceConfig, calibration: CalibrationConfig, carried: ProfileChoice | None = None
+) -> ProfileChoice:
+    """The profile that conditions a source's stream: `[sources.NAME] calibration`, else the
+    profile `thzedge calibrate activate` made current for NAME, else what the source carries,
+    else none (`calibration.profile.resolve_profile`). Read again on every SIGHUP."""
+    try:
+        active = None
+        if src.calibration is None and src.name is not None:
+            active = active_profile_path(src.name, calibration.state_dir)
+        return resolve_profile(src.calibration, carried=carried, active=active)
+    except CalibrationError as exc:
+        raise ConfigError(f"[sources] calibration: {exc}") from None
+
+
+def refuse_uncalibrated(src: SourceConfig, uri: str, calibration: CalibrationConfig) -> None:
+    """R-CAL-1 / R-NEW-10: a live scanner link without a profile does not start (exit 78).
+
+    Frames over tcp:// or ipc:// carry no calibration of their own; without a profile the model
+    would see uncorrected frames and publish confident nonsense. `allow_uncalibrated` publishes
+    them marked `uncalibrated` instead.
+    """
+    if not is_scanner_uri(uri) or stream_profile(src, calibration).profile is not None:
+        return
+    if calibration.allow_uncalibrated:
+        log.warning("source %s has no calibration profile: results are published `uncalibrated`", uri)
+        return
+    name = src.name or "NAME"
+    raise ConfigError(
+        f"source {src.name or uri} is a live scanner link with no calibration profile; calibrate it "
+        f"(thzedge calibrate capture/build/activate --scanner {name}), or give one with "
+        f"--calibration DIR or [sources.{name}] calibration, or set [calibration] "
+        "allow_uncalibrated = true to publish results marked `uncalibrated`"
+    )
 
 
 def _open_bundle(cfg: Config) -> tuple[Bundle, Runner]:
@@ -153,7 +232,13 @@ def _open_bundle(cfg: Config) -> tuple[Bundle, Runner]:
         )
     try:
         bundle = Bundle.open(bundle_path)
-        runner = Runner.from_bundle(bundle, backend=cfg.model.backend, precision=cfg.model.precision)
+        runner = Runner.from_bundle(
+            bundle,
+            backend=cfg.model.backend,
+            precision=cfg.model.precision,
+            engine_cache=cfg.model.engine_cache,
+            dla_core=cfg.model.dla_core,
+        )
     except BundleError as exc:
         # A missing or broken bundle, or a precision it lacks, does not heal on a restart: exit 78
         # so systemd stops retrying (RestartPreventExitStatus=78).
@@ -188,7 +273,10 @@ def run_daemon(
     cfg = _config_for(opts)
     log_start_warnings(cfg, log)
     src = cfg.resolve_source(opts.source)
+    if opts.calibration is not None:
+        src = dataclasses.replace(src, calibration=opts.calibration)
     uri, queue_policy = split_queue_mode(src.uri)  # a bad mode= fails before the model loads
+    refuse_uncalibrated(src, uri, cfg.calibration)  # before the model loads, too
     if opts.max_frames is not None and opts.max_frames < 1:
         raise ConfigError(f"--max-frames {opts.max_frames}: expected a positive number of frames")
     settings = settings_from_config(
@@ -216,7 +304,9 @@ def run_daemon(
     except BaseException:  # e.g. a bad CURVE key file: do not leak the loaded model's sessions
         runner.close()
         raise
-    load_context = ContextLoader(src, cfg.verification, bundle, cfg.model.precision, security)
+    load_context = ContextLoader(
+        src, cfg.verification, bundle, cfg.model.precision, security, calibration=cfg.calibration
+    )
 
     def open_src() -> FrameSource:
         return open_source(uri, names=cfg.source_names())
@@ -243,6 +333,7 @@ def run_daemon(
         scorer=TruthScorer() if opts.score else None,
     )
     server = None
+    stop_telemetry = start_device_telemetry(metrics)
     try:
         if cfg.metrics.enabled:
             server = serve_http(
@@ -257,6 +348,7 @@ def run_daemon(
     finally:
         if server is not None:
             server.close()
+        stop_telemetry()
         security.close()
         with contextlib.suppress(Exception):
             runner.close()
