@@ -613,8 +613,9 @@ def enroll_from_source(
     """Capture `frames` raw frames with a face from a source, calibrate and condition them exactly
     as the daemon does (`calibrate_and_condition` with the scanner's profile), and enrol them.
 
-    Frames with no face (`calibration.quality.assess_frame`) are skipped and counted; a capture
-    that yields none within `timeout_s` is refused. A `sim` source without `session=` reads the
+    Frames with no face (`calibration.quality.assess_frame`, on calibrated frames, as the daemon
+    checks them) are skipped and counted; a capture that yields too few within `timeout_s` is
+    refused. A `sim` source without `session=` reads the
     enrolment session (`enrolment_source_uri`).
     """
     bundle = Bundle.open(bundle_path)
@@ -651,11 +652,16 @@ def enroll_from_source(
                 log.warning("skipped a malformed frame: %s", item.reason)
                 continue
             power = calibrate(item.data, profile)
-            quality = assess_frame(item.data, power, params)
-            if not quality.ok:  # a reference without a face would match nobody, or anybody
-                reason = str(quality.reason)
-                skipped[reason] = skipped.get(reason, 0) + 1
-                continue
+            # As the daemon does: the no-head check reads corrected power, so it needs a profile.
+            if profile is not None:
+                raw = item.data
+                integer = np.issubdtype(raw.dtype, np.integer)
+                full = float(np.iinfo(raw.dtype).max) if integer else float("inf")
+                quality = assess_frame(raw, power, params, full_scale=full)
+                if not quality.ok:  # a reference without a face would match nobody, or anybody
+                    reason = str(quality.reason)
+                    skipped[reason] = skipped.get(reason, 0) + 1
+                    continue
             rows.append(condition(power, params))
     finally:
         source.close()
