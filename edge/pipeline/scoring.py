@@ -76,7 +76,7 @@ class TruthScorer:
     """Collects truth when a frame is post-processed and scores its result once it is published."""
 
     def __init__(self) -> None:
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[tuple[str, int], _Pending] = {}  # by (scanner, seq) of the result
         self._c = _Counts()
         self._lock = threading.Lock()
         self.threshold: float | None = None
@@ -104,12 +104,12 @@ class TruthScorer:
             target=target,
         )
         with self._lock:
-            self._pending[id(result)] = pending
+            self._pending[(result.scanner, result.seq)] = pending
 
     def published(self, result: FrameResult) -> None:
         """Score one published result against the truth noted for it (publisher thread)."""
         with self._lock:
-            p = self._pending.pop(id(result), None)
+            p = self._pending.pop((result.scanner, result.seq), None)
             if p is None:
                 return
             c = self._c
