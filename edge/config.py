@@ -238,7 +238,7 @@ class Config:
         """Return the named source, or an ad-hoc one for a URI; unknown names are a ConfigError."""
         if name_or_uri in self.sources:
             return self.sources[name_or_uri]
-        if _is_source_uri(name_or_uri):
+        if is_source_uri(name_or_uri):
             if name_or_uri.startswith("tcp://"):
                 # The same rule as for a configured tcp source (R-SEC-1), for a URI on the command line.
                 if not self.daemon.insecure_dev:
@@ -540,7 +540,8 @@ def _toml_value(value: Any) -> str:
 # Helpers
 
 
-def _is_source_uri(text: str) -> bool:
+def is_source_uri(text: str) -> bool:
+    """True for a source URI (sim, replay:, tcp://, ipc://), False for a source name."""
     return bool(_URI_RE.match(text)) or text.startswith(("sim", "replay:"))
 
 
@@ -575,7 +576,7 @@ def _build_sources(table: Any, where: str, base: Path) -> dict[str, SourceConfig
         if "uri" not in entry:
             raise ConfigError(f"{here}: missing key 'uri' (e.g. uri = \"tcp://scanner0.local:5555\")")
         uri = _expand(_expect(entry["uri"], str, f"{here} uri"), f"{here} uri")
-        if not _is_source_uri(uri):
+        if not is_source_uri(uri):
             raise ConfigError(
                 f"{here} uri {uri!r}: expected sim…, replay:FILE, tcp://HOST:PORT or ipc://PATH"
             )

@@ -24,6 +24,7 @@ from calibration.quality import QualityLimits
 from edge import __version__
 from edge.bundle import Bundle, demo_bundle_path
 from edge.config import (
+    DEFAULT_METRICS_PORT,
     CalibrationConfig,
     Config,
     SourceConfig,
@@ -31,6 +32,7 @@ from edge.config import (
     apply_overrides,
     load_config,
     log_start_warnings,
+    split_host_port,
 )
 from edge.gallery import Gallery, VerificationMode
 from edge.observability import DaemonMetrics, health_from, serve_http
@@ -44,7 +46,7 @@ from edge.runner import Runner
 from edge.sdnotify import Notifier
 from edge.security import EndpointSecurity
 from edge.templates import load_template_key
-from scanner_io.errors import BundleError, CalibrationError, ConfigError
+from scanner_io.errors import BundleError, CalibrationError, ConfigError, UsageError
 from scanner_io.recording import Recorder, default_manifest
 from scanner_io.sources import (
     FrameSource,
@@ -76,10 +78,12 @@ class RunOptions:
     model: Path | None = None
     config: Path | None = None
     backend: str | None = None
+    precision: str | None = None
     publish: str | None = None
     record: Path | None = None
     max_frames: int | None = None
     reconstruction: bool = True
+    metrics_bind: str | None = None  # HOST:PORT, or "off"
     calibration: Path | None = None  # profile directory for the source (overrides the config's)
     score: bool = False  # score the published results against the simulator's truth
 
@@ -255,6 +259,19 @@ def _config_for(opts: RunOptions) -> Config:
         overrides["model"] = {"backend": opts.backend}
     if opts.model is not None:
         overrides.setdefault("model", {})["bundle"] = str(opts.model)
+    if opts.precision is not None:
+        overrides.setdefault("model", {})["precision"] = opts.precision
+    if opts.metrics_bind is not None:
+        off = opts.metrics_bind == "off"
+        if not off:
+            try:
+                split_host_port(opts.metrics_bind)
+            except ConfigError:
+                raise UsageError(
+                    f"--metrics-bind {opts.metrics_bind!r}: expected HOST:PORT such as "
+                    f"127.0.0.1:{DEFAULT_METRICS_PORT}, or off"
+                ) from None
+        overrides["metrics"] = {"enabled": not off, **({} if off else {"bind": opts.metrics_bind})}
     if opts.publish is not None:
         overrides["publisher"] = {"endpoint": opts.publish}
     return apply_overrides(cfg, **overrides) if overrides else cfg

@@ -129,11 +129,27 @@ def test_allow_uncalibrated_publishes_results_marked_uncalibrated_never_ok(
 def test_frames_that_stop_fitting_the_profile_go_uncalibrated_with_one_event(
     tiny_bundle: Path, tmp_path: Path
 ) -> None:
-    """A lockstep stream (not checked before READY) of another scanner's frames: conditioned
-    without the profile, announced once."""
+    """A lockstep scanner link (not checked before READY) sending another scanner's frames:
+    conditioned without the profile, announced once."""
     foreign = identity_profile(tmp_path / "cal", scanner="other-serial", shape=(128, 128))
-    rc, out, err, sub = _run_to_end("sim?seed=0&frames=30", tiny_bundle, tmp_path, calibration=foreign)
+    cfg = write_config(tmp_path / "thzedge.toml")
+    scan, pub = f"ipc://{tmp_path}/scanner.sock", f"ipc://{tmp_path}/r.sock"
+    sub = Subscriber(pub)
+    daemon = thzedge_run(
+        f"{scan}?mode=lockstep", tiny_bundle, cfg, pub, "--max-frames", "30", calibration=foreign
+    )
+    emu = None
+    try:
+        sub.wait_state(proc=daemon)  # the scanner starts once the subscriber is in: nothing is missed
+        emu = _serve("sim?seed=0", scan)
+        sub.pump(60, until=lambda s: daemon.poll() is not None)
+        rc, out, err = finish(daemon)
+        sub.pump(0.3)
+    finally:
+        _stop(daemon, emu)
+        sub.close()
     assert rc == 0, err
+    assert len(sub.results) == 30
     assert sub.results and {h["status"] for h in sub.results} == {"uncalibrated"}
     mismatch = [e for e in sub.events if e["kind"] == "error" and e["reason"] == "calibration_mismatch"]
     assert len(mismatch) == 1 and "other-serial" in mismatch[0]["message"]
