@@ -206,6 +206,9 @@ class VerificationConfig:
     # Overrides the bundle's per-precision threshold: Euclidean distance between unit-length
     # embeddings (0..2), a match is accepted when distance <= threshold.
     threshold: float | None = field(default=None, metadata={"min": 0.0, "max": 2.0})
+    # Template key file (`thzedge keys generate --kind template`): references are stored and
+    # compared as keyed projections (R-NEW-3); the gallery must have been enrolled under it.
+    template_key: Path | None = None
 
 
 @dataclass(frozen=True)

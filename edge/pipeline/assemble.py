@@ -40,12 +40,14 @@ from edge.pipeline.acquire import profile_from_source
 from edge.pipeline.context import DaemonSettings, ModelInfo, ProcessingContext
 from edge.pipeline.daemon import Daemon
 from edge.pipeline.metrics import start_device_telemetry
+from edge.pipeline.scoring import TruthScorer
 from edge.pipeline.stats import RunSummary
 from edge.runner import Runner
 from edge.sdnotify import Notifier
 from edge.security import EndpointSecurity, curve_available, load_keypair
 from edge.signing import verify_bundle_signature
 from edge.storage import Sweeper, recording_policy, storage_key_from_config
+from edge.templates import load_template_key
 from scanner_io.errors import BundleError, CalibrationError, ConfigError, UsageError
 from scanner_io.recording import Recorder, default_manifest
 from scanner_io.sources import (
@@ -86,6 +88,7 @@ class RunOptions:
     reconstruction: bool = True
     metrics_bind: str | None = None  # HOST:PORT, or "off"
     calibration: Path | None = None  # profile directory for the source (overrides the config's)
+    score: bool = False  # score the published results against the simulator's truth
 
 
 def settings_from_config(
@@ -153,7 +156,10 @@ class ContextLoader:
         gallery = None
         v = self.verification
         if v.gallery is not None and VerificationMode(v.mode) is not VerificationMode.off:
-            gallery = Gallery.load(v.gallery, self.bundle, threshold=v.threshold, precision=self.precision)
+            key = load_template_key(v.template_key) if v.template_key is not None else None
+            gallery = Gallery.load(
+                v.gallery, self.bundle, threshold=v.threshold, precision=self.precision, template_key=key
+            )
         params = self.src.conditioning.apply(base)
         _check_model_input(params, self.bundle, choice)
         guard = None
@@ -376,6 +382,7 @@ def run_daemon(
         binder=security.bind,
         model=model,
         on_ready=on_ready,
+        scorer=TruthScorer() if opts.score else None,
     )
     server = None
     sweeper = Sweeper(cfg) if cfg.storage.sweep_dir is not None else None
@@ -389,7 +396,10 @@ def run_daemon(
                 metrics,
                 health_from(daemon.tracker, daemon.heartbeat, cfg.daemon.heartbeat_timeout_s),
             )
-        return daemon.run()
+        summary = daemon.run()
+        if daemon.scorer is not None:
+            summary = dataclasses.replace(summary, score=daemon.scorer.report())
+        return summary
     finally:
         if sweeper is not None:
             sweeper.stop()

@@ -34,6 +34,7 @@ from edge.pipeline.metrics import Metrics
 from edge.pipeline.postprocess import PostProcessor
 from edge.pipeline.publish import Binder, PublisherStage
 from edge.pipeline.queues import Event, FrameQueue, Outbox
+from edge.pipeline.scoring import TruthScorer
 from edge.pipeline.stage import Pipeline, Stage
 from edge.pipeline.stats import RunSummary, Stats
 from edge.runner import ModelRunner
@@ -90,6 +91,7 @@ class Daemon:
         binder: Binder | None = None,
         model: ModelInfo | None = None,
         on_ready: Callable[[Daemon], None] | None = None,
+        scorer: TruthScorer | None = None,
     ) -> None:
         self.settings = settings
         self.runner = runner
@@ -104,6 +106,7 @@ class Daemon:
         self.heartbeat = Heartbeat()  # stamped by the inference loop; gates WATCHDOG=1
         self.model = model or ModelInfo()
         self.on_ready = on_ready
+        self.scorer = scorer
         self.stats = Stats()
         self.stop_event = threading.Event()  # set by SIGTERM/SIGINT or `request_stop`
         self.reload_event = threading.Event()  # set by SIGHUP or `request_reload`
@@ -151,6 +154,7 @@ class Daemon:
             heartbeat=self.heartbeat,
             stop=self.stop_event,
             state_version=self._state_version,
+            scorer=self.scorer,
         )
         self.pipe = pipe
         # source → decode+validate, seq gaps → calibrate+condition → frames

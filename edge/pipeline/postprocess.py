@@ -71,9 +71,22 @@ class PostProcessor:
         ]
         for r, q, p in done:
             r.posture = self._posture(p)
-            r.embedding = p.embedding
             assert q.ctx is not None
+            gallery = q.ctx.gallery
+            # With a template key, what may be published is the protected template (R-NEW-3).
+            r.embedding = p.embedding if gallery is None else gallery.protect(p.embedding)
             self._verify(r, q, q.ctx, p)
+        self._complete_reconstruction(results, batch)
+        scorer = self.pipe.scorer
+        if scorer is not None:
+            for r, q in zip(results, frames, strict=True):
+                assert q.ctx is not None
+                try:
+                    scorer.expect(r, q.frame, q.ctx, reconstruct=batch.reconstruct_ms is not None)
+                except Exception as exc:  # scoring is a test aid: it never fails a frame
+                    log.warning("scoring seq %d failed: %s", r.seq, type(exc).__name__)
+
+    def _complete_reconstruction(self, results: list[FrameResult], batch: IsolatedBatch) -> None:
         if batch.reconstruct_ms is None:
             return
         for r, outcome in zip(results, batch.frames, strict=True):
