@@ -24,6 +24,7 @@ import typer
 from calibration.cli import register as register_calibration
 from edge import __version__
 from edge.commands import register as register_edge
+from edge.fleet.cli import register as register_fleet
 from edge.sdnotify import JournaldHandler, stderr_is_journal
 from export.cli import register as register_export
 from scanner_io.cli import register as register_scanner_io
@@ -69,6 +70,7 @@ def build_app() -> typer.Typer:
     app.callback()(_root)
     app.command("version")(version)
     register_edge(app)
+    register_fleet(app)
     register_export(app)
     register_scanner_io(app)
     register_calibration(app)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,7 +46,9 @@ def _pyplot() -> Any:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise MissingDependencyError("the rescore report needs matplotlib: pip install 'thzedge[fleet]'") from exc
+        raise MissingDependencyError(
+            "the rescore report needs matplotlib: pip install 'thzedge[fleet]'"
+        ) from exc
     return plt
 
 

@@ -27,8 +27,8 @@ import numpy as np
 
 from edge.bundle import Bundle
 from edge.evaluation import ssim
-from edge.gallery import Gallery, Match, VerificationMode, match_probe
 from edge.fleet.replay import ReplayedFrame, open_replay
+from edge.gallery import Gallery, Match, VerificationMode, match_probe
 from edge.runner import FrameOutcome, Runner, Task, TaskFailure, infer_isolated
 from scanner_io.errors import ThzEdgeError
 

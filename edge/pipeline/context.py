@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -51,6 +52,7 @@ class DaemonSettings:
     ipc_group: str | None = field(default=None, metadata=_from("publisher", "ipc_group"))
     # auto: follow the source (live → drop oldest, lockstep replay → block).
     queue_policy: QueuePolicy = QueuePolicy.auto
+    canary: Path | None = field(default=None, metadata=_from("daemon", "canary"))
 
 
 @dataclass(frozen=True)
