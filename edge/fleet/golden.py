@@ -182,7 +182,7 @@ def make_golden(
 ) -> Golden:
     """Replay a recording with a pinned configuration and write it, with the results, as a golden file."""
     replay = open_replay(recording, calibration)
-    frames = []
+    frames: list[ReplayedFrame] = []
     for f in replay:
         if max_frames is not None and len(frames) >= max_frames:
             break

@@ -192,7 +192,9 @@ def test_local_and_ray_rows_are_identical(material: dict[str, Any]) -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         progress: list[int] = []
-        rows = run_ray(material["recs"], job, actors=2, progress=lambda done, total=None: progress.append(done))
+        rows = run_ray(
+            material["recs"], job, actors=2, progress=lambda done, total=None: progress.append(done)
+        )
     finally:
         ray.shutdown()
     assert rows_digest(rows) == rows_digest(local)
