@@ -125,6 +125,9 @@ def run_ray(
             configure_logging=False,
         )
         started = True
+    data_ctx = ray.data.DataContext.get_current()
+    bars = data_ctx.enable_progress_bars
+    data_ctx.enable_progress_bars = False  # ours (`progress`) is the one on the terminal
     try:
         total = float(ray.cluster_resources().get("CPU", 1.0))
         per_actor = actor_cpus(total, actors, job.threads)
@@ -143,6 +146,7 @@ def run_ray(
             if progress is not None:
                 progress(len(by_index), total=len(paths))
     finally:
+        data_ctx.enable_progress_bars = bars
         if started:
             ray.shutdown()
     return [row for i in range(len(paths)) for row in by_index.get(i, [])]

@@ -65,6 +65,8 @@ def plot_flip_rates(summary: RescoreSummary, path: Path, limit: int = 40) -> Pat
     ax.axhline(100 * summary.overall.decision_flip_rate, color="C1", ls=":", lw=1, label="decision, overall")
     ax.set_xticks(list(xs))
     ax.set_xticklabels(names, rotation=70, ha="right", fontsize=7)
+    rates = [100 * r for s in recs for r in (s.posture_flip_rate, s.decision_flip_rate)]
+    ax.set_ylim(0.0, max(1.0, 1.15 * max(rates, default=0.0)))  # 0 % flips stays on the axis
     ax.set_ylabel("flipped frames (%)")
     ax.set_title(f"flips per recording: {summary.model} vs {summary.baseline}", fontsize=9)
     ax.legend(fontsize=7)
@@ -111,6 +113,7 @@ def render_html(summary: RescoreSummary, plots: Sequence[Path], job: RescoreJob)
             f"<td>{100 * s.decision_flip_rate:.2f}%</td><td>{ssim}</td><td>{s.errors}</td></tr>"
         )
     images = "\n".join(_img(p, p.stem) for p in plots)
+    ssim_all = f"{o.mean_recon_ssim:.4f}" if o.mean_recon_ssim is not None else "–"
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>thzedge rescore: {html.escape(summary.model)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
@@ -122,7 +125,7 @@ img{{max-width:100%;margin:1em 0}}</style></head><body>
 rows sha256 <code>{summary.rows_sha256[:16]}</code></p>
 <p><b>posture flips {o.posture_flips}/{o.frames} ({100 * o.posture_flip_rate:.2f}%)</b>,
 <b>decision flips {o.decision_flips}/{o.decisions} ({100 * o.decision_flip_rate:.2f}%)</b>,
-mean reconstruction SSIM vs baseline {o.mean_recon_ssim if o.mean_recon_ssim is not None else "–"}</p>
+mean reconstruction SSIM vs baseline {ssim_all}</p>
 {images}
 <h2>Recordings, worst first</h2>
 <table><tr><th>recording</th><th>frames</th><th>posture flips</th><th>rate</th>
