@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +47,6 @@ class Replay:
     reader: RecordingReader
     malformed: int = 0
     frames: int = 0
-    _done: bool = field(default=False, repr=False)
 
     @property
     def calibration_id(self) -> str:
@@ -64,7 +63,6 @@ class Replay:
             q.prepare(self.context)
             self.frames += 1
             yield ReplayedFrame(rec.item, q.x, q.error)
-        self._done = True
 
 
 def open_replay(path: str | os.PathLike[str], calibration: CalibrationArg = None) -> Replay:
