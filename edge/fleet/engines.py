@@ -2,10 +2,11 @@
 
 Both engines run the same `RecordingScorer` (edge.fleet.rescore) on whole recordings, so for the
 same recordings and bundles their rows are identical (tests hash them). Ray Data runs a
-`map_batches` stage whose actors each hold one copy of both models; `concurrency` is the number
-of actors. Each actor asks for fewer CPUs than the machine has (`actor_cpus`): a dataset whose
-actors take every CPU hangs in backpressure, as nothing is left for the tasks that feed them
-(ray-project/ray#44687; reproduced on 2 cores with concurrency=2, num_cpus=1).
+`map_batches` stage whose actors each hold one copy of both models, in a fixed pool of N actors
+(`ActorPoolStrategy(size=N)`, formerly `concurrency=N`). Each actor asks for fewer CPUs than the
+machine has (`actor_cpus`): a dataset whose actors take every CPU hangs in backpressure, as
+nothing is left for the tasks that feed them (ray-project/ray#44687; reproduced on 2 cores with
+concurrency=2, num_cpus=1).
 
 Ray and pyarrow are the `fleet` extra, imported only inside the functions that need them.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -115,6 +117,10 @@ def run_ray(
     and shuts it down afterwards. An already initialised Ray (a test's) is used as it is.
     """
     ray = _import_ray()
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        # Ray Data logs every dataset's plan and progress at INFO; ours is `progress`.
+        for name in ("ray", "ray.data"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     started = False
     if not ray.is_initialized():
         ray.init(
@@ -137,7 +143,8 @@ def run_ray(
             fn_constructor_kwargs={"job": job},
             batch_size=1,
             batch_format="numpy",
-            concurrency=actors,
+            # A fixed pool of `actors` actors (what `concurrency=N` meant before Ray 2.51).
+            compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=per_actor,
         )
         by_index: dict[int, list[Row]] = {}

@@ -253,6 +253,7 @@ def test_each_fault_blocks_readiness(
             d.run()
         assert e.value.exit_code == EXIT_CANARY
         assert not d.ready.is_set() and d.state_name == "failed"
+        assert not d.tracker.ready  # what /readyz reports
         msgs = []
         end = time.monotonic() + 1.0
         while time.monotonic() < end:
