@@ -66,6 +66,9 @@ def rescore_command(
     ] = None,
     actors: Annotated[int, typer.Option("--actors", help="Ray actors (model copies).", min=1)] = 1,
     threads: Annotated[int, typer.Option("--threads", help="ORT intra-op threads per session.", min=1)] = 1,
+    backend: Annotated[
+        BackendKind, typer.Option("--backend", help="Backend of both models in every worker.")
+    ] = BackendKind.ort,
     scores: Annotated[
         bool, typer.Option("--scores", help="Keep match distances in the rows (biometric-derived; opt-in).")
     ] = False,
@@ -86,10 +89,13 @@ def rescore_command(
     ):
         baseline_gallery = gallery
     job = RescoreJob(
-        model=ModelSpec(str(model), precision.value, gallery=str(gallery) if gallery else None),
+        model=ModelSpec(
+            str(model), precision.value, backend.value, gallery=str(gallery) if gallery else None
+        ),
         baseline=ModelSpec(
             str(base_bundle),
             baseline_precision.value,
+            backend.value,
             gallery=str(baseline_gallery) if baseline_gallery else None,
         ),
         calibration=str(calibration) if calibration else None,
