@@ -188,7 +188,8 @@ class DaemonConfig:
     # Allows tcp:// endpoints without CURVE. For development only; logged at WARNING (R-SEC-1).
     insecure_dev: bool = False
     # Golden file (`thzedge replay --make-golden`) replayed after warm-up and before READY; a
-    # mismatch keeps the daemon from becoming ready and exits 79 (R-NEW-12).
+    # mismatch keeps the daemon from becoming ready and exits 79 (R-NEW-12). Unset: the
+    # bundle's own `canary.mcap`, if it carries one.
     canary: Path | None = None
 
 

@@ -45,6 +45,9 @@ GOLDEN_ATTACHMENT = "thzedge/golden.json"
 GOLDEN_MEDIA_TYPE = "application/x-thzedge-golden+json"
 GOLDEN_METADATA = "thzedge.golden"
 GOLDEN_FORMAT = 1
+# A bundle may carry its canary here. It is not in the manifest's `files` (its digests pin the
+# manifest's sha256, which would then depend on them); replaying it checks it anyway.
+BUNDLE_CANARY = "canary.mcap"
 OUTPUTS = ("posture", "confidence", "embedding", "reconstruction")
 _THUMB = 8  # reconstruction thumbnail side: 64/8 = 8-pixel blocks
 
@@ -378,6 +381,12 @@ def run_canary(runner: ModelRunner, golden_path: str | os.PathLike[str], model: 
     tolerance = None if exact else _tolerance(running.precision)
     mode = "exact" if exact else f"tolerance:{running.precision}"
     return _replay(golden, runner, running, mode, tolerance)
+
+
+def bundle_canary(bundle_dir: str | os.PathLike[str]) -> Path | None:
+    """Return the canary a bundle directory carries (`canary.mcap`), or None."""
+    path = Path(bundle_dir) / BUNDLE_CANARY
+    return path if path.is_file() else None
 
 
 def require_canary(

@@ -28,6 +28,7 @@ from edge.config import (
     load_config,
     log_start_warnings,
 )
+from edge.fleet.golden import bundle_canary
 from edge.gallery import Gallery, VerificationMode
 from edge.observability import DaemonMetrics, health_from, serve_http
 from edge.pipeline.acquire import profile_from_source
@@ -198,6 +199,8 @@ def run_daemon(
     with contextlib.suppress(OSError):
         notifier.status("starting: loading model")
     bundle, runner = _open_bundle(cfg)
+    if settings.canary is None and (carried := bundle_canary(bundle.path)) is not None:
+        settings = dataclasses.replace(settings, canary=carried)  # the bundle's own canary (R-NEW-12)
     model = ModelInfo(bundle=bundle.sha256, precision=cfg.model.precision, backend=runner.backend.name)
     metrics.set_build_info(
         version=__version__, bundle=bundle.sha256[:12], backend=model.backend, precision=model.precision

@@ -283,8 +283,19 @@ def test_thzedge_run_exits_79_on_a_failing_canary(
     code, _out, err = finish(proc)
     assert code == EXIT_CANARY, err
     assert err.strip().splitlines()[-1].startswith("thzedge: error: canary failed: frame seq")
-    # The same bundle with a canary it reproduces streams as usual.
-    cfg = write_config(tmp_path / "ok.toml", f'canary = "{golden}"\n[model]\nbackend = "ort"\n')
-    code, out, err = finish(thzedge_run(f"replay:{rec}?rate=max", DEMO, cfg, f"ipc://{tmp_path}/r2.sock"))
+    # A bundle may carry its canary (canary.mcap beside the manifest, not in it): with no
+    # [daemon] canary configured that one runs, and a canary it reproduces lets it stream.
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(DEMO, bundle)
+    shutil.copy(golden, bundle / "canary.mcap")
+    assert Bundle.open(bundle).sha256 == demo_sha  # the canary is not part of what it pins
+    cfg = write_config(tmp_path / "ok.toml", '[model]\nbackend = "ort"\n')
+    code, out, err = finish(thzedge_run(f"replay:{rec}?rate=max", bundle, cfg, f"ipc://{tmp_path}/r2.sock"))
     assert code == 0, err
     assert "canary passed: 8 frames (exact)" in err
+    # The carried canary is checked too: one this bundle does not reproduce blocks it.
+    shutil.copy(bad, bundle / "canary.mcap")
+    code, _out, err = finish(thzedge_run(f"replay:{rec}?rate=max", bundle, cfg, f"ipc://{tmp_path}/r3.sock"))
+    assert code == EXIT_CANARY, err
