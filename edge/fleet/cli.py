@@ -14,7 +14,7 @@ import typer
 
 from edge.backends import BackendKind
 from edge.bundle import Bundle, Precision, demo_bundle_path
-from edge.fleet.engines import Engine, expand_recordings, run_engine
+from edge.fleet.engines import Engine, expand_recordings, import_ray, require_pyarrow, run_engine
 from edge.fleet.rescore import ModelSpec, RescoreJob, check_job, summarize
 from edge.gallery import VerificationMode
 from edge.pipeline.context import ModelInfo
@@ -80,6 +80,9 @@ def rescore_command(
     from edge.fleet.report import write_outputs
 
     kind = engine
+    require_pyarrow()  # before hours of scoring, not after
+    if kind is Engine.ray:
+        import_ray()
     base_bundle = baseline or model
     # A gallery is tied to its bundle: reuse it for the baseline only when that is the same bundle.
     if (

@@ -92,7 +92,8 @@ def actor_cpus(total_cpus: float, actors: int, threads: int) -> float:
     return max(0.05, min(float(threads), budget / max(1, actors)))
 
 
-def _import_ray() -> Any:
+def import_ray() -> Any:
+    """Return the ray module with Ray Data loaded, or say what to install."""
     try:
         import ray
         import ray.data  # noqa: F401  (the Data library is a separate part of ray[data])
@@ -116,7 +117,7 @@ def run_ray(
     Joins the cluster at `address`, else starts a local Ray with `num_cpus` CPUs (default: all)
     and shuts it down afterwards. An already initialised Ray (a test's) is used as it is.
     """
-    ray = _import_ray()
+    ray = import_ray()
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         # Ray Data logs every dataset's plan and progress at INFO; ours is `progress`.
         for name in ("ray", "ray.data"):
@@ -176,13 +177,21 @@ def run_engine(
     return rows, time.perf_counter() - t0
 
 
-def write_parquet(rows: Sequence[Row], path: Path) -> Path:
-    """Write the rows as one Parquet file with a fixed schema (types do not depend on the values)."""
+def require_pyarrow() -> Any:
+    """Return the pyarrow module, or say what to install (checked before any work is done)."""
     try:
         import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow.parquet  # noqa: F401
     except ImportError as exc:
         raise MissingDependencyError("Parquet output needs pyarrow: pip install 'thzedge[fleet]'") from exc
+    return pa
+
+
+def write_parquet(rows: Sequence[Row], path: Path) -> Path:
+    """Write the rows as one Parquet file with a fixed schema (types do not depend on the values)."""
+    pa = require_pyarrow()
+    import pyarrow.parquet as pq
+
     types = {
         "seq": pa.int64(),
         "confidence": pa.float64(),

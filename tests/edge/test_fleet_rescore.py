@@ -200,3 +200,20 @@ def test_local_and_ray_rows_are_identical(material: dict[str, Any]) -> None:
     assert rows_digest(rows) == rows_digest(local)
     assert rows == local  # same order too: by recording, then file order
     assert progress[-1] == len(material["recs"])
+
+
+def test_without_the_fleet_extra_the_commands_say_what_to_install(
+    material: dict[str, Any], tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from scanner_io.errors import EXIT_UNAVAILABLE
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    args = ["rescore", str(material["recs"][0]), "--model", DEMO, "--precision", "int8"]
+    assert main([*args, "--out", str(tmp_path / "o"), "--engine", "ray"]) == EXIT_UNAVAILABLE
+    assert "pip install 'thzedge[fleet]'" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    assert main([*args, "--out", str(tmp_path / "o2")]) == EXIT_UNAVAILABLE
+    assert "needs pyarrow" in capsys.readouterr().err
+    assert main(["rescore", "--help"]) == 0  # still listed and documented
