@@ -137,6 +137,14 @@ def run_command(
     no_reconstruction: Annotated[
         bool, typer.Option("--no-reconstruction", help="Skip the decoders (posture and verification only).")
     ] = False,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            "--calibration",
+            help="Calibration profile directory for this source (default: the config's, else the "
+            "scanner's active one, else what the source carries).",
+        ),
+    ] = None,
 ) -> None:
     """Stream frames through the model and publish results until the source ends or a signal stops it."""
 
@@ -151,6 +159,7 @@ def run_command(
             record=record,
             max_frames=max_frames,
             reconstruction=not no_reconstruction,
+            calibration=calibration,
         )
     )
     typer.echo(json.dumps(summary.to_dict(), sort_keys=True) if opts.json else summary.render())

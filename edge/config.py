@@ -174,6 +174,25 @@ class VerificationConfig:
 
 
 @dataclass(frozen=True)
+class CalibrationConfig:
+    """How the daemon treats calibration: where active profiles live, and what it refuses."""
+
+    # `thzedge calibrate activate` state; None: $THZEDGE_CALIBRATION_DIR, $STATE_DIRECTORY/calibration, …
+    state_dir: Path | None = None
+    # A live source (tcp://, ipc://) without a fitting profile is refused (exit 78); with this,
+    # its results are published marked `uncalibrated` instead (never `ok`).
+    allow_uncalibrated: bool = False
+    # Input monitoring against the profile (R-NEW-11) on every Nth frame; 0 turns it off.
+    monitor_every: int = field(default=10, metadata={"min": 0})
+    # At start-up, how long to wait for a live source's first frame to check it fits the profile
+    # before READY; a later first frame is checked when it comes.
+    match_wait_s: float = field(default=5.0, metadata={"min": 0.0})
+    # Frames with no head in them (blank, flat, saturated) are published `no_face` without
+    # running the model; off: every frame goes to the model (e.g. synthetic test patterns).
+    frame_quality: bool = True
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     """Queueing, shutdown and liveness settings of the streaming loop."""
 
@@ -203,6 +222,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     verification: VerificationConfig = field(default_factory=VerificationConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     path: Path | None = None
 
@@ -287,6 +307,7 @@ SECTIONS: dict[str, type] = {
     "metrics": MetricsConfig,
     "privacy": PrivacyConfig,
     "verification": VerificationConfig,
+    "calibration": CalibrationConfig,
     "daemon": DaemonConfig,
 }
 TOP_LEVEL_KEYS = ("sources", *SECTIONS)

@@ -63,7 +63,7 @@ class Stage(Choice):
 
 # The `stage` labels of thzedge_stage_duration_seconds, in the order of the frame's way.
 STAGE_METRICS: tuple[str, ...] = tuple(dict.fromkeys(s.metric for s in Stage))
-RESULT_STATUSES = ("ok", "partial", "error")
+RESULT_STATUSES = ("ok", "partial", "error", "no_face", "uncalibrated")
 SOURCE_STATES = ("up", "stalled", "down", "ended")
 DAEMON_STATES = (
     "starting",
@@ -159,6 +159,17 @@ class DaemonMetrics:
             registry=r,
         )
         self.calibration_info = Info("thzedge_calibration", "Active calibration profile.", registry=r)
+        self.input_drift = Gauge(
+            "thzedge_input_drift",
+            "1 while the input monitor sees the stream drift from its calibration profile (R-NEW-11).",
+            registry=r,
+        )
+        self.no_face = Counter(
+            "thzedge_no_face_frames_total",
+            "Frames with no head in them (published `no_face`, the model not run), by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.build_info = Info("thzedge_build", "Version, model bundle and backend in use.", registry=r)
         self.watchdog_pings = Counter(
             "thzedge_watchdog_pings_total", "WATCHDOG=1 sent to systemd.", registry=r

@@ -48,6 +48,7 @@ __all__ = [
     "Source",
     "SourceStats",
     "ZmqSource",
+    "is_scanner_uri",
     "open_source",
     "split_queue_mode",
     "zmq_context",
@@ -138,6 +139,11 @@ class QueuePolicy(Choice):
     auto = "auto"  # live source → drop_oldest, lockstep source → block
     block = "block"
     drop_oldest = "drop_oldest"
+
+
+def is_scanner_uri(uri: str) -> bool:
+    """True for a live scanner link (tcp://, ipc://): frames that carry no calibration of their own."""
+    return uri.startswith(("tcp://", "ipc://"))
 
 
 def split_queue_mode(uri: str) -> tuple[str, QueuePolicy]:

@@ -5,7 +5,8 @@ A golden file is an MCAP recording (frames + the calibration profile they were t
 pins (bundle sha256, precision, backend, calibration id) as metadata `thzedge.golden`, and per
 frame the outputs of all three tasks (posture and its confidence, the verification embedding,
 the reconstruction) as an attachment `thzedge/golden.json`: an exact sha256 per output plus
-small values for tolerance checks (the embedding, an 8×8 mean-pooled reconstruction).
+small values for tolerance checks (the embedding, an 8×8 mean-pooled reconstruction), and the
+frame's status as the daemon would publish it (`ok`, `uncalibrated`, `no_face`).
 
 `verify_golden` replays the frames one at a time (batch 1, so a frame's outputs do not depend
 on its neighbours), conditioned as the daemon conditions them (`edge.fleet.replay`):
@@ -48,7 +49,7 @@ GOLDEN_FORMAT = 1
 # A bundle may carry its canary here. It is not in the manifest's `files` (its digests pin the
 # manifest's sha256, which would then depend on them); replaying it checks it anyway.
 BUNDLE_CANARY = "canary.mcap"
-OUTPUTS = ("posture", "confidence", "embedding", "reconstruction")
+OUTPUTS = ("posture", "confidence", "embedding", "reconstruction")  # besides the frame's status
 _THUMB = 8  # reconstruction thumbnail side: 64/8 = 8-pixel blocks
 
 
@@ -99,11 +100,12 @@ class FrameDigest:
     """One frame's outputs: an exact sha256 per output plus the values tolerance checks use."""
 
     seq: int
-    posture: int
+    posture: int  # -1 when the model did not run (no head in the frame)
     confidence: float
     embedding: list[float]
     thumbnail: list[float] | None  # 8×8 mean-pooled reconstruction, row-major; None without one
     sha256: dict[str, str] = field(default_factory=dict)
+    status: str = "ok"  # the daemon's: ok, uncalibrated or no_face (preparation is checked too)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON-ready form."""
@@ -141,8 +143,11 @@ def replay_digests(
     """
     out = []
     for f in frames:
-        if f.x is None:
+        if f.x is None or f.error is not None:
             raise OutputError(f"frame seq {f.seq}: conditioning failed ({type(f.error).__name__}: {f.error})")
+        if f.quality is not None:  # the daemon publishes `no_face` without running the model
+            out.append(FrameDigest(f.seq, -1, 0.0, [], None, {}, f.status))
+            continue
         batch = infer_isolated(runner, f.x[None, None].astype(np.float32), reconstruct=reconstruct)
         outcome = batch.frames[0]
         if outcome.failures:
@@ -170,6 +175,7 @@ def replay_digests(
                 embedding=[float(v) for v in np.asarray(p.embedding, np.float32)],
                 thumbnail=thumb,
                 sha256=hashes,
+                status=f.status,
             )
         )
     return out
@@ -277,6 +283,11 @@ def compare(
     if [g.seq for g in golden] != [r.seq for r in got]:
         return [Drift(got[0].seq if got else -1, "frames", "the replay's frames differ from the golden's")]
     for g, r in zip(golden, got, strict=True):
+        if g.status != r.status:
+            drifts.append(Drift(g.seq, "status", f"{r.status}, golden {g.status}"))
+            continue
+        if g.status == "no_face":  # no model outputs on either side
+            continue
         if tolerance is None:
             for name in OUTPUTS:
                 if name in g.sha256 and g.sha256[name] != r.sha256.get(name):

@@ -112,9 +112,9 @@ def _open_side(spec: ModelSpec, threads: int) -> _Side:
 
 
 def _predict(runner: Runner, frames: Sequence[ReplayedFrame], reconstruct: bool) -> list[FrameOutcome | None]:
-    """Run every conditioned frame in the daemon's batches; None for a frame that was not conditioned."""
+    """Run the frames the daemon would run in its batches; None for the others (error, no head)."""
     outcomes: list[FrameOutcome | None] = [None] * len(frames)
-    ok = [i for i, f in enumerate(frames) if f.x is not None]
+    ok = [i for i, f in enumerate(frames) if f.runs_model]
     if not ok:
         return outcomes
     x = np.stack([frames[i].x for i in ok])[:, None].astype(np.float32)  # type: ignore[misc]
@@ -145,18 +145,21 @@ def _label(side: _Side, outcome: FrameOutcome | None) -> tuple[str | None, float
 
 
 def _status(frame: ReplayedFrame, outcomes: Iterable[FrameOutcome | None]) -> tuple[str, str | None]:
-    """`error` when a frame could not be conditioned or encoded by either model, `partial` when a
-    later task failed; the error column names the task and the exception type (never its message,
-    which may quote an identity)."""
+    """The daemon's status: `error` when a frame could not be conditioned or encoded by either
+    model, `partial` when a later task failed (an `uncalibrated` frame stays `uncalibrated`),
+    `no_face` when the model did not run. The error column names the task and the exception type
+    (never its message, which may quote an identity)."""
     if frame.error is not None:
         return "error", f"{Task.condition.value}: {type(frame.error).__name__}"
-    status, first = "ok", None
+    status, first = frame.status, None
     for o in outcomes:
         if o is None:
             continue
         for f in o.failures:
-            fatal = f.task is Task.encoder
-            status = "error" if fatal or status == "error" else "partial"
+            if f.task is Task.encoder:
+                status = "error"
+            elif status == "ok":
+                status = "partial"
             first = first or f"{f.task.value}: {type(f.error).__name__}"
     return status, first
 

@@ -16,11 +16,12 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from calibration.conditioning import ConditioningParams
+from calibration.active import active_profile_path
 from calibration.profile import ProfileChoice, resolve_profile
 from edge import __version__
 from edge.bundle import Bundle, demo_bundle_path
 from edge.config import (
+    CalibrationConfig,
     Config,
     SourceConfig,
     VerificationConfig,
@@ -32,7 +33,7 @@ from edge.fleet.golden import bundle_canary
 from edge.gallery import Gallery, VerificationMode
 from edge.observability import DaemonMetrics, health_from, serve_http
 from edge.pipeline.acquire import profile_from_source
-from edge.pipeline.context import DaemonSettings, ModelInfo, ProcessingContext
+from edge.pipeline.context import DaemonSettings, ModelInfo, ProcessingContext, stream_context
 from edge.pipeline.daemon import Daemon
 from edge.pipeline.stats import RunSummary
 from edge.runner import Runner
@@ -40,9 +41,24 @@ from edge.sdnotify import Notifier
 from edge.security import EndpointSecurity
 from scanner_io.errors import BundleError, CalibrationError, ConfigError
 from scanner_io.recording import Recorder, default_manifest
-from scanner_io.sources import FrameSource, QueuePolicy, open_source, split_queue_mode, zmq_context
+from scanner_io.sources import (
+    FrameSource,
+    QueuePolicy,
+    is_scanner_uri,
+    open_source,
+    split_queue_mode,
+    zmq_context,
+)
 
-__all__ = ["ContextLoader", "RunOptions", "profile_from_source", "run_daemon", "settings_from_config"]
+__all__ = [
+    "ContextLoader",
+    "RunOptions",
+    "profile_from_source",
+    "refuse_uncalibrated",
+    "run_daemon",
+    "settings_from_config",
+    "stream_profile",
+]
 
 log = logging.getLogger("thzedge.daemon")
 
@@ -59,6 +75,7 @@ class RunOptions:
     record: Path | None = None
     max_frames: int | None = None
     reconstruction: bool = True
+    calibration: Path | None = None  # profile directory for the source (overrides the config's)
 
 
 def settings_from_config(
@@ -104,37 +121,65 @@ class ContextLoader:
         bundle: Bundle,
         precision: str,
         security: EndpointSecurity,
+        calibration: CalibrationConfig | None = None,
     ) -> None:
         self.src = src
         self.verification = verification
         self.bundle = bundle
         self.precision = precision
         self.security = security
+        self.calibration = calibration or CalibrationConfig()
 
     def profile(self, carried: ProfileChoice | None) -> ProfileChoice:
-        """The profile that conditions the stream: configured, else what the source carries, else none."""
-        try:
-            return resolve_profile(self.src.calibration, carried=carried)
-        except CalibrationError as exc:
-            raise ConfigError(f"[sources] calibration: {exc}") from None
+        """The profile that conditions the stream (`stream_profile`)."""
+        return stream_profile(self.src, self.calibration, carried)
 
     def __call__(self, generation: int, carried: ProfileChoice | None) -> ProcessingContext:
         """Load generation `generation` of the processing context."""
         if generation > 0:
             self.security.reload()  # SIGHUP: client certificates too (R-SEC-3)
         choice = self.profile(carried)
-        base = choice.profile.conditioning if choice.profile is not None else ConditioningParams()
         gallery = None
         v = self.verification
         if v.gallery is not None and VerificationMode(v.mode) is not VerificationMode.off:
             gallery = Gallery.load(v.gallery, self.bundle, threshold=v.threshold, precision=self.precision)
-        return ProcessingContext(
-            profile=choice.profile,
-            params=self.src.conditioning.apply(base),
-            calibration_id=choice.calibration_id,
-            gallery=gallery,
-            generation=generation,
-        )
+        return stream_context(choice, self.src, self.calibration, gallery, generation)
+
+
+def stream_profile(
+    src: SourceConfig, calibration: CalibrationConfig, carried: ProfileChoice | None = None
+) -> ProfileChoice:
+    """The profile that conditions a source's stream: `[sources.NAME] calibration`, else the
+    profile `thzedge calibrate activate` made current for NAME, else what the source carries,
+    else none (`calibration.profile.resolve_profile`). Read again on every SIGHUP."""
+    try:
+        active = None
+        if src.calibration is None and src.name is not None:
+            active = active_profile_path(src.name, calibration.state_dir)
+        return resolve_profile(src.calibration, carried=carried, active=active)
+    except CalibrationError as exc:
+        raise ConfigError(f"[sources] calibration: {exc}") from None
+
+
+def refuse_uncalibrated(src: SourceConfig, uri: str, calibration: CalibrationConfig) -> None:
+    """R-CAL-1 / R-NEW-10: a live scanner link without a profile does not start (exit 78).
+
+    Frames over tcp:// or ipc:// carry no calibration of their own; without a profile the model
+    would see uncorrected frames and publish confident nonsense. `allow_uncalibrated` publishes
+    them marked `uncalibrated` instead.
+    """
+    if not is_scanner_uri(uri) or stream_profile(src, calibration).profile is not None:
+        return
+    if calibration.allow_uncalibrated:
+        log.warning("source %s has no calibration profile: results are published `uncalibrated`", uri)
+        return
+    name = src.name or "NAME"
+    raise ConfigError(
+        f"source {src.name or uri} is a live scanner link with no calibration profile; calibrate it "
+        f"(thzedge calibrate capture/build/activate --scanner {name}), or give one with "
+        f"--calibration DIR or [sources.{name}] calibration, or set [calibration] "
+        "allow_uncalibrated = true to publish results marked `uncalibrated`"
+    )
 
 
 def _open_bundle(cfg: Config) -> tuple[Bundle, Runner]:
@@ -183,7 +228,10 @@ def run_daemon(
     cfg = _config_for(opts)
     log_start_warnings(cfg, log)
     src = cfg.resolve_source(opts.source)
+    if opts.calibration is not None:
+        src = dataclasses.replace(src, calibration=opts.calibration)
     uri, queue_policy = split_queue_mode(src.uri)  # a bad mode= fails before the model loads
+    refuse_uncalibrated(src, uri, cfg.calibration)  # before the model loads, too
     if opts.max_frames is not None and opts.max_frames < 1:
         raise ConfigError(f"--max-frames {opts.max_frames}: expected a positive number of frames")
     settings = settings_from_config(
@@ -213,7 +261,9 @@ def run_daemon(
     except BaseException:  # e.g. a bad CURVE key file: do not leak the loaded model's sessions
         runner.close()
         raise
-    load_context = ContextLoader(src, cfg.verification, bundle, cfg.model.precision, security)
+    load_context = ContextLoader(
+        src, cfg.verification, bundle, cfg.model.precision, security, calibration=cfg.calibration
+    )
 
     def open_src() -> FrameSource:
         return open_source(uri, names=cfg.source_names())

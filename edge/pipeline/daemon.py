@@ -340,6 +340,9 @@ class Daemon:
             self._set_state("degraded", "inference not responding")
         elif src in ("down", "stalled") or silent > self.settings.stalled_after_s:
             self._set_state("stalled", f"source {src}, no frame for {silent:.0f} s")
+        elif (alarm := acq.calibration_alarm) is not None:
+            # R-CAL-3 / R-NEW-11: still streaming (and ready), but not to be trusted blindly.
+            self._set_state("degraded", alarm[:200])
         elif (
             not acq.live
             and len(pipe.frames) >= self.settings.queue_size

@@ -75,9 +75,17 @@ class Metrics:
         """Record the source state."""
         self._do(lambda m: m.set_source_state(state))
 
-    def calibration(self, profile_id: str) -> None:
-        """Record the active calibration profile id."""
-        self._do(lambda m: m.set_calibration(profile_id))
+    def calibration(self, profile_id: str, stale: bool = False) -> None:
+        """Record the active calibration profile id and whether it is outside its envelope."""
+        self._do(lambda m: m.set_calibration(profile_id, stale))
+
+    def input_drift(self, drifted: bool) -> None:
+        """Record whether the input monitor sees drift against the profile (R-NEW-11)."""
+        self._do(lambda m: m.input_drift.set(1 if drifted else 0))
+
+    def no_face(self, reason: str) -> None:
+        """Count one frame with no head in it, by reason (blank, flat, saturated, too_small)."""
+        self._do(lambda m: m.no_face.labels(reason).inc())
 
     def watchdog_ping(self) -> None:
         """Count one WATCHDOG=1 sent to systemd."""

@@ -238,8 +238,8 @@ def test_each_fault_blocks_readiness(
     elif fault == "broken preprocessing":  # conditioning that mirrors the crop
         import edge.pipeline.context as context
 
-        real = context.calibrate_and_condition
-        monkeypatch.setattr(context, "calibrate_and_condition", lambda *a: np.fliplr(real(*a)).copy())
+        real = context.condition
+        monkeypatch.setattr(context, "condition", lambda *a: np.fliplr(real(*a)).copy())
         runner, model = fp32, ModelInfo(demo_sha, "fp32", "ort")
     else:
         runner, model = Disturbed(int8, 0.3), ModelInfo(demo_sha, "int8", "ort")
@@ -272,12 +272,19 @@ def test_each_fault_blocks_readiness(
 def test_thzedge_run_exits_79_on_a_failing_canary(
     golden: Path, fp32: Any, demo_sha: str, tmp_path: Path
 ) -> None:
-    from tests.edge.daemon_helpers import finish, thzedge_run, write_config
+    from tests.edge.daemon_helpers import finish, thzedge_run
+
+    def write_config(path: Path, canary: Path | None) -> Path:
+        line = f'canary = "{canary}"\n' if canary is not None else ""
+        path.write_text(
+            f'[metrics]\nenabled = false\n[daemon]\nstop_timeout_s = 3.0\n{line}[model]\nbackend = "ort"\n'
+        )
+        return path
 
     # A canary whose expected outputs this bundle does not give (made by another engine).
     bad = tmp_path / "bad-canary.mcap"
     make_golden(golden, Disturbed(fp32, 0.2), ModelInfo(demo_sha, "fp32", "ort"), bad)
-    cfg = write_config(tmp_path / "c.toml", f'canary = "{bad}"\n[model]\nbackend = "ort"\n')
+    cfg = write_config(tmp_path / "c.toml", bad)
     rec = demo.write_sim_recordings(tmp_path / "src", 1, 3)[0]
     proc = thzedge_run(f"replay:{rec}?rate=max", DEMO, cfg, f"ipc://{tmp_path}/r.sock")
     code, _out, err = finish(proc)
@@ -291,7 +298,7 @@ def test_thzedge_run_exits_79_on_a_failing_canary(
     shutil.copytree(DEMO, bundle)
     shutil.copy(golden, bundle / "canary.mcap")
     assert Bundle.open(bundle).sha256 == demo_sha  # the canary is not part of what it pins
-    cfg = write_config(tmp_path / "ok.toml", '[model]\nbackend = "ort"\n')
+    cfg = write_config(tmp_path / "ok.toml", None)
     code, out, err = finish(thzedge_run(f"replay:{rec}?rate=max", bundle, cfg, f"ipc://{tmp_path}/r2.sock"))
     assert code == 0, err
     assert "canary passed: 8 frames (exact)" in err

@@ -217,3 +217,22 @@ def test_without_the_fleet_extra_the_commands_say_what_to_install(
     assert main([*args, "--out", str(tmp_path / "o2")]) == EXIT_UNAVAILABLE
     assert "needs pyarrow" in capsys.readouterr().err
     assert main(["rescore", "--help"]) == 0  # still listed and documented
+
+
+def test_a_frame_without_a_head_is_no_face_and_not_scored(tmp_path: Path) -> None:
+    from calibration.simulated import true_profile
+    from scanner_io.recording import Recorder
+    from scanner_io.simulator import ScannerSimulator
+
+    faces = demo.demo_simulator()
+    dark = ScannerSimulator(
+        seed=7, identities=6, scene="dark", start_time_ns=0
+    )  # the same sensor, shutter shut
+    path = tmp_path / "mixed.mcap"
+    with Recorder(path, calibration=true_profile(faces), fsync=False) as rec:
+        for frame in (faces.next_frame(), dark.next_frame(), faces.next_frame()):
+            rec.write(frame)
+    rows = score_recording(path, RescoreJob(model=ModelSpec(DEMO, "int8"), baseline=ModelSpec(DEMO, "fp32")))
+    assert [r["status"] for r in rows] == ["ok", "no_face", "ok"]  # as the daemon would publish them
+    assert rows[1]["posture"] is None and rows[1]["recon_ssim"] is None
+    assert rows[0]["posture"] is not None and rows[2]["recon_ssim"] is not None
