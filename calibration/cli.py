@@ -43,7 +43,11 @@ def register(app: typer.Typer) -> None:
 def record(
     ctx: typer.Context,
     source: Annotated[
-        str, typer.Option("--source", help="Source URI: tcp://, ipc://, sim[?..], replay:FILE.")
+        str,
+        typer.Option(
+            "--source",
+            help="Source URI (tcp://, ipc://, sim[?..], replay:FILE) or a source name from the config.",
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", help="MCAP file to write (FILE.mcap.part until finished).")],
     frames: Annotated[int | None, typer.Option("--frames", min=1, help="Stop after N frames.")] = None,
@@ -54,7 +58,8 @@ def record(
         Path | None,
         typer.Option(
             "--calibration",
-            help="Calibration profile directory to attach (default: the one the source carries, if any).",
+            help="Calibration profile directory to attach (default: the configured source's, else "
+            "the one the source carries, if any).",
         ),
     ] = None,
     chunk_kib: Annotated[
@@ -64,12 +69,16 @@ def record(
     """Record raw frames from a source into an MCAP file (zstd chunks, manifest, calibration)."""
     if frames is not None and duration is not None:
         raise ThzEdgeError("give --frames or --duration, not both")
-    src = open_source(source)
+    named = global_options(ctx).resolve_source(source)
+    src = open_source(named.uri)
     try:
-        manifest = default_manifest(source=source, extra={"frames_requested": frames, "duration_s": duration})
-        # Without --calibration, attach what the source carries (a recording's own profile, the
-        # simulator's true maps), so a replay is conditioned exactly as the live stream was.
-        attach = resolve_profile(calibration, src).profile
+        manifest = default_manifest(
+            source=named.uri, extra={"frames_requested": frames, "duration_s": duration}
+        )
+        # Without --calibration, attach the configured source's profile, else what the source
+        # carries (a recording's own, the simulator's true maps), so a replay is conditioned
+        # exactly as the live stream was.
+        attach = resolve_profile(calibration or named.calibration, src).profile
         recorder = Recorder(out, manifest=manifest, calibration=attach, chunk_bytes=chunk_kib * 1024)
         with stop_on_signals() as stop, terminal_progress("recording", frames) as progress:
             summary = record_source(

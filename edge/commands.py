@@ -14,7 +14,7 @@ import typer
 
 from edge.backends import BackendKind
 from edge.bench import bench_model, render_bench
-from edge.bundle import Precision, demo_bundle_path
+from edge.bundle import Precision, demo_bundle_path, model_path
 from edge.config import load_config
 from edge.evaluation import Routing, evaluate
 from edge.gallery import Gallery, enroll_from_inputs, enroll_from_source
@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
     app.command("bench")(bench_command)
 
 
-_MODEL_HELP = "Model bundle directory (from `thzedge export onnx`)."
+_MODEL_HELP = "Model bundle directory (from `thzedge export onnx`), or `demo` for the shipped demo model."
 _BACKEND_HELP = "Inference backend: auto, ort (ONNX Runtime) or trt (TensorRT engine)."
 _PRECISION_HELP = "Bundle precision variant to run."
 
@@ -61,7 +61,7 @@ def infer_command(
         list[Path],
         typer.Argument(help="Conditioned crops: 8-bit grayscale PNGs, .npy [N,64,64]/[N,1,64,64], or dirs."),
     ],
-    model: Annotated[Path, typer.Option("--model", help=_MODEL_HELP)],
+    model: Annotated[str, typer.Option("--model", help=_MODEL_HELP)],
     out: Annotated[Path, typer.Option("--out", help="Where to write the results (.npz).")],
     backend: Annotated[BackendKind, typer.Option("--backend", help=_BACKEND_HELP)] = BackendKind.auto,
     precision: Annotated[Precision, typer.Option("--precision", help=_PRECISION_HELP)] = Precision.fp32,
@@ -79,7 +79,7 @@ def infer_command(
     batch = load_inputs(inputs)
     reconstruct = not no_reconstruction
     postures = truth_postures(batch) if reconstruct and routing is Routing.truth else None
-    with Runner.from_bundle(model, backend=backend, precision=precision.value) as runner:
+    with Runner.from_bundle(model_path(model), backend=backend, precision=precision.value) as runner:
         outputs = runner.infer(batch.x, reconstruct=reconstruct, postures=postures)
         names = runner.postures
     path = save_results(out, outputs, batch.names)
@@ -90,7 +90,7 @@ def infer_command(
 
 def eval_command(
     ctx: typer.Context,
-    model: Annotated[Path, typer.Option("--model", help=_MODEL_HELP)],
+    model: Annotated[str, typer.Option("--model", help=_MODEL_HELP)],
     data: Annotated[Path, typer.Option("--data", help="Dataset directory of research-format PNG crops.")],
     triplets: Annotated[Path, typer.Option("--triplets", help="Triplet CSV (anchor,positive,negative).")],
     routing: Annotated[
@@ -103,7 +103,7 @@ def eval_command(
     precision: Annotated[Precision, typer.Option("--precision", help=_PRECISION_HELP)] = Precision.fp32,
 ) -> None:
     """Score a bundle on a triplet dataset: verification, posture, reconstruction, per posture."""
-    with Runner.from_bundle(model, backend=backend, precision=precision.value) as runner:
+    with Runner.from_bundle(model_path(model), backend=backend, precision=precision.value) as runner:
         report = evaluate(runner, data, triplets, routing=routing.value)
     typer.echo(json.dumps(report.to_dict(), indent=2) if global_options(ctx).json else report.render())
 
@@ -119,10 +119,16 @@ def run_command(
         ),
     ],
     model: Annotated[
-        Path | None,
-        typer.Option("--model", help="Model bundle directory (default: config, else the demo model)."),
+        str | None,
+        typer.Option(
+            "--model", help="Model bundle directory, or `demo` (default: config, else the demo model)."
+        ),
     ] = None,
     backend: Annotated[BackendKind | None, typer.Option("--backend", help=_BACKEND_HELP)] = None,
+    precision: Annotated[
+        Precision | None,
+        typer.Option("--precision", help="Bundle precision variant to run (default: config, else fp32)."),
+    ] = None,
     publish: Annotated[
         str | None,
         typer.Option("--publish", help="Results endpoint to bind (default: config, else an ipc:// socket)."),
@@ -137,6 +143,14 @@ def run_command(
     no_reconstruction: Annotated[
         bool, typer.Option("--no-reconstruction", help="Skip the decoders (posture and verification only).")
     ] = False,
+    metrics_bind: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics-bind",
+            help="HOST:PORT of the metrics and health server, or `off` "
+            "(default: config, else 127.0.0.1:9464).",
+        ),
+    ] = None,
     calibration: Annotated[
         Path | None,
         typer.Option(
@@ -152,13 +166,15 @@ def run_command(
     summary = run_daemon(
         RunOptions(
             source=source,
-            model=model,
+            model=model_path(model) if model is not None else None,
             config=opts.config,
             backend=backend.value if backend is not None else None,
+            precision=precision.value if precision is not None else None,
             publish=publish,
             record=record,
             max_frames=max_frames,
             reconstruction=not no_reconstruction,
+            metrics_bind=metrics_bind,
             calibration=calibration,
         )
     )
@@ -168,7 +184,7 @@ def run_command(
 def bench_command(
     ctx: typer.Context,
     model: Annotated[
-        Path | None, typer.Option("--model", help="Model bundle directory (default: the demo bundle).")
+        str | None, typer.Option("--model", help="Model bundle directory, or `demo` (the default).")
     ] = None,
     backend: Annotated[
         str, typer.Option("--backend", help=f"Comma list of backends: {', '.join(BackendKind.values())}.")
@@ -189,7 +205,7 @@ def bench_command(
         raise ThzEdgeError(f"--batch must be a comma list of integers, got {batch!r}") from None
     backends = [b.value for b in split_choices(BackendKind, backend, "--backend")]
     precisions = [p.value for p in split_choices(Precision, precision, "--precision")]
-    rows = bench_model(model or demo_bundle_path(), backends, precisions, batches, seconds, data)
+    rows = bench_model(model_path(model or "demo"), backends, precisions, batches, seconds, data)
     typer.echo(
         json.dumps([r.to_dict() for r in rows], indent=2) if global_options(ctx).json else render_bench(rows)
     )
@@ -241,7 +257,8 @@ def enroll_command(
         typer.Argument(help="Conditioned crops, as `thzedge infer` reads: 8-bit PNGs, .npy, or dirs."),
     ] = None,
     model: Annotated[
-        Path | None, typer.Option("--model", help="Model bundle (default: config, else demo).")
+        str | None,
+        typer.Option("--model", help="Model bundle directory, or `demo` (default: config, else demo)."),
     ] = None,
     gallery: Annotated[
         Path | None, typer.Option("--gallery", help="Gallery .npz to create or extend (default: config).")
@@ -272,7 +289,7 @@ def enroll_command(
             "give either INPUT files (conditioned crops) or --source URI (raw frames), not both"
         )
     cfg = load_config(global_options(ctx).config)
-    bundle = model or cfg.model.bundle or demo_bundle_path()
+    bundle = model_path(model) if model is not None else cfg.model.bundle or demo_bundle_path()
     gallery_path = gallery or cfg.verification.gallery
     if gallery_path is None:
         raise ThzEdgeError("--gallery FILE.npz is required (or [verification] gallery in the config)")

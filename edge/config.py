@@ -111,6 +111,11 @@ class ModelConfig:
     backend: BackendKind = BackendKind.auto
     precision: Precision = Precision.fp32
     max_batch: int | None = field(default=None, metadata={"min": 1})
+    # Where `thzedge export engine` puts TensorRT engines and the trt backend finds them (None:
+    # $THZEDGE_ENGINE_CACHE, else the unit's $STATE_DIRECTORY/engines; edge/backends/engine_cache.py).
+    engine_cache: Path | None = None
+    # The DLA core the engines were built for (`export engine --dla-core`); None: the GPU.
+    dla_core: int | None = field(default=None, metadata={"min": 0})
 
 
 @dataclass(frozen=True)
@@ -234,7 +239,7 @@ class Config:
         """Return the named source, or an ad-hoc one for a URI; unknown names are a ConfigError."""
         if name_or_uri in self.sources:
             return self.sources[name_or_uri]
-        if _is_source_uri(name_or_uri):
+        if is_source_uri(name_or_uri):
             if name_or_uri.startswith("tcp://"):
                 # The same rule as for a configured tcp source (R-SEC-1), for a URI on the command line.
                 if not self.daemon.insecure_dev:
@@ -343,6 +348,32 @@ def load_config(path: Path | str | None = None) -> Config:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     return config_from_dict(raw, path=path)
+
+
+def load_model_config(path: Path | str | None = None) -> ModelConfig:
+    """Read only the [model] section of a config file (same lookup and checks as `load_config`).
+
+    For tools that run outside the service (`thzedge export engine` as the service user): the
+    rest of a production config may name `${CREDENTIALS_DIRECTORY}` and other paths only
+    systemd provides, which must not stop them from finding the engine cache and the bundle.
+    """
+    explicit = path is not None
+    if path is None:
+        env = os.environ.get(CONFIG_ENV)
+        path, explicit = (Path(env), True) if env else (DEFAULT_CONFIG_PATH, False)
+    path = Path(path)
+    if not path.exists():
+        if explicit:
+            raise ConfigError(f"config file {path} does not exist; create it or drop --config")
+        return ModelConfig()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    model: ModelConfig = _build(ModelConfig, raw.get("model", {}), f"{path}: [model]", path.resolve().parent)
+    return model
 
 
 def config_from_dict(raw: Mapping[str, Any], path: Path | None = None) -> Config:
@@ -510,7 +541,8 @@ def _toml_value(value: Any) -> str:
 # Helpers
 
 
-def _is_source_uri(text: str) -> bool:
+def is_source_uri(text: str) -> bool:
+    """True for a source URI (sim, replay:, tcp://, ipc://), False for a source name."""
     return bool(_URI_RE.match(text)) or text.startswith(("sim", "replay:"))
 
 
@@ -545,7 +577,7 @@ def _build_sources(table: Any, where: str, base: Path) -> dict[str, SourceConfig
         if "uri" not in entry:
             raise ConfigError(f"{here}: missing key 'uri' (e.g. uri = \"tcp://scanner0.local:5555\")")
         uri = _expand(_expect(entry["uri"], str, f"{here} uri"), f"{here} uri")
-        if not _is_source_uri(uri):
+        if not is_source_uri(uri):
             raise ConfigError(
                 f"{here} uri {uri!r}: expected sim…, replay:FILE, tcp://HOST:PORT or ipc://PATH"
             )

@@ -392,7 +392,9 @@ class StateTracker:
     def set(self, state: str, detail: str = "", level: int = logging.INFO) -> bool:
         """Enter `state` (one of DAEMON_STATES); return False when it was already the state.
 
-        The detail goes to STATUS and the log; it must carry no identity, score or image.
+        The detail goes to STATUS and the log; it must carry no identity, score or image. STATUS
+        is sent on a change only: the daemon calls this every main-loop turn, and refreshes
+        STATUS on its own schedule with `status()` (docs/daemon.md: every 10 s).
         """
         if state not in DAEMON_STATES:
             raise ValueError(f"unknown daemon state {state!r}; expected one of {', '.join(DAEMON_STATES)}")
@@ -409,7 +411,7 @@ class StateTracker:
             self.metrics.state.state(state)
             self.metrics.ready.set(1 if self.ready else 0)
         status = f"{state}: {detail}" if detail else state
-        if self.notifier is not None:
+        if changed and self.notifier is not None:
             self.notifier.status(status)
         if changed:
             event = f"state.{state}"

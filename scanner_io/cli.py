@@ -64,7 +64,11 @@ def scanner_serve(
     inject_malformed: Annotated[int, typer.Option("--inject-malformed", hidden=True, min=0)] = 0,
     skip_every: Annotated[int, typer.Option("--skip-every", hidden=True, min=0)] = 0,
 ) -> None:
-    """Stream frames in the acquisition protocol, as a scanner would (PUSH socket, bound)."""
+    """Stream frames in the acquisition protocol, as a scanner would (PUSH socket, bound).
+
+    After the last frame (`--frames N`, or the end of a recording) it sends the end-of-stream
+    message, so a consumer such as `thzedge run` ends too; a stop by signal sends none.
+    """
     settings = EmulatorSettings(
         bind=bind,
         rate=_parse_rate(rate),
@@ -79,7 +83,8 @@ def scanner_serve(
         typer.echo(json.dumps(stats.to_dict(), sort_keys=True))
     else:
         dropped = sum(stats.dropped.values())
-        typer.echo(f"sent {stats.sent} frames in {stats.elapsed_s:.1f} s, dropped {dropped}")
+        end = "end of stream sent" if stats.end_of_stream else "no end of stream sent"
+        typer.echo(f"sent {stats.sent} frames in {stats.elapsed_s:.1f} s, dropped {dropped}; {end}")
 
 
 def recording_info(

@@ -4,7 +4,9 @@ It stands in for a scanner's acquisition service: it binds a PUSH socket and sen
 as `[topic, header, payload]` (docs/protocol.md). Live streams are sent with NOBLOCK, so a slow
 or absent consumer never blocks it — such frames are dropped here and counted by reason, and
 the consumer sees the hole as a seq gap. Lockstep streams (`rate="max"`) block instead, so
-nothing is dropped (R-ZMQ-2).
+nothing is dropped (R-ZMQ-2). When the stream is complete (`frames` sent, or a finite source
+ended) it sends the end-of-stream message, so the consumer knows nothing more will come; a
+stop request (SIGTERM) is not the end of the stream and sends none.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import zmq
 
-from scanner_io.codec import send_frame, topic_for
+from scanner_io.codec import EndOfStream, encode_end_of_stream, send_frame, topic_for
 from scanner_io.frame import Frame
 from scanner_io.sources import (
     HEARTBEAT_IVL_MS,
@@ -48,6 +50,7 @@ class EmulatorStats:
     skipped: int = 0
     source_malformed: int = 0
     elapsed_s: float = 0.0
+    end_of_stream: bool = False  # the end-of-stream message was handed to the socket
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready copy."""
@@ -58,6 +61,7 @@ class EmulatorStats:
             "skipped": self.skipped,
             "source_malformed": self.source_malformed,
             "elapsed_s": round(self.elapsed_s, 3),
+            "end_of_stream": self.end_of_stream,
         }
 
 
@@ -138,6 +142,8 @@ def serve(
         sock.setsockopt(zmq.SNDTIMEO, 100)
         t0 = time.monotonic()
         n = 0  # frames taken from the source
+        last_seq: int | None = None
+        scanner: str | None = None
         while not stop.is_set():
             if settings.frames is not None and n >= settings.frames:
                 break
@@ -155,6 +161,7 @@ def serve(
                 stats.source_malformed += 1
                 continue
             n += 1
+            last_seq, scanner = item.header.seq, item.header.scanner
             if settings.skip_every and n % settings.skip_every == 0:
                 stats.skipped += 1
                 continue
@@ -183,7 +190,10 @@ def serve(
                     if stop.is_set():
                         break
         stats.elapsed_s = time.monotonic() - t0
-        if lockstep and not stop.is_set():
+        if not stop.is_set():
+            end = EndOfStream(scanner=scanner or _scanner_of(source), last_seq=last_seq, frames=stats.sent)
+            stats.end_of_stream = _send_end(sock, end, stop, settings.drain_ms)
+        if (lockstep or stats.end_of_stream) and not stop.is_set():
             # Linger only covers handing frames to the kernel; a peer that is still reading
             # would lose what sits in socket buffers when the connection closes, so a lockstep
             # stream keeps the connection open a little longer before it goes.
@@ -194,6 +204,31 @@ def serve(
     dropped = sum(stats.dropped.values())
     log.info("scanner emulator: sent %d frames, dropped %d", stats.sent, dropped)
     return stats
+
+
+def _scanner_of(source: Source) -> str:
+    # A source that delivered no frame still names its scanner in the end message.
+    name = dict(parse_qsl(source.uri.partition("?")[2])).get("scanner", "")
+    return name if name else "scanner"
+
+
+def _send_end(sock: Any, end: EndOfStream, stop: threading.Event, wait_ms: int) -> bool:
+    """Send the end-of-stream message; return whether it went out.
+
+    It waits up to `wait_ms` for room, also on a live stream: it is the one message the
+    consumer must not miss.
+    """
+    deadline = time.monotonic() + wait_ms / 1000
+    while not stop.is_set():
+        try:
+            sock.send_multipart(encode_end_of_stream(end), flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            if time.monotonic() >= deadline:
+                log.warning("scanner emulator: no consumer took the end-of-stream message")
+                return False
+            stop.wait(0.02)
+    return False
 
 
 def serve_uri(

@@ -577,9 +577,12 @@ class RecordingInfo:
             f"mean rate   {self.mean_rate_hz:.2f} frames/s",
         ]
         for name, s in sorted(self.scanners.items()):
+            # Plain words, not Python reprs: 128x128 (or "128x128, 64x64" when it changed).
+            shapes = ", ".join("x".join(str(d) for d in shape) for shape in s.shapes) or "none"
+            seqs = f"seq {s.first_seq}..{s.last_seq}" if s.first_seq is not None else "no seq"
             lines.append(
-                f"scanner     {name}: {s.frames} frames, seq {s.first_seq}..{s.last_seq}, "
-                f"{s.seq_gaps} missing, {s.seq_resets} resets, shape {s.shapes}, dtype {s.dtypes}"
+                f"scanner     {name}: {s.frames} frames, {seqs}, {s.seq_gaps} missing, "
+                f"{s.seq_resets} resets, shape {shapes}, dtype {', '.join(s.dtypes) or 'none'}"
             )
         for a in self.attachments:
             lines.append(f"attachment  {a.name} ({a.media_type}, {a.size} bytes, sha256 {a.sha256[:12]})")

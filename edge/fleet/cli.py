@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from edge.backends import BackendKind
-from edge.bundle import Bundle, Precision, demo_bundle_path
+from edge.bundle import Bundle, Precision, model_path
 from edge.fleet.engines import Engine, expand_recordings, import_ray, require_pyarrow, run_engine
 from edge.fleet.rescore import ModelSpec, RescoreJob, check_job, summarize
 from edge.gallery import VerificationMode
@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
 def rescore_command(
     ctx: typer.Context,
     recordings: Annotated[list[str], typer.Argument(help="MCAP recordings: files, directories or globs.")],
-    model: Annotated[Path, typer.Option("--model", help="The new model bundle.")],
+    model: Annotated[str, typer.Option("--model", help="The new model bundle (or `demo`).")],
     out: Annotated[
         Path, typer.Option("--out", help="Directory for rows.parquet, summary.json, report.html.")
     ],
@@ -40,7 +40,7 @@ def rescore_command(
         Precision.fp32
     ),
     baseline: Annotated[
-        Path | None, typer.Option("--baseline", help="The bundle deployed now (default: --model).")
+        str | None, typer.Option("--baseline", help="The bundle deployed now, or `demo` (default: --model).")
     ] = None,
     baseline_precision: Annotated[
         Precision, typer.Option("--baseline-precision", help="Precision of the baseline.")
@@ -83,17 +83,18 @@ def rescore_command(
     require_pyarrow()  # before hours of scoring, not after
     if kind is Engine.ray:
         import_ray()
-    base_bundle = baseline or model
+    new_bundle = model_path(model)
+    base_bundle = model_path(baseline) if baseline is not None else new_bundle
     # A gallery is tied to its bundle: reuse it for the baseline only when that is the same bundle.
     if (
         baseline_gallery is None
         and gallery is not None
-        and Bundle.open(base_bundle).sha256 == Bundle.open(model).sha256
+        and Bundle.open(base_bundle).sha256 == Bundle.open(new_bundle).sha256
     ):
         baseline_gallery = gallery
     job = RescoreJob(
         model=ModelSpec(
-            str(model), precision.value, backend.value, gallery=str(gallery) if gallery else None
+            str(new_bundle), precision.value, backend.value, gallery=str(gallery) if gallery else None
         ),
         baseline=ModelSpec(
             str(base_bundle),
@@ -131,9 +132,7 @@ def replay_command(
     make_golden: Annotated[
         Path | None, typer.Option("--make-golden", help="Write RECORDING plus this model's results here.")
     ] = None,
-    model: Annotated[
-        Path | None, typer.Option("--model", help="Model bundle (default: the demo bundle).")
-    ] = None,
+    model: Annotated[str, typer.Option("--model", help="Model bundle directory, or `demo`.")] = "demo",
     backend: Annotated[BackendKind, typer.Option("--backend", help="Inference backend.")] = BackendKind.auto,
     precision: Annotated[Precision, typer.Option("--precision", help="Bundle precision.")] = Precision.fp32,
     calibration: Annotated[
@@ -153,7 +152,7 @@ def replay_command(
         raise UsageError("--make-golden OUT.mcap needs the RECORDING to replay")
     if verify is not None and recording is not None:
         raise UsageError("--verify replays the golden file itself; drop RECORDING")
-    bundle = Bundle.open(model or demo_bundle_path())
+    bundle = Bundle.open(model_path(model))
     with Runner.from_bundle(bundle, backend=backend.value, precision=precision.value) as runner:
         info = ModelInfo(bundle.sha256, precision.value, runner.backend.name)
         if make_golden is not None:

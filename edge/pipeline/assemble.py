@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from calibration.active import active_profile_path
+from calibration.conditioning import ConditioningParams
 from calibration.profile import ProfileChoice, resolve_profile
 from edge import __version__
 from edge.bundle import Bundle, demo_bundle_path
 from edge.config import (
+    DEFAULT_METRICS_PORT,
     CalibrationConfig,
     Config,
     SourceConfig,
@@ -28,6 +30,7 @@ from edge.config import (
     apply_overrides,
     load_config,
     log_start_warnings,
+    split_host_port,
 )
 from edge.fleet.golden import bundle_canary
 from edge.gallery import Gallery, VerificationMode
@@ -35,11 +38,12 @@ from edge.observability import DaemonMetrics, health_from, serve_http
 from edge.pipeline.acquire import profile_from_source
 from edge.pipeline.context import DaemonSettings, ModelInfo, ProcessingContext, stream_context
 from edge.pipeline.daemon import Daemon
+from edge.pipeline.metrics import start_device_telemetry
 from edge.pipeline.stats import RunSummary
 from edge.runner import Runner
 from edge.sdnotify import Notifier
 from edge.security import EndpointSecurity
-from scanner_io.errors import BundleError, CalibrationError, ConfigError
+from scanner_io.errors import BundleError, CalibrationError, ConfigError, UsageError
 from scanner_io.recording import Recorder, default_manifest
 from scanner_io.sources import (
     FrameSource,
@@ -71,10 +75,12 @@ class RunOptions:
     model: Path | None = None
     config: Path | None = None
     backend: str | None = None
+    precision: str | None = None
     publish: str | None = None
     record: Path | None = None
     max_frames: int | None = None
     reconstruction: bool = True
+    metrics_bind: str | None = None  # HOST:PORT, or "off"
     calibration: Path | None = None  # profile directory for the source (overrides the config's)
 
 
@@ -143,7 +149,25 @@ class ContextLoader:
         v = self.verification
         if v.gallery is not None and VerificationMode(v.mode) is not VerificationMode.off:
             gallery = Gallery.load(v.gallery, self.bundle, threshold=v.threshold, precision=self.precision)
-        return stream_context(choice, self.src, self.calibration, gallery, generation)
+        ctx = stream_context(choice, self.src, self.calibration, gallery, generation)
+        assert ctx.params is not None  # stream_context always sets them
+        _check_model_input(ctx.params, self.bundle, choice)
+        return ctx
+
+
+def _check_model_input(params: ConditioningParams, bundle: Bundle, choice: ProfileChoice) -> None:
+    """R-NEW-10: the conditioning must produce what the model was trained on (its input side).
+
+    Conditioning always maps to [0, 1] float32; the crop side is the profile's (or an override's)
+    and must be the encoder input's, else every frame would fail at inference.
+    """
+    spatial = [d for d in bundle.input_spec.shape[-2:] if isinstance(d, int)]
+    if spatial and any(d != params.out_size for d in spatial):
+        raise ConfigError(
+            f"{choice.origin} ({choice.calibration_id}) conditions frames to {params.out_size}x"
+            f"{params.out_size}, but the model bundle takes {spatial[0]}x{spatial[-1]}; set "
+            f"[sources.NAME.conditioning] out_size = {spatial[0]} or rebuild the profile"
+        )
 
 
 def stream_profile(
@@ -193,7 +217,13 @@ def _open_bundle(cfg: Config) -> tuple[Bundle, Runner]:
         )
     try:
         bundle = Bundle.open(bundle_path)
-        runner = Runner.from_bundle(bundle, backend=cfg.model.backend, precision=cfg.model.precision)
+        runner = Runner.from_bundle(
+            bundle,
+            backend=cfg.model.backend,
+            precision=cfg.model.precision,
+            engine_cache=cfg.model.engine_cache,
+            dla_core=cfg.model.dla_core,
+        )
     except BundleError as exc:
         # A missing or broken bundle, or a precision it lacks, does not heal on a restart: exit 78
         # so systemd stops retrying (RestartPreventExitStatus=78).
@@ -210,6 +240,19 @@ def _config_for(opts: RunOptions) -> Config:
         overrides["model"] = {"backend": opts.backend}
     if opts.model is not None:
         overrides.setdefault("model", {})["bundle"] = str(opts.model)
+    if opts.precision is not None:
+        overrides.setdefault("model", {})["precision"] = opts.precision
+    if opts.metrics_bind is not None:
+        off = opts.metrics_bind == "off"
+        if not off:
+            try:
+                split_host_port(opts.metrics_bind)
+            except ConfigError:
+                raise UsageError(
+                    f"--metrics-bind {opts.metrics_bind!r}: expected HOST:PORT such as "
+                    f"127.0.0.1:{DEFAULT_METRICS_PORT}, or off"
+                ) from None
+        overrides["metrics"] = {"enabled": not off, **({} if off else {"bind": opts.metrics_bind})}
     if opts.publish is not None:
         overrides["publisher"] = {"endpoint": opts.publish}
     return apply_overrides(cfg, **overrides) if overrides else cfg
@@ -289,6 +332,7 @@ def run_daemon(
         on_ready=on_ready,
     )
     server = None
+    stop_telemetry = start_device_telemetry(metrics)
     try:
         if cfg.metrics.enabled:
             server = serve_http(
@@ -300,6 +344,7 @@ def run_daemon(
     finally:
         if server is not None:
             server.close()
+        stop_telemetry()
         security.close()
         with contextlib.suppress(Exception):
             runner.close()

@@ -50,6 +50,8 @@ class DaemonSettings:
         default=VerificationMode.auto, metadata=_from("verification", "mode")
     )
     state_interval_s: float = 0.5
+    # systemd STATUS= between state changes (docs/daemon.md): one line every 10 s, not per frame.
+    status_interval_s: float = 10.0
     poll_s: float = 0.05
     ipc_mode: int = field(default=0o600, metadata=_from("publisher", "ipc_mode"))
     ipc_group: str | None = field(default=None, metadata=_from("publisher", "ipc_group"))

@@ -309,9 +309,11 @@ class Daemon:
                 self._reload(pipe)
             if pipe.clock.stop_at is None:
                 self._update_state(pipe, now)
-                if now - last_status >= 10.0 and self.state_name == "ready":
+                if now - last_status >= self.settings.status_interval_s:
+                    # State changes send STATUS themselves; this refreshes the counts in between.
                     last_status = now
-                    self.tracker.status(self._streaming_status())
+                    ready = self.state_name == "ready"
+                    self.tracker.status(self._streaming_status() if ready else self.tracker.detail)
             time.sleep(0.05)
         end = pipe.clock.hard_deadline() or time.monotonic()
         stages: list[Stage] = [acq, inf, pub]

@@ -7,8 +7,15 @@ from collections.abc import Callable
 
 from edge.observability import DaemonMetrics, Stage
 from edge.results import FrameResult
+from edge.telemetry import install_jetson_telemetry
 
 log = logging.getLogger("thzedge.daemon")
+
+
+def start_device_telemetry(impl: DaemonMetrics) -> Callable[[], None]:
+    """Add a Jetson's tegrastats gauges to the daemon's registry (none elsewhere); returns the stop call."""
+    telemetry = install_jetson_telemetry(impl.registry)
+    return telemetry.close if telemetry is not None else lambda: None
 
 
 class Metrics:

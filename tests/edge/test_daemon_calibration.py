@@ -45,6 +45,25 @@ def _stop(*procs: object) -> None:
             p.wait(10)  # type: ignore[attr-defined]
 
 
+def _run_to_end(
+    source: str, bundle: Path, tmp_path: Path, calibration: Path | None = None
+) -> tuple[int, str, str, Subscriber]:
+    """Run the daemon on a finite source to its end; return (rc, stdout, stderr, what it published)."""
+    cfg = write_config(tmp_path / "thzedge.toml")
+    pub = f"ipc://{tmp_path}/r.sock"
+    sub = Subscriber(pub)
+    daemon = thzedge_run(source, bundle, cfg, pub, calibration=calibration)
+    try:
+        sub.wait_state(proc=daemon)
+        sub.pump(60, until=lambda s: daemon.poll() is not None)
+        rc, out, err = finish(daemon)
+        sub.pump(0.3)
+    finally:
+        _stop(daemon)
+        sub.close()
+    return rc, out, err, sub
+
+
 def test_an_uncalibrated_ipc_scanner_is_refused_before_the_model_loads(
     tiny_bundle: Path, tmp_path: Path
 ) -> None:
@@ -110,22 +129,27 @@ def test_allow_uncalibrated_publishes_results_marked_uncalibrated_never_ok(
 def test_frames_that_stop_fitting_the_profile_go_uncalibrated_with_one_event(
     tiny_bundle: Path, tmp_path: Path
 ) -> None:
-    """A lockstep stream (not checked before READY) of another scanner's frames: conditioned
-    without the profile, announced once."""
-    cfg = write_config(tmp_path / "thzedge.toml")
+    """A lockstep scanner link (not checked before READY) sending another scanner's frames:
+    conditioned without the profile, announced once."""
     foreign = identity_profile(tmp_path / "cal", scanner="other-serial", shape=(128, 128))
-    pub = f"ipc://{tmp_path}/r.sock"
+    cfg = write_config(tmp_path / "thzedge.toml")
+    scan, pub = f"ipc://{tmp_path}/scanner.sock", f"ipc://{tmp_path}/r.sock"
     sub = Subscriber(pub)
-    daemon = thzedge_run("sim?seed=0&frames=30", tiny_bundle, cfg, pub, calibration=foreign)
+    daemon = thzedge_run(
+        f"{scan}?mode=lockstep", tiny_bundle, cfg, pub, "--max-frames", "30", calibration=foreign
+    )
+    emu = None
     try:
-        sub.wait_state(proc=daemon)
+        sub.wait_state(proc=daemon)  # the scanner starts once the subscriber is in: nothing is missed
+        emu = _serve("sim?seed=0", scan)
         sub.pump(60, until=lambda s: daemon.poll() is not None)
         rc, out, err = finish(daemon)
         sub.pump(0.3)
     finally:
-        _stop(daemon)
+        _stop(daemon, emu)
         sub.close()
     assert rc == 0, err
+    assert len(sub.results) == 30
     assert sub.results and {h["status"] for h in sub.results} == {"uncalibrated"}
     mismatch = [e for e in sub.events if e["kind"] == "error" and e["reason"] == "calibration_mismatch"]
     assert len(mismatch) == 1 and "other-serial" in mismatch[0]["message"]
@@ -187,18 +211,7 @@ def test_a_stale_profile_sets_the_metric_emits_an_event_degrades_readyz_and_keep
 def test_frames_without_a_head_are_published_no_face_without_a_posture(
     tiny_bundle: Path, tmp_path: Path
 ) -> None:
-    cfg = write_config(tmp_path / "thzedge.toml")
-    pub = f"ipc://{tmp_path}/r.sock"
-    sub = Subscriber(pub)
-    daemon = thzedge_run("sim?scene=dark&frames=10&fps=20", tiny_bundle, cfg, pub)
-    try:
-        sub.wait_state(proc=daemon)
-        sub.pump(60, until=lambda s: daemon.poll() is not None)
-        rc, out, err = finish(daemon)
-        sub.pump(0.3)
-    finally:
-        _stop(daemon)
-        sub.close()
+    rc, out, err, sub = _run_to_end("sim?scene=dark&frames=10&fps=20", tiny_bundle, tmp_path)
     assert rc == 0, err
     assert sub.results and all(h["status"] == "no_face" for h in sub.results)
     assert all(h["posture"] is None and h["verification"] is None for h in sub.results)
@@ -251,3 +264,16 @@ def test_the_scanners_active_profile_is_used_and_a_sighup_picks_up_a_new_activat
     switch = ids.index(second_id)
     assert switch > 0 and set(ids[:switch]) == {first_id} and set(ids[switch:]) == {second_id}
     assert {h["status"] for h in sub.results} == {"ok"}
+
+
+def test_conditioning_to_another_size_than_the_model_takes_is_refused_at_start(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """R-NEW-10: the profile's output must be the model's input; exit 78 before READY."""
+    cfg = write_config(
+        tmp_path / "thzedge.toml",
+        '[sources.s]\nuri = "sim?frames=5"\n[sources.s.conditioning]\nout_size = 48\n',
+    )
+    rc, out, err = finish(thzedge_run("s", tiny_bundle, cfg, f"ipc://{tmp_path}/r.sock"), timeout=60)
+    assert rc == 78, err
+    assert "conditions frames to 48x48, but the model bundle takes 64x64" in err.strip().splitlines()[-1]

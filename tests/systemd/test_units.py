@@ -95,6 +95,8 @@ def test_unit_has_the_service_contract():
     assert svc["ExecStart"].endswith("run --source %i --config /etc/thzedge/thzedge.toml")
     assert svc["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert svc["RuntimeDirectory"] == "thzedge/%i"
+    # Per-instance state, and the engine cache every instance shares (edge/backends/engine_cache.py).
+    assert svc["StateDirectory"].split() == ["thzedge/%i", "thzedge/engines"]
     assert svc["LoadCredential"].startswith("curve-server.key_secret:")
     assert svc["UMask"] == "0077"
     assert svc["DevicePolicy"] == "closed"
@@ -123,6 +125,7 @@ def test_install_script_stages_a_private_tree(tmp_path):
     assert mode("etc/thzedge/keys/server.key_secret") == 0o600
     assert mode("etc/thzedge/thzedge.toml") == 0o640
     assert mode("etc/thzedge/clients") == 0o750
+    assert mode("var/lib/thzedge/engines") == 0o700  # the engine cache, before the first start
     unit = (root / "etc/systemd/system/thzedge@.service").read_text()
     assert "ExecStart=/opt/thzedge/venv/bin/thzedge run" in unit
     if shutil.which("systemd-analyze"):
