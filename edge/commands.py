@@ -22,8 +22,12 @@ from edge.infer import load_inputs, save_results, truth_postures
 from edge.pipeline.assemble import RunOptions, run_daemon
 from edge.runner import Runner
 from edge.security import generate_keys, load_keypair
+from edge.signing import generate_signing_key
+from edge.storage import storage_key_from_config
+from scanner_io.atrest import generate_storage_key
+from scanner_io.choices import Choice
 from scanner_io.cli_common import global_options, split_choices
-from scanner_io.errors import ThzEdgeError
+from scanner_io.errors import StorageError, ThzEdgeError
 from scanner_io.frame import POSTURES
 from scanner_io.sources import split_queue_mode
 
@@ -38,7 +42,7 @@ def register(app: typer.Typer) -> None:
     config_app.command("validate")(config_validate_command)
     app.add_typer(config_app, name="config")
     keys_app = typer.Typer(
-        help="CURVE keys for encrypted, authenticated tcp endpoints.", no_args_is_help=True
+        help="Keys: CURVE (tcp endpoints), storage (data at rest), signing (bundles).", no_args_is_help=True
     )
     keys_app.command("generate")(keys_generate_command)
     keys_app.command("show")(keys_show_command)
@@ -179,6 +183,9 @@ def run_command(
         )
     )
     typer.echo(json.dumps(summary.to_dict(), sort_keys=True) if opts.json else summary.render())
+    if summary.recording_error is not None:
+        # The stream ran to its end, the recording did not: exit 74 (retryable), not 0.
+        raise StorageError(summary.recording_error)
 
 
 def bench_command(
@@ -232,12 +239,49 @@ def config_validate_command(ctx: typer.Context) -> None:
     typer.echo(f"{cfg.path or 'built-in defaults'}: ok ({len(cfg.sources)} source(s))")
 
 
+class KeyKind(Choice):
+    """What `keys generate` makes."""
+
+    curve = "curve"
+    storage = "storage"
+    signing = "signing"
+
+
+_DEFAULT_KEY_NAMES = {KeyKind.curve: "server", KeyKind.storage: "storage", KeyKind.signing: "release"}
+
+
 def keys_generate_command(
-    out_dir: Annotated[Path, typer.Option("--out", help="Directory for NAME.key and NAME.key_secret.")],
-    name: Annotated[str, typer.Option("--name", help="Key name: 'server', or a consumer's name.")] = "server",
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory to write the key files into.")],
+    kind: Annotated[
+        KeyKind,
+        typer.Option(
+            "--kind",
+            help="curve: NAME.key + NAME.key_secret (tcp endpoints); storage: NAME.key, the AES-256 "
+            "device key for recordings and galleries; signing: NAME.pub + NAME.sign_key (Ed25519, bundles).",
+        ),
+    ] = KeyKind.curve,
+    name: Annotated[
+        str | None,
+        typer.Option("--name", help="Key name (default: server, storage or release by --kind)."),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing key files.")] = False,
 ) -> None:
-    """Create a CURVE key pair: NAME.key (public, share it) and NAME.key_secret (mode 0600)."""
+    """Create a key: a CURVE pair, the device storage key (0600) or an Ed25519 signing pair."""
+    name = name or _DEFAULT_KEY_NAMES[kind]
+    if kind is KeyKind.storage:
+        key = generate_storage_key(Path(out_dir) / f"{name}.key", overwrite=force)
+        typer.echo(
+            f"storage key {key.key_id}\nwrote {key.path} (secret, 0600); deliver it with "
+            f"LoadCredential=storage.key:{key.path} or [storage] key_file"
+        )
+        return
+    if kind is KeyKind.signing:
+        public_file, secret_file, kid = generate_signing_key(out_dir, name, overwrite=force)
+        typer.echo(
+            f"signing key {kid}\nwrote {public_file} (public: into the devices' [model] trusted_keys_dir) "
+            f"and {secret_file} (secret, 0600: for `thzedge export sign`)"
+        )
+        return
     public_file, secret_file = generate_keys(out_dir, name, overwrite=force)
     public = load_keypair(public_file, need_secret=False).public.decode()
     typer.echo(f"public key {public}\nwrote {public_file} (public) and {secret_file} (secret, 0600)")
@@ -289,6 +333,7 @@ def enroll_command(
             "give either INPUT files (conditioned crops) or --source URI (raw frames), not both"
         )
     cfg = load_config(global_options(ctx).config)
+    storage_key_from_config(cfg)  # the gallery is sealed under the device key (R-SEC-7)
     bundle = model_path(model) if model is not None else cfg.model.bundle or demo_bundle_path()
     gallery_path = gallery or cfg.verification.gallery
     if gallery_path is None:
@@ -338,6 +383,7 @@ def gallery_info_command(
     names: Annotated[bool, typer.Option("--names", help="Also list identity names (personal data).")] = False,
 ) -> None:
     """Show a gallery's bundle, threshold source and size; names only with --names."""
+    storage_key_from_config(load_config(global_options(ctx).config))
     g = Gallery.load(gallery)
     info: dict[str, Any] = {
         "path": str(gallery),
@@ -361,10 +407,12 @@ def gallery_info_command(
 
 
 def gallery_remove_command(
+    ctx: typer.Context,
     gallery: Annotated[Path, typer.Argument(help="Gallery .npz file.")],
     identity: Annotated[str, typer.Option("--identity", help="Identity to delete with all its references.")],
 ) -> None:
     """Delete one identity from a gallery (right to erasure); the file is rewritten atomically."""
+    storage_key_from_config(load_config(global_options(ctx).config))
     g = Gallery.load(gallery)
     if not g.remove(identity):
         raise ThzEdgeError(f"{identity!r} is not enrolled in {gallery}")

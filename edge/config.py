@@ -101,6 +101,15 @@ class SourceConfig:
     calibration: Path | None = None
     conditioning: ConditioningOverrides = field(default_factory=ConditioningOverrides)
     name: str | None = None
+    # CURVE on a tcp acquisition link: the scanner's public key (`scanner serve --curve-secret`'s
+    # pair) and this daemon's own certificate (public + secret). Both set = encrypted, authenticated.
+    curve_server_key: Path | None = None
+    curve_client_key: Path | None = None
+
+    @property
+    def curve(self) -> bool:
+        """True when the source connects as a CURVE client."""
+        return self.curve_server_key is not None and self.curve_client_key is not None
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,9 @@ class ModelConfig:
     """Which model bundle to run and how; `bundle = None` means the shipped demo bundle."""
 
     bundle: Path | None = None
+    # Directory of Ed25519 public keys (`*.pub`, `thzedge keys generate --kind signing`): when set,
+    # only bundles whose manifest one of them signed are loaded (`thzedge export sign`).
+    trusted_keys_dir: Path | None = None
     backend: BackendKind = BackendKind.auto
     precision: Precision = Precision.fp32
     max_batch: int | None = field(default=None, metadata={"min": 1})
@@ -165,6 +177,24 @@ class PrivacyConfig:
     publish_embedding: bool = False
     publish_reconstruction: bool = False
     record_results: bool = False
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Biometric data at rest: the storage key, consent and retention of recordings (R-SEC-7)."""
+
+    # AES-256 key (`thzedge keys generate --kind storage`); default: $CREDENTIALS_DIRECTORY/storage.key
+    # when systemd passes it (LoadCredential=), else $THZEDGE_STORAGE_KEY.
+    key_file: Path | None = None
+    # Refuse to record or write a gallery in plaintext (no key found): exit 78.
+    require_encryption: bool = False
+    # Recordings are deleted by the next sweep once this old (stored in each file); None: kept.
+    retention_days: float | None = field(default=None, metadata={"min": 0.0, "max": 36500.0})
+    consent: str = "unspecified"
+    purpose: str = "unspecified"
+    # The daemon deletes expired recordings in this directory every sweep_interval_s (None: no sweep).
+    sweep_dir: Path | None = None
+    sweep_interval_s: float = field(default=3600.0, metadata={"min": 1.0, "max": 86400.0 * 7})
 
 
 @dataclass(frozen=True)
@@ -229,6 +259,7 @@ class Config:
     verification: VerificationConfig = field(default_factory=VerificationConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     path: Path | None = None
 
     def source_names(self) -> dict[str, str]:
@@ -267,8 +298,11 @@ class Config:
                 entry["calibration"] = str(src.calibration)
             if src.conditioning:
                 entry["conditioning"] = {k: _plain(v) for k, v in src.conditioning.values.items()}
+            for key in ("curve_server_key", "curve_client_key"):
+                if getattr(src, key) is not None:
+                    entry[key] = str(getattr(src, key))
             out["sources"][name] = entry
-        for section in ("model", "publisher", "metrics", "privacy", "verification", "daemon"):
+        for section in ("model", "publisher", "metrics", "privacy", "verification", "daemon", "storage"):
             out[section] = _plain(getattr(self, section))
         out["publisher"]["ipc_mode"] = _Octal(self.publisher.ipc_mode)  # shown as 0o600, not 384
         return out
@@ -301,8 +335,7 @@ class Config:
             eps.append(("publisher endpoint", self.publisher.endpoint, self.publisher.curve.enabled))
         for name, src in self.sources.items():
             if src.uri.startswith("tcp://"):
-                # Sources connect without CURVE today (scanner_io has no client keys yet).
-                eps.append((f"source {name!r}", src.uri, False))
+                eps.append((f"source {name!r}", src.uri, src.curve))
         return eps
 
 
@@ -314,9 +347,10 @@ SECTIONS: dict[str, type] = {
     "verification": VerificationConfig,
     "calibration": CalibrationConfig,
     "daemon": DaemonConfig,
+    "storage": StorageConfig,
 }
 TOP_LEVEL_KEYS = ("sources", *SECTIONS)
-SOURCE_KEYS = ("uri", "calibration", "conditioning")
+SOURCE_KEYS = ("uri", "calibration", "conditioning", "curve_server_key", "curve_client_key")
 _URI_RE = re.compile(r"^[a-z][a-z0-9+.-]*://")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -409,8 +443,9 @@ def apply_overrides(config: Config, **sections: Mapping[str, Any]) -> Config:
 
 def _plain_tcp_source_message(uri: str) -> str:
     return (
-        f"{uri} is tcp without CURVE (acquisition sources do not speak CURVE yet): use ipc:// on "
-        "the scanner's host, or set [daemon] insecure_dev = true for development (R-SEC-1)"
+        f"{uri} is tcp without CURVE: configure it as [sources.NAME] with curve_server_key (the "
+        "scanner's public key) and curve_client_key (this daemon's certificate), use ipc:// on the "
+        "scanner's host, or set [daemon] insecure_dev = true for development (R-SEC-1)"
     )
 
 
@@ -584,7 +619,18 @@ def _build_sources(table: Any, where: str, base: Path) -> dict[str, SourceConfig
         calib = entry.get("calibration")
         calib_path = _path(calib, f"{here} calibration", base) if calib is not None else None
         cond = _conditioning(entry.get("conditioning", {}), f"{where}: [sources.{name}.conditioning]")
-        out[name] = SourceConfig(uri=uri, calibration=calib_path, conditioning=cond, name=name)
+        keys = {
+            k: _path(entry[k], f"{here} {k}", base) if entry.get(k) is not None else None
+            for k in ("curve_server_key", "curve_client_key")
+        }
+        if (keys["curve_server_key"] is None) != (keys["curve_client_key"] is None):
+            raise ConfigError(
+                f"{here}: CURVE needs both curve_server_key (the scanner's public key) and "
+                "curve_client_key (this daemon's certificate from `thzedge keys generate`)"
+            )
+        if keys["curve_server_key"] is not None and not uri.startswith("tcp://"):
+            raise ConfigError(f"{here}: curve_server_key is for tcp:// sources; {uri} is not one")
+        out[name] = SourceConfig(uri=uri, calibration=calib_path, conditioning=cond, name=name, **keys)
     return out
 
 

@@ -174,6 +174,15 @@ class DaemonMetrics:
         self.watchdog_pings = Counter(
             "thzedge_watchdog_pings_total", "WATCHDOG=1 sent to systemd.", registry=r
         )
+        self.recording = Gauge(
+            "thzedge_recording", "1 while raw frames are being recorded (--record), else 0.", registry=r
+        )
+        self.recorder_failures = Counter(
+            "thzedge_recorder_failures_total",
+            "Recordings stopped by a storage failure (disk full, I/O error), by errno name.",
+            ["reason"],
+            registry=r,
+        )
 
         for reason in DROP_REASONS:
             self.frames_dropped.labels(reason)

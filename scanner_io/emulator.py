@@ -17,12 +17,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import zmq
 
 from scanner_io.codec import EndOfStream, encode_end_of_stream, send_frame, topic_for
+from scanner_io.errors import ConfigError
 from scanner_io.frame import Frame
 from scanner_io.sources import (
     HEARTBEAT_IVL_MS,
@@ -76,6 +78,39 @@ class EmulatorSettings:
     inject_malformed_every: int = 0  # every Nth frame goes out malformed (seq kept readable)
     skip_every: int = 0  # every Nth frame is not sent at all (a seq gap downstream)
     drain_ms: int = 1000  # at a normal end: time for frames in flight to be delivered
+    # CURVE server: this scanner's certificate (public + secret) and the directory of the public
+    # certificates (`*.key`) of the consumers allowed to connect; unknown keys are refused (ZAP).
+    curve_secret_file: Path | None = None
+    curve_clients_dir: Path | None = None
+
+
+CURVE_DOMAIN = "thzedge-acquisition"
+
+
+def _curve_server(ctx: zmq.Context, sock: zmq.Socket, settings: EmulatorSettings) -> Any:
+    """Start a ZAP authenticator with the allowed clients, then make `sock` a CURVE server (fail closed)."""
+    import zmq.auth
+    from zmq.auth.thread import ThreadAuthenticator
+
+    assert settings.curve_secret_file is not None
+    if settings.curve_clients_dir is None or not Path(settings.curve_clients_dir).is_dir():
+        raise ConfigError("a CURVE scanner needs --curve-clients DIR with the consumers' public .key files")
+    try:
+        public, secret = zmq.auth.load_certificate(settings.curve_secret_file)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{settings.curve_secret_file}: not a CURVE certificate ({exc})") from None
+    if not secret:
+        raise ConfigError(f"{settings.curve_secret_file} holds no secret key; give the .key_secret file")
+    auth = ThreadAuthenticator(ctx, log=logging.getLogger("thzedge.scanner.zap"))
+    auth.start()
+    auth.configure_curve(domain=CURVE_DOMAIN, location=str(settings.curve_clients_dir))
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_server = True
+    sock.setsockopt(zmq.ZAP_DOMAIN, CURVE_DOMAIN.encode())
+    # Without this libzmq lets handshakes through when no ZAP handler answers (libzmq #2594).
+    sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+    return auth
 
 
 def source_uri_for(uri: str, rate: float | str | None) -> str:
@@ -121,12 +156,15 @@ def serve(
     fps = settings.rate if isinstance(settings.rate, (int, float)) else None
     ctx = zmq_context()
     sock = ctx.socket(zmq.PUSH)
+    auth = None
     try:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, settings.sndhwm)
         if settings.bind.startswith("tcp://"):
             sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        if settings.curve_secret_file is not None:
+            auth = _curve_server(ctx, sock, settings)  # the authenticator runs before the bind
         sock.bind(settings.bind)
         endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         log.info(
@@ -201,6 +239,8 @@ def serve(
     finally:
         # A normal end lets queued frames go out (bounded); a stop request closes at once.
         sock.close(0 if stop.is_set() else settings.drain_ms)
+        if auth is not None:
+            auth.stop()
     dropped = sum(stats.dropped.values())
     log.info("scanner emulator: sent %d frames, dropped %d", stats.sent, dropped)
     return stats

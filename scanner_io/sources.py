@@ -461,6 +461,15 @@ class ReplaySource(Source):
         return rec.item
 
 
+@dataclass(frozen=True)
+class CurveClientKeys:
+    """CURVE client keys of an acquisition link (Z85): the scanner's public key, then our own pair."""
+
+    server_public: bytes
+    public: bytes
+    secret: bytes = field(repr=False)
+
+
 class ZmqSource(Source):
     """The acquisition protocol over ZeroMQ: a PULL socket connected to the scanner's PUSH.
 
@@ -480,10 +489,13 @@ class ZmqSource(Source):
         hwm: int = DEFAULT_RCVHWM,
         stall_s: float = DEFAULT_STALL_S,
         reconnect_max_ms: int = DEFAULT_RECONNECT_MAX_MS,
+        curve: CurveClientKeys | None = None,
     ) -> None:
         super().__init__(uri)
         self.live = True
         self.endpoint = endpoint
+        # Encrypted and authenticated towards a scanner that is a CURVE server (tcp links).
+        self._curve = curve
         self._hwm = hwm
         self._stall_s = stall_s
         self._reconnect_max_ms = reconnect_max_ms
@@ -541,6 +553,10 @@ class ZmqSource(Source):
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, self._reconnect_max_ms)
         # Per-part limit: libzmq drops a peer that sends anything larger (oversized frames).
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_PAYLOAD_BYTES + MAX_HEADER_BYTES)
+        if self._curve is not None:
+            sock.curve_serverkey = self._curve.server_public
+            sock.curve_publickey = self._curve.public
+            sock.curve_secretkey = self._curve.secret
         if self.endpoint.startswith("tcp://"):
             sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
@@ -715,14 +731,19 @@ def _signed_float(uri: str, key: str, raw: str) -> float:
 URI_FORMS = "sim[?seed=..&fps=..], replay:FILE.mcap[?rate=1.0|max&loop=N], tcp://HOST:PORT, ipc://PATH"
 
 
-def open_source(uri: str, names: Mapping[str, str] | None = None) -> Source:
-    """Open a source from a URI, or from a name (`scanner0`) resolved through `names`."""
+def open_source(
+    uri: str, names: Mapping[str, str] | None = None, curve: CurveClientKeys | None = None
+) -> Source:
+    """Open a source from a URI, or from a name (`scanner0`) resolved through `names`.
+
+    `curve` makes a tcp source a CURVE client of the scanner (other sources ignore it).
+    """
     names = names or {}
     if uri in names:
         resolved = names[uri]
         if resolved in names:
             raise ConfigError(f"source name {uri!r} resolves to another name {resolved!r}; give a URI")
-        return open_source(resolved)
+        return open_source(resolved, curve=curve)
     if uri == "sim" or uri.startswith(("sim?", "sim://")):
         rest = uri.split("?", 1)[1] if "?" in uri else ""
         q = _query(uri, rest, _SIM_PARAMS)
@@ -743,7 +764,7 @@ def open_source(uri: str, names: Mapping[str, str] | None = None) -> Source:
         q = _query(uri, rest, {"hwm": int, "stall_s": float, "reconnect_max_ms": int})
         if q.get("hwm", 1) < 1:
             raise ConfigError(f"hwm in {uri!r} must be at least 1 frame")
-        return ZmqSource(uri, endpoint, **q)
+        return ZmqSource(uri, endpoint, **q, curve=curve if uri.startswith("tcp://") else None)
     if ":" not in uri and "/" not in uri:
         known = ", ".join(sorted(names)) if names else "none configured"
         near = difflib.get_close_matches(uri, list(names), n=1)

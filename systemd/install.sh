@@ -70,6 +70,12 @@ if [ ! -e "$ROOT/etc/thzedge/keys/server.key_secret" ]; then
     "$BIN" keys generate --out "$ROOT/etc/thzedge/keys" --name server
 fi
 
+# The storage key (recordings and galleries at rest, R-SEC-7), also a LoadCredential= of the unit.
+if [ ! -e "$ROOT/etc/thzedge/keys/storage.key" ]; then
+    BIN="$THZEDGE"; [ -x "$ROOT$THZEDGE" ] && BIN="$ROOT$THZEDGE"
+    "$BIN" keys generate --kind storage --out "$ROOT/etc/thzedge/keys"
+fi
+
 UNIT_DIR="$ROOT/etc/systemd/system"
 install -d -m 0755 "$UNIT_DIR"
 tmp=$(mktemp -d)

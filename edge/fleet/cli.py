@@ -19,8 +19,17 @@ from edge.fleet.rescore import ModelSpec, RescoreJob, check_job, summarize
 from edge.gallery import VerificationMode
 from edge.pipeline.context import ModelInfo
 from edge.runner import Runner
+from scanner_io.cli import STORAGE_KEY_HELP, storage_key_option
 from scanner_io.cli_common import global_options, terminal_progress
 from scanner_io.errors import UsageError
+
+
+def _key_file(explicit: Path | None) -> str | None:
+    """The storage key file workers read (`--storage-key`, else the default places), or None."""
+    key = storage_key_option(explicit)
+    if key is not None and key.path is None:
+        raise UsageError("give the storage key as a file (--storage-key): Ray workers read it from there")
+    return str(key.path) if key is not None and key.path is not None else None
 
 
 def register(app: typer.Typer) -> None:
@@ -75,6 +84,7 @@ def rescore_command(
     no_reconstruction: Annotated[
         bool, typer.Option("--no-reconstruction", help="Skip the decoders (no SSIM column).")
     ] = False,
+    storage_key: Annotated[Path | None, typer.Option("--storage-key", help=STORAGE_KEY_HELP)] = None,
 ) -> None:
     """Re-score recordings with a new bundle against the deployed one: flips per recording, Parquet, HTML."""
     from edge.fleet.report import write_outputs
@@ -107,6 +117,7 @@ def rescore_command(
         scores=scores,
         reconstruction=not no_reconstruction,
         verification_mode=VerificationMode.auto,
+        storage_key=_key_file(storage_key),
     )
     check_job(job)
     paths = expand_recordings(recordings)
@@ -141,6 +152,7 @@ def replay_command(
     max_frames: Annotated[
         int | None, typer.Option("--max-frames", help="With --make-golden: keep the first N frames.", min=1)
     ] = None,
+    storage_key: Annotated[Path | None, typer.Option("--storage-key", help=STORAGE_KEY_HELP)] = None,
 ) -> None:
     """Golden replays: --make-golden pins a model's results on a recording; --verify fails on any drift."""
     from edge.fleet.golden import make_golden as make
@@ -152,17 +164,20 @@ def replay_command(
         raise UsageError("--make-golden OUT.mcap needs the RECORDING to replay")
     if verify is not None and recording is not None:
         raise UsageError("--verify replays the golden file itself; drop RECORDING")
+    key = storage_key_option(storage_key)
     bundle = Bundle.open(model_path(model))
     with Runner.from_bundle(bundle, backend=backend.value, precision=precision.value) as runner:
         info = ModelInfo(bundle.sha256, precision.value, runner.backend.name)
         if make_golden is not None:
             assert recording is not None
-            g = make(recording, runner, info, make_golden, calibration=calibration, max_frames=max_frames)
+            g = make(
+                recording, runner, info, make_golden, calibration=calibration, max_frames=max_frames, key=key
+            )
             result = {"golden": str(g.path), "frames": len(g.frames), "pins": vars(g.pins)}
             pins = f"{info.bundle[:12]} {info.precision} {info.backend}"
             text = f"wrote {g.path}: {len(g.frames)} frames pinned to {pins}"
         else:
             assert verify is not None
-            report = verify_golden(verify, runner, info, calibration=calibration)
+            report = verify_golden(verify, runner, info, calibration=calibration, key=key)
             result, text = report.to_dict(), report.render()
     typer.echo(json.dumps(result, indent=2) if global_options(ctx).json else text)

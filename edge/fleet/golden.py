@@ -39,6 +39,7 @@ import numpy as np
 from edge.fleet.replay import CalibrationArg, ReplayedFrame, open_replay
 from edge.pipeline.context import ModelInfo
 from edge.runner import ModelRunner, infer_isolated
+from scanner_io.atrest import StorageKey, find_storage_key, is_sealed, seal, unseal
 from scanner_io.errors import CanaryError, ConfigError, DataError, ThzEdgeError
 from scanner_io.recording import Recorder, RecordingReader, default_manifest
 
@@ -46,6 +47,7 @@ GOLDEN_ATTACHMENT = "thzedge/golden.json"
 GOLDEN_MEDIA_TYPE = "application/x-thzedge-golden+json"
 GOLDEN_METADATA = "thzedge.golden"
 GOLDEN_FORMAT = 1
+GOLDEN_KIND = "golden"  # the sealed-envelope kind of encrypted golden results
 # A bundle may carry its canary here. It is not in the manifest's `files` (its digests pin the
 # manifest's sha256, which would then depend on them); replaying it checks it anyway.
 BUNDLE_CANARY = "canary.mcap"
@@ -188,9 +190,14 @@ def make_golden(
     out: str | os.PathLike[str],
     calibration: CalibrationArg = None,
     max_frames: int | None = None,
+    key: StorageKey | None = None,
 ) -> Golden:
-    """Replay a recording with a pinned configuration and write it, with the results, as a golden file."""
-    replay = open_replay(recording, calibration)
+    """Replay a recording with a pinned configuration and write it, with the results, as a golden file.
+
+    With a storage `key` (needed to read an encrypted recording too) the golden file is encrypted
+    like a recording: frames per chunk, the results (embeddings) as one sealed attachment.
+    """
+    replay = open_replay(recording, calibration, key=key)
     frames: list[ReplayedFrame] = []
     for f in replay:
         if max_frames is not None and len(frames) >= max_frames:
@@ -202,19 +209,24 @@ def make_golden(
     pins = Pins.of(model, replay.calibration_id)
     doc = {"format": GOLDEN_FORMAT, "pins": asdict(pins), "frames": [d.to_dict() for d in digests]}
     manifest = default_manifest(source=str(recording))
-    with Recorder(out, manifest=manifest, calibration=replay.context.profile, fsync=False) as rec:
+    results = json.dumps(doc).encode()
+    if key is not None:
+        results = seal(results, key, kind=GOLDEN_KIND)
+    with Recorder(out, manifest=manifest, calibration=replay.context.profile, fsync=False, key=key) as rec:
         rec.add_metadata(GOLDEN_METADATA, asdict(pins))
-        rec.add_attachment(GOLDEN_ATTACHMENT, GOLDEN_MEDIA_TYPE, json.dumps(doc).encode())
+        rec.add_attachment(GOLDEN_ATTACHMENT, GOLDEN_MEDIA_TYPE, results)
         for f in frames:
             rec.write(f.frame)
     return Golden(Path(out), pins, digests)
 
 
-def read_golden(path: str | os.PathLike[str]) -> Golden:
-    """Read a golden file's pins and digests; DataError when it is not one."""
-    reader = RecordingReader(path)
+def read_golden(path: str | os.PathLike[str], key: StorageKey | None = None) -> Golden:
+    """Read a golden file's pins and digests (an encrypted one with its `key`); DataError if not one."""
+    reader = RecordingReader(path, key)
     reader.read_preamble()
     data = reader.attachment(GOLDEN_ATTACHMENT)
+    if data is not None and is_sealed(data):
+        data = unseal(data, key, f"golden results of {path}", GOLDEN_KIND)
     if data is None:
         raise DataError(
             f"{path} is a recording without golden results; make one with `thzedge replay --make-golden`"
@@ -327,9 +339,14 @@ def _tolerance(precision: str) -> Tolerance:
 
 
 def _replay(
-    golden: Golden, runner: ModelRunner, running: Pins, mode: str, tolerance: Tolerance | None
+    golden: Golden,
+    runner: ModelRunner,
+    running: Pins,
+    mode: str,
+    tolerance: Tolerance | None,
+    key: StorageKey | None,
 ) -> GoldenReport:
-    frames = list(open_replay(golden.path))
+    frames = list(open_replay(golden.path, key=key))
     try:
         got = replay_digests(runner, frames, reconstruct=any(g.thumbnail is not None for g in golden.frames))
     except OutputError as exc:
@@ -340,11 +357,15 @@ def _replay(
 
 
 def verify_golden(
-    path: str | os.PathLike[str], runner: ModelRunner, model: ModelInfo, calibration: CalibrationArg = None
+    path: str | os.PathLike[str],
+    runner: ModelRunner,
+    model: ModelInfo,
+    calibration: CalibrationArg = None,
+    key: StorageKey | None = None,
 ) -> GoldenReport:
     """Replay a golden file with the running configuration; raise on a pin mismatch or any drift."""
-    golden = read_golden(path)
-    replay = open_replay(golden.path, calibration)
+    golden = read_golden(path, key)
+    replay = open_replay(golden.path, calibration, key=key)
     running = Pins.of(model, replay.calibration_id)
     pinned = golden.pins
     wrong = [
@@ -360,7 +381,7 @@ def verify_golden(
     exact = running.backend == pinned.backend
     tolerance = None if exact else _tolerance(running.precision)
     report = _replay(
-        golden, runner, running, "exact" if exact else f"tolerance:{running.precision}", tolerance
+        golden, runner, running, "exact" if exact else f"tolerance:{running.precision}", tolerance, key
     )
     if not report.ok:
         d = report.drifts[0]
@@ -376,10 +397,12 @@ def run_canary(runner: ModelRunner, golden_path: str | os.PathLike[str], model: 
 
     The bundle must be the pinned one; another precision or backend is compared with the running
     precision's tolerances, the pinned precision and backend exactly. Raises CanaryError when the
-    canary cannot be read or belongs to another bundle.
+    canary cannot be read or belongs to another bundle. An encrypted canary is read with the
+    configured storage key.
     """
     try:
-        golden = read_golden(golden_path)
+        key = find_storage_key()
+        golden = read_golden(golden_path, key)
     except ThzEdgeError as exc:
         raise CanaryError(f"canary {golden_path}: {exc}") from None
     running = Pins.of(model, golden.pins.calibration)  # the canary is conditioned with its own profile
@@ -391,7 +414,7 @@ def run_canary(runner: ModelRunner, golden_path: str | os.PathLike[str], model: 
     exact = (running.precision, running.backend) == (golden.pins.precision, golden.pins.backend)
     tolerance = None if exact else _tolerance(running.precision)
     mode = "exact" if exact else f"tolerance:{running.precision}"
-    return _replay(golden, runner, running, mode, tolerance)
+    return _replay(golden, runner, running, mode, tolerance, key)
 
 
 def bundle_canary(bundle_dir: str | os.PathLike[str]) -> Path | None:

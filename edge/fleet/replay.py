@@ -21,6 +21,7 @@ from calibration.profile import resolve_profile
 from calibration.quality import FrameQuality
 from edge.config import CalibrationConfig, SourceConfig
 from edge.pipeline.context import ProcessingContext, QueuedFrame, stream_context
+from scanner_io.atrest import StorageKey
 from scanner_io.frame import Frame
 from scanner_io.recording import RecordingReader
 
@@ -88,9 +89,13 @@ def open_replay(
     path: str | os.PathLike[str],
     calibration: CalibrationArg = None,
     settings: CalibrationConfig | None = None,
+    key: StorageKey | None = None,
 ) -> Replay:
-    """Open a recording and prepare its frames as a daemon replaying it would (`[calibration]` defaults)."""
-    reader = RecordingReader(path)
+    """Open a recording and prepare its frames as a daemon replaying it would (`[calibration]` defaults).
+
+    An encrypted recording needs its storage `key`.
+    """
+    reader = RecordingReader(path, key)
     reader.read_preamble()  # the recorder writes the profile before the first frame
     src = SourceConfig(uri=f"replay:{reader.path}", calibration=Path(calibration) if calibration else None)
     choice = resolve_profile(src.calibration, reader)

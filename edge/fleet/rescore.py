@@ -30,6 +30,7 @@ from edge.evaluation import ssim
 from edge.fleet.replay import ReplayedFrame, open_replay
 from edge.gallery import Gallery, Match, VerificationMode, match_probe
 from edge.runner import FrameOutcome, Runner, Task, TaskFailure, infer_isolated
+from scanner_io.atrest import load_storage_key
 from scanner_io.errors import ThzEdgeError
 
 # Column order of a row (the Parquet schema in edge.fleet.engines follows it).
@@ -79,6 +80,8 @@ class RescoreJob:
     scores: bool = False  # keep match distances in the rows (opt-in: biometric-derived)
     reconstruction: bool = True
     verification_mode: VerificationMode = VerificationMode.auto
+    # Key file of encrypted recordings; each worker reads it (a path, so no key travels in a job).
+    storage_key: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON-ready form (stored beside the results)."""
@@ -182,6 +185,7 @@ class RecordingScorer:
     def __init__(self, job: RescoreJob) -> None:
         check_job(job)
         self.job = job
+        self._key = load_storage_key(Path(job.storage_key)) if job.storage_key is not None else None
         self._new = _open_side(job.model, job.threads)
         try:
             self._base = _open_side(job.baseline, job.threads)
@@ -192,7 +196,7 @@ class RecordingScorer:
     def __call__(self, path: str | os.PathLike[str]) -> list[Row]:
         """Score every frame of one recording; one row per well-formed frame, in file order."""
         job, new, base = self.job, self._new, self._base
-        frames = list(open_replay(path, job.calibration))
+        frames = list(open_replay(path, job.calibration, key=self._key))
         out_new = _predict(new.runner, frames, job.reconstruction)
         out_base = _predict(base.runner, frames, job.reconstruction)
         rows = []

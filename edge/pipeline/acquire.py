@@ -19,7 +19,7 @@ from edge.pipeline.context import QueuedFrame
 from edge.pipeline.queues import Event
 from edge.pipeline.stage import Pipeline, Stage
 from scanner_io.codec import MalformedFrame
-from scanner_io.errors import ConfigError
+from scanner_io.errors import ConfigError, StorageError
 from scanner_io.frame import Frame
 from scanner_io.recording import Recorder
 from scanner_io.seq import SeqTracker
@@ -64,6 +64,8 @@ class AcquisitionStage(Stage):
         self.scanner: str | None = None
         self._seqs = SeqTracker()
         self._warned_identity = False
+        # Set when the recorder failed (disk full, I/O error): recording stopped, streaming goes on.
+        self.recording_error: StorageError | None = None
         # What the calibration checks say now (R-CAL-3, R-NEW-11): reasons, or None when fine.
         self.stale: str | None = None
         self.drift: str | None = None
@@ -84,6 +86,7 @@ class AcquisitionStage(Stage):
             # The recording carries the profile this stream is conditioned with, also when it is
             # the source's own (the simulator's maps), so its replay conditions frames alike.
             self.recorder = self._open_recorder(self.source_profile)
+            self.pipe.metrics.recording(True)
 
     def _check_fit_before_ready(self) -> None:
         """R-CAL-1: wait (bounded) for a live source's first frame; refuse a profile that does not fit.
@@ -134,8 +137,7 @@ class AcquisitionStage(Stage):
                 return
             item = self._early.pop(0) if self._early else self.source.read(s.poll_s)
             if item is None:
-                if self.recorder is not None:
-                    self.recorder.tick()  # a quiet stream still reaches the disk
+                self._record(lambda r: r.tick())  # a quiet stream still reaches the disk
                 if self.source.exhausted:
                     self.exit_reason = "source_ended"
                     return
@@ -155,9 +157,7 @@ class AcquisitionStage(Stage):
         pipe.metrics.malformed(reason)
         self._seqs.malformed(item.scanner or self.scanner, seq)
         log.warning("malformed frame rejected: reason=%s seq=%s", reason, seq)
-        if self.recorder is not None:
-            with contextlib.suppress(Exception):
-                self.recorder.write_event("malformed", reason=reason, seq=seq)
+        self._record(lambda r: r.write_event("malformed", reason=reason, seq=seq))
         body = {"stage": "acquire", "reason": reason, "seq": seq, "message": item.message[:200]}
         pipe.outbox.put(Event("error", body), pipe.clock.publish_deadline, pipe.settings.poll_s)
 
@@ -179,8 +179,7 @@ class AcquisitionStage(Stage):
         with pipe.stats.lock:
             pipe.stats.frames_in += 1
         pipe.metrics.received()
-        if self.recorder is not None:
-            self.recorder.write(frame)
+        self._record(lambda r: r.write(frame))
         queued = QueuedFrame(frame, now)
         self._prepare(queued)
         self._watch(queued)
@@ -189,6 +188,31 @@ class AcquisitionStage(Stage):
             reason = "shutdown" if evicted.frame is frame else "queue_full"
             pipe.count_drop(reason, seq=evicted.frame.header.seq)
         pipe.metrics.queue_depth(len(pipe.frames))
+
+    def _record(self, write: Callable[[Recorder], None]) -> None:
+        """Hand one write to the recorder; a storage failure stops recording, never the stream."""
+        if self.recorder is None:
+            return
+        try:
+            write(self.recorder)
+        except Exception as exc:
+            self._recording_failed(exc)
+
+    def _recording_failed(self, exc: Exception) -> None:
+        """Stop recording after a failure: log, event, metrics; the main loop shows `degraded`."""
+        pipe, recorder = self.pipe, self.recorder
+        self.recorder = None
+        if recorder is not None:
+            with contextlib.suppress(Exception):
+                recorder.close()  # after a StorageError: releases the file, keeps the .part
+        if not isinstance(exc, StorageError):
+            exc = StorageError(f"recording stopped: {type(exc).__name__}: {exc}", reason=type(exc).__name__)
+        self.recording_error = exc
+        pipe.metrics.recording(False)
+        pipe.metrics.recorder_failed(exc.reason)
+        log.error("%s; streaming and publishing continue", exc)
+        body = {"stage": "record", "reason": "recorder_failed", "seq": None, "message": str(exc)[:200]}
+        pipe.outbox.put(Event("error", body), pipe.clock.publish_deadline, pipe.settings.poll_s)
 
     def _prepare(self, q: QueuedFrame) -> None:
         ctx = self.pipe.processing  # read once per frame, in seq order: a reload switches at one seq
@@ -257,7 +281,13 @@ class AcquisitionStage(Stage):
 
     def teardown(self) -> None:
         """Close the source and the recorder."""
-        for thing in (self.source, self.recorder):
-            if thing is not None:
-                with contextlib.suppress(Exception):
-                    thing.close()
+        if self.source is not None:
+            with contextlib.suppress(Exception):
+                self.source.close()
+        if self.recorder is not None:
+            try:
+                self.recorder.close()
+            except Exception as exc:  # the disk filled up while finishing the file
+                self._recording_failed(exc)
+            else:
+                self.pipe.metrics.recording(False)

@@ -42,10 +42,13 @@ from edge.pipeline.metrics import start_device_telemetry
 from edge.pipeline.stats import RunSummary
 from edge.runner import Runner
 from edge.sdnotify import Notifier
-from edge.security import EndpointSecurity
+from edge.security import EndpointSecurity, curve_available, load_keypair
+from edge.signing import verify_bundle_signature
+from edge.storage import Sweeper, recording_policy, storage_key_from_config
 from scanner_io.errors import BundleError, CalibrationError, ConfigError, UsageError
 from scanner_io.recording import Recorder, default_manifest
 from scanner_io.sources import (
+    CurveClientKeys,
     FrameSource,
     QueuePolicy,
     is_scanner_uri,
@@ -215,6 +218,10 @@ def _open_bundle(cfg: Config) -> tuple[Bundle, Runner]:
             "trained on simulated scans only and is not fit for real faces",
             bundle_path,
         )
+    if cfg.model.trusted_keys_dir is not None:
+        # Before any graph is parsed: an unsigned or wrongly signed bundle never reaches ONNX Runtime.
+        signer = verify_bundle_signature(bundle_path, cfg.model.trusted_keys_dir)
+        log.info("bundle %s is signed by trusted key %s", bundle_path, signer)
     try:
         bundle = Bundle.open(bundle_path)
         runner = Runner.from_bundle(
@@ -231,6 +238,20 @@ def _open_bundle(cfg: Config) -> tuple[Bundle, Runner]:
     if cfg.model.max_batch is not None:
         runner.max_batch = min(runner.max_batch, cfg.model.max_batch)
     return bundle, runner
+
+
+def _source_curve(src: SourceConfig) -> CurveClientKeys | None:
+    """The CURVE client keys of a tcp source, when configured (the scanner is the CURVE server)."""
+    if not src.curve:
+        return None
+    assert src.curve_server_key is not None and src.curve_client_key is not None
+    if not curve_available():
+        raise ConfigError("[sources] curve_server_key is set, but this libzmq has no CURVE support")
+    server = load_keypair(src.curve_server_key, need_secret=False)
+    client = load_keypair(src.curve_client_key)
+    assert client.secret is not None  # load_keypair(need_secret=True) guarantees it
+    log.info("source %s: CURVE client of scanner key %s", src.uri, server.public.decode())
+    return CurveClientKeys(server_public=server.public, public=client.public, secret=client.secret)
 
 
 def _config_for(opts: RunOptions) -> Config:
@@ -270,6 +291,8 @@ def run_daemon(
     """
     cfg = _config_for(opts)
     log_start_warnings(cfg, log)
+    # Galleries and recordings (read and written) use this key from here on (R-SEC-7).
+    storage_key = storage_key_from_config(cfg)
     src = cfg.resolve_source(opts.source)
     if opts.calibration is not None:
         src = dataclasses.replace(src, calibration=opts.calibration)
@@ -308,16 +331,28 @@ def run_daemon(
         src, cfg.verification, bundle, cfg.model.precision, security, calibration=cfg.calibration
     )
 
+    curve = _source_curve(src)
+
     def open_src() -> FrameSource:
-        return open_source(uri, names=cfg.source_names())
+        return open_source(uri, names=cfg.source_names(), curve=curve)
 
     open_recorder = None
     if opts.record is not None:
         record_path = opts.record
 
+        if storage_key is None:
+            log.warning("recording %s WITHOUT encryption: no storage key configured (R-SEC-7)", record_path)
+        policy = recording_policy(cfg)
+
         def open_recorder(carried: ProfileChoice | None) -> Recorder:
             profile = load_context.profile(carried).profile
-            return Recorder(record_path, manifest=default_manifest(source=src.uri), calibration=profile)
+            return Recorder(
+                record_path,
+                manifest=default_manifest(source=src.uri),
+                calibration=profile,
+                key=storage_key,
+                policy=policy,
+            )
 
     daemon = Daemon(
         settings,
@@ -332,8 +367,11 @@ def run_daemon(
         on_ready=on_ready,
     )
     server = None
+    sweeper = Sweeper(cfg) if cfg.storage.sweep_dir is not None else None
     stop_telemetry = start_device_telemetry(metrics)
     try:
+        if sweeper is not None:
+            sweeper.start()  # retention enforced while the daemon runs (R-SEC-7)
         if cfg.metrics.enabled:
             server = serve_http(
                 cfg.metrics.bind,
@@ -342,6 +380,8 @@ def run_daemon(
             )
         return daemon.run()
     finally:
+        if sweeper is not None:
+            sweeper.stop()
         if server is not None:
             server.close()
         stop_telemetry()

@@ -14,6 +14,7 @@ for: published, or dropped with a reason (`RunSummary.unaccounted` is 0 on a cle
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import signal
 import threading
@@ -278,7 +279,10 @@ class Daemon:
         if self.on_ready is not None:
             self.on_ready(self)
         self._main_loop(pipe)
-        return self.stats.summary(time.monotonic() - t_start, endpoint, acq.exit_reason)
+        summary = self.stats.summary(time.monotonic() - t_start, endpoint, acq.exit_reason)
+        if acq.recording_error is not None:
+            summary = dataclasses.replace(summary, recording_error=str(acq.recording_error))
+        return summary
 
     def _main_loop(self, pipe: Pipeline) -> None:
         acq, inf, pub = self.acquire, self.infer, self.publish
@@ -351,6 +355,9 @@ class Daemon:
             and (pub.publisher is not None and pub.publisher.blocked_s > 0)
         ):
             self._set_state("blocked", "downstream backpressure")
+        elif acq.recording_error is not None:
+            # Streaming goes on; the operator frees space and restarts to record again.
+            self._set_state("degraded", f"recording stopped ({acq.recording_error.reason}); still publishing")
         else:
             self._set_state("ready", self._streaming_status() if last is not None else "waiting for frames")
 

@@ -97,3 +97,11 @@ class Metrics:
     def watchdog_ping(self) -> None:
         """Count one WATCHDOG=1 sent to systemd."""
         self._do(lambda m: m.watchdog_pings.inc())
+
+    def recording(self, on: bool) -> None:
+        """Record whether raw frames are being recorded."""
+        self._do(lambda m: m.recording.set(1 if on else 0))
+
+    def recorder_failed(self, reason: str) -> None:
+        """Count one recording stopped by a storage failure (`reason`: the errno name)."""
+        self._do(lambda m: m.recorder_failures.labels(reason).inc())

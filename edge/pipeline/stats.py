@@ -109,6 +109,8 @@ class RunSummary:
     duration_s: float
     endpoint: str
     exit_reason: str
+    # Why `--record` stopped early (disk full, ...), None when it did not.
+    recording_error: str | None = None
     no_face: int = 0
     uncalibrated: int = 0
 
@@ -141,5 +143,5 @@ class RunSummary:
             f"dropped={sum(self.dropped.values())} ({drops}) malformed={sum(self.malformed.values())} "
             f"({mal}) errors={self.errors} partial={self.partial}{flagged} "
             f"latency_ms mean={ms(self.latency_mean_ms)} p99={ms(self.latency_p99_ms)} "
-            f"duration_s={self.duration_s:.1f}"
+            f"duration_s={self.duration_s:.1f}" + (" recording=FAILED" if self.recording_error else "")
         )

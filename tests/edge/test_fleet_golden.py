@@ -306,3 +306,33 @@ def test_thzedge_run_exits_79_on_a_failing_canary(
     shutil.copy(bad, bundle / "canary.mcap")
     code, _out, err = finish(thzedge_run(f"replay:{rec}?rate=max", bundle, cfg, f"ipc://{tmp_path}/r3.sock"))
     assert code == EXIT_CANARY, err
+
+
+def test_encrypted_recordings_and_golden_files(tmp_path: Path, fp32: Any, demo_sha: str, capsys: Any) -> None:
+    pytest.importorskip("cryptography")
+    from calibration.simulated import true_profile
+    from edge.fleet.rescore import ModelSpec, RescoreJob, score_recording
+    from scanner_io.atrest import generate_storage_key
+    from scanner_io.errors import ConfigError
+    from scanner_io.recording import Recorder
+
+    key = generate_storage_key(tmp_path / "storage.key")
+    sim = demo.demo_simulator()
+    rec = tmp_path / "enc.mcap"
+    with Recorder(rec, calibration=true_profile(sim), fsync=False, key=key) as r:
+        for _ in range(4):
+            r.write(sim.next_frame())
+    job = RescoreJob(model=ModelSpec(str(DEMO), "int8"), baseline=ModelSpec(str(DEMO), "fp32"))
+    with pytest.raises(ConfigError, match="encrypted"):
+        score_recording(rec, job)
+    rows = score_recording(rec, dataclasses.replace(job, storage_key=str(tmp_path / "storage.key")))
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
+    # A golden file made from it is encrypted too: frames per chunk, the results sealed.
+    g = make_golden(rec, fp32, ModelInfo(demo_sha, "fp32", "ort"), tmp_path / "g.mcap", key=key)
+    assert b'"embedding"' not in (tmp_path / "g.mcap").read_bytes()
+    with pytest.raises(ConfigError, match="encrypted"):
+        read_golden(g.path)
+    assert verify_golden(g.path, fp32, ModelInfo(demo_sha, "fp32", "ort"), key=key).ok
+    key_args = ["--storage-key", str(tmp_path / "storage.key"), "--backend", "ort"]
+    assert main(["replay", "--verify", str(g.path), *key_args]) == 0
+    assert "no drift" in capsys.readouterr().out
