@@ -244,6 +244,10 @@ class DaemonConfig:
     stalled_after_s: float = field(default=5.0, metadata={"min": 0.1})
     # Allows tcp:// endpoints without CURVE. For development only; logged at WARNING (R-SEC-1).
     insecure_dev: bool = False
+    # Golden file (`thzedge replay --make-golden`) replayed after warm-up and before READY; a
+    # mismatch keeps the daemon from becoming ready and exits 79 (R-NEW-12). Unset: the
+    # bundle's own `canary.mcap`, if it carries one.
+    canary: Path | None = None
 
 
 @dataclass(frozen=True)

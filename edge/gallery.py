@@ -97,6 +97,23 @@ class VerificationMode(Choice):
     off = "off"
 
 
+def match_probe(
+    gallery: Gallery, embedding: np.ndarray, claimed: str | None, posture: int, mode: VerificationMode
+) -> Match | None:
+    """Match one probe by the daemon's rule: 1:1 for a claimed identity (auto), else 1:N; None when off.
+
+    The references compared are those of the probe's predicted `posture`. Raises ValueError for
+    1:1 without a claimed identity.
+    """
+    if mode is VerificationMode.off:
+        return None
+    if mode is VerificationMode.one_to_one or (mode is VerificationMode.auto and claimed is not None):
+        if claimed is None:
+            raise ValueError("1:1 verification needs claimed_identity in the frame header")
+        return gallery.match_1to1(embedding, claimed, posture=posture)
+    return gallery.match_1toN(embedding, posture=posture)
+
+
 # names, references [M, D] grouped by identity in name order, their postures [M], first rows
 _View = tuple[list[str], np.ndarray, np.ndarray, np.ndarray]
 

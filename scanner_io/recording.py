@@ -604,6 +604,16 @@ class Recorder:
         with contextlib.suppress(OSError, ValueError):
             self._stream.close()
 
+    def add_attachment(self, name: str, media_type: str, data: bytes) -> None:
+        """Store a named blob (a golden's expected results, …) in the file, beside the frames."""
+        now = self.now_ns()
+        self._writer.add_attachment(now, now, name, media_type, data)
+        self._account(len(data))
+
+    def add_metadata(self, name: str, values: Mapping[str, str]) -> None:
+        """Store a named string map (pins, provenance) as an MCAP metadata record."""
+        self._writer.add_metadata(name, dict(values))
+
     def now_ns(self) -> int:
         """Return the recorder clock: start wall time plus monotonic time elapsed (ns)."""
         return self._wall0 + (time.monotonic_ns() - self._mono0)
@@ -949,6 +959,10 @@ class RecordingReader:
             if info.media_type == CALIBRATION_MEDIA_TYPE and info.name in self._attachment_data:
                 return info.name, self._attachment_data[info.name]
         return None
+
+    def attachment(self, name: str) -> bytes | None:
+        """Return the bytes of the attachment called `name` seen so far, or None."""
+        return self._attachment_data.get(name)
 
     def sensor_maps(self) -> None:
         """A recording stores a built calibration profile, never the sensor's true maps: None."""

@@ -18,9 +18,7 @@ from typing import Any
 
 from calibration.active import active_profile_path
 from calibration.conditioning import ConditioningParams
-from calibration.guard import GuardSettings, StreamGuard
 from calibration.profile import ProfileChoice, resolve_profile
-from calibration.quality import QualityLimits
 from edge import __version__
 from edge.bundle import Bundle, demo_bundle_path
 from edge.config import (
@@ -34,10 +32,11 @@ from edge.config import (
     log_start_warnings,
     split_host_port,
 )
+from edge.fleet.golden import bundle_canary
 from edge.gallery import Gallery, VerificationMode
 from edge.observability import DaemonMetrics, health_from, serve_http
 from edge.pipeline.acquire import profile_from_source
-from edge.pipeline.context import DaemonSettings, ModelInfo, ProcessingContext
+from edge.pipeline.context import DaemonSettings, ModelInfo, ProcessingContext, stream_context
 from edge.pipeline.daemon import Daemon
 from edge.pipeline.metrics import start_device_telemetry
 from edge.pipeline.scoring import TruthScorer
@@ -152,7 +151,6 @@ class ContextLoader:
         if generation > 0:
             self.security.reload()  # SIGHUP: client certificates too (R-SEC-3)
         choice = self.profile(carried)
-        base = choice.profile.conditioning if choice.profile is not None else ConditioningParams()
         gallery = None
         v = self.verification
         if v.gallery is not None and VerificationMode(v.mode) is not VerificationMode.off:
@@ -160,21 +158,10 @@ class ContextLoader:
             gallery = Gallery.load(
                 v.gallery, self.bundle, threshold=v.threshold, precision=self.precision, template_key=key
             )
-        params = self.src.conditioning.apply(base)
-        _check_model_input(params, self.bundle, choice)
-        guard = None
-        if choice.profile is not None:
-            guard = StreamGuard(choice.profile, GuardSettings(monitor_every=self.calibration.monitor_every))
-        return ProcessingContext(
-            profile=choice.profile,
-            params=params,
-            calibration_id=choice.calibration_id,
-            gallery=gallery,
-            generation=generation,
-            guard=guard,
-            require_profile=is_scanner_uri(self.src.uri),
-            quality=QualityLimits() if self.calibration.frame_quality else None,
-        )
+        ctx = stream_context(choice, self.src, self.calibration, gallery, generation)
+        assert ctx.params is not None  # stream_context always sets them
+        _check_model_input(ctx.params, self.bundle, choice)
+        return ctx
 
 
 def _check_model_input(params: ConditioningParams, bundle: Bundle, choice: ProfileChoice) -> None:
@@ -332,6 +319,8 @@ def run_daemon(
     with contextlib.suppress(OSError):
         notifier.status("starting: loading model")
     bundle, runner = _open_bundle(cfg)
+    if settings.canary is None and (carried := bundle_canary(bundle.path)) is not None:
+        settings = dataclasses.replace(settings, canary=carried)  # the bundle's own canary (R-NEW-12)
     model = ModelInfo(bundle=bundle.sha256, precision=cfg.model.precision, backend=runner.backend.name)
     metrics.set_build_info(
         version=__version__, bundle=bundle.sha256[:12], backend=model.backend, precision=model.precision

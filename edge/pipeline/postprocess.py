@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 
-from edge.gallery import VerificationMode
+from edge.gallery import VerificationMode, match_probe
 from edge.observability import Stage
 from edge.pipeline.context import ProcessingContext, QueuedFrame
 from edge.pipeline.queues import Event
@@ -114,12 +114,8 @@ class PostProcessor:
         claimed = q.frame.header.claimed_identity
         # The gallery compares with the references of the predicted posture (edge.gallery).
         try:
-            if mode is VerificationMode.one_to_one or (mode is VerificationMode.auto and claimed is not None):
-                if claimed is None:
-                    raise ValueError("1:1 verification needs claimed_identity in the frame header")
-                outcome = ctx.gallery.match_1to1(p.embedding, claimed, posture=p.posture)
-            else:
-                outcome = ctx.gallery.match_1toN(p.embedding, posture=p.posture)
+            outcome = match_probe(ctx.gallery, p.embedding, claimed, p.posture, mode)
+            assert outcome is not None  # mode is not off
             r.verification = outcome.to_dict()  # its threshold is the gallery's
         except Exception as exc:
             self.fail(r, Task.verify, exc)
