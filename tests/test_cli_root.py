@@ -23,6 +23,8 @@ COMMANDS = {
     "doctor": None,
     "train": None,
     "record": None,
+    "rescore": None,
+    "replay": None,
     "config": {"show", "validate"},
     "keys": {"generate", "show"},
     "gallery": {"info", "remove"},

@@ -8,6 +8,7 @@ state change and every `state_interval_s`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,9 @@ from edge.results import RESULTS_PROTOCOL_VERSION, FrameResult, ResultPublisher
 from edge.results_mcap import ResultsRecorder
 
 Binder = Callable[[zmq.Socket, str], str]  # edge.security.EndpointSecurity.bind
+
+
+log = logging.getLogger("thzedge.daemon")
 
 
 class PublisherStage(Stage):
@@ -135,6 +139,11 @@ class PublisherStage(Stage):
         pipe.metrics.published(r, t_pub)
         if self.recorder is not None:
             self.recorder.write(r, t_pub)
+        if pipe.scorer is not None:
+            try:
+                pipe.scorer.published(r)
+            except Exception as exc:  # scoring is a test aid: it never stops the results stream
+                log.warning("scoring seq %d failed: %s", r.seq, type(exc).__name__)
 
     def teardown(self) -> None:
         """Announce `stopped` and close the socket."""
