@@ -35,6 +35,7 @@ from scanner_io.choices import Choice
 from scanner_io.codec import MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES, MalformedFrame, decode_frame
 from scanner_io.errors import ConfigError, FrameDecodeError, SourceUnavailableError
 from scanner_io.frame import Frame
+from scanner_io.osthread import name_native_thread
 from scanner_io.recording import RecordingReader
 from scanner_io.seq import SeqTracker
 from scanner_io.simulator import ScannerSimulator, SensorMaps, SimConfig, full_defects_config
@@ -489,7 +490,7 @@ class ZmqSource(Source):
                 log.warning("source %s: peer disconnected; reconnecting", self.endpoint)
 
     def _run(self) -> None:
-
+        name_native_thread("thz-source")
         ctx = zmq_context()
         sock = mon = None
         try:
