@@ -267,7 +267,9 @@ def enroll_command(
     gallery_path = gallery or cfg.verification.gallery
     if gallery_path is None:
         raise ThzEdgeError("--gallery FILE.npz is required (or [verification] gallery in the config)")
-    prec = precision.value if precision else cfg.model.precision
+    # `auto` is the daemon's speed choice; enrolment takes the fp32 reference unless pinned.
+    pinned = cfg.model.precision
+    prec = precision.value if precision else (pinned.value if pinned != "auto" else Precision.fp32.value)
     if source is None:
         g, added = enroll_from_inputs(
             gallery_path, bundle, identity, inputs or [], backend.value, prec, replace

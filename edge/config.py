@@ -103,13 +103,23 @@ class SourceConfig:
     name: str | None = None
 
 
+class ModelPrecision(Choice):
+    """Which variant `thzedge run` loads: `auto` times the gate-passed ones and keeps the fastest."""
+
+    auto = "auto"
+    fp32 = Precision.fp32.value
+    fp16 = Precision.fp16.value
+    int8 = Precision.int8.value
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which model bundle to run and how; `bundle = None` means the shipped demo bundle."""
 
     bundle: Path | None = None
     backend: BackendKind = BackendKind.auto
-    precision: Precision = Precision.fp32
+    # A fixed precision pins the variant; `auto` picks the fastest that passed the accuracy gate.
+    precision: ModelPrecision = ModelPrecision.auto
     max_batch: int | None = field(default=None, metadata={"min": 1})
 
 

@@ -261,7 +261,9 @@ class Daemon:
         if self.on_ready is not None:
             self.on_ready(self)
         self._main_loop(pipe)
-        return self.stats.summary(time.monotonic() - t_start, endpoint, acq.exit_reason)
+        return self.stats.summary(
+            time.monotonic() - t_start, endpoint, acq.exit_reason, self.model.precision, self.model.backend
+        )
 
     def _main_loop(self, pipe: Pipeline) -> None:
         acq, inf, pub = self.acquire, self.infer, self.publish
