@@ -48,6 +48,8 @@ import zmq
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# The variant both sides run (--precision): pinned, so the daemon's `auto` cannot pick another.
+PRECISION = "fp32"
 
 
 def free_port() -> int:
@@ -145,7 +147,7 @@ def bare_backend_fps(
         return np.stack([calibrate_and_condition(f.data, None) for f in batch])[:, None].astype(np.float32)
 
     x = cond(frames)
-    with Runner.from_bundle(bundle, backend=backend) as r:
+    with Runner.from_bundle(bundle, backend=backend, precision=PRECISION) as r:
         b = r.max_batch
         enc = r.encode(x[:b])  # warm-up
         r.reconstruct(enc, enc.posture_logits.argmax(1))
@@ -271,7 +273,10 @@ def run_pipeline(
     port = free_port()
     pub = f"tcp://127.0.0.1:{free_port()}"
     cfg = work / "bench.toml"
-    cfg.write_text("[metrics]\nenabled = false\n[daemon]\ninsecure_dev = true\nqueue_size = 16\n")
+    cfg.write_text(
+        "[metrics]\nenabled = false\n[daemon]\ninsecure_dev = true\nqueue_size = 16\n"
+        f'[model]\nprecision = "{PRECISION}"\n'
+    )
     ctx, sub = subscribe(pub)
     daemon = start(
         "--json",
@@ -384,6 +389,7 @@ def main() -> int:
         "--width", type=float, default=None, help="benchmark a random network of this width (1.0 = research)"
     )
     ap.add_argument("--backend", default="ort")
+    ap.add_argument("--precision", default="fp32", help="bundle variant for the daemon and the bare backend")
     ap.add_argument("--frames", type=int, default=1500, help="frames for the throughput run")
     ap.add_argument("--latency-frames", type=int, default=300, help="frames for each latency run")
     ap.add_argument(
@@ -392,6 +398,8 @@ def main() -> int:
     ap.add_argument("--no-latency", action="store_true", help="skip the latency runs")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    global PRECISION
+    PRECISION = args.precision
 
     load_start = load_average()
     with tempfile.TemporaryDirectory(prefix="bench_daemon.") as tmp:
@@ -418,6 +426,7 @@ def main() -> int:
     report = {
         "bundle": str(bundle),
         "backend": args.backend,
+        "precision": args.precision,
         "max_batch": batch,
         "cpu_count": os.cpu_count(),
         "load_average_1m": {"start": load_start, "end": load_average()},
@@ -452,7 +461,7 @@ def main() -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"bundle {bundle}  backend {args.backend}  max batch {batch}")
+    print(f"bundle {bundle}  backend {args.backend}  precision {args.precision}  max batch {batch}")
     print(f"load average (1 min): {load_start} at start, {report['load_average_1m']['end']} at end")
     print(f"{'measure':52} {'value':>12}")
     print(
