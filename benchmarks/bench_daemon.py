@@ -8,7 +8,7 @@
    (predicted posture) in batches of the bundle's max batch, in this process. Target: ratio
    daemon / bare ≥ 0.9.
 2. CPU budget: the daemon process's CPU time (sum of its threads' on-CPU time from
-   /proc/<pid>/task/*/schedstat, between the first and the last result of the lockstep run) per
+   /proc/<pid>/task/*/schedstat, from 10% to 90% of the results of the lockstep run) per
    frame, minus the bare backend's process CPU time per frame on the same inputs and batch:
    the daemon's own overhead in µs/frame (target ≤ 100). It is split by thread (the stages name
    their threads: thz-source = receive + decode + validate, thz-acquire = calibrate + condition,
@@ -264,7 +264,7 @@ def run_pipeline(
 ) -> tuple[list[tuple[float, dict]], dict, dict[str, float]]:
     """Run `thzedge run` on a tcp source fed by `thzedge scanner serve` (started once the daemon
     announces its state); return the first `n` results as (t_recv_ns, header), the run summary
-    and the daemon's CPU µs per frame by thread between the first and the last result.
+    and the daemon's CPU µs per frame by thread between the 10% and the 90% result.
 
     `mode` is appended to the source URI (`?mode=lockstep` or ""); `emu` is the emulator's
     (source, rate, frames).
@@ -315,10 +315,13 @@ def run_pipeline(
             )
         )
 
+    # CPU is read at 10% and 90% of the results: in the steady state between, while every stage
+    # thread is alive (the acquisition threads end as soon as the last frame is read).
+    window = (n // 10, n - 1 - n // 10)
     snaps: dict[int, dict[str, int]] = {}
 
     def on_result(i: int) -> None:
-        if i in (0, n - 1):
+        if i in window:
             snaps[i] = thread_cpu_ns(daemon.pid)
 
     try:
@@ -332,7 +335,8 @@ def run_pipeline(
         sub.close(0)
         ctx.term()
     summary = json.loads((work / f"daemon_{tag}.out").read_text().strip().splitlines()[-1])
-    cpu = cpu_split(snaps[0], snaps[n - 1], n - 1) if len(snaps) == 2 and n > 1 else {}
+    frames = window[1] - window[0]
+    cpu = cpu_split(snaps[window[0]], snaps[window[1]], frames) if len(snaps) == 2 and frames > 0 else {}
     return got, summary, cpu
 
 
