@@ -58,24 +58,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def thread_cpu_ns(pid: int) -> dict[str, int]:
-    """On-CPU nanoseconds of each live thread of `pid`, summed by thread name (main thread: `main`)."""
-    out: dict[str, int] = {}
+def thread_cpu_ns(pid: int) -> dict[str, tuple[int, int]]:
+    """(on-CPU ns, times scheduled in) of the live threads of `pid`, summed by thread name.
+
+    The main thread is `main`; the counts are /proc/<pid>/task/<tid>/schedstat's first and third
+    fields. Being scheduled in often per frame means threads hand work (and the GIL) back and
+    forth: each switch costs CPU in the kernel.
+    """
+    out: dict[str, tuple[int, int]] = {}
     task = Path(f"/proc/{pid}/task")
     for t in task.iterdir():
         try:
-            ns = int((t / "schedstat").read_text().split()[0])
+            fields = (t / "schedstat").read_text().split()
+            ns, runs = int(fields[0]), int(fields[2])
             name = "main" if t.name == str(pid) else (t / "comm").read_text().strip()
         except (OSError, ValueError, IndexError):
             continue  # the thread ended between listing and reading
-        out[name] = out.get(name, 0) + ns
+        have = out.get(name, (0, 0))
+        out[name] = (have[0] + ns, have[1] + runs)
     return out
 
 
-def cpu_split(before: dict[str, int], after: dict[str, int], frames: int) -> dict[str, float]:
-    """µs per frame of each thread group between two `thread_cpu_ns` snapshots."""
-    names = sorted(set(before) | set(after))
-    return {k: (after.get(k, 0) - before.get(k, 0)) / 1e3 / frames for k in names}
+def cpu_split(
+    before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], frames: int
+) -> dict[str, dict[str, float]]:
+    """µs of CPU and times scheduled in, per frame, of each thread group between two snapshots."""
+    out = {}
+    for k in sorted(set(before) | set(after)):
+        b, a = before.get(k, (0, 0)), after.get(k, (0, 0))
+        out[k] = {"cpu_us": (a[0] - b[0]) / 1e3 / frames, "switches": (a[1] - b[1]) / frames}
+    return out
 
 
 def results_hash(headers: list[dict]) -> str:
@@ -261,7 +273,7 @@ def collect(
 
 def run_pipeline(
     bundle: Path, backend: str, work: Path, tag: str, mode: str, emu: tuple[str, str, int], n: int
-) -> tuple[list[tuple[float, dict]], dict, dict[str, float]]:
+) -> tuple[list[tuple[float, dict]], dict, dict[str, dict[str, float]]]:
     """Run `thzedge run` on a tcp source fed by `thzedge scanner serve` (started once the daemon
     announces its state); return the first `n` results as (t_recv_ns, header), the run summary
     and the daemon's CPU µs per frame by thread between the 10% and the 90% result.
@@ -318,7 +330,7 @@ def run_pipeline(
     # CPU is read at 10% and 90% of the results: in the steady state between, while every stage
     # thread is alive (the acquisition threads end as soon as the last frame is read).
     window = (n // 10, n - 1 - n // 10)
-    snaps: dict[int, dict[str, int]] = {}
+    snaps: dict[int, dict[str, tuple[int, int]]] = {}
 
     def on_result(i: int) -> None:
         if i in window:
@@ -425,7 +437,9 @@ def main() -> int:
             if args.no_latency
             else {fps: run_latency(bundle, args.latency_frames, fps, args.backend, work) for fps in args.fps}
         )
-    cpu = tp["cpu_us"]
+    threads = tp["cpu_us"]
+    cpu = {k: v["cpu_us"] for k, v in threads.items()}
+    switches = {k: v["switches"] for k, v in threads.items()}
     daemon_cpu = sum(cpu.values())
     report = {
         "bundle": str(bundle),
@@ -446,6 +460,7 @@ def main() -> int:
         "ratio_vs_bare_with_conditioning": tp["fps"] / bare_cond,
         "daemon_cpu_us_per_frame": daemon_cpu,
         "daemon_cpu_us_per_frame_by_thread": cpu,
+        "daemon_switches_per_frame_by_thread": switches,
         "daemon_overhead_cpu_us_per_frame": daemon_cpu - bare_cpu,
         "function_us_per_frame": funcs,
         "results_sha256": tp["results_sha256"],
@@ -486,8 +501,10 @@ def main() -> int:
     )
     print(f"{'daemon process CPU (µs/frame, lockstep)':52} {daemon_cpu:9.1f}")
     print(f"{'daemon overhead = daemon − bare (target <= 100)':52} {daemon_cpu - bare_cpu:9.1f}")
+    print(f"{'  by thread: µs/frame, times scheduled in per frame':52}")
     for name, us in sorted(cpu.items(), key=lambda kv: -kv[1]):
-        print(f"{'  thread ' + name:52} {us:9.1f}")
+        print(f"{'  thread ' + name:52} {us:9.1f}  {switches[name]:6.2f}")
+    print(f"{'  all threads: times scheduled in per frame':52} {sum(switches.values()):9.2f}")
     for name, us in funcs.items():
         print(f"{'  function ' + name + ' (in-process)':52} {us:9.1f}")
     print(f"{'results sha256 (lockstep, without timing fields)':52} {tp['results_sha256'][:16]}")
