@@ -180,6 +180,27 @@ def bare_backend_fps(
     return best, best_cond, b, cpu_us
 
 
+def bare_batch1_ms(bundle: Path, frames: list, backend: str, n: int = 300) -> dict[str, float]:
+    """Inference time of one frame alone (encode + reconstruct, batch 1): p50 / p99 ms.
+
+    The latency target at scanner rate is capture→publish p99 <= this + 2 ms.
+    """
+    from calibration.conditioning import calibrate_and_condition
+    from edge.runner import Runner
+
+    xs = [calibrate_and_condition(f.data, None)[None, None] for f in frames[:n]]
+    times = []
+    with Runner.from_bundle(bundle, backend=backend, precision=PRECISION) as r:
+        for x in xs[:5]:
+            r.reconstruct(r.encode(x), np.zeros(1, dtype=np.int64))  # warm-up
+        for x in xs:
+            t0 = time.perf_counter()
+            enc = r.encode(x)
+            r.reconstruct(enc, enc.posture_logits.argmax(1))
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {"p50": float(np.percentile(times, 50)), "p99": float(np.percentile(times, 99))}
+
+
 def function_costs(frames: list, repeats: int = 3) -> dict[str, float]:
     """µs per frame of the daemon's per-frame functions, in this process, on the same frames.
 
@@ -424,6 +445,7 @@ def main() -> int:
         rec = work / "frames.mcap"
         frames = make_recording(rec, args.frames)
         funcs = function_costs(frames[:300])
+        infer_b1 = bare_batch1_ms(bundle, frames, args.backend)
         # The host is shared: measure the bare backend right before and right after the daemon
         # run and compare with their mean, so load changes hit both sides alike.
         bare_before, cond_before, batch, cpu_before = bare_backend_fps(bundle, frames, args.backend)
@@ -463,6 +485,7 @@ def main() -> int:
         "daemon_switches_per_frame_by_thread": switches,
         "daemon_overhead_cpu_us_per_frame": daemon_cpu - bare_cpu,
         "function_us_per_frame": funcs,
+        "bare_batch1_inference_ms": infer_b1,
         "results_sha256": tp["results_sha256"],
         "throughput_run": {
             "sent": tp["sent"],
@@ -508,6 +531,10 @@ def main() -> int:
     for name, us in funcs.items():
         print(f"{'  function ' + name + ' (in-process)':52} {us:9.1f}")
     print(f"{'results sha256 (lockstep, without timing fields)':52} {tp['results_sha256'][:16]}")
+    print(
+        f"{'bare inference, batch 1: p50 / p99 (ms)':52} {infer_b1['p50']:6.2f} / {infer_b1['p99']:.2f}"
+        f"   (latency target: capture→publish p99 <= p99 + 2 ms)"
+    )
     for fps, v in lat.items():
         c2p = v["capture_to_publish_ms"]
         c2r = v["capture_to_receive_ms"]
