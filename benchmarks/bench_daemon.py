@@ -263,7 +263,13 @@ def subscribe(endpoint: str) -> tuple[zmq.Context, zmq.Socket]:
 
 
 def collect(
-    sub: zmq.Socket, proc: subprocess.Popen, want: int, timeout_s: float, on_state=None, on_result=None
+    sub: zmq.Socket,
+    proc: subprocess.Popen,
+    want: int,
+    timeout_s: float,
+    on_state=None,
+    on_result=None,
+    idle_s: float = 5.0,
 ) -> list[tuple[float, dict]]:
     """Receive until `want` results, the process exits, or the timeout; (t_recv_ns, header) per result.
 
@@ -272,11 +278,15 @@ def collect(
     got: list[tuple[float, dict]] = []
     end = time.monotonic() + timeout_s
     state_seen = False
+    last = time.monotonic()
     while time.monotonic() < end and len(got) < want:
         if not sub.poll(100):
-            if proc.poll() is not None:
+            # A live run whose emulator lost frames at the start never reaches `want`: once
+            # results stop coming, take what arrived.
+            if proc.poll() is not None or (got and time.monotonic() - last > idle_s):
                 break
             continue
+        last = time.monotonic()
         parts = sub.recv_multipart()
         t = time.time_ns()
         header = json.loads(parts[1])
@@ -359,7 +369,11 @@ def run_pipeline(
 
     try:
         got = collect(sub, daemon, n, 600, on_state=start_emulator, on_result=on_result)
-        daemon.wait(60)
+        try:
+            daemon.wait(30)
+        except subprocess.TimeoutExpired:
+            daemon.terminate()  # short of --max-frames (frames lost live): a clean stop prints the summary
+            daemon.wait(30)
     finally:
         for p in (daemon, *emulators):
             if p.poll() is None:
