@@ -52,6 +52,10 @@ class SeqTracker:
         self.resets += step.reset_from is not None
         return step
 
+    def last(self, scanner: str) -> int | None:
+        """Return the last seq seen (or used up) for `scanner`, None before its first."""
+        return self._last.get(scanner)
+
     def malformed(self, scanner: str | None, seq: int | None) -> None:
         """Note a rejected message: its readable seq is used up, an unreadable one explains a gap."""
         if seq is None:

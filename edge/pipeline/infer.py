@@ -81,7 +81,7 @@ class InferenceStage(Stage):
             pipe.stats.batches += 1
             pipe.stats.batched_frames += len(fresh)
         results = [self.post.new_result(q, now) for q in fresh]
-        ok = [i for i, q in enumerate(fresh) if q.error is None and q.x is not None]
+        ok = [i for i, q in enumerate(fresh) if q.error is None and q.x is not None and q.quality is None]
         if ok:
             x = np.stack([q.x for q in (fresh[i] for i in ok) if q.x is not None])[:, None]
             outcome = infer_isolated(self.runner, x, reconstruct=pipe.settings.reconstruction)
@@ -93,15 +93,22 @@ class InferenceStage(Stage):
         pipe = self.pipe
         ready = time.monotonic()
         for r in results:
-            if r.status == "error":
+            if r.status in ("error", "no_face"):
                 r.posture = None
                 r.embedding = None
             r.t_ready_mono = ready
             pipe.metrics.processed()
         with pipe.stats.lock:
             pipe.stats.processed += len(results)
-            pipe.stats.partial += sum(r.status == "partial" for r in results)
-            pipe.stats.errors += sum(r.status == "error" for r in results)
+            for r in results:
+                if r.status == "partial":
+                    pipe.stats.partial += 1
+                elif r.status == "error":
+                    pipe.stats.errors += 1
+                elif r.status == "no_face":
+                    pipe.stats.no_face += 1
+                elif r.status == "uncalibrated":
+                    pipe.stats.uncalibrated += 1
         self._accounted += len(results)
         item = tuple(results)
         if not pipe.outbox.put(item, pipe.clock.publish_deadline, pipe.settings.poll_s, pipe.heartbeat.beat):
