@@ -317,7 +317,10 @@ def run_pipeline(
     pub = f"tcp://127.0.0.1:{free_port()}"
     cfg = work / "bench.toml"
     cfg.write_text(
+        # Identity calibration on both sides: the tcp source carries none, so results are
+        # published `uncalibrated` (allowed here) rather than refused.
         "[metrics]\nenabled = false\n[daemon]\ninsecure_dev = true\nqueue_size = 16\n"
+        "[calibration]\nallow_uncalibrated = true\n"
         f'[model]\nprecision = "{PRECISION}"\n'
     )
     ctx, sub = subscribe(pub)
