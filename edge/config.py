@@ -216,6 +216,9 @@ class VerificationConfig:
     # Overrides the bundle's per-precision threshold: Euclidean distance between unit-length
     # embeddings (0..2), a match is accepted when distance <= threshold.
     threshold: float | None = field(default=None, metadata={"min": 0.0, "max": 2.0})
+    # Template key file (`thzedge keys generate --kind template`): references are stored and
+    # compared as keyed projections (R-NEW-3); the gallery must have been enrolled under it.
+    template_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -251,6 +254,10 @@ class DaemonConfig:
     stalled_after_s: float = field(default=5.0, metadata={"min": 0.1})
     # Allows tcp:// endpoints without CURVE. For development only; logged at WARNING (R-SEC-1).
     insecure_dev: bool = False
+    # Golden file (`thzedge replay --make-golden`) replayed after warm-up and before READY; a
+    # mismatch keeps the daemon from becoming ready and exits 79 (R-NEW-12). Unset: the
+    # bundle's own `canary.mcap`, if it carries one.
+    canary: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -365,11 +372,11 @@ _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Loading
 
 
-def load_config(path: Path | str | None = None) -> Config:
-    """Read and validate a config file; `None` uses $THZEDGE_CONFIG or the default path.
+def _read_config_file(path: Path | str | None) -> tuple[Path, dict[str, Any] | None]:
+    """Find and parse the config file; `None` uses $THZEDGE_CONFIG or the default path.
 
-    With `None` and no file at the default path, the built-in defaults are returned. An
-    explicitly given path that does not exist is an error.
+    Returns (path, parsed TOML), or (path, None) when there is no file at the default path. An
+    explicitly given path that does not exist, unreadable bytes or bad TOML are a ConfigError.
     """
     explicit = path is not None
     if path is None:
@@ -380,14 +387,23 @@ def load_config(path: Path | str | None = None) -> Config:
         if explicit:
             raise ConfigError(f"config file {path} does not exist; create it or drop --config")
         log.debug("no config file at %s; using built-in defaults", path)
-        return validate(Config())
+        return path, None
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return path, tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
-    return config_from_dict(raw, path=path)
+
+
+def load_config(path: Path | str | None = None) -> Config:
+    """Read and validate a config file; `None` uses $THZEDGE_CONFIG or the default path.
+
+    With `None` and no file at the default path, the built-in defaults are returned. An
+    explicitly given path that does not exist is an error.
+    """
+    found, raw = _read_config_file(path)
+    return validate(Config()) if raw is None else config_from_dict(raw, path=found)
 
 
 def load_model_config(path: Path | str | None = None) -> ModelConfig:
@@ -397,22 +413,11 @@ def load_model_config(path: Path | str | None = None) -> ModelConfig:
     rest of a production config may name `${CREDENTIALS_DIRECTORY}` and other paths only
     systemd provides, which must not stop them from finding the engine cache and the bundle.
     """
-    explicit = path is not None
-    if path is None:
-        env = os.environ.get(CONFIG_ENV)
-        path, explicit = (Path(env), True) if env else (DEFAULT_CONFIG_PATH, False)
-    path = Path(path)
-    if not path.exists():
-        if explicit:
-            raise ConfigError(f"config file {path} does not exist; create it or drop --config")
+    found, raw = _read_config_file(path)
+    if raw is None:
         return ModelConfig()
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from None
-    model: ModelConfig = _build(ModelConfig, raw.get("model", {}), f"{path}: [model]", path.resolve().parent)
+    base = found.resolve().parent
+    model: ModelConfig = _build(ModelConfig, raw.get("model", {}), f"{found}: [model]", base)
     return model
 
 

@@ -8,6 +8,7 @@ state change and every `state_interval_s`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,9 @@ from edge.pipeline.stage import Pipeline, Stage
 from edge.results import RESULTS_PROTOCOL_VERSION, FrameResult, ResultPublisher
 
 Binder = Callable[[zmq.Socket, str], str]  # edge.security.EndpointSecurity.bind
+
+
+log = logging.getLogger("thzedge.daemon")
 
 
 class PublisherStage(Stage):
@@ -128,6 +132,11 @@ class PublisherStage(Stage):
                 if ring is not None:
                     ring.append(v)
         pipe.metrics.published(r, t_pub)
+        if pipe.scorer is not None:
+            try:
+                pipe.scorer.published(r)
+            except Exception as exc:  # scoring is a test aid: it never stops the results stream
+                log.warning("scoring seq %d failed: %s", r.seq, type(exc).__name__)
 
     def teardown(self) -> None:
         """Announce `stopped` and close the socket."""

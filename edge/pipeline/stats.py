@@ -117,6 +117,7 @@ class RunSummary:
     recording_error: str | None = None
     no_face: int = 0
     uncalibrated: int = 0
+    score: dict[str, Any] | None = None  # `thzedge run --score`: results against simulator truth
     precision: str = ""  # the variant that ran (`auto` resolved)
     backend: str = ""
 
