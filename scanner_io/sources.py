@@ -51,6 +51,7 @@ from scanner_io.codec import (
 )
 from scanner_io.errors import ConfigError, FrameDecodeError, SourceUnavailableError
 from scanner_io.frame import Frame
+from scanner_io.osthread import name_native_thread
 from scanner_io.recording import PART_SUFFIX, RecordingReader
 from scanner_io.seq import SeqTracker
 from scanner_io.simulator import ScannerSimulator, SensorMaps, SimConfig, full_defects_config
@@ -600,7 +601,7 @@ class ZmqSource(Source):
                 log.warning("source %s: peer disconnected; reconnecting", self.endpoint)
 
     def _run(self) -> None:
-
+        name_native_thread("thz-source")
         ctx = zmq_context()
         sock = mon = None
         try:

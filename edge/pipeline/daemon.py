@@ -283,7 +283,9 @@ class Daemon:
         if self.on_ready is not None:
             self.on_ready(self)
         self._main_loop(pipe)
-        summary = self.stats.summary(time.monotonic() - t_start, endpoint, acq.exit_reason)
+        summary = self.stats.summary(
+            time.monotonic() - t_start, endpoint, acq.exit_reason, self.model.precision, self.model.backend
+        )
         if acq.recording_error is not None:
             summary = dataclasses.replace(summary, recording_error=str(acq.recording_error))
         return summary
