@@ -246,7 +246,13 @@ def _bundle_checks(cfg: Any, loaded: _Loaded) -> list[CheckResult]:
     loaded.bundle = bundle
     rows = [ok("model bundle", f"{what}: checksums verified, id {bundle.id[:12]}")]
     precision = str(cfg.model.precision)
-    if precision not in bundle.precisions:
+    if precision == "auto":
+        # `run` times these at start and keeps the fastest (edge/pipeline/assemble.py).
+        candidates = ", ".join(bundle.gate_passed_precisions())
+        rows.append(
+            ok("model precision", f"auto: the fastest of {candidates} (gate passed), chosen at start")
+        )
+    elif precision not in bundle.precisions:
         rows.append(
             fail(
                 "model precision",
@@ -257,6 +263,12 @@ def _bundle_checks(cfg: Any, loaded: _Loaded) -> list[CheckResult]:
     else:
         rows.append(ok("model precision", precision))
     return rows
+
+
+def _checked_precision(cfg: Any) -> str:
+    """The precision the checks use: the pinned one; with `auto`, fp32 (the one always there)."""
+    precision = str(cfg.model.precision)
+    return "fp32" if precision == "auto" else precision
 
 
 def _source_static_checks(cfg: Any) -> list[CheckResult]:
@@ -328,7 +340,7 @@ def _gallery_checks(cfg: Any, loaded: _Loaded) -> list[CheckResult]:
     if loaded.bundle is None:
         return [skip("gallery", "not checked: the model bundle did not open")]
     try:
-        g = Gallery.load(v.gallery, loaded.bundle, threshold=v.threshold, precision=str(cfg.model.precision))
+        g = Gallery.load(v.gallery, loaded.bundle, threshold=v.threshold, precision=_checked_precision(cfg))
     except ThzEdgeError as exc:
         return [fail("gallery", str(exc))]
     rows = [ok("gallery", f"{v.gallery}: {len(g)} identities, bound to bundle {g.bundle_sha256[:12]}")]
@@ -493,7 +505,7 @@ def _engine_checks(cfg: Any, loaded: _Loaded) -> list[CheckResult]:
         return []
     from edge.backends.trt import can_run, open_cache
 
-    precision = str(cfg.model.precision)
+    precision = _checked_precision(cfg)
     cache = open_cache(cfg.model.engine_cache)
     if not can_run(loaded.bundle, precision, engine_cache=cache):
         return [
