@@ -43,6 +43,7 @@ from scanner_io.codec import (
     array_from_payload,
     encode_header,
     header_from_dict,
+    is_scanner_name,
     parse_header_json,
     wire_array,
 )
@@ -584,19 +585,27 @@ def recording_info(path: str | os.PathLike[str]) -> RecordingInfo:
     seqs = SeqTracker()
     events_seen = 0
     first_t = last_t = None
-    for rec in reader:
+
+    def malformed(scanner: Any, seq: Any) -> None:
+        step = seqs.malformed(
+            scanner if is_scanner_name(scanner) else None, seq if isinstance(seq, int) else None
+        )
+        if step.missing and seqs.stream in scanners:
+            scanners[seqs.stream].seq_gaps += step.missing
+
+    def new_events() -> None:
         # Malformed messages the recorder noted as events come before this frame in file order:
         # they use up seqs exactly as they did for the live consumer (scanner_io.seq).
+        nonlocal events_seen
         for event in reader.events[events_seen:]:
             if event.get("kind") == "malformed":
-                seq = event.get("seq")
-                scanner = event.get("scanner")
-                seqs.malformed(
-                    scanner if isinstance(scanner, str) else None, seq if isinstance(seq, int) else None
-                )
+                malformed(event.get("scanner"), event.get("seq"))
         events_seen = len(reader.events)
+
+    for rec in reader:
+        new_events()
         if not isinstance(rec.item, Frame):
-            seqs.malformed(rec.item.scanner, rec.item.seq)
+            malformed(rec.item.scanner, rec.item.seq)
             continue
         h = rec.item.header
         s = scanners.setdefault(h.scanner, ScannerSummary())
@@ -613,6 +622,7 @@ def recording_info(path: str | os.PathLike[str]) -> RecordingInfo:
             s.dtypes.append(h.dtype)
         first_t = rec.log_time_ns if first_t is None else min(first_t, rec.log_time_ns)
         last_t = rec.log_time_ns if last_t is None else max(last_t, rec.log_time_ns)
+    new_events()  # malformed messages after the last frame
     duration = (last_t - first_t) / 1e9 if first_t is not None and last_t is not None else 0.0
     rate = (reader.frames - 1) / duration if duration > 0 and reader.frames > 1 else 0.0
     return RecordingInfo(

@@ -182,7 +182,7 @@ class Source(ABC):
         """Count one delivered item in `stats` (seq gaps and resets by the one `SeqTracker` rule)."""
         if isinstance(item, MalformedFrame):
             self.stats.malformed[item.reason] = self.stats.malformed.get(item.reason, 0) + 1
-            self._seq.malformed(item.scanner, item.seq)
+            self._seq.malformed(item.scanner, item.seq)  # holes before it land in `gaps`
         else:
             self.stats.received += 1
             self._seq.frame(item.header.scanner, item.header.seq)

@@ -115,7 +115,9 @@ class AcquisitionStage(Stage):
             pipe.stats.malformed[reason] = pipe.stats.malformed.get(reason, 0) + 1
             pipe.stats.dropped["malformed"] += 1
         pipe.metrics.malformed(reason)
-        self._seqs.malformed(item.scanner or self.scanner, seq)
+        step = self._seqs.malformed(item.scanner, seq)
+        if step.missing:
+            pipe.count_drop("upstream_gap", step.missing, seq)
         log.warning("malformed frame rejected: reason=%s seq=%s", reason, seq)
         if self.recorder is not None:
             with contextlib.suppress(Exception):
