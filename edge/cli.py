@@ -22,7 +22,7 @@ from typing import Annotated, TextIO
 import typer
 
 from calibration.cli import register as register_calibration
-from edge import __version__
+from edge import __version__, early_stop
 from edge.commands import register as register_edge
 from edge.sdnotify import JournaldHandler, stderr_is_journal
 from export.cli import register as register_export
@@ -176,4 +176,5 @@ def main(argv: list[str] | None = None, app: typer.Typer | None = None) -> int:
 
 def run() -> None:
     """Console-script entry point."""
+    early_stop.install()  # `python -m edge` did it before its imports already; the script does it here
     sys.exit(main())

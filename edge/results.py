@@ -315,6 +315,30 @@ class ResultPublisher:
         """Send one event on `event/<scanner>`."""
         return self.send(encode_event(self.scanner, kind, body), deadline)
 
+    def publish_last_event(self, kind: str, body: dict[str, Any], timeout_s: float) -> bool:
+        """Send a last event and wait up to `timeout_s` until it left; True if it did.
+
+        A socket closed with linger 0 discards what is still queued, so the results sent just
+        before a clean stop would never reach connected subscribers. libzmq releases a message
+        once it is written out to (or dropped for) every subscriber, in order, so when the last
+        one's tracker is done everything before it has left too. Bounded: a stalled subscriber
+        costs at most `timeout_s`.
+        """
+        sock = self._owned.check()
+        try:
+            tracker = sock.send_multipart(
+                encode_event(self.scanner, kind, body), flags=zmq.NOBLOCK, copy=False, track=True
+            )
+        except zmq.Again:  # lockstep and a full subscriber: it will not drain in time either
+            return False
+        if tracker is None:  # not tracked (cannot happen with track=True): nothing to wait on
+            return True
+        try:
+            tracker.wait(max(timeout_s, 0.0))
+        except zmq.NotDone:
+            return False
+        return True
+
     def close(self) -> None:
         """Close the socket with linger 0 and remove an ipc socket file."""
         self._owned.close()

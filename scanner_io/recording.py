@@ -385,8 +385,9 @@ class RecordingReader:
 
     Reads linearly (the footer and summary are not needed, so an unfinished file reads up to
     its last complete chunk). After iteration, `complete` says whether the file ended with a
-    footer, `truncated`/`truncation` say why reading stopped early, and `frames`/`malformed`
-    count what was recovered. Attachments and metadata are collected along the way.
+    footer, `truncated`/`truncation` say why reading stopped early, `bad_chunks` counts chunks
+    skipped because their data was corrupt (the records after them are still read), and
+    `frames`/`malformed` count what was recovered. Attachments and metadata are collected along the way.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -396,6 +397,9 @@ class RecordingReader:
         self.truncation: str | None = None
         self.frames = 0
         self.malformed = 0
+        # Chunks whose data failed its CRC or did not decompress: skipped, reading goes on.
+        self.bad_chunks = 0
+        self.bad_chunk_errors: list[str] = []
         self.events: list[dict[str, Any]] = []
         self.metadata: dict[str, dict[str, str]] = {}
         self.attachments: list[AttachmentInfo] = []
@@ -410,7 +414,8 @@ class RecordingReader:
 
         self.complete = self.truncated = False
         self.truncation = None
-        self.frames = self.malformed = 0
+        self.frames = self.malformed = self.bad_chunks = 0
+        self.bad_chunk_errors = []
         self.events = []
         channels: dict[int, Channel] = {}
         with open(self.path, "rb") as fh:
@@ -419,19 +424,24 @@ class RecordingReader:
             while True:
                 try:
                     record = next(records)
-                    if isinstance(record, Chunk):
-                        if record.uncompressed_size > MAX_CHUNK_BYTES:
-                            raise DataError(f"chunk claims {record.uncompressed_size} bytes uncompressed")
-                        inner = breakup_chunk(record, validate_crc=True)
-                    else:
-                        inner = [record]
                 except StopIteration:
                     break
-                except Exception as exc:  # McapError, struct/zlib/zstd errors, OSError, DataError, ...
+                except Exception as exc:  # McapError, struct errors, OSError, ...
                     # A crash leaves a torn record at the end: everything before it is good.
                     self.truncated = True
                     self.truncation = f"{type(exc).__name__}: {exc}"[:200]
                     break
+                inner = [record]
+                if isinstance(record, Chunk):
+                    try:
+                        if record.uncompressed_size > MAX_CHUNK_BYTES:
+                            raise DataError(f"chunk claims {record.uncompressed_size} bytes uncompressed")
+                        inner = breakup_chunk(record, validate_crc=True)
+                    except Exception as exc:  # CRC mismatch, zstd/lz4 errors, a torn inner record
+                        # The chunk's framing held, so the records after it are intact: skip only it.
+                        self.bad_chunks += 1
+                        self.bad_chunk_errors.append(f"{type(exc).__name__}: {exc}"[:200])
+                        continue
                 for rec in inner:
                     if isinstance(rec, Channel):
                         channels[rec.id] = rec
@@ -529,6 +539,7 @@ class RecordingInfo:
     duration_s: float
     mean_rate_hz: float
     scanners: dict[str, ScannerSummary]
+    bad_chunks: int
     attachments: list[AttachmentInfo]
     metadata: dict[str, dict[str, str]]
     events: int
@@ -544,6 +555,7 @@ class RecordingInfo:
             "frames": self.frames,
             "recovered_frames": self.frames,
             "malformed": self.malformed,
+            "bad_chunks": self.bad_chunks,
             "duration_s": self.duration_s,
             "mean_rate_hz": self.mean_rate_hz,
             "scanners": {k: vars(v) for k, v in self.scanners.items()},
@@ -560,9 +572,11 @@ class RecordingInfo:
             f"file        {self.path} ({self.size_bytes} bytes, {status})",
             f"frames      {self.frames}" + (f" recovered ({self.truncation})" if self.truncated else ""),
             f"malformed   {self.malformed}",
+            f"bad chunks  {self.bad_chunks} (corrupt data, skipped)" if self.bad_chunks else "",
             f"duration    {self.duration_s:.3f} s",
             f"mean rate   {self.mean_rate_hz:.2f} frames/s",
         ]
+        lines = [line for line in lines if line]
         for name, s in sorted(self.scanners.items()):
             lines.append(
                 f"scanner     {name}: {s.frames} frames, seq {s.first_seq}..{s.last_seq}, "
@@ -636,6 +650,7 @@ def recording_info(path: str | os.PathLike[str]) -> RecordingInfo:
         duration_s=duration,
         mean_rate_hz=rate,
         scanners=scanners,
+        bad_chunks=reader.bad_chunks,
         attachments=reader.attachments,
         metadata=reader.metadata,
         events=len(reader.events),

@@ -35,6 +35,7 @@ from scanner_io.choices import Choice
 from scanner_io.codec import MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES, MalformedFrame, decode_frame
 from scanner_io.errors import ConfigError, FrameDecodeError, SourceUnavailableError
 from scanner_io.frame import Frame
+from scanner_io.ratelog import RateLimitedLog
 from scanner_io.recording import RecordingReader
 from scanner_io.seq import SeqTracker
 from scanner_io.simulator import ScannerSimulator, SensorMaps, SimConfig, full_defects_config
@@ -363,6 +364,13 @@ class ReplaySource(Source):
                     self.recovered = self._reader.frames
                     self.truncated = self._reader.truncated
                     self.truncation = self._reader.truncation
+                    if self._reader.bad_chunks:
+                        log.warning(
+                            "recording %s: skipped %d corrupt chunk(s) (%s)",
+                            self.path,
+                            self._reader.bad_chunks,
+                            self._reader.bad_chunk_errors[0],
+                        )
                     if self.truncated:
                         log.warning(
                             "recording %s is cut off (%s): recovered %d frames",
@@ -430,6 +438,7 @@ class ZmqSource(Source):
         self._error: BaseException | None = None
         self._peers = 0
         self._last_frame = time.monotonic()
+        self._rejected_log = RateLimitedLog(log)
         self._thread = threading.Thread(target=self._run, name=f"source {endpoint}", daemon=True)
         self._thread.start()
         self._started.wait(10)
@@ -536,8 +545,12 @@ class ZmqSource(Source):
                     self._last_frame = time.monotonic()
                 except FrameDecodeError as exc:
                     item = MalformedFrame.from_error(exc)
-                    log.warning(
-                        "source %s: rejected message (%s): %s", self.endpoint, item.reason, item.message
+                    self._rejected_log.warning(
+                        item.reason,
+                        "source %s: rejected message (%s): %s",
+                        self.endpoint,
+                        item.reason,
+                        item.message[:200],
                     )
                 self._observe(item)
                 try:

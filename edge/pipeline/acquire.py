@@ -20,6 +20,7 @@ from edge.pipeline.queues import Event
 from edge.pipeline.stage import Pipeline, Stage
 from scanner_io.codec import MalformedFrame
 from scanner_io.frame import Frame
+from scanner_io.ratelog import RateLimitedLog
 from scanner_io.recording import Recorder
 from scanner_io.seq import SeqTracker
 from scanner_io.sources import FrameSource
@@ -63,6 +64,7 @@ class AcquisitionStage(Stage):
         self.scanner: str | None = None
         self._seqs = SeqTracker()
         self._warned_identity = False
+        self._flood_log = RateLimitedLog(log)  # a flood of junk must not flood the journal
 
     def setup(self) -> None:
         """Open the source, read the calibration it carries, open the recorder."""
@@ -118,7 +120,7 @@ class AcquisitionStage(Stage):
         step = self._seqs.malformed(item.scanner, seq)
         if step.missing:
             pipe.count_drop("upstream_gap", step.missing, seq)
-        log.warning("malformed frame rejected: reason=%s seq=%s", reason, seq)
+        self._flood_log.warning(reason, "malformed frame rejected: reason=%s seq=%s", reason, seq)
         if self.recorder is not None:
             with contextlib.suppress(Exception):
                 self.recorder.write_event("malformed", reason=reason, seq=seq)
@@ -134,10 +136,14 @@ class AcquisitionStage(Stage):
         step = self._seqs.frame(h.scanner, h.seq)
         if step.missing:
             pipe.count_drop("upstream_gap", step.missing, h.seq)
-            log.warning("upstream gap: %d frame(s) missing before seq %d", step.missing, h.seq)
+            self._flood_log.warning(
+                "upstream_gap", "upstream gap: %d frame(s) missing before seq %d", step.missing, h.seq
+            )
         if step.reset_from is not None:
             # The scanner restarted its counter (or repeated a seq): tracking starts afresh.
-            log.warning("seq went back from %d to %d: scanner restarted", step.reset_from, h.seq)
+            self._flood_log.warning(
+                "seq_reset", "seq %d after %d: the scanner restarted its count", h.seq, step.reset_from
+            )
             body = {"state": "seq_reset", "from_seq": step.reset_from, "seq": h.seq}
             pipe.outbox.put_nowait(Event("source", body))
         with pipe.stats.lock:

@@ -21,6 +21,8 @@ from edge.pipeline.stage import Pipeline, Stage
 from edge.results import RESULTS_PROTOCOL_VERSION, FrameResult, ResultPublisher
 
 Binder = Callable[[zmq.Socket, str], str]  # edge.security.EndpointSecurity.bind
+# At most this long, within the stop deadline, the last messages get to reach subscribers on stop.
+FLUSH_ON_STOP_S = 1.0
 
 
 class PublisherStage(Stage):
@@ -129,10 +131,12 @@ class PublisherStage(Stage):
         pipe.metrics.published(r, t_pub)
 
     def teardown(self) -> None:
-        """Announce `stopped` and close the socket."""
+        """Announce `stopped`, let what was sent reach subscribers (bounded), close the socket."""
         if self.publisher is not None:
             with contextlib.suppress(Exception):
                 st = self.state()
                 st["state"] = "stopped"
-                self.publisher.publish_event("state", st, time.monotonic())
+                deadline = self.pipe.clock.hard_deadline()
+                left = FLUSH_ON_STOP_S if deadline is None else deadline - time.monotonic()
+                self.publisher.publish_last_event("state", st, min(FLUSH_ON_STOP_S, left))
             self.publisher.close()
