@@ -33,6 +33,7 @@ from pathlib import Path
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
 from edge.config import CurveConfig, PublisherConfig
 from scanner_io.errors import ConfigError, SourceUnavailableError, ThzEdgeError
@@ -84,6 +85,8 @@ def load_keypair(path: Path, need_secret: bool = True) -> KeyPair:
     except OSError as exc:
         raise ConfigError(f"cannot read key file {path}: {exc.strerror}") from None
     if len(text) == 40 and b"\n" not in text:  # a bare Z85 key
+        if not _is_z85_key(text):
+            raise ConfigError(f"{path}: not a valid 40-character Z85 CURVE key")
         if need_secret:
             try:
                 return KeyPair(public=zmq.curve_public(text), secret=text)
@@ -92,12 +95,19 @@ def load_keypair(path: Path, need_secret: bool = True) -> KeyPair:
         return KeyPair(public=text)
     try:
         public, secret = zmq.auth.load_certificate(path)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise ConfigError(
             f"{path}: not a ZeroMQ certificate ({exc}); create one with `thzedge keys generate`"
         ) from None
+    if not _is_z85_key(public) or (secret is not None and not _is_z85_key(secret)):
+        raise ConfigError(
+            f"{path}: not a ZeroMQ certificate (no valid 40-character Z85 public-key/secret-key); "
+            "create one with `thzedge keys generate`"
+        )
     if need_secret and not secret:
         raise ConfigError(f"{path} holds only a public key; the server needs its .key_secret file")
+    if secret is not None and zmq.curve_public(secret) != public:
+        raise ConfigError(f"{path}: its public key does not belong to its secret key; regenerate the pair")
     if need_secret:
         mode = path.stat().st_mode
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -105,6 +115,31 @@ def load_keypair(path: Path, need_secret: bool = True) -> KeyPair:
                 "secret key file %s is readable by group/others (mode %o); chmod 600 it", path, mode & 0o777
             )
     return KeyPair(public=public, secret=secret)
+
+
+def _is_z85_key(key: bytes | None) -> bool:
+    """True for a 40-character Z85 text that decodes to a 32-byte CURVE key."""
+    if not isinstance(key, bytes) or len(key) != 40:
+        return False
+    try:
+        return len(z85.decode(key)) == 32
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
+def check_curve_files(curve: CurveConfig) -> int:
+    """Load what [publisher.curve] names, as the daemon will; return the number of allowed clients.
+
+    `config validate` runs this so a garbage certificate, a public certificate given as the
+    secret, or a missing clients directory fail there (exit 78), not at the daemon's start.
+    """
+    if not curve.enabled:
+        return 0
+    if not curve_available():
+        raise ConfigError("[publisher.curve] enabled, but this libzmq has no CURVE support")
+    assert curve.secret_key_file is not None and curve.allowed_clients_dir is not None  # edge.config
+    load_keypair(curve.secret_key_file)
+    return len(load_allowed_clients(curve.allowed_clients_dir))
 
 
 def load_allowed_clients(directory: Path) -> frozenset[bytes]:
