@@ -323,6 +323,8 @@ def load_config(path: Path | str | None = None) -> Config:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses per nesting level: a hostile file nests thousands deep
+        raise ConfigError(f"{path}: not a thzedge config: tables or arrays nested too deep") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     return config_from_dict(raw, path=path)

@@ -19,6 +19,7 @@ from edge.pipeline.context import QueuedFrame
 from edge.pipeline.queues import Event
 from edge.pipeline.stage import Pipeline, Stage
 from scanner_io.codec import MalformedFrame
+from scanner_io.errors import ConfigError
 from scanner_io.frame import Frame
 from scanner_io.ratelog import RateLimitedLog
 from scanner_io.recording import Recorder
@@ -43,6 +44,10 @@ def profile_from_source(source: FrameSource) -> ProfileChoice | None:
         log.warning("the source's calibration cannot be used (%s): %s", type(exc).__name__, exc)
         return None
     return choice if choice.profile is not None else None
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return "×".join(map(str, shape))
 
 
 class AcquisitionStage(Stage):
@@ -161,6 +166,15 @@ class AcquisitionStage(Stage):
 
     def _prepare(self, q: QueuedFrame) -> None:
         ctx = self.pipe.processing  # read once per frame, in seq order: a reload switches at one seq
+        if self.pipe.stats.frames_in == 1 and ctx.profile is not None:
+            shape = tuple(q.frame.data.shape)
+            if shape != tuple(ctx.profile.shape):
+                # Every result would be `error`: refuse to run instead (exit 78, no restart loop).
+                raise ConfigError(
+                    f"calibration profile {ctx.calibration_id} is for {_dims(ctx.profile.shape)} frames "
+                    f"(scanner {ctx.profile.scanner}), but the source sends {_dims(shape)}: configure "
+                    "the profile made for this scanner"
+                )
         if ctx.profile is None and not self._warned_identity:
             self._warned_identity = True
             log.warning("no calibration profile configured: using identity calibration (uncorrected frames)")

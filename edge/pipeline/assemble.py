@@ -37,7 +37,7 @@ from edge.pipeline.stats import RunSummary
 from edge.runner import Runner
 from edge.sdnotify import Notifier
 from edge.security import EndpointSecurity
-from scanner_io.errors import BundleError, CalibrationError, ConfigError
+from scanner_io.errors import BundleError, CalibrationError, ConfigError, DataError
 from scanner_io.recording import Recorder, default_manifest
 from scanner_io.sources import FrameSource, QueuePolicy, open_source, split_queue_mode, zmq_context
 
@@ -126,7 +126,13 @@ class ContextLoader:
         gallery = None
         v = self.verification
         if v.gallery is not None and VerificationMode(v.mode) is not VerificationMode.off:
-            gallery = Gallery.load(v.gallery, self.bundle, threshold=v.threshold, precision=self.precision)
+            try:
+                gallery = Gallery.load(
+                    v.gallery, self.bundle, threshold=v.threshold, precision=self.precision
+                )
+            except DataError as exc:
+                # A corrupt gallery does not heal on a restart: at start-up it is exit 78.
+                raise ConfigError(f"[verification] gallery: {exc}") from None
         return ProcessingContext(
             profile=choice.profile,
             params=self.src.conditioning.apply(base),

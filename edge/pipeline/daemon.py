@@ -37,6 +37,7 @@ from edge.pipeline.stage import Pipeline, Stage
 from edge.pipeline.stats import RunSummary, Stats
 from edge.runner import ModelRunner
 from edge.sdnotify import Heartbeat, Notifier, WatchdogPinger
+from scanner_io.errors import ThzEdgeError
 from scanner_io.sources import QueuePolicy
 
 log = logging.getLogger("thzedge.daemon")
@@ -261,6 +262,10 @@ class Daemon:
         if self.on_ready is not None:
             self.on_ready(self)
         self._main_loop(pipe)
+        if isinstance(acq.error, ThzEdgeError):
+            # The stream cannot go on (a profile for other frames, a source that cannot recover):
+            # exit with the error's code, so systemd tells a bad config from a crash.
+            raise acq.error
         return self.stats.summary(time.monotonic() - t_start, endpoint, acq.exit_reason)
 
     def _main_loop(self, pipe: Pipeline) -> None:
