@@ -65,7 +65,7 @@ class Stage(Choice):
 # The `stage` labels of thzedge_stage_duration_seconds, in the order of the frame's way.
 STAGE_METRICS: tuple[str, ...] = tuple(dict.fromkeys(s.metric for s in Stage))
 RESULT_STATUSES = ("ok", "partial", "error")
-SOURCE_STATES = ("up", "stalled", "down", "ended")
+SOURCE_STATES = ("up", "stalled", "down", "ended", "failed")
 DAEMON_STATES = (
     "starting",
     "warming_up",
@@ -163,6 +163,11 @@ class DaemonMetrics:
         self.build_info = Info("thzedge_build", "Version, model bundle and backend in use.", registry=r)
         self.watchdog_pings = Counter(
             "thzedge_watchdog_pings_total", "WATCHDOG=1 sent to systemd.", registry=r
+        )
+        self.source_recreated = Counter(
+            "thzedge_source_recreated_total",
+            "Acquisition sockets recreated because the scanner was lost and did not reconnect.",
+            registry=r,
         )
 
         for reason in DROP_REASONS:

@@ -19,7 +19,7 @@ from edge.pipeline.context import QueuedFrame
 from edge.pipeline.queues import Event
 from edge.pipeline.stage import Pipeline, Stage
 from scanner_io.codec import MalformedFrame
-from scanner_io.errors import ConfigError
+from scanner_io.errors import ConfigError, SourceUnavailableError
 from scanner_io.frame import Frame
 from scanner_io.ratelog import RateLimitedLog
 from scanner_io.recording import Recorder
@@ -69,6 +69,7 @@ class AcquisitionStage(Stage):
         self.scanner: str | None = None
         self._seqs = SeqTracker()
         self._warned_identity = False
+        self._recreated = 0  # source sockets recreated so far (scanner lost without a reconnect)
         self._flood_log = RateLimitedLog(log)  # a flood of junk must not flood the journal
 
     def setup(self) -> None:
@@ -108,12 +109,29 @@ class AcquisitionStage(Stage):
                 if self.source.exhausted:
                     self.exit_reason = "source_ended"
                     return
+                self._watch_source()
                 continue
             if isinstance(item, Frame):
                 self._accept(item)
             else:
                 self._malformed(item)
         self.exit_reason = "stopped"
+
+    def _watch_source(self) -> None:
+        """On a quiet turn: count socket recreations; stop the run if the source cannot recover."""
+        assert self.source is not None
+        if self.source.state == "failed":
+            # Exit 69 (systemd restarts us) instead of "stalled" forever with the watchdog fed.
+            why = getattr(self.source, "failure", None) or "unknown"
+            self.exit_reason = "source_failed"
+            raise SourceUnavailableError(f"the source failed and cannot recover ({why}); restarting helps")
+        stats = getattr(self.source, "stats", None)
+        recreated = int(getattr(stats, "recreated", 0))
+        if recreated > self._recreated:
+            self.pipe.metrics.source_recreated(recreated - self._recreated)
+            body = {"state": "recreated", "count": recreated}
+            self.pipe.outbox.put_nowait(Event("source", body))
+            self._recreated = recreated
 
     def _malformed(self, item: MalformedFrame) -> None:
         pipe = self.pipe

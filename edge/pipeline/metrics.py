@@ -82,3 +82,7 @@ class Metrics:
     def watchdog_ping(self) -> None:
         """Count one WATCHDOG=1 sent to systemd."""
         self._do(lambda m: m.watchdog_pings.inc())
+
+    def source_recreated(self, n: int = 1) -> None:
+        """Count `n` acquisition sockets recreated after the scanner was lost."""
+        self._do(lambda m: m.source_recreated.inc(n))
