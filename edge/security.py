@@ -19,6 +19,7 @@ Key files use the ZeroMQ certificate format (`thzedge keys generate`, compatible
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import grp
 import logging
@@ -369,15 +370,44 @@ def ipc_socket_is_live(path: Path) -> bool:
 
 
 def prepare_ipc_dir(directory: Path, group: str | None = None) -> None:
-    """Create the socket directory 0700 (0750 with a group) if missing; refuse a world-writable one."""
+    """Create the socket directory 0700 (0750 with a group) if missing; refuse one others control.
+
+    Missing parents are created 0700 too. An existing directory must belong to this user (or to
+    root and be writable by root only, or sticky like /tmp): in a directory another user owns or
+    may write to, that user could swap the socket and receive the consumers' connections.
+    """
     if not directory.exists():
-        directory.mkdir(parents=True, mode=0o750 if group else 0o700)
+        missing = [d for d in (directory, *directory.parents) if not d.exists()]
+        for d in reversed(missing):
+            with contextlib.suppress(FileExistsError):  # another instance made it meanwhile
+                d.mkdir(mode=0o700)
+            _check_ipc_dir(d)
         if group:
+            os.chmod(directory, 0o750)
             os.chown(directory, -1, _gid(group))
         return
-    mode = directory.stat().st_mode
-    if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
-        raise ConfigError(f"ipc socket directory {directory} is world-writable; use a private directory")
+    _check_ipc_dir(directory)
+
+
+def _check_ipc_dir(directory: Path) -> None:
+    st = directory.lstat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(
+            f"ipc socket directory {directory} is not a directory (a symlink?); use a private one"
+        )
+    mode, me = st.st_mode, os.geteuid()
+    writable_by_others = mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX
+    if st.st_uid not in (me, 0):
+        raise ConfigError(
+            f"ipc socket directory {directory} belongs to uid {st.st_uid}, not to this user (uid {me}): "
+            "another user could take over the socket; remove it, or set RuntimeDirectory= / "
+            "XDG_RUNTIME_DIR, or use an ipc:// path in a directory of your own"
+        )
+    if writable_by_others:
+        raise ConfigError(
+            f"ipc socket directory {directory} is writable by group or others (mode {stat.S_IMODE(mode):o}); "
+            "chmod go-w it or use a private directory"
+        )
 
 
 def secure_ipc_file(path: Path, mode: int = 0o600, group: str | None = None) -> None:
