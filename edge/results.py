@@ -18,6 +18,7 @@ The socket is an XPUB that behaves as a PUB for subscribers. It is owned by one 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -229,6 +230,8 @@ class ResultPublisher:
         self.publish_embedding = publish_embedding
         self.publish_reconstruction = publish_reconstruction
         self._ctx = ctx or zmq.Context.instance()
+        self._binder = binder
+        self._ipc = (ipc_mode, ipc_group)
         self._owned = OwnedSocket(self._ctx, zmq.XPUB)
         sock = self._owned.socket
         sock.setsockopt(zmq.SNDHWM, hwm)
@@ -262,6 +265,28 @@ class ResultPublisher:
         # group's file, private directory, a live socket of another process refused; R-NEW-2).
         mode = ipc_mode & (stat.S_IRWXU | stat.S_IRWXG)
         return EndpointSecurity(ctx, ipc_mode=mode, ipc_group=ipc_group).bind(sock, endpoint)
+
+    def rebind(self, attempts: int = 40) -> None:
+        """Unbind and bind the endpoint again: every connection drops, subscribers reconnect.
+
+        This is how a revoked CURVE key is cut off: ZAP only judges new handshakes. Messages
+        queued for subscribers at that moment are lost (they see a seq gap).
+        """
+        sock = self._owned.check()
+        endpoint = self.bound_endpoint
+        sock.unbind(endpoint)
+        for attempt in range(attempts):
+            try:
+                if self._binder is not None:
+                    self.bound_endpoint = self._binder(sock, endpoint)
+                else:
+                    self.bound_endpoint = self._bind(self._ctx, sock, endpoint, *self._ipc)
+                return
+            except zmq.ZMQError as exc:
+                # The listener closes in libzmq's I/O thread: the address may be busy a moment.
+                if exc.errno != errno.EADDRINUSE or attempt == attempts - 1:
+                    raise
+                time.sleep(0.05)
 
     def poll_subscriptions(self) -> int:
         """Read pending subscribe messages without blocking; return how many were new joins."""

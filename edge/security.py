@@ -172,6 +172,11 @@ class ClientAllowList:
     def __len__(self) -> int:
         return len(self._keys)
 
+    @property
+    def keys(self) -> frozenset[bytes]:
+        """The Z85 public keys allowed now."""
+        return self._keys
+
     def callback(self, domain: str, key: bytes) -> bool:
         """Called by the ZAP authenticator for each CURVE handshake with the client's Z85 key."""
         ok = key in self._keys
@@ -209,6 +214,9 @@ class EndpointSecurity:
         self.ipc_group = ipc_group
         self.allow_list = ClientAllowList()
         self.authenticator: ThreadAuthenticator | None = None
+        # Counts reloads that revoked a key: a socket bound through this object rebinds when it
+        # changes, so a revoked client that is still connected is cut off (R-SEC-3).
+        self.revocations = 0
 
     @classmethod
     def from_config(
@@ -261,7 +269,15 @@ class EndpointSecurity:
         if self.allowed_clients_dir is None or self.authenticator is None:
             return 0
         keys = load_allowed_clients(self.allowed_clients_dir)
+        revoked = self.allow_list.keys - keys
         self.allow_list.replace(keys)
+        if revoked:
+            # ZAP only judges new handshakes: the sockets this protects are rebound (see
+            # `revocations`), which drops every connection; allowed clients reconnect.
+            self.revocations += 1
+            log.warning(
+                "CURVE allow-list reloaded: %d key(s) revoked; dropping connected clients", len(revoked)
+            )
         log.info("CURVE allow-list reloaded: %d client key(s)", len(keys))
         return len(keys)
 
@@ -276,6 +292,10 @@ class EndpointSecurity:
         return self.authenticator is not None and self.authenticator.is_alive()
 
     # -- binding -----------------------------------------------------------------------------
+
+    def __call__(self, sock: zmq.Socket, endpoint: str) -> str:
+        """Bind (this object is the publisher's binder); see `bind`."""
+        return self.bind(sock, endpoint)
 
     def bind(self, sock: zmq.Socket, endpoint: str) -> str:
         """Bind `sock` to `endpoint` with the protection its transport needs; return the endpoint."""

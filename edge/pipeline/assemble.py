@@ -237,7 +237,7 @@ def run_daemon(
         notifier=notifier,
         metrics=metrics,
         open_recorder=open_recorder,
-        binder=security.bind,
+        binder=security,  # callable; its `revocations` make the publisher rebind
         model=model,
         on_ready=on_ready,
     )

@@ -8,6 +8,7 @@ state change and every `state_interval_s`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +21,9 @@ from edge.pipeline.queues import Event
 from edge.pipeline.stage import Pipeline, Stage
 from edge.results import RESULTS_PROTOCOL_VERSION, FrameResult, ResultPublisher
 
-Binder = Callable[[zmq.Socket, str], str]  # edge.security.EndpointSecurity.bind
+Binder = Callable[[zmq.Socket, str], str]  # edge.security.EndpointSecurity (callable: bind)
+
+log = logging.getLogger("thzedge.daemon")
 # At most this long, within the stop deadline, the last messages get to reach subscribers on stop.
 FLUSH_ON_STOP_S = 1.0
 
@@ -36,6 +39,7 @@ class PublisherStage(Stage):
         self._drops_reported = 0
         self._last_state = 0.0
         self._state_version = -1
+        self._revocations = getattr(binder, "revocations", 0)
 
     def scanner(self) -> str:
         """The scanner name for event topics: the stream's, else the instance name."""
@@ -83,6 +87,11 @@ class PublisherStage(Stage):
         deadline = pipe.clock.publish_deadline
         while True:
             now = time.monotonic()
+            revocations = getattr(self._binder, "revocations", 0)
+            if revocations != self._revocations:
+                self._revocations = revocations
+                pub.rebind()  # a revoked client still connected is cut off here
+                log.info("results socket rebound after a CURVE key was revoked")
             joins = pub.poll_subscriptions()
             pub.scanner = self.scanner()
             version = pipe.state_version
