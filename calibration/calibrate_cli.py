@@ -36,7 +36,10 @@ _STATE = Annotated[
 def capture_command(
     ctx: typer.Context,
     source: Annotated[
-        str, typer.Option("--source", help="Source URI (tcp://, ipc://, sim?scene=dark, replay:F).")
+        str,
+        typer.Option(
+            "--source", help="Source URI (tcp://, ipc://, sim?scene=dark, replay:F) or a config source name."
+        ),
     ],
     kind: Annotated[CaptureKind, typer.Option("--kind", help="dark (shutter closed) or flat (reflector).")],
     out: Annotated[Path, typer.Option("--out", help="Directory to write the capture MCAP into (created).")],
@@ -57,7 +60,14 @@ def capture_command(
         raise typer.BadParameter("--level is for flat captures", param_hint="--level")
     with stop_on_signals() as stop, terminal_progress(f"capturing {kind}", frames) as progress:
         result = record_capture(
-            source, kind, frames, out, level=level, progress=progress, stop=stop, timeout_s=timeout
+            global_options(ctx).resolve_source(source).uri,
+            kind,
+            frames,
+            out,
+            level=level,
+            progress=progress,
+            stop=stop,
+            timeout_s=timeout,
         )
     if as_json:
         typer.echo(json.dumps({"path": str(result.path), **result.check.to_dict()}, sort_keys=True))
@@ -129,7 +139,10 @@ def build_command(
 def check_command(
     ctx: typer.Context,
     source: Annotated[
-        str, typer.Option("--source", help="Source URI of the scanner (shutter closed or reflector).")
+        str,
+        typer.Option(
+            "--source", help="Source URI or config source name of the scanner (shutter closed or reflector)."
+        ),
     ],
     profile: Annotated[Path, typer.Option("--profile", help="Profile directory to check against.")],
     kind: Annotated[CaptureKind, typer.Option("--kind", help="dark or flat frames.")] = CaptureKind.DARK,
@@ -148,7 +161,7 @@ def check_command(
     prof = CalibrationProfile.load(profile)
     if kind is CaptureKind.FLAT and level is None:
         level = 1.0
-    got = read_frames(source, frames, timeout)
+    got = read_frames(global_options(ctx).resolve_source(source).uri, frames, timeout)
     report = check_capture_against(prof, capture_set_from_frames(kind, got, level))
     typer.echo(json.dumps(report.to_dict(), sort_keys=True) if as_json else report.line())
     if report.verdict.exit_code:
@@ -190,20 +203,27 @@ def activate_command(
     source: Annotated[
         str | None,
         typer.Option(
-            "--source", help="Read one frame header from this source to check serial/resolution/settings."
+            "--source",
+            help="Read one frame header from this source (URI or config name) to check "
+            "serial/resolution/settings.",
         ),
     ] = None,
     state_dir: _STATE = None,
     max_bad: Annotated[float, typer.Option("--max-bad-fraction", min=0.0, help="Refuse above this.")] = 0.02,
-    max_dsnu: Annotated[float, typer.Option("--max-residual-dsnu", min=0.0, help="DN; refuse above.")] = 5.0,
-    max_prnu: Annotated[float, typer.Option("--max-residual-prnu", min=0.0, help="%; refuse above.")] = 1.0,
+    max_dsnu: Annotated[
+        float, typer.Option("--max-residual-dsnu", min=0.0, help="Refuse above this residual DSNU, in DN.")
+    ] = 5.0,
+    max_prnu: Annotated[
+        float, typer.Option("--max-residual-prnu", min=0.0, help="Refuse above this residual PRNU, in %.")
+    ] = 1.0,
 ) -> None:
     """Make a profile the scanner's active one (atomic); refuses a mismatch or a profile failing QA."""
     as_json = global_options(ctx).json
     from calibration.active import ActivationLimits, activate_profile, calibration_state_dir
     from calibration.capture import read_frames
 
-    header = read_frames(source, 1, 10.0)[0].header if source is not None else None
+    uri = global_options(ctx).resolve_source(source).uri if source is not None else None
+    header = read_frames(uri, 1, 10.0)[0].header if uri is not None else None
     limits = ActivationLimits(max_bad, max_dsnu, max_prnu)
     record = activate_profile(profile, scanner, state_dir, header=header, limits=limits)
     if as_json:

@@ -18,9 +18,11 @@ import typer
 from calibration.calibrate_cli import calibrate_app
 from calibration.profile import resolve_profile
 from calibration.simulated import preview_sheet, true_profile, write_dataset
+from scanner_io.cli import STORAGE_KEY_HELP, storage_key_option
 from scanner_io.cli_common import global_options, stop_on_signals, terminal_progress
 from scanner_io.errors import ThzEdgeError
-from scanner_io.recording import Recorder, default_manifest, record_source
+from scanner_io.recording import Recorder, RecordingPolicy, default_manifest, record_source
+from scanner_io.retention import parse_duration
 from scanner_io.simulator import ScannerSimulator
 from scanner_io.sources import open_source
 
@@ -43,7 +45,11 @@ def register(app: typer.Typer) -> None:
 def record(
     ctx: typer.Context,
     source: Annotated[
-        str, typer.Option("--source", help="Source URI: tcp://, ipc://, sim[?..], replay:FILE.")
+        str,
+        typer.Option(
+            "--source",
+            help="Source URI (tcp://, ipc://, sim[?..], replay:FILE) or a source name from the config.",
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", help="MCAP file to write (FILE.mcap.part until finished).")],
     frames: Annotated[int | None, typer.Option("--frames", min=1, help="Stop after N frames.")] = None,
@@ -54,23 +60,49 @@ def record(
         Path | None,
         typer.Option(
             "--calibration",
-            help="Calibration profile directory to attach (default: the one the source carries, if any).",
+            help="Calibration profile directory to attach (default: the configured source's, else "
+            "the one the source carries, if any).",
         ),
     ] = None,
     chunk_kib: Annotated[
         int, typer.Option("--chunk-kib", min=1, help="Chunk size in KiB (fsync'ed).")
     ] = 1024,
+    storage_key: Annotated[Path | None, typer.Option("--storage-key", help=STORAGE_KEY_HELP)] = None,
+    retention: Annotated[
+        str | None,
+        typer.Option(
+            "--retention", help="Delete the file at the first sweep after this long (e.g. 7d, 12h)."
+        ),
+    ] = None,
+    consent: Annotated[
+        str, typer.Option("--consent", help="Basis of the recording, stored in the file (e.g. obtained).")
+    ] = "unspecified",
+    purpose: Annotated[str, typer.Option("--purpose", help="Purpose, stored in the file.")] = "unspecified",
 ) -> None:
-    """Record raw frames from a source into an MCAP file (zstd chunks, manifest, calibration)."""
+    """Record raw frames from a source into an MCAP file (zstd chunks, encrypted under a storage key)."""
     if frames is not None and duration is not None:
         raise ThzEdgeError("give --frames or --duration, not both")
-    src = open_source(source)
+    key = storage_key_option(storage_key)
+    policy = RecordingPolicy(
+        retention_s=parse_duration(retention) if retention is not None else None,
+        consent=consent,
+        purpose=purpose,
+    )
+    named = global_options(ctx).resolve_source(source)
+    src = open_source(named.uri)
+    if key is None:  # only once the source is known: a wrong --source stays a one-line error
+        log.warning("recording %s WITHOUT encryption: no storage key (R-SEC-7); see --storage-key", out)
     try:
-        manifest = default_manifest(source=source, extra={"frames_requested": frames, "duration_s": duration})
-        # Without --calibration, attach what the source carries (a recording's own profile, the
-        # simulator's true maps), so a replay is conditioned exactly as the live stream was.
-        attach = resolve_profile(calibration, src).profile
-        recorder = Recorder(out, manifest=manifest, calibration=attach, chunk_bytes=chunk_kib * 1024)
+        manifest = default_manifest(
+            source=named.uri, extra={"frames_requested": frames, "duration_s": duration}
+        )
+        # Without --calibration, attach the configured source's profile, else what the source
+        # carries (a recording's own, the simulator's true maps), so a replay is conditioned
+        # exactly as the live stream was.
+        attach = resolve_profile(calibration or named.calibration, src).profile
+        recorder = Recorder(
+            out, manifest=manifest, calibration=attach, chunk_bytes=chunk_kib * 1024, key=key, policy=policy
+        )
         with stop_on_signals() as stop, terminal_progress("recording", frames) as progress:
             summary = record_source(
                 src, recorder, frames=frames, duration_s=duration, stop=stop, progress=progress

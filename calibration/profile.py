@@ -374,6 +374,7 @@ class ProfileChoice(NamedTuple):
 
 
 CONFIGURED = "the configured calibration profile"
+ACTIVE = "the scanner's active calibration profile (thzedge calibrate activate)"
 NO_PROFILE = "no calibration profile (identity calibration)"
 
 
@@ -400,13 +401,16 @@ def resolve_profile(
     configured: CalibrationProfile | str | os.PathLike[str] | None,
     source: ProfileCarrier | None = None,
     carried: ProfileChoice | None = None,
+    active: str | os.PathLike[str] | None = None,
 ) -> ProfileChoice:
-    """Decide which profile conditions a stream: configured, else carried by the source, else none.
+    """Decide which profile conditions a stream: configured, else the scanner's active one, else
+    carried by the source, else none.
 
     The one rule of the daemon, enrolment, `thzedge record` and INT8 calibration from
-    recordings, so all of them condition a scanner's frames alike. `carried` is what was read off
-    the source already (the daemon reads it once, in the thread that owns the source). A bad
-    configured profile or a bad attachment raises CalibrationError.
+    recordings, so all of them condition a scanner's frames alike. `active` is the directory
+    `thzedge calibrate activate` made current for the scanner (`calibration.active`). `carried`
+    is what was read off the source already (the daemon reads it once, in the thread that owns
+    the source). A bad configured or active profile or a bad attachment raises CalibrationError.
     """
     if configured is not None:
         profile = (
@@ -415,6 +419,8 @@ def resolve_profile(
             else CalibrationProfile.load(Path(configured))
         )
         return ProfileChoice(profile, CONFIGURED)
+    if active is not None:
+        return ProfileChoice(CalibrationProfile.load(Path(active)), ACTIVE)
     if carried is not None:
         return carried
     found = profile_carried_by(source) if source is not None else None

@@ -77,6 +77,27 @@ def demo_bundle_path() -> Path:
     return path
 
 
+# The name `--model demo` gives the shipped demo bundle (a directory really called demo is ./demo).
+DEMO_MODEL = "demo"
+
+
+def model_path(value: str | Path) -> Path:
+    """Resolve a `--model` value: the name `demo` is the shipped demo bundle, anything else a directory."""
+    if isinstance(value, str) and value == DEMO_MODEL:
+        return demo_bundle_path()
+    return Path(value)
+
+
+def writable_model_path(value: str | Path, command: str) -> Path:
+    """Resolve a bundle a command writes into; the shipped demo bundle is refused (copy it first)."""
+    if isinstance(value, str) and value == DEMO_MODEL:
+        raise BundleError(
+            f"`{command}` writes into the bundle, and `demo` is the shipped demo model, which stays as "
+            f"shipped: copy it first (cp -r {demo_bundle_path()} my_bundle) and pass that copy"
+        )
+    return Path(value)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """Name, shape (a str marks a dynamic dimension, e.g. "N") and dtype of one graph tensor."""

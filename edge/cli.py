@@ -16,19 +16,31 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
-from typing import Annotated, TextIO
+from types import SimpleNamespace
+from typing import Annotated, Any, TextIO
 
 import typer
+import typer.main
 
 from calibration.cli import register as register_calibration
 from edge import __version__, early_stop
 from edge.commands import register as register_edge
+from edge.config import is_source_uri, load_config
 from edge.sdnotify import JournaldHandler, stderr_is_journal
 from export.cli import register as register_export
 from scanner_io.cli import register as register_scanner_io
-from scanner_io.cli_common import GlobalOptions, LogLevel
-from scanner_io.errors import EXIT_SOFTWARE, ThzEdgeError, UsageError
+from scanner_io.cli_common import GlobalOptions, LogLevel, NamedSource
+from scanner_io.errors import EXIT_SOFTWARE, EXIT_USAGE, ThzEdgeError, UsageError
+from scanner_io.sources import split_queue_mode
+
+try:  # typer >= 0.22 carries its own copy of click
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+    from typer._click.exceptions import UsageError as ClickUsageError
+except ImportError:  # pragma: no cover - older typer on the real click
+    from click.exceptions import ClickException, NoArgsIsHelpError  # type: ignore[no-redef,assignment,unused-ignore]
+    from click.exceptions import UsageError as ClickUsageError  # type: ignore[no-redef,assignment,unused-ignore]
 
 log = logging.getLogger("thzedge")
 
@@ -45,15 +57,42 @@ def _root(
         bool, typer.Option("--json", help="Print the command's result as JSON on stdout instead of text.")
     ] = False,
     config: Annotated[Path | None, typer.Option("--config", help=_CONFIG_HELP)] = None,
+    _version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the thzedge version and exit.", is_eager=True, callback=_print_version
+        ),
+    ] = False,
 ) -> None:
     """Edge deployment toolkit for terahertz face scanners."""
     configure_logging(log_level)
-    ctx.obj = GlobalOptions(log_level=log_level, json=json_out, config=config)
+    ctx.obj = GlobalOptions(
+        log_level=log_level, json=json_out, config=config, resolve_source=partial(named_source, config)
+    )
+
+
+def named_source(config: Path | None, name_or_uri: str) -> NamedSource:
+    """Resolve `--source`: a URI as given, a name (`scanner0`) through the config's [sources].
+
+    The config is read only for a name, so a URI works whatever state the config file is in.
+    The daemon's own `mode=` parameter is taken off: it is no source parameter.
+    """
+    if is_source_uri(name_or_uri):
+        return NamedSource(uri=name_or_uri)
+    src = load_config(config).resolve_source(name_or_uri)  # unknown: ConfigError listing the known
+    uri, _ = split_queue_mode(src.uri)
+    return NamedSource(uri=uri, calibration=src.calibration)
 
 
 def version() -> None:
     """Print the thzedge version."""
     typer.echo(__version__)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
 
 
 def build_app() -> typer.Typer:
@@ -147,16 +186,68 @@ def hoist_config(argv: Sequence[str]) -> list[str]:
     return [*head, *moved, *kept]
 
 
+def cli_command(app: typer.Typer) -> Any:
+    """Return the click command of `app` with plain help: option names, not type tags.
+
+    typer labels every value with its Python type (`--source <str>`, `--json <bool>`,
+    `INPUTS <list[Path]>`). Help shows instead what a user types: nothing after a flag, the
+    choices of a choice, and the upper-case name of any other value (`--source SOURCE`, the
+    argparse convention); an explicit `metavar=` is kept.
+    """
+    command = typer.main.get_command(app)
+    _plain_metavars(command)
+    return command
+
+
+def _plain_metavars(command: Any) -> None:
+    # `--help` is made on first use; make it now (click caches it) so it gets the same treatment.
+    help_option = command.get_help_option(SimpleNamespace(help_option_names=["--help"]))
+    for param in [*command.params, *([help_option] if help_option is not None else [])]:
+        if param.metavar is not None:
+            continue
+        if param.param_type_name == "argument":
+            name = param.metavar = param.name.upper()
+            more = "..." if param.nargs != 1 else ""
+            # typer prints an argument's type beside its name and braces around a required one.
+            param.display_type_rich = lambda ctx: None
+            param._usage_display_name = lambda name=name, more=more, req=param.required: (
+                (name if req else f"[{name}]") + more
+            )
+        elif getattr(param, "is_flag", False):
+            param.metavar = ""
+        elif not getattr(getattr(param, "type_descriptor", None), "is_choice", False):
+            param.metavar = param.name.upper()
+    for sub in getattr(command, "commands", {}).values():
+        _plain_metavars(sub)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None, app: typer.Typer | None = None) -> int:
-    """Run the CLI and return its exit code; thzedge errors become one line on stderr."""
+    """Run the CLI and return its exit code; every error, usage errors too, is one line on stderr."""
     try:
         args = hoist_config(sys.argv[1:] if argv is None else argv)
-        # Standalone mode: typer prints usage errors itself and exits 2 through SystemExit.
-        (app or build_app())(args=args, prog_name="thzedge")
+        # Not standalone: usage errors come here as exceptions and print like every other error.
+        code = cli_command(app or build_app()).main(args=args, prog_name="thzedge", standalone_mode=False)
+        return code if isinstance(code, int) else 0
     except SystemExit as exc:
         if exc.code is None:
             return 0
         return exc.code if isinstance(exc.code, int) else 1
+    except NoArgsIsHelpError:
+        return EXIT_USAGE  # a group without its command: click printed the group's help
+    except ClickUsageError as exc:
+        where = f"; see `{exc.ctx.command_path} --help`" if exc.ctx is not None else ""
+        typer.echo(f"thzedge: error: {_one_line(exc.format_message()).rstrip('.')}{where}", err=True)
+        return EXIT_USAGE
+    except ClickException as exc:
+        typer.echo(f"thzedge: error: {_one_line(exc.format_message())}", err=True)
+        return exc.exit_code
+    except typer.Abort:
+        typer.echo("thzedge: aborted", err=True)
+        return 1
     except ThzEdgeError as exc:
         if exc.exit_code == EXIT_SOFTWARE:
             log.debug("internal error", exc_info=True)

@@ -14,7 +14,7 @@ import typer
 
 from edge.backends import BackendKind
 from edge.bench import bench_model, render_bench
-from edge.bundle import Precision, demo_bundle_path
+from edge.bundle import Precision, demo_bundle_path, model_path
 from edge.config import load_config
 from edge.evaluation import Routing, evaluate
 from edge.gallery import Gallery, enroll_from_inputs, enroll_from_source
@@ -22,8 +22,12 @@ from edge.infer import load_inputs, save_results, truth_postures
 from edge.pipeline.assemble import RunOptions, run_daemon
 from edge.runner import Runner
 from edge.security import check_curve_files, generate_keys, load_keypair
+from edge.signing import generate_signing_key
+from edge.storage import storage_key_from_config
+from scanner_io.atrest import generate_storage_key
+from scanner_io.choices import Choice
 from scanner_io.cli_common import global_options, split_choices
-from scanner_io.errors import ThzEdgeError
+from scanner_io.errors import StorageError, ThzEdgeError
 from scanner_io.frame import POSTURES
 from scanner_io.sources import split_queue_mode
 
@@ -38,7 +42,7 @@ def register(app: typer.Typer) -> None:
     config_app.command("validate")(config_validate_command)
     app.add_typer(config_app, name="config")
     keys_app = typer.Typer(
-        help="CURVE keys for encrypted, authenticated tcp endpoints.", no_args_is_help=True
+        help="Keys: CURVE (tcp endpoints), storage (data at rest), signing (bundles).", no_args_is_help=True
     )
     keys_app.command("generate")(keys_generate_command)
     keys_app.command("show")(keys_show_command)
@@ -51,7 +55,7 @@ def register(app: typer.Typer) -> None:
     app.command("bench")(bench_command)
 
 
-_MODEL_HELP = "Model bundle directory (from `thzedge export onnx`)."
+_MODEL_HELP = "Model bundle directory (from `thzedge export onnx`), or `demo` for the shipped demo model."
 _BACKEND_HELP = "Inference backend: auto, ort (ONNX Runtime) or trt (TensorRT engine)."
 _PRECISION_HELP = "Bundle precision variant to run."
 
@@ -61,7 +65,7 @@ def infer_command(
         list[Path],
         typer.Argument(help="Conditioned crops: 8-bit grayscale PNGs, .npy [N,64,64]/[N,1,64,64], or dirs."),
     ],
-    model: Annotated[Path, typer.Option("--model", help=_MODEL_HELP)],
+    model: Annotated[str, typer.Option("--model", help=_MODEL_HELP)],
     out: Annotated[Path, typer.Option("--out", help="Where to write the results (.npz).")],
     backend: Annotated[BackendKind, typer.Option("--backend", help=_BACKEND_HELP)] = BackendKind.auto,
     precision: Annotated[Precision, typer.Option("--precision", help=_PRECISION_HELP)] = Precision.fp32,
@@ -79,7 +83,7 @@ def infer_command(
     batch = load_inputs(inputs)
     reconstruct = not no_reconstruction
     postures = truth_postures(batch) if reconstruct and routing is Routing.truth else None
-    with Runner.from_bundle(model, backend=backend, precision=precision.value) as runner:
+    with Runner.from_bundle(model_path(model), backend=backend, precision=precision.value) as runner:
         outputs = runner.infer(batch.x, reconstruct=reconstruct, postures=postures)
         names = runner.postures
     path = save_results(out, outputs, batch.names)
@@ -90,7 +94,7 @@ def infer_command(
 
 def eval_command(
     ctx: typer.Context,
-    model: Annotated[Path, typer.Option("--model", help=_MODEL_HELP)],
+    model: Annotated[str, typer.Option("--model", help=_MODEL_HELP)],
     data: Annotated[Path, typer.Option("--data", help="Dataset directory of research-format PNG crops.")],
     triplets: Annotated[Path, typer.Option("--triplets", help="Triplet CSV (anchor,positive,negative).")],
     routing: Annotated[
@@ -103,7 +107,7 @@ def eval_command(
     precision: Annotated[Precision, typer.Option("--precision", help=_PRECISION_HELP)] = Precision.fp32,
 ) -> None:
     """Score a bundle on a triplet dataset: verification, posture, reconstruction, per posture."""
-    with Runner.from_bundle(model, backend=backend, precision=precision.value) as runner:
+    with Runner.from_bundle(model_path(model), backend=backend, precision=precision.value) as runner:
         report = evaluate(runner, data, triplets, routing=routing.value)
     typer.echo(json.dumps(report.to_dict(), indent=2) if global_options(ctx).json else report.render())
 
@@ -119,10 +123,16 @@ def run_command(
         ),
     ],
     model: Annotated[
-        Path | None,
-        typer.Option("--model", help="Model bundle directory (default: config, else the demo model)."),
+        str | None,
+        typer.Option(
+            "--model", help="Model bundle directory, or `demo` (default: config, else the demo model)."
+        ),
     ] = None,
     backend: Annotated[BackendKind | None, typer.Option("--backend", help=_BACKEND_HELP)] = None,
+    precision: Annotated[
+        Precision | None,
+        typer.Option("--precision", help="Bundle precision variant to run (default: config, else fp32)."),
+    ] = None,
     publish: Annotated[
         str | None,
         typer.Option("--publish", help="Results endpoint to bind (default: config, else an ipc:// socket)."),
@@ -137,6 +147,22 @@ def run_command(
     no_reconstruction: Annotated[
         bool, typer.Option("--no-reconstruction", help="Skip the decoders (posture and verification only).")
     ] = False,
+    metrics_bind: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics-bind",
+            help="HOST:PORT of the metrics and health server, or `off` "
+            "(default: config, else 127.0.0.1:9464).",
+        ),
+    ] = None,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            "--calibration",
+            help="Calibration profile directory for this source (default: the config's, else the "
+            "scanner's active one, else what the source carries).",
+        ),
+    ] = None,
 ) -> None:
     """Stream frames through the model and publish results until the source ends or a signal stops it."""
 
@@ -144,22 +170,28 @@ def run_command(
     summary = run_daemon(
         RunOptions(
             source=source,
-            model=model,
+            model=model_path(model) if model is not None else None,
             config=opts.config,
             backend=backend.value if backend is not None else None,
+            precision=precision.value if precision is not None else None,
             publish=publish,
             record=record,
             max_frames=max_frames,
             reconstruction=not no_reconstruction,
+            metrics_bind=metrics_bind,
+            calibration=calibration,
         )
     )
     typer.echo(json.dumps(summary.to_dict(), sort_keys=True) if opts.json else summary.render())
+    if summary.recording_error is not None:
+        # The stream ran to its end, the recording did not: exit 74 (retryable), not 0.
+        raise StorageError(summary.recording_error)
 
 
 def bench_command(
     ctx: typer.Context,
     model: Annotated[
-        Path | None, typer.Option("--model", help="Model bundle directory (default: the demo bundle).")
+        str | None, typer.Option("--model", help="Model bundle directory, or `demo` (the default).")
     ] = None,
     backend: Annotated[
         str, typer.Option("--backend", help=f"Comma list of backends: {', '.join(BackendKind.values())}.")
@@ -180,7 +212,7 @@ def bench_command(
         raise ThzEdgeError(f"--batch must be a comma list of integers, got {batch!r}") from None
     backends = [b.value for b in split_choices(BackendKind, backend, "--backend")]
     precisions = [p.value for p in split_choices(Precision, precision, "--precision")]
-    rows = bench_model(model or demo_bundle_path(), backends, precisions, batches, seconds, data)
+    rows = bench_model(model_path(model or "demo"), backends, precisions, batches, seconds, data)
     typer.echo(
         json.dumps([r.to_dict() for r in rows], indent=2) if global_options(ctx).json else render_bench(rows)
     )
@@ -208,12 +240,49 @@ def config_validate_command(ctx: typer.Context) -> None:
     typer.echo(f"{cfg.path or 'built-in defaults'}: ok ({len(cfg.sources)} source(s))")
 
 
+class KeyKind(Choice):
+    """What `keys generate` makes."""
+
+    curve = "curve"
+    storage = "storage"
+    signing = "signing"
+
+
+_DEFAULT_KEY_NAMES = {KeyKind.curve: "server", KeyKind.storage: "storage", KeyKind.signing: "release"}
+
+
 def keys_generate_command(
-    out_dir: Annotated[Path, typer.Option("--out", help="Directory for NAME.key and NAME.key_secret.")],
-    name: Annotated[str, typer.Option("--name", help="Key name: 'server', or a consumer's name.")] = "server",
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory to write the key files into.")],
+    kind: Annotated[
+        KeyKind,
+        typer.Option(
+            "--kind",
+            help="curve: NAME.key + NAME.key_secret (tcp endpoints); storage: NAME.key, the AES-256 "
+            "device key for recordings and galleries; signing: NAME.pub + NAME.sign_key (Ed25519, bundles).",
+        ),
+    ] = KeyKind.curve,
+    name: Annotated[
+        str | None,
+        typer.Option("--name", help="Key name (default: server, storage or release by --kind)."),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing key files.")] = False,
 ) -> None:
-    """Create a CURVE key pair: NAME.key (public, share it) and NAME.key_secret (mode 0600)."""
+    """Create a key: a CURVE pair, the device storage key (0600) or an Ed25519 signing pair."""
+    name = name or _DEFAULT_KEY_NAMES[kind]
+    if kind is KeyKind.storage:
+        key = generate_storage_key(Path(out_dir) / f"{name}.key", overwrite=force)
+        typer.echo(
+            f"storage key {key.key_id}\nwrote {key.path} (secret, 0600); deliver it with "
+            f"LoadCredential=storage.key:{key.path} or [storage] key_file"
+        )
+        return
+    if kind is KeyKind.signing:
+        public_file, secret_file, kid = generate_signing_key(out_dir, name, overwrite=force)
+        typer.echo(
+            f"signing key {kid}\nwrote {public_file} (public: into the devices' [model] trusted_keys_dir) "
+            f"and {secret_file} (secret, 0600: for `thzedge export sign`)"
+        )
+        return
     public_file, secret_file = generate_keys(out_dir, name, overwrite=force)
     public = load_keypair(public_file, need_secret=False).public.decode()
     typer.echo(f"public key {public}\nwrote {public_file} (public) and {secret_file} (secret, 0600)")
@@ -233,7 +302,8 @@ def enroll_command(
         typer.Argument(help="Conditioned crops, as `thzedge infer` reads: 8-bit PNGs, .npy, or dirs."),
     ] = None,
     model: Annotated[
-        Path | None, typer.Option("--model", help="Model bundle (default: config, else demo).")
+        str | None,
+        typer.Option("--model", help="Model bundle directory, or `demo` (default: config, else demo)."),
     ] = None,
     gallery: Annotated[
         Path | None, typer.Option("--gallery", help="Gallery .npz to create or extend (default: config).")
@@ -264,7 +334,8 @@ def enroll_command(
             "give either INPUT files (conditioned crops) or --source URI (raw frames), not both"
         )
     cfg = load_config(global_options(ctx).config)
-    bundle = model or cfg.model.bundle or demo_bundle_path()
+    storage_key_from_config(cfg)  # the gallery is sealed under the device key (R-SEC-7)
+    bundle = model_path(model) if model is not None else cfg.model.bundle or demo_bundle_path()
     gallery_path = gallery or cfg.verification.gallery
     if gallery_path is None:
         raise ThzEdgeError("--gallery FILE.npz is required (or [verification] gallery in the config)")
@@ -313,6 +384,7 @@ def gallery_info_command(
     names: Annotated[bool, typer.Option("--names", help="Also list identity names (personal data).")] = False,
 ) -> None:
     """Show a gallery's bundle, threshold source and size; names only with --names."""
+    storage_key_from_config(load_config(global_options(ctx).config))
     g = Gallery.load(gallery)
     info: dict[str, Any] = {
         "path": str(gallery),
@@ -336,10 +408,12 @@ def gallery_info_command(
 
 
 def gallery_remove_command(
+    ctx: typer.Context,
     gallery: Annotated[Path, typer.Argument(help="Gallery .npz file.")],
     identity: Annotated[str, typer.Option("--identity", help="Identity to delete with all its references.")],
 ) -> None:
     """Delete one identity from a gallery (right to erasure); the file is rewritten atomically."""
+    storage_key_from_config(load_config(global_options(ctx).config))
     g = Gallery.load(gallery)
     if not g.remove(identity):
         raise ThzEdgeError(f"{identity!r} is not enrolled in {gallery}")

@@ -109,6 +109,15 @@ class SourceConfig:
     calibration: Path | None = None
     conditioning: ConditioningOverrides = field(default_factory=ConditioningOverrides)
     name: str | None = None
+    # CURVE on a tcp acquisition link: the scanner's public key (`scanner serve --curve-secret`'s
+    # pair) and this daemon's own certificate (public + secret). Both set = encrypted, authenticated.
+    curve_server_key: Path | None = None
+    curve_client_key: Path | None = None
+
+    @property
+    def curve(self) -> bool:
+        """True when the source connects as a CURVE client."""
+        return self.curve_server_key is not None and self.curve_client_key is not None
 
 
 @dataclass(frozen=True)
@@ -116,9 +125,17 @@ class ModelConfig:
     """Which model bundle to run and how; `bundle = None` means the shipped demo bundle."""
 
     bundle: Path | None = None
+    # Directory of Ed25519 public keys (`*.pub`, `thzedge keys generate --kind signing`): when set,
+    # only bundles whose manifest one of them signed are loaded (`thzedge export sign`).
+    trusted_keys_dir: Path | None = None
     backend: BackendKind = BackendKind.auto
     precision: Precision = Precision.fp32
     max_batch: int | None = field(default=None, metadata={"min": 1, "max": MAX_BATCH})
+    # Where `thzedge export engine` puts TensorRT engines and the trt backend finds them (None:
+    # $THZEDGE_ENGINE_CACHE, else the unit's $STATE_DIRECTORY/engines; edge/backends/engine_cache.py).
+    engine_cache: Path | None = None
+    # The DLA core the engines were built for (`export engine --dla-core`); None: the GPU.
+    dla_core: int | None = field(default=None, metadata={"min": 0, "max": 7})
 
 
 @dataclass(frozen=True)
@@ -171,6 +188,24 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    """Biometric data at rest: the storage key, consent and retention of recordings (R-SEC-7)."""
+
+    # AES-256 key (`thzedge keys generate --kind storage`); default: $CREDENTIALS_DIRECTORY/storage.key
+    # when systemd passes it (LoadCredential=), else $THZEDGE_STORAGE_KEY.
+    key_file: Path | None = None
+    # Refuse to record or write a gallery in plaintext (no key found): exit 78.
+    require_encryption: bool = False
+    # Recordings are deleted by the next sweep once this old (stored in each file); None: kept.
+    retention_days: float | None = field(default=None, metadata={"min": 0.0, "max": 36500.0})
+    consent: str = "unspecified"
+    purpose: str = "unspecified"
+    # The daemon deletes expired recordings in this directory every sweep_interval_s (None: no sweep).
+    sweep_dir: Path | None = None
+    sweep_interval_s: float = field(default=3600.0, metadata={"min": 1.0, "max": 86400.0 * 7})
+
+
+@dataclass(frozen=True)
 class VerificationConfig:
     """Gallery matching: 1:1 with a claimed identity, 1:N otherwise (`auto`), or off."""
 
@@ -179,6 +214,25 @@ class VerificationConfig:
     # Overrides the bundle's per-precision threshold: Euclidean distance between unit-length
     # embeddings (0..2), a match is accepted when distance <= threshold.
     threshold: float | None = field(default=None, metadata={"min": 0.0, "max": 2.0})
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How the daemon treats calibration: where active profiles live, and what it refuses."""
+
+    # `thzedge calibrate activate` state; None: $THZEDGE_CALIBRATION_DIR, $STATE_DIRECTORY/calibration, …
+    state_dir: Path | None = None
+    # A live source (tcp://, ipc://) without a fitting profile is refused (exit 78); with this,
+    # its results are published marked `uncalibrated` instead (never `ok`).
+    allow_uncalibrated: bool = False
+    # Input monitoring against the profile (R-NEW-11) on every Nth frame; 0 turns it off.
+    monitor_every: int = field(default=10, metadata={"min": 0})
+    # At start-up, how long to wait for a live source's first frame to check it fits the profile
+    # before READY; a later first frame is checked when it comes.
+    match_wait_s: float = field(default=5.0, metadata={"min": 0.0})
+    # Frames with no head in them (blank, flat, saturated) are published `no_face` without
+    # running the model; off: every frame goes to the model (e.g. synthetic test patterns).
+    frame_quality: bool = True
 
 
 @dataclass(frozen=True)
@@ -207,7 +261,9 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     verification: VerificationConfig = field(default_factory=VerificationConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     path: Path | None = None
 
     def source_names(self) -> dict[str, str]:
@@ -218,7 +274,7 @@ class Config:
         """Return the named source, or an ad-hoc one for a URI; unknown names are a ConfigError."""
         if name_or_uri in self.sources:
             return self.sources[name_or_uri]
-        if _is_source_uri(name_or_uri):
+        if is_source_uri(name_or_uri):
             if name_or_uri.startswith("tcp://"):
                 # The same rule as for a configured tcp source (R-SEC-1), for a URI on the command line.
                 if not self.daemon.insecure_dev:
@@ -246,8 +302,11 @@ class Config:
                 entry["calibration"] = str(src.calibration)
             if src.conditioning:
                 entry["conditioning"] = {k: _plain(v) for k, v in src.conditioning.values.items()}
+            for key in ("curve_server_key", "curve_client_key"):
+                if getattr(src, key) is not None:
+                    entry[key] = str(getattr(src, key))
             out["sources"][name] = entry
-        for section in ("model", "publisher", "metrics", "privacy", "verification", "daemon"):
+        for section in ("model", "publisher", "metrics", "privacy", "verification", "daemon", "storage"):
             out[section] = _plain(getattr(self, section))
         out["publisher"]["ipc_mode"] = _Octal(self.publisher.ipc_mode)  # shown as 0o600, not 384
         return out
@@ -280,8 +339,7 @@ class Config:
             eps.append(("publisher endpoint", self.publisher.endpoint, self.publisher.curve.enabled))
         for name, src in self.sources.items():
             if src.uri.startswith("tcp://"):
-                # Sources connect without CURVE today (scanner_io has no client keys yet).
-                eps.append((f"source {name!r}", src.uri, False))
+                eps.append((f"source {name!r}", src.uri, src.curve))
         return eps
 
 
@@ -291,10 +349,12 @@ SECTIONS: dict[str, type] = {
     "metrics": MetricsConfig,
     "privacy": PrivacyConfig,
     "verification": VerificationConfig,
+    "calibration": CalibrationConfig,
     "daemon": DaemonConfig,
+    "storage": StorageConfig,
 }
 TOP_LEVEL_KEYS = ("sources", *SECTIONS)
-SOURCE_KEYS = ("uri", "calibration", "conditioning")
+SOURCE_KEYS = ("uri", "calibration", "conditioning", "curve_server_key", "curve_client_key")
 _URI_RE = re.compile(r"^[a-z][a-z0-9+.-]*://")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -330,6 +390,32 @@ def load_config(path: Path | str | None = None) -> Config:
     return config_from_dict(raw, path=path)
 
 
+def load_model_config(path: Path | str | None = None) -> ModelConfig:
+    """Read only the [model] section of a config file (same lookup and checks as `load_config`).
+
+    For tools that run outside the service (`thzedge export engine` as the service user): the
+    rest of a production config may name `${CREDENTIALS_DIRECTORY}` and other paths only
+    systemd provides, which must not stop them from finding the engine cache and the bundle.
+    """
+    explicit = path is not None
+    if path is None:
+        env = os.environ.get(CONFIG_ENV)
+        path, explicit = (Path(env), True) if env else (DEFAULT_CONFIG_PATH, False)
+    path = Path(path)
+    if not path.exists():
+        if explicit:
+            raise ConfigError(f"config file {path} does not exist; create it or drop --config")
+        return ModelConfig()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    model: ModelConfig = _build(ModelConfig, raw.get("model", {}), f"{path}: [model]", path.resolve().parent)
+    return model
+
+
 def config_from_dict(raw: Mapping[str, Any], path: Path | None = None) -> Config:
     """Build and validate a Config from parsed TOML; `path` anchors relative paths."""
     where = str(path) if path else "config"
@@ -363,8 +449,9 @@ def apply_overrides(config: Config, **sections: Mapping[str, Any]) -> Config:
 
 def _plain_tcp_source_message(uri: str) -> str:
     return (
-        f"{uri} is tcp without CURVE (acquisition sources do not speak CURVE yet): use ipc:// on "
-        "the scanner's host, or set [daemon] insecure_dev = true for development (R-SEC-1)"
+        f"{uri} is tcp without CURVE: configure it as [sources.NAME] with curve_server_key (the "
+        "scanner's public key) and curve_client_key (this daemon's certificate), use ipc:// on the "
+        "scanner's host, or set [daemon] insecure_dev = true for development (R-SEC-1)"
     )
 
 
@@ -495,7 +582,8 @@ def _toml_value(value: Any) -> str:
 # Helpers
 
 
-def _is_source_uri(text: str) -> bool:
+def is_source_uri(text: str) -> bool:
+    """True for a source URI (sim, replay:, tcp://, ipc://), False for a source name."""
     return bool(_URI_RE.match(text)) or text.startswith(("sim", "replay:"))
 
 
@@ -530,14 +618,25 @@ def _build_sources(table: Any, where: str, base: Path) -> dict[str, SourceConfig
         if "uri" not in entry:
             raise ConfigError(f"{here}: missing key 'uri' (e.g. uri = \"tcp://scanner0.local:5555\")")
         uri = _expand(_expect(entry["uri"], str, f"{here} uri"), f"{here} uri")
-        if not _is_source_uri(uri):
+        if not is_source_uri(uri):
             raise ConfigError(
                 f"{here} uri {uri!r}: expected sim…, replay:FILE, tcp://HOST:PORT or ipc://PATH"
             )
         calib = entry.get("calibration")
         calib_path = _path(calib, f"{here} calibration", base) if calib is not None else None
         cond = _conditioning(entry.get("conditioning", {}), f"{where}: [sources.{name}.conditioning]")
-        out[name] = SourceConfig(uri=uri, calibration=calib_path, conditioning=cond, name=name)
+        keys = {
+            k: _path(entry[k], f"{here} {k}", base) if entry.get(k) is not None else None
+            for k in ("curve_server_key", "curve_client_key")
+        }
+        if (keys["curve_server_key"] is None) != (keys["curve_client_key"] is None):
+            raise ConfigError(
+                f"{here}: CURVE needs both curve_server_key (the scanner's public key) and "
+                "curve_client_key (this daemon's certificate from `thzedge keys generate`)"
+            )
+        if keys["curve_server_key"] is not None and not uri.startswith("tcp://"):
+            raise ConfigError(f"{here}: curve_server_key is for tcp:// sources; {uri} is not one")
+        out[name] = SourceConfig(uri=uri, calibration=calib_path, conditioning=cond, name=name, **keys)
     return out
 
 

@@ -30,13 +30,16 @@ int32 [M] (index into the identity list), `postures` int8 [M] (predicted posture
 reference, -1 unknown) and `meta`, a JSON string: format version, bundle sha256, embedding dim,
 precision, identities, created time. A format-1 file (no postures) is read with every posture
 unknown, so it matches by nearest reference until it is re-enrolled; it is written back as format 2.
-Not encrypted at rest (see docs/operations.md, privacy): protect it with file permissions and
-disk encryption.
+With a device storage key (`thzedge keys generate --kind storage`, [storage] key_file or the
+systemd credential) the `.npz` bytes are sealed with AES-256-GCM (`scanner_io.atrest`): a
+tampered file or another key is refused, never decoded. Without a key the file is plaintext
+(a warning says so); `[storage] require_encryption` makes that an error.
 """
 
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import logging
 import os
@@ -55,6 +58,7 @@ from calibration.profile import resolve_profile
 from edge.bundle import Bundle
 from edge.infer import load_inputs
 from edge.runner import Runner
+from scanner_io.atrest import find_storage_key, is_sealed, seal, unseal
 from scanner_io.choices import Choice
 from scanner_io.errors import ConfigError, DataError, ThzEdgeError
 from scanner_io.frame import POSTURES
@@ -65,6 +69,8 @@ log = logging.getLogger("thzedge.gallery")
 
 GALLERY_FORMAT = 2
 READABLE_FORMATS = (1, 2)
+# What a sealed gallery file says it holds (scanner_io.atrest envelope).
+GALLERY_SEAL_KIND = "thzedge-gallery"
 UNKNOWN_POSTURE = -1
 MAX_IDENTITY_LEN = 128
 DECISIONS = ("accept", "reject", "unknown")
@@ -307,19 +313,28 @@ class Gallery:
             "created": self.created,
             "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            embeddings=emb.astype(np.float32),
+            labels=labels,
+            postures=postures,
+            meta=np.array(json.dumps(meta)),
+        )
+        data = buf.getvalue()
+        # Biometric references: sealed under the device storage key when there is one (R-SEC-7).
+        key = find_storage_key()
+        if key is not None:
+            data = seal(data, key, GALLERY_SEAL_KIND)
+        else:
+            log.warning("gallery %s written WITHOUT encryption: no storage key configured", path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.fchmod(fd, 0o600)  # whatever the umask: owner only
             with os.fdopen(fd, "wb") as f:
-                np.savez(
-                    f,
-                    embeddings=emb.astype(np.float32),
-                    labels=labels,
-                    postures=postures,
-                    meta=np.array(json.dumps(meta)),
-                )
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
         except BaseException:
@@ -353,7 +368,13 @@ class Gallery:
         if mode & 0o077:
             log.warning("gallery %s is accessible to group/others (mode %o); run chmod 600 on it", path, mode)
         try:
-            z = read_npz(path, ("embeddings", "labels", "meta"), ("postures",))
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise DataError(f"cannot read gallery {path}: {exc.strerror}") from None
+        if is_sealed(raw):
+            raw = unseal(raw, find_storage_key(), f"gallery {path}", GALLERY_SEAL_KIND)
+        try:
+            z = read_npz(path, ("embeddings", "labels", "meta"), ("postures",), data=raw)
         except DataError as exc:
             raise DataError(f"{exc}; not a thzedge gallery") from None
         try:

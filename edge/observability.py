@@ -64,7 +64,7 @@ class Stage(Choice):
 
 # The `stage` labels of thzedge_stage_duration_seconds, in the order of the frame's way.
 STAGE_METRICS: tuple[str, ...] = tuple(dict.fromkeys(s.metric for s in Stage))
-RESULT_STATUSES = ("ok", "partial", "error")
+RESULT_STATUSES = ("ok", "partial", "error", "no_face", "uncalibrated")
 SOURCE_STATES = ("up", "stalled", "down", "ended", "failed")
 DAEMON_STATES = (
     "starting",
@@ -160,6 +160,17 @@ class DaemonMetrics:
             registry=r,
         )
         self.calibration_info = Info("thzedge_calibration", "Active calibration profile.", registry=r)
+        self.input_drift = Gauge(
+            "thzedge_input_drift",
+            "1 while the input monitor sees the stream drift from its calibration profile (R-NEW-11).",
+            registry=r,
+        )
+        self.no_face = Counter(
+            "thzedge_no_face_frames_total",
+            "Frames with no head in them (published `no_face`, the model not run), by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.build_info = Info("thzedge_build", "Version, model bundle and backend in use.", registry=r)
         self.watchdog_pings = Counter(
             "thzedge_watchdog_pings_total", "WATCHDOG=1 sent to systemd.", registry=r
@@ -167,6 +178,15 @@ class DaemonMetrics:
         self.source_recreated = Counter(
             "thzedge_source_recreated_total",
             "Acquisition sockets recreated because the scanner was lost and did not reconnect.",
+            registry=r,
+        )
+        self.recording = Gauge(
+            "thzedge_recording", "1 while raw frames are being recorded (--record), else 0.", registry=r
+        )
+        self.recorder_failures = Counter(
+            "thzedge_recorder_failures_total",
+            "Recordings stopped by a storage failure (disk full, I/O error), by errno name.",
+            ["reason"],
             registry=r,
         )
 
@@ -394,7 +414,9 @@ class StateTracker:
     def set(self, state: str, detail: str = "", level: int = logging.INFO) -> bool:
         """Enter `state` (one of DAEMON_STATES); return False when it was already the state.
 
-        The detail goes to STATUS and the log; it must carry no identity, score or image.
+        The detail goes to STATUS and the log; it must carry no identity, score or image. STATUS
+        is sent on a change only: the daemon calls this every main-loop turn, and refreshes
+        STATUS on its own schedule with `status()` (docs/daemon.md: every 10 s).
         """
         if state not in DAEMON_STATES:
             raise ValueError(f"unknown daemon state {state!r}; expected one of {', '.join(DAEMON_STATES)}")
@@ -411,7 +433,7 @@ class StateTracker:
             self.metrics.state.state(state)
             self.metrics.ready.set(1 if self.ready else 0)
         status = f"{state}: {detail}" if detail else state
-        if self.notifier is not None:
+        if changed and self.notifier is not None:
             self.notifier.status(status)
         if changed:
             event = f"state.{state}"

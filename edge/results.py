@@ -43,7 +43,7 @@ Deadline = float | Callable[[], float | None] | None
 RESULT_TOPIC_PREFIX = "result/"
 EVENT_TOPIC_PREFIX = "event/"
 STATUSES: tuple[str, ...] = ("ok", "partial", "error")
-EVENT_KINDS: tuple[str, ...] = ("state", "error", "drop", "source")
+EVENT_KINDS: tuple[str, ...] = ("state", "error", "drop", "source", "calibration")
 
 
 def result_topic(scanner: str) -> bytes:
@@ -91,6 +91,7 @@ class FrameResult:
     posture: dict[str, Any] | None = None
     verification: dict[str, Any] | None = None
     errors: list[dict[str, str]] = field(default_factory=list)
+    quality: dict[str, Any] | None = None  # why a `no_face` frame has no head in it
     latency_ms: dict[str, float] = field(default_factory=dict)
     t_received_mono: float = 0.0  # host monotonic time the frame entered the daemon
     t_ready_mono: float = 0.0  # host monotonic time the result was handed to the publisher
@@ -131,6 +132,7 @@ def encode_result(
         "posture": result.posture,
         "verification": result.verification,
         "errors": result.errors,
+        "quality": result.quality,
         "latency_ms": {k: round(v, 3) for k, v in result.latency_ms.items()},
         "provenance": result.provenance.to_dict(),
         "dropped_since_last": result.dropped_since_last,

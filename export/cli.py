@@ -33,6 +33,7 @@ def register(app: typer.Typer) -> None:
     export_app.command("check")(check_command)
     export_app.command("engine")(engine_command)
     export_app.command("threshold")(threshold_command)
+    export_app.command("sign")(sign_command)
     app.add_typer(export_app, name="export")
     app.command("train")(train_command)
 
@@ -87,3 +88,21 @@ def onnx_command(
     typer.echo(
         f"wrote bundle {result.bundle.path} (id {result.bundle.id}, opset {opset}, max batch {max_batch})"
     )
+
+
+def sign_command(
+    bundle: Annotated[Path, typer.Option("--bundle", help="Bundle directory whose manifest.json to sign.")],
+    key: Annotated[
+        Path,
+        typer.Option(
+            "--key", help="Ed25519 secret key NAME.sign_key (`thzedge keys generate --kind signing`)."
+        ),
+    ],
+) -> None:
+    """Sign a bundle's manifest (Ed25519): devices with [model] trusted_keys_dir load only signed bundles."""
+    from edge.bundle import Bundle
+    from edge.signing import sign_bundle
+
+    Bundle.open(bundle)  # sign only what verifies: every file matches its manifest sha256
+    out = sign_bundle(bundle, key)
+    typer.echo(f"signed {bundle}: wrote {out}")

@@ -1,9 +1,13 @@
 """Build TensorRT engines from a bundle's ONNX graphs, on the device, with the installed TensorRT's API.
 
 One engine per graph (encoder, one decoder per posture) and precision, an optimisation profile
-of batch 1..max, a timing cache kept per GPU and TensorRT version, and a sidecar manifest per
-engine (TensorRT version, GPU, compute capability, profile shapes, source ONNX sha256, engine
-sha256) that the `trt` backend checks before it deserialises anything.
+of batch 1..max, a timing cache kept per GPU and TensorRT version, and a manifest per engine
+(TensorRT version, L4T, GPU, compute capability, DLA core, profile shapes, source ONNX sha256,
+engine size and sha256) that the `trt` backend checks before it deserialises anything. Engines
+and timing caches go to the device's engine cache (`edge/backends/engine_cache.py`), never into
+the bundle; the cache is locked while building and checked writable before the first graph.
+Progress is reported per graph (`export/build_progress.py`); `prune_engine_cache` removes what
+no current bundle needs.
 
 Per TensorRT generation (reference §2, §9; docs/quantization.md):
 - 8.6:  create_network(1 << EXPLICIT_BATCH); FP16 flag for fp16; INT8 (+FP16) flags on the Q/DQ graph.
@@ -16,34 +20,39 @@ Per TensorRT generation (reference §2, §9; docs/quantization.md):
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
-import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from edge import __version__
-from edge.backends.trt import (
-    ENGINE_MANIFEST_FORMAT,
-    ENGINES_DIR,
+from edge.backends.engine_cache import (
+    EngineCache,
+    EngineKey,
     Platform,
-    current_platform,
-    engine_dir,
-    engine_paths,
-    import_tensorrt,
-    trt_generation,
+    graph_sha256,
+    source_variant,
+    write_atomic,
 )
-from edge.bundle import Bundle, Precision, sha256_file
-from scanner_io.errors import EXIT_DATA, ThzEdgeError
+from edge.backends.trt import current_platform, import_tensorrt, open_cache, trt_generation
+from edge.bundle import Bundle, Precision
+from export.build_progress import BuildProgress, default_workspace_mb
+from scanner_io.errors import EXIT_DATA, BundleError, ThzEdgeError
 
 log = logging.getLogger(__name__)
 
-ENGINE_MANIFEST_VERSION = 1
-__all__ = ["EngineSettings", "Platform", "build_bundle_engines", "build_engine_from_onnx", "engine_paths"]
+__all__ = [
+    "EngineSettings",
+    "Platform",
+    "build_bundle_engines",
+    "build_engine_from_onnx",
+    "prune_engine_cache",
+]
 
 
 class EngineBuildError(ThzEdgeError):
@@ -59,7 +68,8 @@ class EngineSettings:
     precision: Precision = Precision.fp16
     max_batch: int = 8
     opt_batch: int | None = None  # default: max_batch (the daemon batches what is queued)
-    workspace_mb: int = 1024
+    # None: capped from the memory free on a Jetson, else 1024 (export/build_progress.py).
+    workspace_mb: int | None = None
     dla_core: int | None = None
     optimization_level: int = 3
 
@@ -67,7 +77,7 @@ class EngineSettings:
         object.__setattr__(self, "precision", Precision.parse(self.precision, "precision"))
         if self.max_batch < 1:
             raise ThzEdgeError(f"--max-batch must be >= 1, got {self.max_batch}")
-        if self.workspace_mb < 1:
+        if self.workspace_mb is not None and self.workspace_mb < 1:
             raise ThzEdgeError(f"--workspace must be >= 1 MB, got {self.workspace_mb}")
         if self.dla_core is not None and self.precision == "fp32":
             raise ThzEdgeError("DLA runs fp16 or int8 only; use --precision fp16 or int8 with --dla-core")
@@ -75,6 +85,13 @@ class EngineSettings:
     @property
     def opt(self) -> int:
         return self.opt_batch or self.max_batch
+
+    def with_workspace_for(self, platform: Platform, meminfo: Path | None = None) -> EngineSettings:
+        """These settings with the workspace filled in for this device when it was left open."""
+        if self.workspace_mb is not None:
+            return self
+        mb = default_workspace_mb(platform.l4t is not None, meminfo)
+        return dataclasses.replace(self, workspace_mb=mb)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -150,7 +167,8 @@ def build_engine_from_onnx(
             f"TensorRT could not parse {onnx_path.name}: {'; '.join(errors) or 'no detail'}"
         )
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mb << 20)
+    workspace_mb = settings.workspace_mb or default_workspace_mb(False)
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
     if hasattr(config, "builder_optimization_level"):
         config.builder_optimization_level = settings.optimization_level
     flags: list[str] = []
@@ -210,80 +228,99 @@ def _network_io(network: Any) -> list[dict[str, Any]]:
     return io
 
 
-def _variant_for(bundle: Any, precision: str, generation: int) -> str:
-    """Which ONNX variant of the bundle to build a `precision` engine from."""
-    have = bundle.precisions
-    if precision in have:
-        return precision
-    if precision == "fp16" and generation < 11:
-        return "fp32"  # 8.6/10.x: the FP16 builder flag on the FP32 graph is fine
-    raise EngineBuildError(
-        f"the bundle has no {precision} variant (it has {', '.join(have)}); run "
-        f"`thzedge export quantize --bundle {bundle.path} --precision {precision}` first"
-    )
-
-
 def build_bundle_engines(
     bundle_path: Path,
     settings: EngineSettings,
     trt: ModuleType | None = None,
     platform: Platform | None = None,
+    cache: EngineCache | Path | str | None = None,
+    progress: BuildProgress | None = None,
 ) -> list[dict[str, Any]]:
-    """Build an engine per graph of a bundle for one precision; returns the engine manifests written."""
+    """Build an engine per graph of a bundle at one precision into the engine cache; returns the manifests."""
     trt = trt or import_tensorrt()
     generation = trt_generation(str(trt.__version__))
     platform = platform or current_platform(trt)
+    settings = settings.with_workspace_for(platform)
     bundle = Bundle.open(bundle_path)
-    variant = _variant_for(bundle, settings.precision, generation)
+    variant = source_variant(bundle.precisions, settings.precision, generation)
+    if variant is None:
+        raise EngineBuildError(
+            f"the bundle has no {settings.precision} variant (it has {', '.join(bundle.precisions)}); run "
+            f"`thzedge export quantize --bundle {bundle.path} --precision {settings.precision}` first"
+        )
     graphs = list(bundle.variant(variant)["graphs"])
-    out_dir = engine_dir(bundle.path, settings.precision)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cache_path = bundle.path / ENGINES_DIR / "timing-cache" / f"{platform.cache_key()}.cache"
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    cache = cache_path.read_bytes() if cache_path.is_file() else None
+    cache = open_cache(cache)
+    progress = progress or BuildProgress(len(graphs), settings.precision)
     manifests = []
-    for graph in graphs:
-        onnx_path = bundle.graph_file(graph, variant)
-        onnx_sha = sha256_file(onnx_path)
-        log.info("building %s engine for %s from %s", settings.precision, graph, onnx_path.name)
-        plan, cache_new, facts = build_engine_from_onnx(trt, onnx_path, settings, generation, variant, cache)
-        if cache_new:
-            cache = cache_new
-            cache_path.write_bytes(cache_new)
-        plan_path, man_path = engine_paths(bundle.path, settings.precision, graph)
-        plan_path.write_bytes(plan)
-        manifest = {
-            "format": ENGINE_MANIFEST_FORMAT,
-            "format_version": ENGINE_MANIFEST_VERSION,
-            "graph": graph,
-            "precision": settings.precision,
-            "onnx_variant": variant,
-            "onnx_file": str(onnx_path.relative_to(bundle.path)),
-            "onnx_sha256": onnx_sha,
-            "onnx_opset": _onnx_opset(onnx_path),
-            "engine_file": plan_path.name,
-            "engine_sha256": sha256_bytes(plan),
-            "bundle_sha256": bundle.sha256,
-            "tensorrt_version": platform.tensorrt_version,
-            "gpu_name": platform.gpu_name,
-            "compute_capability": platform.compute_capability,
-            "cuda_runtime_version": platform.cuda_runtime_version,
-            "l4t": platform.l4t,
-            "dla_core": settings.dla_core,
-            "max_batch": settings.max_batch,
-            "opt_batch": settings.opt,
-            "workspace_mb": settings.workspace_mb,
-            "optimization_level": settings.optimization_level,
-            "version_compatible": False,
-            "timing_cache": {"file": str(cache_path.relative_to(bundle.path)),
-                             "sha256": sha256_bytes(cache) if cache else None},
-            "thzedge_version": __version__,
-            "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            **facts,
-        }  # fmt: skip
-        gate = bundle.variant(variant).get("gate")
-        if isinstance(gate, Mapping):
-            manifest["gate"] = {"passed": gate.get("passed"), "report": gate.get("report")}
-        man_path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        manifests.append(manifest)
+    # The lock also proves the cache writable before minutes of building (jetson-inference 1031).
+    with cache.lock():
+        timing_path = cache.timing_cache_path(platform)
+        timing = timing_path.read_bytes() if timing_path.is_file() else None
+        for graph in graphs:
+            onnx_path = bundle.graph_file(graph, variant)
+            key = EngineKey.for_platform(
+                platform, settings.precision, graph_sha256(bundle, graph, variant), settings.dla_core
+            )
+            log.info("building %s engine for %s from %s", settings.precision, graph, onnx_path.name)
+            with progress.step(graph):
+                plan, timing_new, facts = build_engine_from_onnx(
+                    trt, onnx_path, settings, generation, variant, timing
+                )
+            if timing_new:
+                timing = timing_new
+                write_atomic(timing_path, timing_new)
+            manifest = {
+                "onnx_variant": variant,
+                "onnx_file": str(onnx_path.relative_to(bundle.path)),
+                "onnx_opset": _onnx_opset(onnx_path),
+                "bundle_sha256": bundle.sha256,
+                "bundle_path": str(bundle.path),
+                "cuda_runtime_version": platform.cuda_runtime_version,
+                "max_batch": settings.max_batch,
+                "opt_batch": settings.opt,
+                "workspace_mb": settings.workspace_mb,
+                "optimization_level": settings.optimization_level,
+                "version_compatible": False,
+                "timing_cache": {"file": str(timing_path.relative_to(cache.root)),
+                                 "sha256": sha256_bytes(timing) if timing else None},
+                "thzedge_version": __version__,
+                "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                **facts,
+            }  # fmt: skip
+            gate = bundle.variant(variant).get("gate")
+            if isinstance(gate, Mapping):
+                manifest["gate"] = {"passed": gate.get("passed"), "report": gate.get("report")}
+            manifests.append(cache.store(graph, key, plan, manifest))
+    progress.finish()
     return manifests
+
+
+def prune_engine_cache(
+    cache: EngineCache | Path | str | None, platform: Platform, bundles: Iterable[Path | Bundle]
+) -> list[Path]:
+    """Delete cache entries no bundle in `bundles` needs on this platform; returns the files removed.
+
+    Needed: an engine of one of those bundles' graphs (any variant, precision or DLA core) built
+    for this TensorRT, L4T and GPU. Everything else can never load here again (superseded after
+    an upgrade or a re-export, innate-inc/innate-os PR 447), nor can leftover temp files, plans
+    whose manifest was never written, or timing caches of other TensorRT versions.
+    """
+    cache = open_cache(cache)
+    shas: set[str] = set()
+    for b in bundles:
+        try:
+            bundle = b if isinstance(b, Bundle) else Bundle.open(b)
+        except BundleError as exc:
+            log.warning("engine cache: not keeping engines of %s (%s)", b, exc)
+            continue
+        for variant in bundle.precisions:
+            shas |= {graph_sha256(bundle, g, variant) for g in bundle.variant(variant)["graphs"]}
+    fields = ("tensorrt_version", "l4t", "gpu_name", "compute_capability")
+    here = {f: getattr(platform, f) for f in fields}
+    keep = [
+        e.name
+        for e in cache.entries()
+        if e.manifest.get("onnx_sha256") in shas and all(e.manifest.get(f) == here[f] for f in fields)
+    ]
+    with cache.lock():
+        return cache.prune(keep, [cache.timing_cache_path(platform)])

@@ -19,9 +19,11 @@ import hashlib
 import importlib.util
 import json
 import logging
+import re
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -693,11 +695,45 @@ def convert_onnx_fp16(src: Path, dst: Path, settings: QuantizeSettings) -> str:
     # keep_io_types=True mis-types graphs whose outputs are also consumed inside (feat1..feat3
     # are both outputs and inputs of the next stage), so convert everything, then put float32
     # casts on the graph boundary ourselves.
-    converted = float16.convert_float_to_float16(
-        model, keep_io_types=False, op_block_list=block + list(float16.DEFAULT_OP_BLOCK_LIST)
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        converted = float16.convert_float_to_float16(
+            model, keep_io_types=False, op_block_list=block + list(float16.DEFAULT_OP_BLOCK_LIST)
+        )
+    _summarise_fp16_warnings(src.name, caught)
     onnx.save(_float32_boundary(converted), str(dst))
     return "onnxconverter-common"
+
+
+# onnxconverter-common says "the float32 number X will be truncated to Y" once per tensor edge.
+_TRUNCATED = re.compile(r"the float32 number (\S+) will be truncated to (\S+)")
+
+
+def _summarise_fp16_warnings(graph: str, caught: Sequence[warnings.WarningMessage]) -> None:
+    """Log the converter's per-tensor truncation warnings as one line; pass any other warning on."""
+    clamped: list[float] = []
+    for w in caught:
+        m = _TRUNCATED.search(str(w.message))
+        if m is None:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        else:
+            clamped.append(float(m.group(1)))
+    if not clamped:
+        return
+    tiny = [v for v in clamped if abs(v) < 1.0]
+    huge = [v for v in clamped if abs(v) >= 1.0]
+    parts = []
+    if tiny:
+        parts.append(f"{len(tiny)} below fp16's smallest 1e-07 (down to {min(tiny, key=abs):.2g})")
+    if huge:
+        parts.append(f"{len(huge)} above fp16's largest 65504 (up to {max(huge, key=abs):.3g})")
+    log.info(
+        "fp16 %s: weights clamped to the fp16 range in %d place(s): %s; the accuracy gate "
+        "measures the effect",
+        graph,
+        len(clamped),
+        ", ".join(parts),
+    )
 
 
 def _float32_boundary(model: Any) -> Any:

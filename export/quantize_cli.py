@@ -13,9 +13,11 @@ from typing import Annotated
 
 import typer
 
+from edge.backends.engine_cache import resolve_engine_cache
 from edge.backends.trt import current_platform, import_tensorrt
-from edge.bundle import Bundle, Precision
-from export.engine import EngineSettings, build_bundle_engines
+from edge.bundle import Bundle, Precision, model_path, writable_model_path
+from edge.config import load_model_config
+from export.engine import EngineSettings, build_bundle_engines, prune_engine_cache
 from export.gate import GateFailedError, GateTolerances, run_gate
 from export.quantize import (
     QUANTIZED_PRECISIONS,
@@ -45,11 +47,21 @@ def _split(value: str) -> tuple[str, ...]:
 TargetFar = Annotated[
     float | None, typer.Option("--target-far", help="Derive the threshold at this FAR instead of the EER.")
 ]
-MaxTripletDrop = Annotated[float, typer.Option("--max-triplet-drop", help="pp")]
-MaxEerRise = Annotated[float, typer.Option("--max-eer-rise", help="pp")]
-MaxPostureDrop = Annotated[float, typer.Option("--max-posture-drop", help="pp")]
-MaxSsimDrop = Annotated[float, typer.Option("--max-ssim-drop")]
-MaxPsnrDrop = Annotated[float, typer.Option("--max-psnr-drop", help="dB")]
+MaxTripletDrop = Annotated[
+    float, typer.Option("--max-triplet-drop", help="Largest allowed drop of triplet accuracy vs fp32, in pp.")
+]
+MaxEerRise = Annotated[
+    float, typer.Option("--max-eer-rise", help="Largest allowed rise of the verification EER, in pp.")
+]
+MaxPostureDrop = Annotated[
+    float, typer.Option("--max-posture-drop", help="Largest allowed drop of posture accuracy, in pp.")
+]
+MaxSsimDrop = Annotated[
+    float, typer.Option("--max-ssim-drop", help="Largest allowed drop of reconstruction SSIM (0-1).")
+]
+MaxPsnrDrop = Annotated[
+    float, typer.Option("--max-psnr-drop", help="Largest allowed drop of reconstruction PSNR, in dB.")
+]
 MinCosine = Annotated[float, typer.Option("--min-cosine", help="Median embedding cosine vs fp32.")]
 
 
@@ -84,7 +96,7 @@ def _default_triplets(data: Path | None, calibration: Path, triplets: Path | Non
 
 def quantize_command(
     ctx: typer.Context,
-    bundle: Annotated[Path, typer.Option("--bundle", help="Model bundle directory to add the variant to.")],
+    bundle: Annotated[str, typer.Option("--bundle", help="Model bundle directory to add the variant to.")],
     calibration: Annotated[
         Path,
         typer.Option(
@@ -130,6 +142,7 @@ def quantize_command(
     min_cosine: MinCosine = 0.99,
 ) -> None:
     """Add an INT8 (Q/DQ) or FP16 variant to a bundle; it is kept only if the accuracy gate passes."""
+    bundle_dir = writable_model_path(bundle, "thzedge export quantize")
     settings = QuantizeSettings(
         precision=precision,
         method=method,
@@ -141,7 +154,7 @@ def quantize_command(
     tol = _tolerances(
         max_triplet_drop, max_eer_rise, max_posture_drop, max_ssim_drop, max_psnr_drop, min_cosine
     )
-    outcome = quantize_bundle(bundle, calibration, settings, data_dir, csv, tol, target_far, profile)
+    outcome = quantize_bundle(bundle_dir, calibration, settings, data_dir, csv, tol, target_far, profile)
     if global_options(ctx).json:
         typer.echo(
             json.dumps({"added": outcome.added, "report": outcome.report.to_dict()}, indent=2, default=str)
@@ -158,7 +171,9 @@ def quantize_command(
 
 def check_command(
     ctx: typer.Context,
-    bundle: Annotated[Path, typer.Option("--bundle", help="Model bundle directory.")],
+    bundle: Annotated[
+        str, typer.Option("--bundle", help="Model bundle directory, or `demo` for the shipped demo model.")
+    ],
     precision: Annotated[
         Precision,
         typer.Option(
@@ -182,7 +197,9 @@ def check_command(
     tol = _tolerances(
         max_triplet_drop, max_eer_rise, max_posture_drop, max_ssim_drop, max_psnr_drop, min_cosine
     )
-    report = run_gate(bundle, precision.value, data, triplets, tol, target_far, speed_seconds=speed_seconds)
+    report = run_gate(
+        model_path(bundle), precision.value, data, triplets, tol, target_far, speed_seconds=speed_seconds
+    )
     as_json = global_options(ctx).json
     typer.echo(json.dumps(report.to_dict(), indent=2, default=str) if as_json else report.render())
     if not report.passed:
@@ -192,30 +209,66 @@ def check_command(
 
 
 def engine_command(
-    bundle: Annotated[Path, typer.Option("--bundle", help="Model bundle directory.")],
+    ctx: typer.Context,
+    bundle: Annotated[
+        str, typer.Option("--bundle", help="Model bundle directory, or `demo` for the shipped demo model.")
+    ],
     precision: Annotated[Precision, typer.Option("--precision", help="Engine precision.")] = Precision.fp16,
     max_batch: Annotated[
         int | None, typer.Option("--max-batch", help="Profile max (default: bundle's).")
     ] = None,
-    workspace: Annotated[int, typer.Option("--workspace", help="Builder workspace in MB.")] = 1024,
+    workspace: Annotated[
+        int | None,
+        typer.Option(
+            "--workspace",
+            help="Builder workspace in MB (default: a quarter of the free memory on a Jetson, within "
+            "256..2048; 1024 elsewhere).",
+        ),
+    ] = None,
     dla_core: Annotated[
         int | None, typer.Option("--dla-core", help="Build for this DLA core (Orin).")
     ] = None,
+    engine_cache: Annotated[
+        Path | None,
+        typer.Option(
+            "--engine-cache",
+            help="Engine cache directory (default: the config's model.engine_cache, else "
+            "$THZEDGE_ENGINE_CACHE, $STATE_DIRECTORY/engines, /var/lib/thzedge/engines).",
+        ),
+    ] = None,
+    prune: Annotated[
+        bool,
+        typer.Option(
+            "--prune/--no-prune",
+            help="Afterwards delete cached engines that neither this bundle nor the configured one needs.",
+        ),
+    ] = True,
 ) -> None:
-    """Build one TensorRT engine per graph on this device, with a manifest the trt backend checks."""
-    # Fail at once, in one line, when TensorRT or the GPU is missing (before touching the bundle).
+    """Build one TensorRT engine per graph into this device's engine cache (the daemon never builds)."""
+    bundle_dir = model_path(bundle)
+    # The config names the cache and the bundle the daemon runs (kept when pruning).
+    model_cfg = load_model_config(global_options(ctx).config)
+    cache = resolve_engine_cache(engine_cache or model_cfg.engine_cache)
+    # Fail at once, in one line, when TensorRT or the GPU is missing or the cache is not writable.
     trt = import_tensorrt()
     platform = current_platform(trt)
-    b = Bundle.open(bundle)
+    cache.ensure_writable()
+    b = Bundle.open(bundle_dir)
     settings = EngineSettings(
         precision=precision,
         max_batch=max_batch or b.max_batch,
         workspace_mb=workspace,
         dla_core=dla_core,
-    )
-    manifests = build_bundle_engines(bundle, settings, trt=trt, platform=platform)
+    ).with_workspace_for(platform)
+    typer.echo(f"engine cache {cache.root} ({cache.source}); workspace {settings.workspace_mb} MB", err=True)
+    manifests = build_bundle_engines(bundle_dir, settings, trt=trt, platform=platform, cache=cache)
     for m in manifests:
         typer.echo(
             f"{m['graph']:<10} {m['precision']}  TensorRT {m['tensorrt_version']}  {m['gpu_name']} "
             f"(sm {m['compute_capability']})  engine {m['engine_sha256'][:12]}"
         )
+    if prune:
+        keep = [b.path] + ([model_cfg.bundle] if model_cfg.bundle is not None else [])
+        removed = prune_engine_cache(cache, platform, keep)
+        if removed:
+            typer.echo(f"pruned {len(removed)} file(s) no current bundle needs from {cache.root}", err=True)

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from edge.bundle import Precision
+from edge.bundle import Precision, writable_model_path
 from export.extras import require_export_extra
 from export.train import Augmentation, LabelScheme, Sampler, TrainConfig, calibrate_threshold, train
 from scanner_io.cli_common import global_options
@@ -109,7 +109,7 @@ def train_command(
 def threshold_command(
     ctx: typer.Context,
     model: Annotated[
-        Path, typer.Option("--model", help="Bundle directory whose manifest gets the threshold.")
+        str, typer.Option("--model", help="Bundle directory whose manifest gets the threshold.")
     ],
     data: Annotated[Path, typer.Option("--data", help="The dataset the checkpoint was trained on.")],
     checkpoint: Annotated[
@@ -130,15 +130,16 @@ def threshold_command(
 ) -> None:
     """Store the verification threshold (EER point or target FAR) in a bundle and draw its ROC."""
     require_export_extra()
-    roc = roc or model.resolve().with_name(f"{model.resolve().name}-roc-{precision.value}.png")
+    bundle = writable_model_path(model, "thzedge export threshold")
+    roc = roc or bundle.resolve().with_name(f"{bundle.resolve().name}-roc-{precision.value}.png")
     r = calibrate_threshold(
-        model, data, checkpoint, precision=precision.value, target_far=target_far, roc_png=roc
+        bundle, data, checkpoint, precision=precision.value, target_far=target_far, roc_png=roc
     )
     if global_options(ctx).json:
         typer.echo(json.dumps(asdict(r) | {"roc": str(roc)}, indent=2))
         return
     typer.echo(
         f"{precision} threshold {r.threshold:.4f} (EER {r.eer:.4f} on {r.n_pairs} validation pairs of "
-        f"{r.identities} held-out identities, {r.method}) stored in {model}; bundle id now "
+        f"{r.identities} held-out identities, {r.method}) stored in {bundle}; bundle id now "
         f"{r.bundle_id[:12]}; ROC in {roc}"
     )

@@ -35,6 +35,19 @@ class LogLevel(Choice):
 
 
 @dataclass(frozen=True)
+class NamedSource:
+    """What `--source` stands for: the URI to open, and the calibration profile configured for it."""
+
+    uri: str
+    calibration: Path | None = None
+
+
+def source_as_given(name_or_uri: str) -> NamedSource:
+    """Take `--source` literally (no configuration to resolve names with)."""
+    return NamedSource(uri=name_or_uri)
+
+
+@dataclass(frozen=True)
 class GlobalOptions:
     """The root command's options (`thzedge [--log-level L] [--json] [--config FILE] COMMAND`)."""
 
@@ -43,6 +56,9 @@ class GlobalOptions:
     json: bool = False
     # Daemon config file; None means $THZEDGE_CONFIG, else /etc/thzedge/thzedge.toml if present.
     config: Path | None = None
+    # Resolves a configured source name (`scanner0`) through `config`; URIs pass unchanged. The
+    # root CLI sets it: the config format is edge's, and the packages below may not import edge.
+    resolve_source: Callable[[str], NamedSource] = source_as_given
 
 
 def global_options(ctx: typer.Context) -> GlobalOptions:

@@ -1,9 +1,12 @@
 """The acquisition wire codec: one frame as a ZeroMQ multipart `[topic, header JSON, payload]`.
 
-The format is specified in docs/protocol.md (acquisition part). `decode_frame` treats every
-message as hostile: it checks sizes before it parses or allocates anything, and the only
-exception it raises is `FrameDecodeError` (as `FrameRejected`) with a short `reason` label that
-is safe to use as a metric label.
+The format is specified in docs/protocol.md (acquisition part). Two messages exist: a frame
+(topic `frame/<scanner>`) and the end of a stream (topic `end/<scanner>`, empty payload), after
+which the scanner sends nothing more. `decode_message` decodes either, `decode_frame` frames
+only (recordings hold nothing else). Both treat every message as hostile: they check sizes
+before they parse or allocate anything, and the only exception they raise is
+`FrameDecodeError` (as `FrameRejected`) with a short `reason` label that is safe to use as a
+metric label. A message of a kind this receiver does not know is rejected as `bad_topic`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from scanner_io.errors import FrameDecodeError
 from scanner_io.frame import ALLOWED_DTYPES, PROTOCOL_VERSION, Frame, FrameHeader
 
 TOPIC_PREFIX = b"frame/"
+END_TOPIC_PREFIX = b"end/"
+END_OF_STREAM = "end_of_stream"  # the `kind` of the end-of-stream header
 # Limits a receiver enforces before anything is allocated (documented in docs/protocol.md).
 MAX_HEADER_BYTES = 16 * 1024
 MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
@@ -53,6 +58,31 @@ DECODE_REASONS: tuple[str, ...] = (
 
 _REQUIRED = ("v", "scanner", "seq", "t_capture_ns", "shape", "dtype")
 _OPTIONAL = ("settings", "sensor_temp_c", "claimed_identity")
+_END_REQUIRED = ("v", "kind", "scanner", "last_seq", "frames")
+
+
+@dataclass(frozen=True)
+class EndOfStream:
+    """The scanner's word that its stream is over: no frame follows it on this connection.
+
+    `last_seq` is the seq of the last frame the scanner captured (sent or dropped; None when it
+    captured none), `frames` how many frames it sent, so a receiver can tell what it missed.
+    """
+
+    scanner: str
+    last_seq: int | None
+    frames: int
+    v: int = PROTOCOL_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the header JSON object of the end-of-stream message."""
+        return {
+            "v": self.v,
+            "kind": END_OF_STREAM,
+            "scanner": self.scanner,
+            "last_seq": self.last_seq,
+            "frames": self.frames,
+        }
 
 
 @dataclass(frozen=True)
@@ -137,6 +167,12 @@ def send_frame(socket: Any, header: FrameHeader, array: np.ndarray, flags: int =
         return socket.send_multipart(parts, flags=flags, copy=False, track=True)
     socket.send_multipart(parts, flags=flags, copy=True)
     return None
+
+
+def encode_end_of_stream(end: EndOfStream) -> list[bytes]:
+    """Encode the end-of-stream message as `[topic, header JSON, empty payload]`."""
+    header = json.dumps(end.to_dict(), separators=(",", ":"), allow_nan=False).encode("utf-8")
+    return [END_TOPIC_PREFIX + end.scanner.encode("utf-8"), header, b""]
 
 
 def _fail(reason: str, message: str, seq: int | None = None, scanner: str | None = None) -> FrameRejected:
@@ -279,14 +315,8 @@ def array_from_payload(header: FrameHeader, payload: Any) -> np.ndarray:
     return arr
 
 
-def decode_frame(parts: Sequence[Any]) -> Frame:
-    """Validate and decode one multipart message into a Frame; raises only FrameDecodeError.
-
-    Checks, in order: part count, sizes (before any parsing), topic, header JSON, required
-    fields and their types, protocol version, dtype allowlist, shape rank and bounds,
-    topic/scanner agreement, payload length = prod(shape) × itemsize, finite float values.
-    The returned array is a read-only view over the received payload.
-    """
+def _checked_parts(parts: Sequence[Any]) -> tuple[memoryview, memoryview, memoryview]:
+    """Check the part count and sizes of any message before anything is parsed."""
     try:
         n = len(parts)
     except TypeError:
@@ -298,11 +328,26 @@ def decode_frame(parts: Sequence[Any]) -> Frame:
         raise _fail("too_large", f"header of {raw_header.nbytes} bytes exceeds {MAX_HEADER_BYTES}")
     if payload.nbytes > MAX_PAYLOAD_BYTES:
         raise _fail("too_large", f"payload of {payload.nbytes} bytes exceeds {MAX_PAYLOAD_BYTES}")
-    if (
-        topic.nbytes > len(TOPIC_PREFIX) + MAX_SCANNER_LEN
-        or bytes(topic[: len(TOPIC_PREFIX)]) != TOPIC_PREFIX
-    ):
+    if topic.nbytes > len(TOPIC_PREFIX) + MAX_SCANNER_LEN:
+        raise _fail("bad_topic", "topic must be 'frame/<scanner>' or 'end/<scanner>'")
+    return topic, raw_header, payload
+
+
+def decode_frame(parts: Sequence[Any]) -> Frame:
+    """Validate and decode one multipart message into a Frame; raises only FrameDecodeError.
+
+    Checks, in order: part count, sizes (before any parsing), topic, header JSON, required
+    fields and their types, protocol version, dtype allowlist, shape rank and bounds,
+    topic/scanner agreement, payload length = prod(shape) × itemsize, finite float values.
+    The returned array is a read-only view over the received payload.
+    """
+    topic, raw_header, payload = _checked_parts(parts)
+    if bytes(topic[: len(TOPIC_PREFIX)]) != TOPIC_PREFIX:
         raise _fail("bad_topic", "topic must be 'frame/<scanner>'")
+    return _frame_from(topic, raw_header, payload)
+
+
+def _frame_from(topic: memoryview, raw_header: memoryview, payload: memoryview) -> Frame:
     header = header_from_dict(parse_header_json(raw_header))
     if bytes(topic) != topic_for(header.scanner):
         raise _fail(
@@ -312,3 +357,45 @@ def decode_frame(parts: Sequence[Any]) -> Frame:
             scanner=header.scanner,
         )
     return Frame(header=header, data=array_from_payload(header, payload))
+
+
+def decode_message(parts: Sequence[Any]) -> Frame | EndOfStream:
+    """Decode a frame or an end-of-stream message; raises only FrameDecodeError.
+
+    A message of any other kind (another topic) is rejected as `bad_topic`, like one that is
+    garbled: receivers count it and go on, so a scanner that speaks a newer message to an older
+    receiver costs one counted rejection, never the stream.
+    """
+    topic, raw_header, payload = _checked_parts(parts)
+    if bytes(topic[: len(TOPIC_PREFIX)]) == TOPIC_PREFIX:
+        return _frame_from(topic, raw_header, payload)
+    if bytes(topic[: len(END_TOPIC_PREFIX)]) != END_TOPIC_PREFIX:
+        raise _fail("bad_topic", "topic must be 'frame/<scanner>' or 'end/<scanner>'")
+    obj = parse_header_json(raw_header)
+    missing = [k for k in _END_REQUIRED if k not in obj]
+    if missing:
+        raise _fail("missing_field", f"end-of-stream header lacks field(s) {', '.join(missing)}")
+    v, kind, scanner, last_seq, frames = (obj[k] for k in _END_REQUIRED)
+    if not _is_int(v):
+        raise _fail("bad_field", "header field 'v' must be an integer")
+    if v != PROTOCOL_VERSION:
+        raise _fail(
+            "bad_version", f"protocol version {v} is not supported (this receiver speaks v{PROTOCOL_VERSION})"
+        )
+    if kind != END_OF_STREAM:
+        raise _fail("bad_field", f"end-of-stream header field 'kind' must be {END_OF_STREAM!r}")
+    if (
+        not isinstance(scanner, str)
+        or not 1 <= len(scanner) <= MAX_SCANNER_LEN
+        or not SCANNER_RE.fullmatch(scanner)
+    ):
+        raise _fail("bad_field", "header field 'scanner' must be 1-64 characters of [A-Za-z0-9_.-]")
+    if last_seq is not None and (not _is_int(last_seq) or not 0 <= last_seq <= MAX_INT64):
+        raise _fail("bad_field", "header field 'last_seq' must be null or an integer in [0, 2^63)")
+    if not _is_int(frames) or not 0 <= frames <= MAX_INT64:
+        raise _fail("bad_field", "header field 'frames' must be an integer in [0, 2^63)")
+    if bytes(topic) != END_TOPIC_PREFIX + scanner.encode("utf-8"):
+        raise _fail("topic_mismatch", f"topic does not match header scanner {scanner!r}", scanner=scanner)
+    if payload.nbytes:
+        raise _fail("size_mismatch", f"end-of-stream payload must be empty, got {payload.nbytes} bytes")
+    return EndOfStream(scanner=scanner, last_seq=last_seq, frames=frames, v=v)

@@ -4,7 +4,9 @@ It stands in for a scanner's acquisition service: it binds a PUSH socket and sen
 as `[topic, header, payload]` (docs/protocol.md). Live streams are sent with NOBLOCK, so a slow
 or absent consumer never blocks it — such frames are dropped here and counted by reason, and
 the consumer sees the hole as a seq gap. Lockstep streams (`rate="max"`) block instead, so
-nothing is dropped (R-ZMQ-2).
+nothing is dropped (R-ZMQ-2). When the stream is complete (`frames` sent, or a finite source
+ended) it sends the end-of-stream message, so the consumer knows nothing more will come; a
+stop request (SIGTERM) is not the end of the stream and sends none.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import zmq
 
-from scanner_io.codec import send_frame, topic_for
+from scanner_io.codec import EndOfStream, encode_end_of_stream, send_frame, topic_for
+from scanner_io.errors import ConfigError
 from scanner_io.frame import Frame
 from scanner_io.sources import (
     HEARTBEAT_IVL_MS,
@@ -48,6 +52,7 @@ class EmulatorStats:
     skipped: int = 0
     source_malformed: int = 0
     elapsed_s: float = 0.0
+    end_of_stream: bool = False  # the end-of-stream message was handed to the socket
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready copy."""
@@ -58,6 +63,7 @@ class EmulatorStats:
             "skipped": self.skipped,
             "source_malformed": self.source_malformed,
             "elapsed_s": round(self.elapsed_s, 3),
+            "end_of_stream": self.end_of_stream,
         }
 
 
@@ -72,6 +78,39 @@ class EmulatorSettings:
     inject_malformed_every: int = 0  # every Nth frame goes out malformed (seq kept readable)
     skip_every: int = 0  # every Nth frame is not sent at all (a seq gap downstream)
     drain_ms: int = 1000  # at a normal end: time for frames in flight to be delivered
+    # CURVE server: this scanner's certificate (public + secret) and the directory of the public
+    # certificates (`*.key`) of the consumers allowed to connect; unknown keys are refused (ZAP).
+    curve_secret_file: Path | None = None
+    curve_clients_dir: Path | None = None
+
+
+CURVE_DOMAIN = "thzedge-acquisition"
+
+
+def _curve_server(ctx: zmq.Context, sock: zmq.Socket, settings: EmulatorSettings) -> Any:
+    """Start a ZAP authenticator with the allowed clients, then make `sock` a CURVE server (fail closed)."""
+    import zmq.auth
+    from zmq.auth.thread import ThreadAuthenticator
+
+    assert settings.curve_secret_file is not None
+    if settings.curve_clients_dir is None or not Path(settings.curve_clients_dir).is_dir():
+        raise ConfigError("a CURVE scanner needs --curve-clients DIR with the consumers' public .key files")
+    try:
+        public, secret = zmq.auth.load_certificate(settings.curve_secret_file)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{settings.curve_secret_file}: not a CURVE certificate ({exc})") from None
+    if not secret:
+        raise ConfigError(f"{settings.curve_secret_file} holds no secret key; give the .key_secret file")
+    auth = ThreadAuthenticator(ctx, log=logging.getLogger("thzedge.scanner.zap"))
+    auth.start()
+    auth.configure_curve(domain=CURVE_DOMAIN, location=str(settings.curve_clients_dir))
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_server = True
+    sock.setsockopt(zmq.ZAP_DOMAIN, CURVE_DOMAIN.encode())
+    # Without this libzmq lets handshakes through when no ZAP handler answers (libzmq #2594).
+    sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+    return auth
 
 
 def source_uri_for(uri: str, rate: float | str | None) -> str:
@@ -117,12 +156,15 @@ def serve(
     fps = settings.rate if isinstance(settings.rate, (int, float)) else None
     ctx = zmq_context()
     sock = ctx.socket(zmq.PUSH)
+    auth = None
     try:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, settings.sndhwm)
         if settings.bind.startswith("tcp://"):
             sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        if settings.curve_secret_file is not None:
+            auth = _curve_server(ctx, sock, settings)  # the authenticator runs before the bind
         sock.bind(settings.bind)
         endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         log.info(
@@ -138,6 +180,8 @@ def serve(
         sock.setsockopt(zmq.SNDTIMEO, 100)
         t0 = time.monotonic()
         n = 0  # frames taken from the source
+        last_seq: int | None = None
+        scanner: str | None = None
         while not stop.is_set():
             if settings.frames is not None and n >= settings.frames:
                 break
@@ -155,6 +199,7 @@ def serve(
                 stats.source_malformed += 1
                 continue
             n += 1
+            last_seq, scanner = item.header.seq, item.header.scanner
             if settings.skip_every and n % settings.skip_every == 0:
                 stats.skipped += 1
                 continue
@@ -183,7 +228,10 @@ def serve(
                     if stop.is_set():
                         break
         stats.elapsed_s = time.monotonic() - t0
-        if lockstep and not stop.is_set():
+        if not stop.is_set():
+            end = EndOfStream(scanner=scanner or _scanner_of(source), last_seq=last_seq, frames=stats.sent)
+            stats.end_of_stream = _send_end(sock, end, stop, settings.drain_ms)
+        if (lockstep or stats.end_of_stream) and not stop.is_set():
             # Linger only covers handing frames to the kernel; a peer that is still reading
             # would lose what sits in socket buffers when the connection closes, so a lockstep
             # stream keeps the connection open a little longer before it goes.
@@ -191,9 +239,36 @@ def serve(
     finally:
         # A normal end lets queued frames go out (bounded); a stop request closes at once.
         sock.close(0 if stop.is_set() else settings.drain_ms)
+        if auth is not None:
+            auth.stop()
     dropped = sum(stats.dropped.values())
     log.info("scanner emulator: sent %d frames, dropped %d", stats.sent, dropped)
     return stats
+
+
+def _scanner_of(source: Source) -> str:
+    # A source that delivered no frame still names its scanner in the end message.
+    name = dict(parse_qsl(source.uri.partition("?")[2])).get("scanner", "")
+    return name if name else "scanner"
+
+
+def _send_end(sock: Any, end: EndOfStream, stop: threading.Event, wait_ms: int) -> bool:
+    """Send the end-of-stream message; return whether it went out.
+
+    It waits up to `wait_ms` for room, also on a live stream: it is the one message the
+    consumer must not miss.
+    """
+    deadline = time.monotonic() + wait_ms / 1000
+    while not stop.is_set():
+        try:
+            sock.send_multipart(encode_end_of_stream(end), flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            if time.monotonic() >= deadline:
+                log.warning("scanner emulator: no consumer took the end-of-stream message")
+                return False
+            stop.wait(0.02)
+    return False
 
 
 def serve_uri(

@@ -12,6 +12,7 @@ EXIT_USAGE = 2
 EXIT_DATA = 65
 EXIT_UNAVAILABLE = 69
 EXIT_SOFTWARE = 70
+EXIT_IOERR = 74
 EXIT_CONFIG = 78
 
 
@@ -72,6 +73,24 @@ class CheckpointError(ThzEdgeError):
 
 class CalibrationError(ThzEdgeError):
     """A calibration profile is missing, invalid or does not match the scanner."""
+
+
+class StorageError(ThzEdgeError):
+    """Writing or reading a file on local storage failed (disk full, I/O error): exit 74, EX_IOERR.
+
+    Retryable (systemd's `Restart=on-failure` restarts), unlike a configuration error. `reason`
+    is a short metric label: the errno name (ENOSPC, EIO, ...).
+    """
+
+    exit_code = EXIT_IOERR
+
+    def __init__(self, message: str, reason: str = "io_error") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class IntegrityError(DataError):
+    """Stored data failed authentication: tampered with, or encrypted under another key (exit 65)."""
 
 
 class InternalError(ThzEdgeError):

@@ -7,6 +7,7 @@ two lets the rest escape as a traceback. Pickles are never loaded.
 
 from __future__ import annotations
 
+import io
 import zipfile
 import zlib
 from collections.abc import Iterable
@@ -22,14 +23,17 @@ __all__ = ["read_npz"]
 _CORRUPT = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError)
 
 
-def read_npz(path: Path, required: Iterable[str], optional: Iterable[str] = ()) -> dict[str, np.ndarray]:
-    """Return the named arrays of the archive at `path` (optional ones only when present).
+def read_npz(
+    path: Path, required: Iterable[str], optional: Iterable[str] = (), data: bytes | None = None
+) -> dict[str, np.ndarray]:
+    """Return the named arrays of the archive at `path`, or in `data` (its bytes, e.g. decrypted).
 
+    Optional arrays are returned only when present.
     Raises DataError naming the file and what is wrong; the arrays are fully read (a member whose
     CRC fails is detected here, not on first use).
     """
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with np.load(path if data is None else io.BytesIO(data), allow_pickle=False) as z:
             missing = [name for name in required if name not in z.files]
             if missing:
                 raise DataError(f"{path}: lacks array(s) {', '.join(missing)}")

@@ -14,9 +14,12 @@ and fsync'ed every ~1 MiB or 1 s, so a crash loses at most the open chunk.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import errno
 import hashlib
 import io
 import json
+import logging
 import os
 import platform
 import struct
@@ -30,11 +33,14 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+import zstandard
+from mcap.data_stream import RecordBuilder
 from mcap.exceptions import McapError
-from mcap.records import Attachment, Channel, Chunk, Footer, Message, Metadata
+from mcap.records import Attachment, Channel, Chunk, DataEnd, Footer, Header, Message, Metadata, Schema
 from mcap.stream_reader import StreamReader, breakup_chunk
 from mcap.writer import CompressionType, Writer
 
+from scanner_io.atrest import ALGORITHM, StorageKey, find_storage_key
 from scanner_io.codec import (
     MAX_HEADER_BYTES,
     MAX_PAYLOAD_BYTES,
@@ -47,15 +53,31 @@ from scanner_io.codec import (
     parse_header_json,
     wire_array,
 )
-from scanner_io.errors import DataError, FrameDecodeError, SourceUnavailableError
+from scanner_io.errors import (
+    ConfigError,
+    DataError,
+    FrameDecodeError,
+    IntegrityError,
+    SourceUnavailableError,
+    StorageError,
+)
 from scanner_io.frame import Frame
 from scanner_io.seq import SeqTracker
+
+log = logging.getLogger("thzedge.recording")
 
 RAW_ENCODING = "thz-raw/v1"
 RAW_SCHEMA_NAME = "thzedge.RawFrame"
 EVENTS_TOPIC = "/thzedge/events"
 MANIFEST_NAME = "thzedge.manifest"
 CALIBRATION_MEDIA_TYPE = "application/x-thzedge-calib"
+# Consent and retention of the biometric data in the file (R-NEW-15); plaintext, so a sweep needs
+# no key, and authenticated: every sealed chunk's AAD covers it, so an edit makes chunks fail.
+PRIVACY_NAME = "thzedge.privacy"
+ENCRYPTION_NAME = "thzedge.encryption"
+# A sealed chunk: `compression` names the scheme; data = u64 LE chunk index | nonce | AES-GCM(zstd(records)).
+SEALED_CHUNK_COMPRESSION = "thzedge-aes256gcm-zstd"
+_INDEX = struct.Struct("<Q")
 PROFILE = "thzedge"
 PART_SUFFIX = ".part"
 DEFAULT_CHUNK_BYTES = 1024 * 1024
@@ -65,6 +87,7 @@ DEFAULT_CHUNK_SECONDS = 1.0
 MAX_RECORD_BYTES = 256 * 1024 * 1024
 MAX_CHUNK_BYTES = 256 * 1024 * 1024
 _LEN = struct.Struct("<I")
+MCAP_MAGIC = b"\x89MCAP0\r\n"
 
 # The JSON Schema of the header part, stored in the MCAP Schema record so generic tools can
 # describe the channel. The message itself is the thz-raw/v1 envelope, not plain JSON.
@@ -200,12 +223,234 @@ def extract_calibration(name: str, data: bytes, dest: str | os.PathLike[str]) ->
     return root
 
 
+@dataclass(frozen=True)
+class RecordingPolicy:
+    """Consent and retention of a recording, stored as its `thzedge.privacy` metadata record.
+
+    `retention_s` None keeps the file until deleted by hand (a sweep only reports it);
+    `consent` says on what basis the scans were recorded (e.g. `obtained`, `test_data`).
+    """
+
+    retention_s: float | None = None
+    consent: str = "unspecified"
+    purpose: str = "unspecified"
+
+    def metadata(self, created: datetime.datetime, encrypted: bool) -> dict[str, str]:
+        """Return the metadata record's string map for a file created at `created` (UTC)."""
+        meta = {
+            "data_classes": "raw",
+            "biometric": "true",
+            "consent": self.consent,
+            "purpose": self.purpose,
+            "created_utc": _iso(created),
+            "encrypted": "true" if encrypted else "false",
+        }
+        if self.retention_s is not None:
+            meta["retention_s"] = repr(float(self.retention_s))
+            meta["expires_utc"] = _iso(created + datetime.timedelta(seconds=self.retention_s))
+        return meta
+
+
+def _iso(t: datetime.datetime) -> str:
+    return t.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_utc(text: str) -> datetime.datetime:
+    """Parse the `YYYY-MM-DDTHH:MM:SSZ` times of the privacy record; ValueError if malformed."""
+    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+
+
+def _chunk_aad(file_id: bytes, index: int, bound: bytes) -> bytes:
+    """What every sealed chunk authenticates besides its content: the file, its place, the metadata."""
+    return b"thzedge-chunk-v1\0" + file_id + _INDEX.pack(index) + bound
+
+
+def _bound_metadata(privacy: Mapping[str, str], encryption: Mapping[str, str]) -> bytes:
+    """The digest of the plaintext metadata that sealed chunks are bound to."""
+    text = json.dumps({"privacy": dict(privacy), "encryption": dict(encryption)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).digest()
+
+
+class SealedChunkWriter:
+    """An MCAP writer whose chunks are zstd-compressed, then sealed with AES-256-GCM (R-NEW-15).
+
+    The subset of `mcap.writer.Writer` the Recorder uses. Each chunk repeats the schemas and
+    channels its messages use, so every chunk decrypts and parses on its own: a file cut off by
+    a crash reads up to its last complete chunk, and a chunk that fails authentication is
+    skipped without losing the ones after it. Metadata and attachments stay outside the chunks
+    in plaintext (no biometric data: manifest, consent/retention, the calibration profile).
+    """
+
+    def __init__(self, stream: IO[bytes], key: StorageKey, file_id: bytes, bound: bytes) -> None:
+        self._stream = stream
+        self._key = key
+        self._file_id = file_id
+        self._bound = bound
+        self._out = RecordBuilder()
+        self._chunk = RecordBuilder()
+        self._schemas: dict[int, Schema] = {}
+        self._channels: dict[int, Channel] = {}
+        self._in_chunk: set[int] = set()
+        self._messages = 0
+        self._t0 = self._t1 = 0
+        self.chunks = 0
+        self._zstd = zstandard.ZstdCompressor(level=3)
+
+    def start(self, profile: str = "", library: str = "") -> None:
+        """Write the magic and the header record."""
+        self._stream.write(MCAP_MAGIC)
+        Header(profile, library).write(self._out)
+        self._emit()
+
+    def register_schema(self, name: str, encoding: str, data: bytes) -> int:
+        """Remember a schema (written into each chunk that needs it); returns its id."""
+        schema_id = len(self._schemas) + 1
+        self._schemas[schema_id] = Schema(id=schema_id, name=name, encoding=encoding, data=data)
+        return schema_id
+
+    def register_channel(
+        self, topic: str, message_encoding: str, schema_id: int, metadata: dict[str, str] | None = None
+    ) -> int:
+        """Remember a channel (written into each chunk that uses it); returns its id."""
+        channel_id = len(self._channels) + 1
+        self._channels[channel_id] = Channel(
+            id=channel_id,
+            topic=topic,
+            message_encoding=message_encoding,
+            schema_id=schema_id,
+            metadata=dict(metadata or {}),
+        )
+        return channel_id
+
+    def add_message(
+        self, channel_id: int, log_time: int, data: bytes, publish_time: int, sequence: int = 0
+    ) -> None:
+        """Append a message to the open chunk."""
+        if channel_id not in self._in_chunk:
+            channel = self._channels[channel_id]
+            if channel.schema_id and channel.schema_id in self._schemas:
+                self._schemas[channel.schema_id].write(self._chunk)
+            channel.write(self._chunk)
+            self._in_chunk.add(channel_id)
+        Message(
+            channel_id=channel_id, log_time=log_time, data=data, publish_time=publish_time, sequence=sequence
+        ).write(self._chunk)
+        self._t0 = log_time if self._messages == 0 else min(self._t0, log_time)
+        self._t1 = max(self._t1, log_time)
+        self._messages += 1
+
+    def add_metadata(self, name: str, data: dict[str, str]) -> None:
+        """Write a plaintext metadata record."""
+        Metadata(name=name, metadata=dict(data)).write(self._out)
+        self._emit()
+
+    def add_attachment(
+        self, create_time: int, log_time: int, name: str, media_type: str, data: bytes
+    ) -> None:
+        """Write a plaintext attachment record."""
+        Attachment(
+            create_time=create_time, log_time=log_time, name=name, media_type=media_type, data=data
+        ).write(self._out)
+        self._emit()
+
+    def _seal_chunk(self) -> None:
+        if self._messages == 0:
+            return
+        plain = self._chunk.end()
+        blob = self._key.seal(self._zstd.compress(plain), _chunk_aad(self._file_id, self.chunks, self._bound))
+        Chunk(
+            compression=SEALED_CHUNK_COMPRESSION,
+            data=_INDEX.pack(self.chunks) + blob,
+            message_start_time=self._t0,
+            message_end_time=self._t1,
+            uncompressed_crc=0,  # GCM's tag authenticates the content; a CRC adds nothing
+            uncompressed_size=len(plain),
+        ).write(self._out)
+        self.chunks += 1
+        self._in_chunk.clear()
+        self._messages = 0
+        self._t0 = self._t1 = 0
+        self._emit()
+
+    def _emit(self) -> None:
+        self._stream.write(self._out.end())
+
+    def flush(self) -> None:
+        """Seal the open chunk and write everything to the stream (not fsync'ed)."""
+        self._seal_chunk()
+        self._stream.flush()
+
+    def finish(self) -> None:
+        """Seal the last chunk and write the data end, footer (no summary) and closing magic."""
+        self._seal_chunk()
+        DataEnd(0).write(self._out)
+        Footer(0, 0, 0).write(self._out)
+        self._emit()
+        self._stream.write(MCAP_MAGIC)
+        self._stream.flush()
+
+
+class ChunkOpener:
+    """Decrypts the sealed chunks of one recording, in order; counts what fails and why."""
+
+    def __init__(self, key: StorageKey, encryption: Mapping[str, str], privacy: Mapping[str, str]) -> None:
+        self.key = key
+        try:
+            self.file_id = bytes.fromhex(encryption["file_id"])
+        except (KeyError, ValueError):
+            raise IntegrityError("the encryption record has no valid file id (file damaged)") from None
+        self.bound = _bound_metadata(privacy, encryption)
+        self.expected = 0
+        self.tampered = 0
+        self.missing = 0
+        self.errors: list[str] = []
+
+    def _skip(self, exc: IntegrityError) -> list[Any]:
+        self.tampered += 1
+        self.errors.append(str(exc))
+        log.warning("recording chunk skipped: %s", exc)
+        return []
+
+    def records(self, chunk: Chunk) -> list[Any]:
+        """Return the records of one sealed chunk, or [] (counted) when it fails authentication."""
+        data = bytes(chunk.data)
+        index = _INDEX.unpack_from(data)[0] if len(data) >= _INDEX.size else -1
+        if 0 <= index < self.expected:  # a repeated or reordered chunk: AEAD alone would accept a copy
+            return self._skip(IntegrityError(f"sealed chunk {index} again after chunk {self.expected - 1}"))
+        try:
+            plain_z = self.key.open(
+                data[_INDEX.size :], _chunk_aad(self.file_id, index, self.bound), f"sealed chunk {index}"
+            )
+            if index > self.expected:  # authentic, but chunks before it are gone
+                self.missing += index - self.expected
+                self.errors.append(f"{index - self.expected} chunk(s) missing before chunk {index}")
+            plain = zstandard.ZstdDecompressor().decompress(plain_z, max_output_size=MAX_CHUNK_BYTES)
+        except IntegrityError as exc:
+            self.expected += 1  # it takes the place of the chunk that should be here
+            return self._skip(exc)
+        self.expected = index + 1
+        return breakup_chunk(
+            Chunk(
+                compression="",
+                data=plain,
+                message_end_time=chunk.message_end_time,
+                message_start_time=chunk.message_start_time,
+                uncompressed_crc=0,
+                uncompressed_size=len(plain),
+            )
+        )
+
+
 class Recorder:
     """Write frames to an MCAP file; a context manager whose exit always finishes the file.
 
     The file is `path + ".part"` until `close()` renames it to `path`. Chunks are closed,
     flushed and fsync'ed every `chunk_bytes` or `chunk_seconds` (call `tick()` while idle so a
-    quiet stream still reaches the disk).
+    quiet stream still reaches the disk). With a storage `key` every chunk is sealed
+    (`SealedChunkWriter`); `policy` (consent, retention) is written as `thzedge.privacy` either way.
+
+    Storage failures (disk full, I/O error) raise `StorageError` and leave the recorder
+    `failed`: the `.part` file keeps every chunk completed before, and `close()` only releases it.
     """
 
     def __init__(
@@ -216,45 +461,98 @@ class Recorder:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         chunk_seconds: float = DEFAULT_CHUNK_SECONDS,
         fsync: bool = True,
+        key: StorageKey | None = None,
+        policy: RecordingPolicy | None = None,
     ) -> None:
 
         self.path = Path(path)
         self.part_path = self.path.with_name(self.path.name + PART_SUFFIX)
         self.frames_written = 0
         self.events_written = 0
+        self.encrypted = key is not None
+        self.failed: StorageError | None = None
         self._chunk_bytes = chunk_bytes
         self._chunk_seconds = chunk_seconds
         self._fsync = fsync
         self._pending = 0
         self._pending_since: float | None = None
         self._closed = False
+        created = datetime.datetime.now(datetime.timezone.utc)
+        privacy = (policy or RecordingPolicy()).metadata(created, encrypted=key is not None)
         # Raw frames are biometric data: owner-only, whatever the umask.
-        fd = os.open(self.part_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            fd = os.open(self.part_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError as exc:
+            reason = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+            raise StorageError(
+                f"cannot create recording {self.part_path}: {exc.strerror}", reason=reason
+            ) from None
         self._stream: IO[bytes] = os.fdopen(fd, "wb")
-        # The writer's own chunk limit is set high so chunks close only here, where they are
-        # also flushed and fsync'ed.
-        self._writer = Writer(
-            self._stream, chunk_size=1 << 40, compression=CompressionType.ZSTD, enable_data_crcs=False
-        )
-        self._writer.start(profile=PROFILE, library=f"thzedge {_thzedge_version()}")
-        self._schema_id = self._writer.register_schema(
-            RAW_SCHEMA_NAME, "jsonschema", json.dumps(HEADER_JSON_SCHEMA).encode()
-        )
-        self._channels: dict[str, int] = {}
-        self._events_channel: int | None = None
-        # log_time = wall clock at start + monotonic elapsed: deltas never jump.
-        self._wall0 = time.time_ns()
-        self._mono0 = time.monotonic_ns()
-        self._writer.add_metadata(MANIFEST_NAME, dict(manifest or default_manifest()))
-        if calibration is not None:
-            name, data, profile_id = _calibration_bytes(calibration)
-            now = time.time_ns()
-            self._writer.add_attachment(now, now, name, CALIBRATION_MEDIA_TYPE, data)
-            meta = {"attachment": name, "sha256": hashlib.sha256(data).hexdigest()}
-            if profile_id is not None:
-                meta["profile_id"] = profile_id
-            self._writer.add_metadata("thzedge.calibration", meta)
-        self._sync()
+        self._writer: Writer | SealedChunkWriter
+        with self._storage("starting the file"):
+            if key is not None:
+                encryption = {
+                    "alg": ALGORITHM,
+                    "key_id": key.key_id,
+                    "file_id": os.urandom(16).hex(),
+                    "chunks": SEALED_CHUNK_COMPRESSION,
+                }
+                bound = _bound_metadata(privacy, encryption)
+                self._writer = SealedChunkWriter(
+                    self._stream, key, bytes.fromhex(encryption["file_id"]), bound
+                )
+            else:
+                # The writer's own chunk limit is set high so chunks close only here, where they
+                # are also flushed and fsync'ed.
+                self._writer = Writer(
+                    self._stream, chunk_size=1 << 40, compression=CompressionType.ZSTD, enable_data_crcs=False
+                )
+            self._writer.start(profile=PROFILE, library=f"thzedge {_thzedge_version()}")
+            self._schema_id = self._writer.register_schema(
+                RAW_SCHEMA_NAME, "jsonschema", json.dumps(HEADER_JSON_SCHEMA).encode()
+            )
+            self._channels: dict[str, int] = {}
+            self._events_channel: int | None = None
+            # log_time = wall clock at start + monotonic elapsed: deltas never jump.
+            self._wall0 = time.time_ns()
+            self._mono0 = time.monotonic_ns()
+            self._writer.add_metadata(MANIFEST_NAME, dict(manifest or default_manifest()))
+            self._writer.add_metadata(PRIVACY_NAME, privacy)
+            if key is not None:
+                self._writer.add_metadata(ENCRYPTION_NAME, encryption)
+            if calibration is not None:
+                name, data, profile_id = _calibration_bytes(calibration)
+                now = time.time_ns()
+                self._writer.add_attachment(now, now, name, CALIBRATION_MEDIA_TYPE, data)
+                meta = {"attachment": name, "sha256": hashlib.sha256(data).hexdigest()}
+                if profile_id is not None:
+                    meta["profile_id"] = profile_id
+                self._writer.add_metadata("thzedge.calibration", meta)
+            self._sync()
+
+    @contextlib.contextmanager
+    def _storage(self, doing: str) -> Iterator[None]:
+        """Turn an OSError of the file into one StorageError, and stop using the file."""
+        if self.failed is not None:
+            raise self.failed
+        try:
+            yield
+        except OSError as exc:
+            name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+            self.failed = StorageError(
+                f"recording {self.path} stopped while {doing}: {exc.strerror or exc} ({name}); "
+                f"{self.frames_written} frames written; every completed chunk is readable in "
+                f"{self.part_path}",
+                reason=name,
+            )
+            self._release()
+            raise self.failed from None
+
+    def _release(self) -> None:
+        """Close the file without finishing it (after a failure); the .part stays for recovery."""
+        self._closed = True
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.close()
 
     def now_ns(self) -> int:
         """Return the recorder clock: start wall time plus monotonic time elapsed (ns)."""
@@ -262,36 +560,38 @@ class Recorder:
 
     def write(self, frame: Frame, log_time_ns: int | None = None) -> None:
         """Append one frame to its scanner's `/<scanner>/raw` channel."""
-        channel = self._channels.get(frame.header.scanner)
-        if channel is None:
-            channel = self._writer.register_channel(
-                f"/{frame.header.scanner}/raw",
-                RAW_ENCODING,
-                self._schema_id,
-                {"scanner": frame.header.scanner},
+        with self._storage("writing a frame"):
+            channel = self._channels.get(frame.header.scanner)
+            if channel is None:
+                channel = self._writer.register_channel(
+                    f"/{frame.header.scanner}/raw",
+                    RAW_ENCODING,
+                    self._schema_id,
+                    {"scanner": frame.header.scanner},
+                )
+                self._channels[frame.header.scanner] = channel
+            body = pack_frame(frame)
+            log_time = self.now_ns() if log_time_ns is None else log_time_ns
+            self._writer.add_message(
+                channel,
+                log_time=log_time,
+                data=body,
+                publish_time=frame.header.t_capture_ns,
+                sequence=frame.header.seq & 0xFFFFFFFF,
             )
-            self._channels[frame.header.scanner] = channel
-        body = pack_frame(frame)
-        log_time = self.now_ns() if log_time_ns is None else log_time_ns
-        self._writer.add_message(
-            channel,
-            log_time=log_time,
-            data=body,
-            publish_time=frame.header.t_capture_ns,
-            sequence=frame.header.seq & 0xFFFFFFFF,
-        )
-        self.frames_written += 1
-        self._account(len(body))
+            self.frames_written += 1
+            self._account(len(body))
 
     def write_event(self, kind: str, **fields: Any) -> None:
         """Append a JSON event (malformed frame, upstream gap, …) to `/thzedge/events`."""
-        if self._events_channel is None:
-            self._events_channel = self._writer.register_channel(EVENTS_TOPIC, "json", 0)
-        body = json.dumps({"kind": kind, **fields}, sort_keys=True).encode()
-        now = self.now_ns()
-        self._writer.add_message(self._events_channel, log_time=now, data=body, publish_time=now)
-        self.events_written += 1
-        self._account(len(body))
+        with self._storage("writing an event"):
+            if self._events_channel is None:
+                self._events_channel = self._writer.register_channel(EVENTS_TOPIC, "json", 0)
+            body = json.dumps({"kind": kind, **fields}, sort_keys=True).encode()
+            now = self.now_ns()
+            self._writer.add_message(self._events_channel, log_time=now, data=body, publish_time=now)
+            self.events_written += 1
+            self._account(len(body))
 
     def _account(self, nbytes: int) -> None:
         self._pending += nbytes
@@ -300,10 +600,14 @@ class Recorder:
         if self._pending >= self._chunk_bytes:
             self._sync()
         else:
-            self.tick()
+            self._tick()
 
     def tick(self) -> None:
         """Close the open chunk if it has been open longer than `chunk_seconds`."""
+        with self._storage("closing a chunk"):
+            self._tick()
+
+    def _tick(self) -> None:
         if self._pending_since is not None and time.monotonic() - self._pending_since >= self._chunk_seconds:
             self._sync()
 
@@ -315,24 +619,34 @@ class Recorder:
         self._pending_since = None
 
     def close(self) -> Path:
-        """Finish the file (summary, indexes, footer), fsync it and rename it into place."""
+        """Finish the file (summary, indexes, footer), fsync it and rename it into place.
+
+        After a storage failure this only releases the file and raises that failure again.
+        """
+        if self.failed is not None:
+            self._release()
+            raise self.failed
         if self._closed:
             return self.path
-        self._closed = True
-        try:
-            self._writer.finish()
-            self._stream.flush()
-            if self._fsync:
-                os.fsync(self._stream.fileno())
-        finally:
-            self._stream.close()
-        os.replace(self.part_path, self.path)
+        with self._storage("finishing the file"):
+            self._closed = True
+            try:
+                self._writer.finish()
+                self._stream.flush()
+                if self._fsync:
+                    os.fsync(self._stream.fileno())
+            finally:
+                self._stream.close()
+            os.replace(self.part_path, self.path)
         return self.path
 
     def __enter__(self) -> Recorder:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.failed is not None and exc[0] is not None:
+            self._release()  # the failure is already on its way up
+            return
         self.close()
 
 
@@ -362,9 +676,6 @@ class AttachmentInfo:
     sha256: str
 
 
-MCAP_MAGIC = b"\x89MCAP0\r\n"
-
-
 def resolve_recording(path: str | os.PathLike[str]) -> Path:
     """Return the file to read: `path`, or `path.part` left by a recorder that did not finish."""
     p = Path(path)
@@ -390,8 +701,10 @@ class RecordingReader:
     `frames`/`malformed` count what was recovered. Attachments and metadata are collected along the way.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], key: StorageKey | None = None) -> None:
         self.path = resolve_recording(path)
+        self._key = key
+        self._opener: ChunkOpener | None = None
         self.complete = False
         self.truncated = False
         self.truncation: str | None = None
@@ -417,6 +730,7 @@ class RecordingReader:
         self.frames = self.malformed = self.bad_chunks = 0
         self.bad_chunk_errors = []
         self.events = []
+        self._opener = None
         channels: dict[int, Channel] = {}
         with open(self.path, "rb") as fh:
             reader = StreamReader(fh, emit_chunks=True, record_size_limit=MAX_RECORD_BYTES)
@@ -436,7 +750,9 @@ class RecordingReader:
                     try:
                         if record.uncompressed_size > MAX_CHUNK_BYTES:
                             raise DataError(f"chunk claims {record.uncompressed_size} bytes uncompressed")
-                        inner = breakup_chunk(record, validate_crc=True)
+                        inner = self._chunk_records(record)
+                    except ConfigError:  # encrypted and no (or another) key: not a corrupt chunk
+                        raise
                     except Exception as exc:  # CRC mismatch, zstd/lz4 errors, a torn inner record
                         # The chunk's framing held, so the records after it are intact: skip only it.
                         self.bad_chunks += 1
@@ -453,6 +769,49 @@ class RecordingReader:
                         self.complete = True
                     else:
                         self._collect(rec, keep=self.keep_attachments)
+
+    @property
+    def encrypted(self) -> bool:
+        """True when the file's chunks are sealed (known once the preamble or items were read)."""
+        return ENCRYPTION_NAME in self.metadata
+
+    @property
+    def tampered_chunks(self) -> int:
+        """Sealed chunks that failed authentication and were skipped, not decoded (R-NEW-15)."""
+        return self._opener.tampered if self._opener is not None else 0
+
+    @property
+    def missing_chunks(self) -> int:
+        """Sealed chunks absent between authentic ones (cut out of the file)."""
+        return self._opener.missing if self._opener is not None else 0
+
+    @property
+    def integrity_errors(self) -> list[str]:
+        """What failed authentication, one line each (no content)."""
+        return list(self._opener.errors) if self._opener is not None else []
+
+    def _chunk_records(self, chunk: Chunk) -> list[Any]:
+        """The records of a chunk: sealed ones are authenticated and decrypted, others CRC-checked."""
+        if chunk.compression != SEALED_CHUNK_COMPRESSION:
+            return breakup_chunk(chunk, validate_crc=True)
+        if self._opener is None:
+            encryption = self.metadata.get(ENCRYPTION_NAME)
+            if encryption is None:
+                raise IntegrityError("sealed chunk in a recording without an encryption record")
+            key = self._key if self._key is not None else find_storage_key()
+            if key is None:
+                raise ConfigError(
+                    f"recording {self.path} is encrypted (key {encryption.get('key_id')}); give the "
+                    "storage key ([storage] key_file, $THZEDGE_STORAGE_KEY or the systemd "
+                    "credential storage.key)"
+                )
+            if encryption.get("key_id") != key.key_id:
+                raise ConfigError(
+                    f"recording {self.path} is encrypted under key {encryption.get('key_id')}, "
+                    f"but the configured storage key is {key.key_id}"
+                )
+            self._opener = ChunkOpener(key, encryption, self.metadata.get(PRIVACY_NAME, {}))
+        return self._opener.records(chunk)
 
     def _collect(self, rec: Any, keep: bool) -> None:
         """Note an attachment (its bytes too when `keep`) or a metadata record; ignore others."""
@@ -543,6 +902,10 @@ class RecordingInfo:
     attachments: list[AttachmentInfo]
     metadata: dict[str, dict[str, str]]
     events: int
+    encrypted: bool = False
+    tampered_chunks: int = 0
+    missing_chunks: int = 0
+    integrity_errors: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON-ready form (`--json`)."""
@@ -563,6 +926,10 @@ class RecordingInfo:
             "attachments": [vars(a) for a in self.attachments],
             "metadata": self.metadata,
             "events": self.events,
+            "encrypted": self.encrypted,
+            "tampered_chunks": self.tampered_chunks,
+            "missing_chunks": self.missing_chunks,
+            "integrity_errors": self.integrity_errors,
         }
 
     def render(self) -> str:
@@ -578,9 +945,12 @@ class RecordingInfo:
         ]
         lines = [line for line in lines if line]
         for name, s in sorted(self.scanners.items()):
+            # Plain words, not Python reprs: 128x128 (or "128x128, 64x64" when it changed).
+            shapes = ", ".join("x".join(str(d) for d in shape) for shape in s.shapes) or "none"
+            seqs = f"seq {s.first_seq}..{s.last_seq}" if s.first_seq is not None else "no seq"
             lines.append(
-                f"scanner     {name}: {s.frames} frames, seq {s.first_seq}..{s.last_seq}, "
-                f"{s.seq_gaps} missing, {s.seq_resets} resets, shape {s.shapes}, dtype {s.dtypes}"
+                f"scanner     {name}: {s.frames} frames, {seqs}, {s.seq_gaps} missing, "
+                f"{s.seq_resets} resets, shape {shapes}, dtype {', '.join(s.dtypes) or 'none'}"
             )
         for a in self.attachments:
             lines.append(f"attachment  {a.name} ({a.media_type}, {a.size} bytes, sha256 {a.sha256[:12]})")
@@ -588,12 +958,20 @@ class RecordingInfo:
             lines.append(f"metadata    {name}: {len(self.metadata[name])} keys")
         if self.events:
             lines.append(f"events      {self.events}")
+        enc = self.metadata.get(ENCRYPTION_NAME)
+        scheme = f"{enc.get('alg')} per chunk, key {enc.get('key_id')}" if enc else "none (plaintext)"
+        lines.append(f"encryption  {scheme}")
+        if self.tampered_chunks or self.missing_chunks:
+            lines.append(
+                f"INTEGRITY   {self.tampered_chunks} chunk(s) failed authentication (skipped, not decoded), "
+                f"{self.missing_chunks} missing"
+            )
         return "\n".join(lines)
 
 
-def recording_info(path: str | os.PathLike[str]) -> RecordingInfo:
+def recording_info(path: str | os.PathLike[str], key: StorageKey | None = None) -> RecordingInfo:
     """Scan a recording (finished or cut off by a crash) and summarise it."""
-    reader = RecordingReader(path)
+    reader = RecordingReader(path, key=key)
     reader.keep_attachments = False
     scanners: dict[str, ScannerSummary] = {}
     seqs = SeqTracker()
@@ -654,6 +1032,10 @@ def recording_info(path: str | os.PathLike[str]) -> RecordingInfo:
         attachments=reader.attachments,
         metadata=reader.metadata,
         events=len(reader.events),
+        encrypted=reader.encrypted,
+        tampered_chunks=reader.tampered_chunks,
+        missing_chunks=reader.missing_chunks,
+        integrity_errors=reader.integrity_errors,
     )
 
 

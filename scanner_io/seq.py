@@ -78,6 +78,10 @@ class SeqTracker:
         self.resets += step.reset_from is not None
         return step
 
+    def last(self, scanner: str) -> int | None:
+        """Return the last seq seen (or used up) for `scanner`, None before its first."""
+        return self._last.get(scanner)
+
     def frame(self, scanner: str, seq: int) -> SeqStep:
         """Note a valid frame; return how many frames are missing before it and whether it reset."""
         last = self._last.get(scanner)

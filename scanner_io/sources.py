@@ -6,9 +6,13 @@
   `defects=default|full`, `start=K` (stream position).
 - `replay:PATH.mcap[?rate=1.0|max&loop=N]`: a recording; `max` is lockstep, a number paces by
   the recorded timestamps on the monotonic clock; `loop=N` plays it N times (0: forever).
+  PATH may also be a directory (its `*.mcap` recordings) or a glob (`recs/day1-*.mcap`): the
+  recordings play one after the other in name order, as one stream.
 - `tcp://HOST:PORT` / `ipc://PATH` (optional `?hwm=8&stall_s=2&reconnect_max_ms=5000`): the
   acquisition protocol. The source connects a PULL socket to the scanner's bound PUSH socket,
-  reconnects with bounded backoff, reports up / stalled / down and counts sequence gaps.
+  reconnects with bounded backoff, reports up / stalled / down and counts sequence gaps. The
+  scanner's end-of-stream message ends it (state "ended", `exhausted`) once the frames before
+  it have been read.
 
 A source's `read(timeout_s)` returns a Frame, a MalformedFrame (rejected message; the stream
 goes on) or None (nothing within the timeout).
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import glob
 import logging
 import math
 import queue
@@ -26,6 +31,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import parse_qs, parse_qsl, urlencode
 
@@ -38,13 +44,14 @@ from scanner_io.codec import (
     MAX_PAYLOAD_BYTES,
     MAX_SCANNER_LEN,
     TOPIC_PREFIX,
+    EndOfStream,
     MalformedFrame,
-    decode_frame,
+    decode_message,
 )
 from scanner_io.errors import ConfigError, FrameDecodeError, SourceUnavailableError
 from scanner_io.frame import Frame
 from scanner_io.ratelog import RateLimitedLog
-from scanner_io.recording import RecordingReader
+from scanner_io.recording import PART_SUFFIX, RecordingReader
 from scanner_io.seq import SeqTracker
 from scanner_io.simulator import ScannerSimulator, SensorMaps, SimConfig, full_defects_config
 
@@ -57,6 +64,7 @@ __all__ = [
     "Source",
     "SourceStats",
     "ZmqSource",
+    "is_scanner_uri",
     "open_source",
     "split_queue_mode",
     "zmq_context",
@@ -156,6 +164,11 @@ class QueuePolicy(Choice):
     auto = "auto"  # live source → drop_oldest, lockstep source → block
     block = "block"
     drop_oldest = "drop_oldest"
+
+
+def is_scanner_uri(uri: str) -> bool:
+    """True for a live scanner link (tcp://, ipc://): frames that carry no calibration of their own."""
+    return uri.startswith(("tcp://", "ipc://"))
 
 
 def split_queue_mode(uri: str) -> tuple[str, QueuePolicy]:
@@ -331,19 +344,50 @@ class SimSource(Source):
         return self._sim.sensor_maps()
 
 
+def replay_paths(spec: str) -> list[str]:
+    """Expand a `replay:` path: one recording, a directory of them, or a glob; in name order.
+
+    A directory contributes its `*.mcap` files, and the `.mcap.part` a crashed recorder left
+    where no finished file of that name exists. Nothing to play is SourceUnavailableError.
+    """
+    if glob.has_magic(spec):
+        found = sorted(glob.glob(spec))
+        if not found:
+            raise SourceUnavailableError(f"no recording matches {spec!r}")
+        return found
+    path = Path(spec)
+    if not path.is_dir():
+        return [spec]
+    names = {p.name for p in path.iterdir() if p.is_file()}
+    picked = [n for n in names if n.endswith(".mcap")] + [
+        n for n in names if n.endswith(".mcap" + PART_SUFFIX) and n[: -len(PART_SUFFIX)] not in names
+    ]
+    if not picked:
+        raise SourceUnavailableError(f"no recordings (*.mcap) in directory {spec}")
+    return [str(path / n) for n in sorted(picked)]
+
+
 class ReplaySource(Source):
-    """Frames from an MCAP recording, bit-identical to what was recorded.
+    """Frames from MCAP recordings, bit-identical to what was recorded.
 
     `rate=None` is lockstep (as fast as read, nothing dropped); a number paces by the
-    recorded log times divided by the rate. After the end, `recovered` is the number of frames
-    read and `truncated` says whether the file was cut off (crash) before its footer.
+    recorded log times divided by the rate. Several recordings play one after the other as one
+    stream: each starts one mean frame interval after the previous one's last frame (as a
+    `loop` pass does), however far apart they were recorded. After the end, `recovered` is the
+    number of frames read and `truncated` says whether a file was cut off (crash) before its
+    footer. The manifest and calibration are the first recording's.
     """
 
-    def __init__(self, uri: str, path: str, rate: float | None = 1.0, loop: int = 1) -> None:
+    def __init__(self, uri: str, path: str | list[str], rate: float | None = 1.0, loop: int = 1) -> None:
         super().__init__(uri)
         self.live = rate is not None
-        self._reader = RecordingReader(path)  # raises SourceUnavailableError if missing
-        self._reader.read_preamble()
+        self.paths = [path] if isinstance(path, str) else list(path)
+        # Every file is opened (and checked) now, so a missing one fails before the first frame.
+        self._readers = [RecordingReader(p) for p in self.paths]  # SourceUnavailableError if missing
+        for reader in self._readers:
+            reader.read_preamble()
+        self._file = 0
+        self._reader = self._readers[0]
         self.path = self._reader.path
         # The device/config manifest the recorder stored (empty for foreign files).
         self.manifest: dict[str, str] = dict(self._reader.metadata.get("thzedge.manifest", {}))
@@ -357,6 +401,7 @@ class ReplaySource(Source):
         self._pass_offset_s = 0.0
         self._last_offset_s = 0.0
         self._pending: Any = None
+        self._played = 0  # frames of the current pass, over all files
         self.recovered = 0
         self.truncated = False
         self.truncation: str | None = None
@@ -367,7 +412,35 @@ class ReplaySource(Source):
 
     def calibration(self) -> tuple[str, bytes] | None:
         """Return the embedded calibration profile attachment (name, bytes), if the file has one."""
-        return self._reader.calibration()
+        return self._readers[0].calibration()
+
+    def _file_ended(self) -> None:
+        reader = self._reader
+        if self._pass == 0:
+            self.recovered += reader.frames
+            if reader.bad_chunks:
+                log.warning(
+                    "recording %s: skipped %d corrupt chunk(s) (%s)",
+                    reader.path,
+                    reader.bad_chunks,
+                    reader.bad_chunk_errors[0],
+                )
+            if reader.truncated:
+                self.truncated = True
+                self.truncation = reader.truncation
+                log.warning(
+                    "recording %s is cut off (%s): recovered %d frames",
+                    reader.path,
+                    reader.truncation,
+                    reader.frames,
+                )
+        self._played += reader.frames
+        # The next file (or pass) starts one mean interval (of this file) after its last frame;
+        # `_pass_offset_s` is where this file's first frame was scheduled.
+        step = (self._last_offset_s - self._pass_offset_s) / max(reader.frames - 1, 1)
+        self._pass_offset_s = self._last_offset_s + step
+        self._first_t = None
+        self._iter = None
 
     def _next_record(self) -> Any:
         while not self._done:
@@ -376,33 +449,16 @@ class ReplaySource(Source):
             try:
                 return next(self._iter)
             except StopIteration:
-                self._iter = None
-                if self._pass == 0:
-                    self.recovered = self._reader.frames
-                    self.truncated = self._reader.truncated
-                    self.truncation = self._reader.truncation
-                    if self._reader.bad_chunks:
-                        log.warning(
-                            "recording %s: skipped %d corrupt chunk(s) (%s)",
-                            self.path,
-                            self._reader.bad_chunks,
-                            self._reader.bad_chunk_errors[0],
-                        )
-                    if self.truncated:
-                        log.warning(
-                            "recording %s is cut off (%s): recovered %d frames",
-                            self.path,
-                            self.truncation,
-                            self.recovered,
-                        )
+                self._file_ended()
+                if self._file + 1 < len(self._readers):
+                    self._file += 1
+                    self._reader = self._readers[self._file]
+                    continue
                 self._pass += 1
-                if (self._loops and self._pass >= self._loops) or self._reader.frames == 0:
+                if (self._loops and self._pass >= self._loops) or self._played == 0:
                     self._done = True
                     return None
-                # The next pass starts one mean interval after the last frame of this one.
-                step = self._last_offset_s / max(self._reader.frames - 1, 1)
-                self._pass_offset_s = self._last_offset_s + step
-                self._first_t = None
+                self._file, self._reader, self._played = 0, self._readers[0], 0
         return None
 
     def read(self, timeout_s: float) -> Frame | MalformedFrame | None:
@@ -425,6 +481,15 @@ class ReplaySource(Source):
         return rec.item
 
 
+@dataclass(frozen=True)
+class CurveClientKeys:
+    """CURVE client keys of an acquisition link (Z85): the scanner's public key, then our own pair."""
+
+    server_public: bytes
+    public: bytes
+    secret: bytes = field(repr=False)
+
+
 class ZmqSource(Source):
     """The acquisition protocol over ZeroMQ: a PULL socket connected to the scanner's PUSH.
 
@@ -432,7 +497,9 @@ class ZmqSource(Source):
     thread-safe); decoded frames reach `read()` through a small queue. When the consumer falls
     behind, the thread stops receiving, ZeroMQ's high-water marks fill and the scanner, which
     sends with NOBLOCK, drops and counts — it never blocks. Those losses show up here as
-    `upstream_gaps`.
+    `upstream_gaps`. The scanner's end-of-stream message travels through the same queue, behind
+    the frames sent before it; once `read()` reaches it the source is exhausted and "ended"
+    (`end` holds the message) and the I/O thread has closed its socket.
     """
 
     def __init__(
@@ -442,14 +509,18 @@ class ZmqSource(Source):
         hwm: int = DEFAULT_RCVHWM,
         stall_s: float = DEFAULT_STALL_S,
         reconnect_max_ms: int = DEFAULT_RECONNECT_MAX_MS,
+        curve: CurveClientKeys | None = None,
     ) -> None:
         super().__init__(uri)
         self.live = True
         self.endpoint = endpoint
+        # Encrypted and authenticated towards a scanner that is a CURVE server (tcp links).
+        self._curve = curve
         self._hwm = hwm
         self._stall_s = stall_s
         self._reconnect_max_ms = reconnect_max_ms
-        self._queue: queue.Queue[Frame | MalformedFrame] = queue.Queue(maxsize=HANDOFF_QUEUE)
+        self._queue: queue.Queue[Frame | MalformedFrame | EndOfStream] = queue.Queue(maxsize=HANDOFF_QUEUE)
+        self.end: EndOfStream | None = None  # set when read() reaches the scanner's end of stream
         self._stop = threading.Event()
         self._started = threading.Event()
         self._error: BaseException | None = None
@@ -466,8 +537,12 @@ class ZmqSource(Source):
             raise SourceUnavailableError(f"cannot connect to {endpoint}: {self._error}")
 
     @property
+    def exhausted(self) -> bool:
+        return self.end is not None
+
+    @property
     def state(self) -> str:
-        if self._closed:
+        if self._closed or self.end is not None:
             return "ended"
         if self._failed is not None:
             return "failed"
@@ -483,12 +558,16 @@ class ZmqSource(Source):
         return None if self._failed is None else f"{type(self._failed).__name__}: {self._failed}"
 
     def read(self, timeout_s: float) -> Frame | MalformedFrame | None:
-        if self._closed:
+        if self._closed or self.end is not None:
             return None
         try:
-            return self._queue.get(timeout=max(timeout_s, 0.0)) if timeout_s > 0 else self._queue.get_nowait()
+            item = self._queue.get(timeout=max(timeout_s, 0.0)) if timeout_s > 0 else self._queue.get_nowait()
         except queue.Empty:
             return None
+        if isinstance(item, EndOfStream):
+            self.end = item
+            return None
+        return item
 
     def close(self) -> None:
         if self._closed:
@@ -504,6 +583,10 @@ class ZmqSource(Source):
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, self._reconnect_max_ms)
         # Per-part limit: libzmq drops a peer that sends anything larger (oversized frames).
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_PAYLOAD_BYTES + MAX_HEADER_BYTES)
+        if self._curve is not None:
+            sock.curve_serverkey = self._curve.server_public
+            sock.curve_publickey = self._curve.public
+            sock.curve_secretkey = self._curve.secret
         if self.endpoint.startswith("tcp://"):
             sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
@@ -582,7 +665,7 @@ class ZmqSource(Source):
             return
         self._started.set()
         recreate_after_s = self._reconnect_max_ms / 1000 + RECREATE_GRACE_S
-        pending: Frame | MalformedFrame | None = None
+        pending: Frame | MalformedFrame | EndOfStream | None = None
         next_monitor = 0.0
         try:
             while not self._stop.is_set():
@@ -609,6 +692,8 @@ class ZmqSource(Source):
                         self._queue.put(pending, timeout=0.05)
                     except queue.Full:
                         continue
+                    if isinstance(pending, EndOfStream):
+                        return  # the stream is over: nothing after it is read
                     pending = None
                 try:
                     got = self._recv_bounded(sock)
@@ -618,23 +703,28 @@ class ZmqSource(Source):
                     # A message proves a peer: take its (possibly still queued) connect event now,
                     # so `state` never reads "down" while frames flow.
                     self._drain_monitor(mon, wait_ms=100)
-                item: Frame | MalformedFrame
+                message: Frame | MalformedFrame | EndOfStream
                 if isinstance(got, MalformedFrame):
-                    item = got
+                    message = got
                 else:
                     try:
-                        item = decode_frame(got)
+                        message = decode_message(got)
                         self._last_frame = time.monotonic()
                     except FrameDecodeError as exc:
-                        item = MalformedFrame.from_error(exc)
-                if isinstance(item, MalformedFrame):
+                        message = MalformedFrame.from_error(exc)
+                if isinstance(message, MalformedFrame):
                     self._rejected_log.warning(
-                        item.reason,
+                        message.reason,
                         "source %s: rejected message (%s): %s",
                         self.endpoint,
-                        item.reason,
-                        item.message[:200],
+                        message.reason,
+                        message.message[:200],
                     )
+                if isinstance(message, EndOfStream):
+                    self._ending(message)
+                    pending = message  # queued behind the frames before it, then the thread ends
+                    continue
+                item: Frame | MalformedFrame = message
                 self._observe(item)
                 try:
                     self._queue.put_nowait(item)
@@ -647,6 +737,19 @@ class ZmqSource(Source):
             log.error("source %s failed and cannot recover: %s", self.endpoint, exc)
         finally:
             self._close_sockets(sock, mon)
+
+    def _ending(self, end: EndOfStream) -> None:
+        last = self._seq.last(end.scanner)
+        lost = end.last_seq - last if end.last_seq is not None and last is not None else 0
+        log.info(
+            "source %s: %s ended its stream after %d frame(s) (last seq %s)",
+            self.endpoint,
+            end.scanner,
+            end.frames,
+            end.last_seq,
+        )
+        if lost > 0:
+            log.warning("source %s: the last %d frame(s) before the end did not arrive", self.endpoint, lost)
 
 
 # --- URI parsing ----------------------------------------------------------------------------
@@ -718,14 +821,19 @@ def _signed_float(uri: str, key: str, raw: str) -> float:
 URI_FORMS = "sim[?seed=..&fps=..], replay:FILE.mcap[?rate=1.0|max&loop=N], tcp://HOST:PORT, ipc://PATH"
 
 
-def open_source(uri: str, names: Mapping[str, str] | None = None) -> Source:
-    """Open a source from a URI, or from a name (`scanner0`) resolved through `names`."""
+def open_source(
+    uri: str, names: Mapping[str, str] | None = None, curve: CurveClientKeys | None = None
+) -> Source:
+    """Open a source from a URI, or from a name (`scanner0`) resolved through `names`.
+
+    `curve` makes a tcp source a CURVE client of the scanner (other sources ignore it).
+    """
     names = names or {}
     if uri in names:
         resolved = names[uri]
         if resolved in names:
             raise ConfigError(f"source name {uri!r} resolves to another name {resolved!r}; give a URI")
-        return open_source(resolved)
+        return open_source(resolved, curve=curve)
     if uri == "sim" or uri.startswith(("sim?", "sim://")):
         rest = uri.split("?", 1)[1] if "?" in uri else ""
         q = _query(uri, rest, _SIM_PARAMS)
@@ -740,13 +848,13 @@ def open_source(uri: str, names: Mapping[str, str] | None = None) -> Source:
         if not path:
             raise ConfigError(f"source {uri!r} names no file; use replay:PATH.mcap")
         q = _query(uri, rest, {"rate": float, "loop": int})
-        return ReplaySource(uri, path, rate=q.get("rate", 1.0), loop=q.get("loop", 1))
+        return ReplaySource(uri, replay_paths(path), rate=q.get("rate", 1.0), loop=q.get("loop", 1))
     if uri.startswith(("tcp://", "ipc://")):
         endpoint, rest = _split(uri, 0)
         q = _query(uri, rest, {"hwm": int, "stall_s": float, "reconnect_max_ms": int})
         if q.get("hwm", 1) < 1:
             raise ConfigError(f"hwm in {uri!r} must be at least 1 frame")
-        return ZmqSource(uri, endpoint, **q)
+        return ZmqSource(uri, endpoint, **q, curve=curve if uri.startswith("tcp://") else None)
     if ":" not in uri and "/" not in uri:
         known = ", ".join(sorted(names)) if names else "none configured"
         near = difflib.get_close_matches(uri, list(names), n=1)

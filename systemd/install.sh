@@ -54,6 +54,9 @@ install -d -m 0750 "$ROOT/etc/thzedge"; own root:thzedge "$ROOT/etc/thzedge"
 install -d -m 0700 "$ROOT/etc/thzedge/keys"; own root:root "$ROOT/etc/thzedge/keys"
 install -d -m 0750 "$ROOT/etc/thzedge/clients"; own root:thzedge "$ROOT/etc/thzedge/clients"
 install -d -m 0750 "$ROOT/var/lib/thzedge"; own thzedge:thzedge "$ROOT/var/lib/thzedge"
+# The engine cache (the unit's StateDirectory thzedge/engines): exists before the first start so
+# `sudo -u thzedge thzedge export engine` can fill it; the daemon only reads it.
+install -d -m 0700 "$ROOT/var/lib/thzedge/engines"; own thzedge:thzedge "$ROOT/var/lib/thzedge/engines"
 
 if [ ! -e "$ROOT/etc/thzedge/thzedge.toml" ]; then
     install -m 0640 "$HERE/thzedge.toml" "$ROOT/etc/thzedge/thzedge.toml"
@@ -65,6 +68,12 @@ fi
 if [ ! -e "$ROOT/etc/thzedge/keys/server.key_secret" ]; then
     BIN="$THZEDGE"; [ -x "$ROOT$THZEDGE" ] && BIN="$ROOT$THZEDGE"
     "$BIN" keys generate --out "$ROOT/etc/thzedge/keys" --name server
+fi
+
+# The storage key (recordings and galleries at rest, R-SEC-7), also a LoadCredential= of the unit.
+if [ ! -e "$ROOT/etc/thzedge/keys/storage.key" ]; then
+    BIN="$THZEDGE"; [ -x "$ROOT$THZEDGE" ] && BIN="$ROOT$THZEDGE"
+    "$BIN" keys generate --kind storage --out "$ROOT/etc/thzedge/keys"
 fi
 
 UNIT_DIR="$ROOT/etc/systemd/system"

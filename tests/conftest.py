@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import shutil
 import threading
@@ -25,6 +26,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# --- the engine cache: never the developer's or the device's real one ---------------------------
+
+
+@pytest.fixture(autouse=True)
+def _engine_cache_in_tmp(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Point $THZEDGE_ENGINE_CACHE at a per-test directory (created only when a test builds)."""
+    from edge.backends.engine_cache import ENGINE_CACHE_ENV
+
+    name = hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:16]
+    monkeypatch.setenv(ENGINE_CACHE_ENV, str(tmp_path_factory.getbasetemp() / "engine-cache" / name))
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
 
 
 # --- zmq: every context a test creates must terminate -------------------------------------------

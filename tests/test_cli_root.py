@@ -23,9 +23,9 @@ COMMANDS = {
     "config": {"show", "validate"},
     "keys": {"generate", "show"},
     "gallery": {"info", "remove"},
-    "export": {"onnx", "quantize", "check", "engine", "threshold"},
+    "export": {"onnx", "quantize", "check", "engine", "threshold", "sign"},
     "scanner": {"serve"},
-    "recording": {"info"},
+    "recording": {"info", "sweep", "redact"},
     "sim": {"dataset", "preview", "profile"},
     "calibrate": {"capture", "build", "check", "report", "activate", "list"},
 }

@@ -7,7 +7,7 @@ backend implements `_infer` for the work itself. Backends are built only through
 
 Contract for `edge/backends/trt.py`: it defines
 `create(bundle, precision, **options) -> Backend` (raising a ThzEdgeError subclass when no
-matching engine exists) and may define `can_run(bundle, precision) -> bool`, which `auto` asks
+matching engine exists) and may define `can_run(bundle, precision, **options) -> bool`, which `auto` asks
 before choosing TensorRT over ONNX Runtime.
 """
 
@@ -150,7 +150,7 @@ def create_backend(
                 )
         else:
             can_run = getattr(trt, "can_run", None)
-            if kind is BackendKind.trt or can_run is None or can_run(bundle, precision):
+            if kind is BackendKind.trt or can_run is None or can_run(bundle, precision, **options):
                 try:
                     return trt.create(bundle, precision, **options)
                 except ThzEdgeError as exc:

@@ -1,11 +1,12 @@
-"""TensorRT backend: runs a bundle's prebuilt engines, after checking they were built for this device.
+"""TensorRT backend: runs a bundle's prebuilt engines from the device's engine cache, after checking them.
 
-Engines live in `<bundle>/engines/<precision>/<graph>.plan` with a sidecar `<graph>.json`
-manifest written by `thzedge export engine`. Before anything is deserialised, every manifest is
-compared with the running TensorRT version, GPU name and compute capability, the plan's sha256
-and the sha256 of the bundle's ONNX it was built from; any mismatch refuses the engine with a
-message saying what to do (tensorrt-and-quantization.md §14). `--backend auto` then falls back to
-ONNX Runtime with a warning (edge/backends/__init__.py).
+Engines live in the engine cache (`edge/backends/engine_cache.py`), keyed by TensorRT version,
+L4T release, GPU name and compute capability, DLA core, precision and the sha256 of the bundle's
+ONNX, and are written there only by `thzedge export engine`. Before anything is deserialised,
+every graph's manifest is checked against that key and the plan's size and sha256; a missing or
+refused engine raises EngineMismatchError with a message saying what to do
+(tensorrt-and-quantization.md §14), and `--backend auto` then falls back to ONNX Runtime with a
+warning (edge/backends/__init__.py). Nothing here ever builds an engine (R-NEW-14).
 
 I/O is by tensor name (`num_io_tensors`, `set_input_shape`, `set_tensor_address`,
 `execute_async_v3`), the TensorRT 8.5+/10/11 runtime API. Device buffers go through a small
@@ -15,12 +16,8 @@ and the CUDA bindings are imported lazily here, so importing this module never n
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -28,33 +25,22 @@ from typing import Any
 import numpy as np
 
 from edge.backends import Backend
-from edge.bundle import Bundle, sha256_file
-from scanner_io.errors import BundleError, MissingDependencyError, ThzEdgeError
+from edge.backends.engine_cache import (
+    EngineCache,
+    EngineKey,
+    EngineMismatchError,
+    Platform,
+    graph_sha256,
+    resolve_engine_cache,
+    source_variant,
+)
+from edge.bundle import Bundle
+from edge.jetson import read_l4t
+from scanner_io.errors import MissingDependencyError, ThzEdgeError
+
+__all__ = ["EngineMismatchError", "Platform", "TrtBackend", "can_run", "create", "current_platform"]
 
 log = logging.getLogger(__name__)
-
-ENGINE_MANIFEST_FORMAT = "thzedge-engine"
-ENGINES_DIR = "engines"
-
-
-class EngineMismatchError(BundleError):
-    """An engine was built for another TensorRT, GPU or ONNX; it must be rebuilt on this device."""
-
-
-@dataclass(frozen=True)
-class Platform:
-    """The running TensorRT and GPU, as engine manifests record and the loader compares them."""
-
-    tensorrt_version: str
-    gpu_name: str
-    compute_capability: str  # "8.7" on Orin
-    cuda_runtime_version: str | None = None
-    l4t: str | None = None
-
-    def cache_key(self) -> str:
-        """File-name-safe key of GPU + TensorRT version (timing caches are only valid there)."""
-        gpu = re.sub(r"[^A-Za-z0-9]+", "-", self.gpu_name).strip("-").lower()
-        return f"{gpu}-sm{self.compute_capability.replace('.', '')}-trt{self.tensorrt_version}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,12 +95,8 @@ def _cudart() -> Any | None:
 
 
 def _read_l4t() -> str | None:
-    try:
-        text = Path("/etc/nv_tegra_release").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    m = re.search(r"R(\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)", text)
-    return f"R{m.group(1)}.{m.group(2)}" if m else text.split("\n")[0][:60]
+    release = read_l4t(Path("/"))
+    return str(release) if release is not None else None
 
 
 def probe_gpu(device: int = 0) -> tuple[str, str, str | None]:
@@ -162,95 +144,40 @@ def current_platform(trt: ModuleType | None = None) -> Platform:
 
 
 # --------------------------------------------------------------------------------------------
-# Engine manifests
+# Engines from the cache
 # --------------------------------------------------------------------------------------------
 
 
-def engine_dir(bundle_path: Path, precision: str) -> Path:
-    """Where a bundle's engines of one precision live."""
-    return Path(bundle_path) / ENGINES_DIR / precision
-
-
-def engine_paths(bundle_path: Path, precision: str, graph: str) -> tuple[Path, Path]:
-    """(plan, manifest) paths of one graph's engine."""
-    d = engine_dir(bundle_path, precision)
-    return d / f"{graph}.plan", d / f"{graph}.json"
-
-
-def load_engine_manifest(path: Path) -> dict[str, Any]:
-    """Read an engine manifest; BundleError when it is missing or unreadable."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BundleError(
-            f"cannot read engine manifest {path} ({exc}); rebuild with `thzedge export engine`"
-        ) from None
-    if not isinstance(data, dict):
-        raise BundleError(
-            f"engine manifest {path} is not a JSON object; rebuild with `thzedge export engine`"
-        )
-    return data
-
-
-def check_engine_manifest(
-    manifest: Mapping[str, Any],
-    platform: Platform,
-    engine_bytes: bytes | None = None,
-    onnx_sha256: str | None = None,
-) -> list[str]:
-    """Reasons why this engine must not be deserialised here (empty list: it matches).
-
-    Compared: format, TensorRT version (exact: plans are not portable across versions), GPU
-    compute capability and name, engine sha256 (engines are executable artefacts) and, when
-    given, the sha256 of the bundle's current ONNX (a stale engine after a re-export).
-    """
-    if manifest.get("format") != ENGINE_MANIFEST_FORMAT:
-        return [f"not a thzedge engine manifest (format {manifest.get('format')!r})"]
-    reasons: list[str] = []
-    if str(manifest.get("tensorrt_version")) != platform.tensorrt_version:
-        reasons.append(
-            f"built with TensorRT {manifest.get('tensorrt_version')}, running {platform.tensorrt_version}"
-        )
-    if str(manifest.get("compute_capability")) != platform.compute_capability:
-        reasons.append(
-            f"built for compute capability {manifest.get('compute_capability')}, this GPU is "
-            f"{platform.compute_capability}"
-        )
-    if str(manifest.get("gpu_name")) != platform.gpu_name:
-        reasons.append(f"built on GPU {manifest.get('gpu_name')!r}, this is {platform.gpu_name!r}")
-    if engine_bytes is not None and hashlib.sha256(engine_bytes).hexdigest() != manifest.get("engine_sha256"):
-        reasons.append("engine file fails its sha256 (corrupted or replaced)")
-    if onnx_sha256 is not None and onnx_sha256 != manifest.get("onnx_sha256"):
-        reasons.append("built from a different ONNX than the bundle now holds (stale engine)")
-    return reasons
+def open_cache(engine_cache: EngineCache | Path | str | None) -> EngineCache:
+    """The engine cache an option names (an EngineCache, a path, or None for the default)."""
+    if isinstance(engine_cache, EngineCache):
+        return engine_cache
+    return resolve_engine_cache(engine_cache)
 
 
 def verified_engines(
-    bundle: Bundle, precision: str, platform: Platform
+    bundle: Bundle,
+    precision: str,
+    platform: Platform,
+    cache: EngineCache,
+    generation: int,
+    dla_core: int | None = None,
 ) -> dict[str, tuple[bytes, dict[str, Any]]]:
-    """Read and check every graph's engine; EngineMismatchError naming the first problem otherwise."""
-    out: dict[str, tuple[bytes, dict[str, Any]]] = {}
+    """Read and check every graph's engine from the cache; EngineMismatchError naming the first problem."""
     fix = (
-        f"rebuild on this device with `thzedge export engine --bundle {bundle.path} --precision {precision}` "
-        "or run with --backend ort"
+        f"build it on this device with `thzedge export engine --bundle {bundle.path} --precision {precision}`"
+        + (f" --dla-core {dla_core}" if dla_core is not None else "")
+        + " (the daemon never builds engines), or run with --backend ort"
     )
+    variant = source_variant(bundle.precisions, precision, generation)
+    if variant is None:
+        raise EngineMismatchError(
+            f"bundle {bundle.path} has no {precision} graphs for TensorRT {platform.tensorrt_version}; {fix}"
+        )
+    out: dict[str, tuple[bytes, dict[str, Any]]] = {}
     for graph in bundle.graphs:
-        plan_path, man_path = engine_paths(bundle.path, precision, graph)
-        if not plan_path.is_file() or not man_path.is_file():
-            raise EngineMismatchError(f"no {precision} TensorRT engine for {graph} in {bundle.path}; {fix}")
-        manifest = load_engine_manifest(man_path)
-        variant = str(manifest.get("onnx_variant", precision))
-        try:
-            onnx_sha = sha256_file(bundle.graph_file(graph, variant))
-        except BundleError:
-            onnx_sha = "(missing)"
-        plan = plan_path.read_bytes()
-        reasons = check_engine_manifest(manifest, platform, plan, onnx_sha)
-        if reasons:
-            raise EngineMismatchError(
-                f"engine {plan_path.name} ({precision}) refused: {'; '.join(reasons)}; {fix}"
-            )
-        out[graph] = (plan, manifest)
+        key = EngineKey.for_platform(platform, precision, graph_sha256(bundle, graph, variant), dla_core)
+        out[graph] = cache.load(graph, key, fix)
     return out
 
 
@@ -460,17 +387,21 @@ class TrtBackend(Backend):
         trt: ModuleType | None = None,
         platform: Platform | None = None,
         memory: DeviceMemory | None = None,
+        engine_cache: EngineCache | Path | str | None = None,
+        dla_core: int | None = None,
         **_ignored: Any,
     ) -> None:
         precision_variant = precision if precision in bundle.precisions else "fp32"
         super().__init__(bundle, precision_variant)
         self.precision = precision
         trt = trt or import_tensorrt()
-        trt_generation(str(trt.__version__))
+        generation = trt_generation(str(trt.__version__))
         platform = platform or current_platform(trt)
+        self.cache = open_cache(engine_cache)
         # Checked before deserialising anything: a mismatched plan must never reach TensorRT.
-        engines = verified_engines(bundle, precision, platform)
+        engines = verified_engines(bundle, precision, platform, self.cache, generation, dla_core)
         self.platform = platform
+        self.dla_core = dla_core
         self._mem = memory or default_device_memory()
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
@@ -501,18 +432,26 @@ class TrtBackend(Backend):
             "precision": self.precision,
             "tensorrt": self.platform.tensorrt_version,
             "gpu": self.platform.gpu_name,
+            "engine_cache": str(self.cache.root),
             "engine_sha256": dict(self.engine_sha256),
         }
 
 
-def can_run(bundle: Bundle, precision: str = "fp32") -> bool:
-    """Whether engines for this precision exist, so `auto` should try TensorRT.
+def can_run(bundle: Bundle, precision: str = "fp32", **options: Any) -> bool:
+    """Whether the engine cache holds an engine of any of this bundle's graphs, so `auto` should try TensorRT.
 
-    Only a file check: `create` verifies the engines against this TensorRT and GPU (reading and
-    hashing every plan once, not twice), and `create_backend` falls back to ONNX Runtime with a
-    warning when it refuses them.
+    Only a manifest check, for any TensorRT and GPU: `create` verifies the engines against this
+    platform (reading and hashing every plan once, not twice), and `create_backend` falls back to
+    ONNX Runtime with a warning when it refuses them — at every start while one graph's engine is
+    missing or stale, not only the first. No engine of this bundle at all: ONNX Runtime, quietly.
     """
-    return all(engine_paths(bundle.path, precision, g)[0].is_file() for g in bundle.graphs)
+    cache = open_cache(options.get("engine_cache"))
+    variants = [v for v in dict.fromkeys((precision, "fp32")) if v in bundle.precisions]
+    return any(
+        cache.has_any(graph, precision, graph_sha256(bundle, graph, v))
+        for graph in bundle.graphs
+        for v in variants
+    )
 
 
 def create(bundle: Bundle, precision: str = "fp32", **options: Any) -> TrtBackend:

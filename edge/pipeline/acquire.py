@@ -19,7 +19,7 @@ from edge.pipeline.context import QueuedFrame
 from edge.pipeline.queues import Event
 from edge.pipeline.stage import Pipeline, Stage
 from scanner_io.codec import MalformedFrame
-from scanner_io.errors import ConfigError, SourceUnavailableError
+from scanner_io.errors import ConfigError, SourceUnavailableError, StorageError
 from scanner_io.frame import Frame
 from scanner_io.ratelog import RateLimitedLog
 from scanner_io.recording import Recorder
@@ -71,17 +71,57 @@ class AcquisitionStage(Stage):
         self._warned_identity = False
         self._recreated = 0  # source sockets recreated so far (scanner lost without a reconnect)
         self._flood_log = RateLimitedLog(log)  # a flood of junk must not flood the journal
+        # Set when the recorder failed (disk full, I/O error): recording stopped, streaming goes on.
+        self.recording_error: StorageError | None = None
+        # What the calibration checks say now (R-CAL-3, R-NEW-11): reasons, or None when fine.
+        self.stale: str | None = None
+        self.drift: str | None = None
+        self._unfit_warned: set[str] = set()
+        self._early: list[Frame | MalformedFrame] = []  # read before READY, processed first
+        self._watched: object = None  # the guard the flags above belong to
 
     def setup(self) -> None:
-        """Open the source, read the calibration it carries, open the recorder."""
+        """Open the source, read the calibration it carries, check a live stream fits its profile,
+        open the recorder."""
         self.source = self._open_source()
         self.live = self.source.live
         # Read here, in the thread that owns the source, before any frame is read.
         self.source_profile = profile_from_source(self.source)
+        if self.live:
+            self._check_fit_before_ready()
         if self._open_recorder is not None:
             # The recording carries the profile this stream is conditioned with, also when it is
             # the source's own (the simulator's maps), so its replay conditions frames alike.
             self.recorder = self._open_recorder(self.source_profile)
+            self.pipe.metrics.recording(True)
+
+    def _check_fit_before_ready(self) -> None:
+        """R-CAL-1: wait (bounded) for a live source's first frame; refuse a profile that does not fit.
+
+        What is read here is kept and processed first once streaming starts, so nothing is lost.
+        No frame within `match_wait_s` (an idle scanner): the first frame is checked when it comes,
+        and frames that do not fit are published `uncalibrated`.
+        """
+        s, ctx = self.pipe.settings, self.pipe.processing
+        if ctx.profile is None or ctx.guard is None or s.match_wait_s <= 0:
+            return
+        assert self.source is not None
+        deadline = time.monotonic() + s.match_wait_s
+        while time.monotonic() < deadline and not self.pipe.stop.is_set():
+            item = self.source.read(min(s.poll_s, max(deadline - time.monotonic(), 0.0)))
+            if item is None:
+                continue
+            self._early.append(item)
+            if isinstance(item, Frame):
+                match = ctx.guard.fit(item.header)
+                if not match.ok and not s.allow_uncalibrated:
+                    raise ConfigError(
+                        f"{match.reason}; or set [calibration] allow_uncalibrated = true to publish "
+                        "its results marked `uncalibrated`"
+                    )
+                return
+            if len(self._early) >= 64:  # only rejected messages so far: stop holding them
+                return
 
     @property
     def source_state(self) -> str:
@@ -102,10 +142,9 @@ class AcquisitionStage(Stage):
             if limit is not None and pipe.stats.frames_in >= limit:
                 self.exit_reason = "max_frames"
                 return
-            item = self.source.read(s.poll_s)
+            item = self._early.pop(0) if self._early else self.source.read(s.poll_s)
             if item is None:
-                if self.recorder is not None:
-                    self.recorder.tick()  # a quiet stream still reaches the disk
+                self._record(lambda r: r.tick())  # a quiet stream still reaches the disk
                 if self.source.exhausted:
                     self.exit_reason = "source_ended"
                     return
@@ -144,9 +183,7 @@ class AcquisitionStage(Stage):
         if step.missing:
             pipe.count_drop("upstream_gap", step.missing, seq)
         self._flood_log.warning(reason, "malformed frame rejected: reason=%s seq=%s", reason, seq)
-        if self.recorder is not None:
-            with contextlib.suppress(Exception):
-                self.recorder.write_event("malformed", reason=reason, seq=seq)
+        self._record(lambda r: r.write_event("malformed", reason=reason, seq=seq))
         body = {"stage": "acquire", "reason": reason, "seq": seq, "message": item.message[:200]}
         pipe.outbox.put(Event("error", body), pipe.clock.publish_deadline, pipe.settings.poll_s)
 
@@ -172,15 +209,40 @@ class AcquisitionStage(Stage):
         with pipe.stats.lock:
             pipe.stats.frames_in += 1
         pipe.metrics.received()
-        if self.recorder is not None:
-            self.recorder.write(frame)
+        self._record(lambda r: r.write(frame))
         queued = QueuedFrame(frame, now)
         self._prepare(queued)
+        self._watch(queued)
         evicted = pipe.frames.put(queued, pipe.stop, pipe.settings.poll_s)
         if evicted is not None:
             reason = "shutdown" if evicted.frame is frame else "queue_full"
             pipe.count_drop(reason, seq=evicted.frame.header.seq)
         pipe.metrics.queue_depth(len(pipe.frames))
+
+    def _record(self, write: Callable[[Recorder], None]) -> None:
+        """Hand one write to the recorder; a storage failure stops recording, never the stream."""
+        if self.recorder is None:
+            return
+        try:
+            write(self.recorder)
+        except Exception as exc:
+            self._recording_failed(exc)
+
+    def _recording_failed(self, exc: Exception) -> None:
+        """Stop recording after a failure: log, event, metrics; the main loop shows `degraded`."""
+        pipe, recorder = self.pipe, self.recorder
+        self.recorder = None
+        if recorder is not None:
+            with contextlib.suppress(Exception):
+                recorder.close()  # after a StorageError: releases the file, keeps the .part
+        if not isinstance(exc, StorageError):
+            exc = StorageError(f"recording stopped: {type(exc).__name__}: {exc}", reason=type(exc).__name__)
+        self.recording_error = exc
+        pipe.metrics.recording(False)
+        pipe.metrics.recorder_failed(exc.reason)
+        log.error("%s; streaming and publishing continue", exc)
+        body = {"stage": "record", "reason": "recorder_failed", "seq": None, "message": str(exc)[:200]}
+        pipe.outbox.put(Event("error", body), pipe.clock.publish_deadline, pipe.settings.poll_s)
 
     def _prepare(self, q: QueuedFrame) -> None:
         ctx = self.pipe.processing  # read once per frame, in seq order: a reload switches at one seq
@@ -197,10 +259,74 @@ class AcquisitionStage(Stage):
             self._warned_identity = True
             log.warning("no calibration profile configured: using identity calibration (uncorrected frames)")
         q.prepare(ctx)
+        if ctx.profile is not None and not q.calibrated:
+            self._report_unfit(q)
+
+    def _report_unfit(self, q: QueuedFrame) -> None:
+        """Say once per profile and layout that frames do not fit the profile (they go `uncalibrated`)."""
+        ctx = q.ctx
+        assert ctx is not None and ctx.profile is not None and ctx.guard is not None
+        match = ctx.guard.fit(q.frame.header)
+        key = f"{ctx.calibration_id}:{match.reason}"
+        if key in self._unfit_warned or len(self._unfit_warned) > 64:
+            return
+        self._unfit_warned.add(key)
+        log.error("%s; results are published `uncalibrated`", match.reason)
+        body = {"stage": "acquire", "reason": "calibration_mismatch", "seq": q.frame.header.seq}
+        body["message"] = match.reason[:200]
+        pipe = self.pipe
+        pipe.outbox.put(Event("error", body), pipe.clock.publish_deadline, pipe.settings.poll_s)
+
+    def _watch(self, q: QueuedFrame) -> None:
+        """Run the profile's envelope and input checks; announce each change (metric, event, log)."""
+        ctx = q.ctx
+        if ctx is None or ctx.guard is None or not q.calibrated:
+            return
+        pipe, guard = self.pipe, ctx.guard
+        if guard is not self._watched:
+            # A reload brought a new profile (its metric was reset): its checks start afresh.
+            self._watched, self.stale, self.drift = guard, None, None
+            pipe.metrics.input_drift(False)
+        verdict = guard.envelope(q.frame.header)
+        stale = verdict.reason if verdict is not None and verdict.stale else None
+        if stale != self.stale:
+            self.stale = stale
+            pipe.metrics.calibration(ctx.calibration_id, stale=stale is not None)
+            self._announce("envelope", "stale" if stale else "valid", stale, q.frame.header.seq)
+        state = guard.monitor(q.frame.data)
+        if state is not None:
+            drift = "; ".join(state.reasons) if state.drifted else None
+            if drift != self.drift:
+                self.drift = drift
+                pipe.metrics.input_drift(drift is not None)
+                self._announce("input", "drift" if drift else "steady", drift, q.frame.header.seq)
+
+    def _announce(self, check: str, state: str, reason: str | None, seq: int) -> None:
+        if reason:
+            log.warning("calibration %s check: %s (seq %d); streaming continues", check, reason, seq)
+        else:
+            log.info("calibration %s check: %s again (seq %d)", check, state, seq)
+        body = {"check": check, "state": state, "reason": reason or "", "seq": seq}
+        # Waits for room like a result: a change of calibration state must not be lost.
+        pipe = self.pipe
+        pipe.outbox.put(Event("calibration", body), pipe.clock.publish_deadline, pipe.settings.poll_s)
+
+    @property
+    def calibration_alarm(self) -> str | None:
+        """Why the calibration no longer fits the stream (stale profile, input drift), else None."""
+        parts = [f"calibration stale: {self.stale}" if self.stale else ""]
+        parts.append(f"input drift: {self.drift}" if self.drift else "")
+        return "; ".join(p for p in parts if p) or None
 
     def teardown(self) -> None:
         """Close the source and the recorder."""
-        for thing in (self.source, self.recorder):
-            if thing is not None:
-                with contextlib.suppress(Exception):
-                    thing.close()
+        if self.source is not None:
+            with contextlib.suppress(Exception):
+                self.source.close()
+        if self.recorder is not None:
+            try:
+                self.recorder.close()
+            except Exception as exc:  # the disk filled up while finishing the file
+                self._recording_failed(exc)
+            else:
+                self.pipe.metrics.recording(False)

@@ -16,32 +16,57 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from calibration.active import active_profile_path
 from calibration.conditioning import ConditioningParams
+from calibration.guard import GuardSettings, StreamGuard
 from calibration.profile import ProfileChoice, resolve_profile
+from calibration.quality import QualityLimits
 from edge import __version__
 from edge.bundle import Bundle, demo_bundle_path
 from edge.config import (
+    DEFAULT_METRICS_PORT,
+    CalibrationConfig,
     Config,
     SourceConfig,
     VerificationConfig,
     apply_overrides,
     load_config,
     log_start_warnings,
+    split_host_port,
 )
 from edge.gallery import Gallery, VerificationMode
 from edge.observability import DaemonMetrics, health_from, serve_http
 from edge.pipeline.acquire import profile_from_source
 from edge.pipeline.context import DaemonSettings, ModelInfo, ProcessingContext
 from edge.pipeline.daemon import Daemon
+from edge.pipeline.metrics import start_device_telemetry
 from edge.pipeline.stats import RunSummary
 from edge.runner import Runner
 from edge.sdnotify import Notifier
-from edge.security import EndpointSecurity
-from scanner_io.errors import BundleError, CalibrationError, ConfigError, DataError
+from edge.security import EndpointSecurity, curve_available, load_keypair
+from edge.signing import verify_bundle_signature
+from edge.storage import Sweeper, recording_policy, storage_key_from_config
+from scanner_io.errors import BundleError, CalibrationError, ConfigError, DataError, UsageError
 from scanner_io.recording import Recorder, default_manifest
-from scanner_io.sources import FrameSource, QueuePolicy, open_source, split_queue_mode, zmq_context
+from scanner_io.sources import (
+    CurveClientKeys,
+    FrameSource,
+    QueuePolicy,
+    is_scanner_uri,
+    open_source,
+    split_queue_mode,
+    zmq_context,
+)
 
-__all__ = ["ContextLoader", "RunOptions", "profile_from_source", "run_daemon", "settings_from_config"]
+__all__ = [
+    "ContextLoader",
+    "RunOptions",
+    "profile_from_source",
+    "refuse_uncalibrated",
+    "run_daemon",
+    "settings_from_config",
+    "stream_profile",
+]
 
 log = logging.getLogger("thzedge.daemon")
 
@@ -54,10 +79,13 @@ class RunOptions:
     model: Path | None = None
     config: Path | None = None
     backend: str | None = None
+    precision: str | None = None
     publish: str | None = None
     record: Path | None = None
     max_frames: int | None = None
     reconstruction: bool = True
+    metrics_bind: str | None = None  # HOST:PORT, or "off"
+    calibration: Path | None = None  # profile directory for the source (overrides the config's)
 
 
 def settings_from_config(
@@ -103,19 +131,18 @@ class ContextLoader:
         bundle: Bundle,
         precision: str,
         security: EndpointSecurity,
+        calibration: CalibrationConfig | None = None,
     ) -> None:
         self.src = src
         self.verification = verification
         self.bundle = bundle
         self.precision = precision
         self.security = security
+        self.calibration = calibration or CalibrationConfig()
 
     def profile(self, carried: ProfileChoice | None) -> ProfileChoice:
-        """The profile that conditions the stream: configured, else what the source carries, else none."""
-        try:
-            return resolve_profile(self.src.calibration, carried=carried)
-        except CalibrationError as exc:
-            raise ConfigError(f"[sources] calibration: {exc}") from None
+        """The profile that conditions the stream (`stream_profile`)."""
+        return stream_profile(self.src, self.calibration, carried)
 
     def __call__(self, generation: int, carried: ProfileChoice | None) -> ProcessingContext:
         """Load generation `generation` of the processing context."""
@@ -133,13 +160,72 @@ class ContextLoader:
             except DataError as exc:
                 # A corrupt gallery does not heal on a restart: at start-up it is exit 78.
                 raise ConfigError(f"[verification] gallery: {exc}") from None
+        params = self.src.conditioning.apply(base)
+        _check_model_input(params, self.bundle, choice)
+        guard = None
+        if choice.profile is not None:
+            guard = StreamGuard(choice.profile, GuardSettings(monitor_every=self.calibration.monitor_every))
         return ProcessingContext(
             profile=choice.profile,
-            params=self.src.conditioning.apply(base),
+            params=params,
             calibration_id=choice.calibration_id,
             gallery=gallery,
             generation=generation,
+            guard=guard,
+            require_profile=is_scanner_uri(self.src.uri),
+            quality=QualityLimits() if self.calibration.frame_quality else None,
         )
+
+
+def _check_model_input(params: ConditioningParams, bundle: Bundle, choice: ProfileChoice) -> None:
+    """R-NEW-10: the conditioning must produce what the model was trained on (its input side).
+
+    Conditioning always maps to [0, 1] float32; the crop side is the profile's (or an override's)
+    and must be the encoder input's, else every frame would fail at inference.
+    """
+    spatial = [d for d in bundle.input_spec.shape[-2:] if isinstance(d, int)]
+    if spatial and any(d != params.out_size for d in spatial):
+        raise ConfigError(
+            f"{choice.origin} ({choice.calibration_id}) conditions frames to {params.out_size}x"
+            f"{params.out_size}, but the model bundle takes {spatial[0]}x{spatial[-1]}; set "
+            f"[sources.NAME.conditioning] out_size = {spatial[0]} or rebuild the profile"
+        )
+
+
+def stream_profile(
+    src: SourceConfig, calibration: CalibrationConfig, carried: ProfileChoice | None = None
+) -> ProfileChoice:
+    """The profile that conditions a source's stream: `[sources.NAME] calibration`, else the
+    profile `thzedge calibrate activate` made current for NAME, else what the source carries,
+    else none (`calibration.profile.resolve_profile`). Read again on every SIGHUP."""
+    try:
+        active = None
+        if src.calibration is None and src.name is not None:
+            active = active_profile_path(src.name, calibration.state_dir)
+        return resolve_profile(src.calibration, carried=carried, active=active)
+    except CalibrationError as exc:
+        raise ConfigError(f"[sources] calibration: {exc}") from None
+
+
+def refuse_uncalibrated(src: SourceConfig, uri: str, calibration: CalibrationConfig) -> None:
+    """R-CAL-1 / R-NEW-10: a live scanner link without a profile does not start (exit 78).
+
+    Frames over tcp:// or ipc:// carry no calibration of their own; without a profile the model
+    would see uncorrected frames and publish confident nonsense. `allow_uncalibrated` publishes
+    them marked `uncalibrated` instead.
+    """
+    if not is_scanner_uri(uri) or stream_profile(src, calibration).profile is not None:
+        return
+    if calibration.allow_uncalibrated:
+        log.warning("source %s has no calibration profile: results are published `uncalibrated`", uri)
+        return
+    name = src.name or "NAME"
+    raise ConfigError(
+        f"source {src.name or uri} is a live scanner link with no calibration profile; calibrate it "
+        f"(thzedge calibrate capture/build/activate --scanner {name}), or give one with "
+        f"--calibration DIR or [sources.{name}] calibration, or set [calibration] "
+        "allow_uncalibrated = true to publish results marked `uncalibrated`"
+    )
 
 
 def _open_bundle(cfg: Config) -> tuple[Bundle, Runner]:
@@ -151,9 +237,19 @@ def _open_bundle(cfg: Config) -> tuple[Bundle, Runner]:
             "trained on simulated scans only and is not fit for real faces",
             bundle_path,
         )
+    if cfg.model.trusted_keys_dir is not None:
+        # Before any graph is parsed: an unsigned or wrongly signed bundle never reaches ONNX Runtime.
+        signer = verify_bundle_signature(bundle_path, cfg.model.trusted_keys_dir)
+        log.info("bundle %s is signed by trusted key %s", bundle_path, signer)
     try:
         bundle = Bundle.open(bundle_path)
-        runner = Runner.from_bundle(bundle, backend=cfg.model.backend, precision=cfg.model.precision)
+        runner = Runner.from_bundle(
+            bundle,
+            backend=cfg.model.backend,
+            precision=cfg.model.precision,
+            engine_cache=cfg.model.engine_cache,
+            dla_core=cfg.model.dla_core,
+        )
     except BundleError as exc:
         # A missing or broken bundle, or a precision it lacks, does not heal on a restart: exit 78
         # so systemd stops retrying (RestartPreventExitStatus=78).
@@ -163,6 +259,20 @@ def _open_bundle(cfg: Config) -> tuple[Bundle, Runner]:
     return bundle, runner
 
 
+def _source_curve(src: SourceConfig) -> CurveClientKeys | None:
+    """The CURVE client keys of a tcp source, when configured (the scanner is the CURVE server)."""
+    if not src.curve:
+        return None
+    assert src.curve_server_key is not None and src.curve_client_key is not None
+    if not curve_available():
+        raise ConfigError("[sources] curve_server_key is set, but this libzmq has no CURVE support")
+    server = load_keypair(src.curve_server_key, need_secret=False)
+    client = load_keypair(src.curve_client_key)
+    assert client.secret is not None  # load_keypair(need_secret=True) guarantees it
+    log.info("source %s: CURVE client of scanner key %s", src.uri, server.public.decode())
+    return CurveClientKeys(server_public=server.public, public=client.public, secret=client.secret)
+
+
 def _config_for(opts: RunOptions) -> Config:
     cfg = load_config(opts.config)
     overrides: dict[str, dict[str, Any]] = {}
@@ -170,6 +280,19 @@ def _config_for(opts: RunOptions) -> Config:
         overrides["model"] = {"backend": opts.backend}
     if opts.model is not None:
         overrides.setdefault("model", {})["bundle"] = str(opts.model)
+    if opts.precision is not None:
+        overrides.setdefault("model", {})["precision"] = opts.precision
+    if opts.metrics_bind is not None:
+        off = opts.metrics_bind == "off"
+        if not off:
+            try:
+                split_host_port(opts.metrics_bind)
+            except ConfigError:
+                raise UsageError(
+                    f"--metrics-bind {opts.metrics_bind!r}: expected HOST:PORT such as "
+                    f"127.0.0.1:{DEFAULT_METRICS_PORT}, or off"
+                ) from None
+        overrides["metrics"] = {"enabled": not off, **({} if off else {"bind": opts.metrics_bind})}
     if opts.publish is not None:
         overrides["publisher"] = {"endpoint": opts.publish}
     return apply_overrides(cfg, **overrides) if overrides else cfg
@@ -187,8 +310,13 @@ def run_daemon(
     """
     cfg = _config_for(opts)
     log_start_warnings(cfg, log)
+    # Galleries and recordings (read and written) use this key from here on (R-SEC-7).
+    storage_key = storage_key_from_config(cfg)
     src = cfg.resolve_source(opts.source)
+    if opts.calibration is not None:
+        src = dataclasses.replace(src, calibration=opts.calibration)
     uri, queue_policy = split_queue_mode(src.uri)  # a bad mode= fails before the model loads
+    refuse_uncalibrated(src, uri, cfg.calibration)  # before the model loads, too
     if opts.max_frames is not None and opts.max_frames < 1:
         raise ConfigError(f"--max-frames {opts.max_frames}: expected a positive number of frames")
     settings = settings_from_config(
@@ -216,18 +344,32 @@ def run_daemon(
     except BaseException:  # e.g. a bad CURVE key file: do not leak the loaded model's sessions
         runner.close()
         raise
-    load_context = ContextLoader(src, cfg.verification, bundle, cfg.model.precision, security)
+    load_context = ContextLoader(
+        src, cfg.verification, bundle, cfg.model.precision, security, calibration=cfg.calibration
+    )
+
+    curve = _source_curve(src)
 
     def open_src() -> FrameSource:
-        return open_source(uri, names=cfg.source_names())
+        return open_source(uri, names=cfg.source_names(), curve=curve)
 
     open_recorder = None
     if opts.record is not None:
         record_path = opts.record
 
+        if storage_key is None:
+            log.warning("recording %s WITHOUT encryption: no storage key configured (R-SEC-7)", record_path)
+        policy = recording_policy(cfg)
+
         def open_recorder(carried: ProfileChoice | None) -> Recorder:
             profile = load_context.profile(carried).profile
-            return Recorder(record_path, manifest=default_manifest(source=src.uri), calibration=profile)
+            return Recorder(
+                record_path,
+                manifest=default_manifest(source=src.uri),
+                calibration=profile,
+                key=storage_key,
+                policy=policy,
+            )
 
     daemon = Daemon(
         settings,
@@ -242,7 +384,11 @@ def run_daemon(
         on_ready=on_ready,
     )
     server = None
+    sweeper = Sweeper(cfg) if cfg.storage.sweep_dir is not None else None
+    stop_telemetry = start_device_telemetry(metrics)
     try:
+        if sweeper is not None:
+            sweeper.start()  # retention enforced while the daemon runs (R-SEC-7)
         if cfg.metrics.enabled:
             server = serve_http(
                 cfg.metrics.bind,
@@ -251,8 +397,11 @@ def run_daemon(
             )
         return daemon.run()
     finally:
+        if sweeper is not None:
+            sweeper.stop()
         if server is not None:
             server.close()
+        stop_telemetry()
         security.close()
         with contextlib.suppress(Exception):
             runner.close()

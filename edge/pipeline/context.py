@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from calibration.conditioning import ConditioningParams, calibrate_and_condition
+from calibration.conditioning import ConditioningParams, calibrate, condition
+from calibration.guard import StreamGuard
 from calibration.profile import CalibrationProfile
+from calibration.quality import FrameQuality, QualityLimits, assess_frame
 from edge.gallery import Gallery, VerificationMode
 from scanner_io.frame import Frame
 from scanner_io.sources import QueuePolicy
@@ -46,11 +48,16 @@ class DaemonSettings:
         default=VerificationMode.auto, metadata=_from("verification", "mode")
     )
     state_interval_s: float = 0.5
+    # systemd STATUS= between state changes (docs/daemon.md): one line every 10 s, not per frame.
+    status_interval_s: float = 10.0
     poll_s: float = 0.05
     ipc_mode: int = field(default=0o600, metadata=_from("publisher", "ipc_mode"))
     ipc_group: str | None = field(default=None, metadata=_from("publisher", "ipc_group"))
     # auto: follow the source (live → drop oldest, lockstep replay → block).
     queue_policy: QueuePolicy = QueuePolicy.auto
+    # A live source's frames that do not fit the profile: refused at start-up (exit 78) unless allowed.
+    allow_uncalibrated: bool = field(default=False, metadata=_from("calibration", "allow_uncalibrated"))
+    match_wait_s: float = field(default=5.0, metadata=_from("calibration", "match_wait_s"))
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,11 @@ class ProcessingContext:
     calibration_id: str
     gallery: Gallery | None = None  # carries the verification threshold
     generation: int = 0
+    guard: StreamGuard | None = None  # the profile's running checks (fit, envelope, drift)
+    # Whether frames must be calibrated to count as `ok`: true for a live scanner link, whose
+    # frames carry no calibration of their own (R-NEW-10); a replay or the simulator may run bare.
+    require_profile: bool = False
+    quality: QualityLimits | None = None  # the no-head check; None: every frame goes to the model
 
 
 @dataclass
@@ -91,18 +103,44 @@ class QueuedFrame:
     ctx: ProcessingContext | None = None
     error: BaseException | None = None  # conditioning failed
     condition_ms: float = 0.0
+    # False: conditioned without a profile that fits this frame (published `uncalibrated`).
+    calibrated: bool = True
+    quality: FrameQuality | None = None  # not ok: no head in the frame (published `no_face`)
 
     def prepare(self, ctx: ProcessingContext) -> None:
-        """Calibrate and condition the frame with `ctx` (the one shared function); keep an error."""
+        """Calibrate, check for a head and condition the frame with `ctx`; keep an error.
+
+        A frame the profile does not fit (another serial, resolution or settings) is conditioned
+        without it and marked uncalibrated: its result is never `ok`.
+        """
         self.ctx = ctx
         t0 = time.perf_counter()
+        profile = ctx.profile
+        if profile is not None and ctx.guard is not None and not ctx.guard.fit(self.frame.header).ok:
+            profile = None
+            self.calibrated = False
+        elif profile is None and ctx.require_profile:
+            self.calibrated = False
+        params = ctx.params
+        if params is None:
+            params = ctx.profile.conditioning if ctx.profile is not None else ConditioningParams()
         try:
-            x = np.asarray(
-                calibrate_and_condition(self.frame.data, ctx.profile, ctx.params), dtype=np.float32
-            )
+            raw = self.frame.data
+            power = calibrate(raw, profile)
+            # The no-head check reads corrected power: on uncorrected frames its verdict means nothing.
+            if ctx.quality is not None and self.calibrated and profile is not None:
+                quality = assess_frame(raw, power, params, full_scale=_full_scale(raw), limits=ctx.quality)
+                if not quality.ok:
+                    self.quality = quality
+            x = np.asarray(condition(power, params), dtype=np.float32)
             if x.shape != (64, 64):
                 raise ValueError(f"conditioning gave shape {x.shape}, the model needs (64, 64)")
             self.x = x
         except Exception as exc:
             self.error = exc
         self.condition_ms = (time.perf_counter() - t0) * 1e3
+
+
+def _full_scale(raw: np.ndarray) -> float:
+    """The saturation level of a raw frame's dtype (integer sensors); no level for floats."""
+    return float(np.iinfo(raw.dtype).max) if np.issubdtype(raw.dtype, np.integer) else float("inf")

@@ -14,6 +14,7 @@ for: published, or dropped with a reason (`RunSummary.unaccounted` is 0 on a cle
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import signal
 import threading
@@ -266,7 +267,10 @@ class Daemon:
             # The stream cannot go on (a profile for other frames, a source that cannot recover):
             # exit with the error's code, so systemd tells a bad config from a crash.
             raise acq.error
-        return self.stats.summary(time.monotonic() - t_start, endpoint, acq.exit_reason)
+        summary = self.stats.summary(time.monotonic() - t_start, endpoint, acq.exit_reason)
+        if acq.recording_error is not None:
+            summary = dataclasses.replace(summary, recording_error=str(acq.recording_error))
+        return summary
 
     def _main_loop(self, pipe: Pipeline) -> None:
         acq, inf, pub = self.acquire, self.infer, self.publish
@@ -297,9 +301,11 @@ class Daemon:
                 self._reload(pipe)
             if pipe.clock.stop_at is None:
                 self._update_state(pipe, now)
-                if now - last_status >= 10.0 and self.state_name == "ready":
+                if now - last_status >= self.settings.status_interval_s:
+                    # State changes send STATUS themselves; this refreshes the counts in between.
                     last_status = now
-                    self.tracker.status(self._streaming_status())
+                    ready = self.state_name == "ready"
+                    self.tracker.status(self._streaming_status() if ready else self.tracker.detail)
             time.sleep(0.05)
         end = pipe.clock.hard_deadline() or time.monotonic()
         stages: list[Stage] = [acq, inf, pub]
@@ -328,12 +334,18 @@ class Daemon:
             self._set_state("degraded", "inference not responding")
         elif src in ("down", "stalled") or silent > self.settings.stalled_after_s:
             self._set_state("stalled", f"source {src}, no frame for {silent:.0f} s")
+        elif (alarm := acq.calibration_alarm) is not None:
+            # R-CAL-3 / R-NEW-11: still streaming (and ready), but not to be trusted blindly.
+            self._set_state("degraded", alarm[:200])
         elif (
             not acq.live
             and len(pipe.frames) >= self.settings.queue_size
             and (pub.publisher is not None and pub.publisher.blocked_s > 0)
         ):
             self._set_state("blocked", "downstream backpressure")
+        elif acq.recording_error is not None:
+            # Streaming goes on; the operator frees space and restarts to record again.
+            self._set_state("degraded", f"recording stopped ({acq.recording_error.reason}); still publishing")
         else:
             self._set_state("ready", self._streaming_status() if last is not None else "waiting for frames")
 

@@ -81,7 +81,7 @@ class InferenceStage(Stage):
             pipe.stats.batches += 1
             pipe.stats.batched_frames += len(fresh)
         results = [self.post.new_result(q, now) for q in fresh]
-        ok = [i for i, q in enumerate(fresh) if q.error is None and q.x is not None]
+        ok = [i for i, q in enumerate(fresh) if q.error is None and q.x is not None and q.quality is None]
         if ok:
             x = np.stack([q.x for q in (fresh[i] for i in ok) if q.x is not None])[:, None]
             outcome = infer_isolated(self.runner, x, reconstruct=pipe.settings.reconstruction)
@@ -91,7 +91,7 @@ class InferenceStage(Stage):
 
     def _emit(self, r: FrameResult) -> None:
         pipe = self.pipe
-        if r.status == "error":
+        if r.status in ("error", "no_face"):
             r.posture = None
             r.embedding = None
         r.t_ready_mono = time.monotonic()
@@ -101,6 +101,10 @@ class InferenceStage(Stage):
                 pipe.stats.partial += 1
             elif r.status == "error":
                 pipe.stats.errors += 1
+            elif r.status == "no_face":
+                pipe.stats.no_face += 1
+            elif r.status == "uncalibrated":
+                pipe.stats.uncalibrated += 1
         pipe.metrics.processed()
         self._accounted += 1
         if not pipe.outbox.put(r, pipe.clock.publish_deadline, pipe.settings.poll_s, pipe.heartbeat.beat):

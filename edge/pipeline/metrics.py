@@ -7,8 +7,15 @@ from collections.abc import Callable
 
 from edge.observability import DaemonMetrics, Stage
 from edge.results import FrameResult
+from edge.telemetry import install_jetson_telemetry
 
 log = logging.getLogger("thzedge.daemon")
+
+
+def start_device_telemetry(impl: DaemonMetrics) -> Callable[[], None]:
+    """Add a Jetson's tegrastats gauges to the daemon's registry (none elsewhere); returns the stop call."""
+    telemetry = install_jetson_telemetry(impl.registry)
+    return telemetry.close if telemetry is not None else lambda: None
 
 
 class Metrics:
@@ -75,9 +82,17 @@ class Metrics:
         """Record the source state."""
         self._do(lambda m: m.set_source_state(state))
 
-    def calibration(self, profile_id: str) -> None:
-        """Record the active calibration profile id."""
-        self._do(lambda m: m.set_calibration(profile_id))
+    def calibration(self, profile_id: str, stale: bool = False) -> None:
+        """Record the active calibration profile id and whether it is outside its envelope."""
+        self._do(lambda m: m.set_calibration(profile_id, stale))
+
+    def input_drift(self, drifted: bool) -> None:
+        """Record whether the input monitor sees drift against the profile (R-NEW-11)."""
+        self._do(lambda m: m.input_drift.set(1 if drifted else 0))
+
+    def no_face(self, reason: str) -> None:
+        """Count one frame with no head in it, by reason (blank, flat, saturated, too_small)."""
+        self._do(lambda m: m.no_face.labels(reason).inc())
 
     def watchdog_ping(self) -> None:
         """Count one WATCHDOG=1 sent to systemd."""
@@ -86,3 +101,11 @@ class Metrics:
     def source_recreated(self, n: int = 1) -> None:
         """Count `n` acquisition sockets recreated after the scanner was lost."""
         self._do(lambda m: m.source_recreated.inc(n))
+
+    def recording(self, on: bool) -> None:
+        """Record whether raw frames are being recorded."""
+        self._do(lambda m: m.recording.set(1 if on else 0))
+
+    def recorder_failed(self, reason: str) -> None:
+        """Count one recording stopped by a storage failure (`reason`: the errno name)."""
+        self._do(lambda m: m.recorder_failures.labels(reason).inc())

@@ -4,7 +4,9 @@ The model work and its per-frame failure isolation are the runner's (`edge.runne
 this module turns each frame's outcome into its `FrameResult`, matches the embedding against the
 gallery with the predicted posture, and records every failure on its own frame: a frame whose
 conditioning or encoder failed is `error`, one whose verification or reconstruction failed is
-`partial`; the other frames of the batch are unaffected.
+`partial`; the other frames of the batch are unaffected. A frame with no head in it is `no_face`
+(the model does not run on it); one conditioned without a fitting calibration profile is
+`uncalibrated` (never `ok`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class PostProcessor:
             scanner=h.scanner,
             seq=h.seq,
             t_capture_ns=h.t_capture_ns,
-            status="ok",
+            status="ok" if q.calibrated else "uncalibrated",
             provenance=Provenance(model.bundle, model.precision, model.backend, q.ctx.calibration_id),
             t_received_mono=q.t_received,
         )
@@ -47,6 +49,12 @@ class PostProcessor:
         r.latency_ms[Stage.condition.value] = q.condition_ms
         if q.error is not None:
             self.fail(r, Task.condition, q.error, fatal=True)
+        elif q.quality is not None:
+            # No head in the frame: the model does not run, so no posture or decision is made up.
+            r.status = "no_face"
+            reason = q.quality.reason.value if q.quality.reason is not None else None
+            r.quality = {"reason": reason, "head_fraction": round(q.quality.head_fraction, 4)}
+            self.pipe.metrics.no_face(reason or "unknown")
         return r
 
     def complete(self, results: list[FrameResult], frames: list[QueuedFrame], batch: IsolatedBatch) -> None:
@@ -109,6 +117,7 @@ class PostProcessor:
         # The log names the task and the exception type only: messages may quote an identity.
         log.warning("task %s failed on seq %d: %s", task, r.seq, type(exc).__name__)
         r.errors.append({"task": task.value, "error": f"{type(exc).__name__}: {exc}"[:300]})
+        # `uncalibrated` stays: a failed task never makes an uncalibrated result look calibrated.
         r.status = "error" if fatal else ("partial" if r.status == "ok" else r.status)
         self.pipe.metrics.task_error(task.value)
         body = {

@@ -51,6 +51,8 @@ class Stats:
     processed: int = 0
     errors: int = 0  # results published with status `error`
     partial: int = 0
+    no_face: int = 0  # results published with status `no_face` (no head in the frame)
+    uncalibrated: int = 0  # results conditioned without a fitting profile
     batches: int = 0
     batched_frames: int = 0
     dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
@@ -76,6 +78,8 @@ class Stats:
                 malformed=dict(self.malformed),
                 errors=self.errors,
                 partial=self.partial,
+                no_face=self.no_face,
+                uncalibrated=self.uncalibrated,
                 latency_mean_ms=float(lat.mean()) if lat.size else None,
                 latency_p50_ms=float(np.percentile(lat, 50)) if lat.size else None,
                 latency_p99_ms=float(np.percentile(lat, 99)) if lat.size else None,
@@ -105,6 +109,10 @@ class RunSummary:
     duration_s: float
     endpoint: str
     exit_reason: str
+    # Why `--record` stopped early (disk full, ...), None when it did not.
+    recording_error: str | None = None
+    no_face: int = 0
+    uncalibrated: int = 0
 
     @property
     def unaccounted(self) -> int:
@@ -126,10 +134,14 @@ class RunSummary:
         def ms(v: float | None) -> str:
             return "n/a" if v is None else f"{v:.1f}"
 
+        # Said only when there are some: most runs have neither, and the line stays short.
+        flagged = "".join(
+            f" {k}={v}" for k, v in (("no_face", self.no_face), ("uncalibrated", self.uncalibrated)) if v
+        )
         return (
             f"frames_in={self.frames_in} published={self.published} "
             f"dropped={sum(self.dropped.values())} ({drops}) malformed={sum(self.malformed.values())} "
-            f"({mal}) errors={self.errors} partial={self.partial} "
+            f"({mal}) errors={self.errors} partial={self.partial}{flagged} "
             f"latency_ms mean={ms(self.latency_mean_ms)} p99={ms(self.latency_p99_ms)} "
-            f"duration_s={self.duration_s:.1f}"
+            f"duration_s={self.duration_s:.1f}" + (" recording=FAILED" if self.recording_error else "")
         )

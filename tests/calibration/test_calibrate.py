@@ -246,6 +246,14 @@ def test_check_cli_exit_code_follows_the_verdict(built, capsys) -> None:
     assert code == Verdict.FAIL.exit_code and "FAIL" in capsys.readouterr().out
 
 
+def test_check_takes_a_configured_source_name(built, capsys, tmp_path: Path) -> None:
+    cfg = tmp_path / "thzedge.toml"
+    cfg.write_text(f'[sources.darkroom]\nuri = "sim?seed={SEED}&defects=full&scene=dark"\n')
+    args = ["--config", str(cfg), "calibrate", "check", "--source", "darkroom"]
+    assert main([*args, "--profile", str(built[1] / "profile"), "--frames", "8"]) == 0
+    assert "PASS" in capsys.readouterr().out
+
+
 def test_check_refuses_a_stream_of_another_scanner(built) -> None:
     from scanner_io.errors import CalibrationError
 

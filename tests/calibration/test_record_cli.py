@@ -43,3 +43,28 @@ def test_an_explicit_profile_wins_and_an_empty_source_warns(tmp_path: Path, caps
     empty = tmp_path / "empty.mcap"
     assert main(["record", "--source", "tcp://127.0.0.1:9", "--out", str(empty), "--duration", "0.5"]) == 0
     assert "delivered no frame" in capsys.readouterr().err
+
+
+def test_thzedge_record_resolves_a_configured_source_name(tmp_path: Path, capsys) -> None:
+    profile_dir = true_profile(ScannerSimulator(seed=9)).save(tmp_path / "prof")
+    cfg = tmp_path / "thzedge.toml"
+    cfg.write_text(
+        '[metrics]\nenabled = false\n[sources.scanner0]\nuri = "sim?seed=4&frames=3&scanner=scan0"\n'
+        f'calibration = "{profile_dir}"\n'
+    )
+    out = tmp_path / "rec.mcap"
+    assert main(["--config", str(cfg), "record", "--source", "scanner0", "--out", str(out)]) == 0
+    info = recording_info(out)
+    assert info.frames == 3 and set(info.scanners) == {"scan0"}
+    assert info.metadata["thzedge.manifest"]["source"] == "sim?seed=4&frames=3&scanner=scan0"
+    # The configured source's profile is attached (not the simulator's own true maps).
+    (attachment,) = info.attachments
+    assert true_profile(ScannerSimulator(seed=9)).profile_id in attachment.name
+    capsys.readouterr()
+    assert (
+        main(["--config", str(cfg), "record", "--source", "scaner0", "--out", str(tmp_path / "x.mcap")]) == 78
+    )
+    err = capsys.readouterr().err.strip()
+    assert (
+        "unknown source 'scaner0'" in err and "did you mean 'scanner0'" in err and len(err.splitlines()) == 1
+    )

@@ -33,11 +33,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(path: Path, extra: str = "") -> Path:
+def write_config(path: Path, extra: str = "", calibration: str = "") -> Path:
+    """Write a test config; `calibration` adds keys to its [calibration] table (e.g. NOISE_FRAMES)."""
     path.write_text(
-        "[metrics]\nenabled = false\n[daemon]\ninsecure_dev = true\nstop_timeout_s = 3.0\n" + extra
+        "[metrics]\nenabled = false\n[daemon]\ninsecure_dev = true\nstop_timeout_s = 3.0\n"
+        # Tests start the scanner after READY: do not hold READY for a first frame.
+        "[calibration]\n"
+        + ("" if "match_wait_s" in calibration else "match_wait_s = 0.2\n")
+        + calibration
+        + extra
     )
     return path
+
+
+# Transport tests send synthetic noise frames (no head in them): they go to the model anyway.
+NOISE_FRAMES = "frame_quality = false\n"
+
+
+def identity_profile(out: Path, scanner: str = "scn0", shape: tuple[int, int] = (96, 96)) -> Path:
+    """Write a profile that fits synthetic frames of `scanner` and `shape` and corrects nothing.
+
+    A live source needs a profile that fits its frames (R-CAL-1); this one leaves them as sent.
+    """
+    from calibration.profile import CalibrationProfile
+
+    profile = CalibrationProfile(
+        scanner=scanner,
+        shape=shape,
+        dark=np.zeros(shape, np.float32),
+        gain=np.ones(shape, np.float32),
+        bad_pixels=np.zeros(shape, bool),
+    )
+    profile.save(out)
+    return out
+
+
+def sim_profile(out: Path, seed: int = 0) -> Path:
+    """Write the simulator's true profile for `sim?seed=SEED` (what `thzedge sim profile` writes)."""
+    from calibration.simulated import true_profile
+    from scanner_io.simulator import ScannerSimulator
+
+    true_profile(ScannerSimulator(seed=seed, identities=1)).save(out)
+    return out
 
 
 def thzedge(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -60,10 +97,14 @@ def thzedge_run(
     *extra: str,
     debug: bool = False,
     env: dict[str, str] | None = None,
+    calibration: Path | None = None,
 ) -> subprocess.Popen:
-    """Start `thzedge [--log-level debug] --json run --source … --model … --config … --publish … EXTRA`."""
+    """Start `thzedge [--log-level debug] --json run --source … --model … --config … --publish …
+    [--calibration DIR] EXTRA`."""
     pre = ("--log-level", "debug") if debug else ()
     args = ("--source", source, "--model", str(bundle), "--config", str(config), "--publish", publish)
+    if calibration is not None:
+        args += ("--calibration", str(calibration))
     return thzedge(*pre, "--json", "run", *args, *extra, env=env)
 
 

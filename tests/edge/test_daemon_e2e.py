@@ -17,18 +17,23 @@ import numpy as np
 import pytest
 import zmq
 from daemon_helpers import (
+    NOISE_FRAMES,
     Subscriber,
     bundle_sha,
     check_result,
     embedding_dim,
     finish,
     free_port,
+    identity_profile,
     run_until_exit,
+    sim_profile,
     summary_of,
     thzedge,
     thzedge_run,
     write_config,
 )
+
+from calibration.profile import CalibrationProfile
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -53,11 +58,15 @@ def test_emulator_to_daemon_to_subscriber_accounts_for_every_frame(bundle_dir: P
     sent, every = 47, 8  # every 8th frame goes out malformed (size, dtype, version in turn); last is valid
     valid = sent - sent // every
     sub = Subscriber(pub)
-    daemon = thzedge_run(f"tcp://127.0.0.1:{port}", bundle_dir, cfg, pub, "--max-frames", str(valid))
+    # A live source needs its scanner's profile (R-CAL-1): the emulated sensor's true one.
+    cal = sim_profile(tmp_path / "cal", seed=3)
+    daemon = thzedge_run(
+        f"tcp://127.0.0.1:{port}", bundle_dir, cfg, pub, "--max-frames", str(valid), calibration=cal
+    )
     try:
         state = sub.wait_state(proc=daemon)
         assert state["protocol"] == 1 and state["model"]["bundle"] == bundle_sha(bundle_dir)
-        assert state["calibration"] == "identity"
+        assert state["calibration"] == CalibrationProfile.load(cal).profile_id
         emu = thzedge(
             "--json",
             "scanner",
@@ -148,7 +157,8 @@ def test_malformed_frames_of_every_kind_mid_stream_are_counted_and_streaming_con
 
     pub = f"ipc://{tmp_path}/results.sock"
     scan = f"ipc://{tmp_path}/scanner.sock"
-    cfg = write_config(tmp_path / "thzedge.toml")
+    cfg = write_config(tmp_path / "thzedge.toml", calibration=NOISE_FRAMES)
+    cal = identity_profile(tmp_path / "cal")
     # Build the stream: valid frames with every malformed kind in between, each verified to be
     # rejected by the real decoder for the intended reason.
     stream: list[tuple[str, list[bytes]]] = []
@@ -171,7 +181,7 @@ def test_malformed_frames_of_every_kind_mid_stream_are_counted_and_streaming_con
     push.setsockopt(zmq.LINGER, 0)
     push.bind(scan)
     sub = Subscriber(pub)
-    daemon = thzedge_run(scan, bundle_dir, cfg, pub, "--max-frames", str(n_valid))
+    daemon = thzedge_run(scan, bundle_dir, cfg, pub, "--max-frames", str(n_valid), calibration=cal)
     try:
         sub.wait_state(proc=daemon)
         for _, parts in stream:
@@ -258,7 +268,9 @@ def test_sigterm_mid_stream_exits_0_in_time_with_nothing_unaccounted(
     pub = f"ipc://{tmp_path}/results.sock"
     cfg = write_config(tmp_path / "thzedge.toml")
     sub = Subscriber(pub)
-    daemon = thzedge_run(f"tcp://127.0.0.1:{port}", bundle_dir, cfg, pub)
+    daemon = thzedge_run(
+        f"tcp://127.0.0.1:{port}", bundle_dir, cfg, pub, calibration=sim_profile(tmp_path / "cal", seed=1)
+    )
     emu = thzedge(
         "scanner",
         "serve",
@@ -417,8 +429,11 @@ def test_verification_1to1_with_a_claim_else_1toN_and_identities_stay_out_of_log
     gallery.enroll(claimant, emb[:1])
     gpath = gallery.save(tmp_path / "gallery.npz")
     cfg = write_config(
-        tmp_path / "thzedge.toml", f'[verification]\ngallery = "{gpath}"\nthreshold = {threshold}\n'
+        tmp_path / "thzedge.toml",
+        f'[verification]\ngallery = "{gpath}"\nthreshold = {threshold}\n',
+        calibration=NOISE_FRAMES,
     )
+    cal = identity_profile(tmp_path / "cal")
     scan = f"ipc://{tmp_path}/scanner.sock"
     pub = f"ipc://{tmp_path}/results.sock"
     rec = tmp_path / "raw.mcap"
@@ -427,7 +442,9 @@ def test_verification_1to1_with_a_claim_else_1toN_and_identities_stay_out_of_log
     push.setsockopt(zmq.LINGER, 0)
     push.bind(scan)
     sub = Subscriber(pub)
-    daemon = thzedge_run(scan, bundle_dir, cfg, pub, "--max-frames", "8", "--record", str(rec), debug=True)
+    daemon = thzedge_run(
+        scan, bundle_dir, cfg, pub, "--max-frames", "8", "--record", str(rec), debug=True, calibration=cal
+    )
     try:
         sub.wait_state(proc=daemon)
         for seq in range(8):
@@ -466,7 +483,13 @@ def test_lockstep_over_tcp_drops_nothing(bundle_dir: Path, tmp_path: Path) -> No
     sub = Subscriber(pub)
     sent = 80
     daemon = thzedge_run(
-        f"tcp://127.0.0.1:{port}?mode=lockstep", bundle_dir, cfg, pub, "--max-frames", str(sent)
+        f"tcp://127.0.0.1:{port}?mode=lockstep",
+        bundle_dir,
+        cfg,
+        pub,
+        "--max-frames",
+        str(sent),
+        calibration=sim_profile(tmp_path / "cal", seed=5),
     )
     try:
         state = sub.wait_state(proc=daemon)

@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from daemon_helpers import (
+    NOISE_FRAMES,
     Subscriber,
     finish,
     free_port,
+    identity_profile,
     summary_of,
     thzedge,
     thzedge_run,
@@ -66,9 +68,11 @@ def test_scanner_killed_and_restarted_reconnects_and_counts_the_gap(bundle_dir: 
     port = free_port()
     bind = f"tcp://127.0.0.1:{port}"
     pub = f"ipc://{tmp_path}/results.sock"
-    cfg = write_config(tmp_path / "thzedge.toml")
+    cfg = write_config(tmp_path / "thzedge.toml", calibration=NOISE_FRAMES)
     sub = Subscriber(pub)
-    daemon = thzedge_run(f"{bind}?stall_s=0.5", bundle_dir, cfg, pub)
+    daemon = thzedge_run(
+        f"{bind}?stall_s=0.5", bundle_dir, cfg, pub, calibration=identity_profile(tmp_path / "cal")
+    )
     emu1 = emu2 = None
     try:
         sub.wait_state(proc=daemon)

@@ -365,3 +365,47 @@ def test_a_recording_calibrates_with_its_embedded_profile(tmp_path: Path) -> Non
         rec.write(make_frame(0))
     with open_source(f"replay:{tmp_path / 'bare.mcap'}?rate=max") as src:
         assert profile_from_source(src) is None
+
+
+def test_status_is_sent_on_state_changes_and_every_status_interval_not_per_frame(
+    runner: Any, tmp_path: Path
+) -> None:
+    from edge.pipeline.daemon import Daemon
+    from edge.sdnotify import Notifier
+
+    path = str(tmp_path / "notify.sock")
+    ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ns.bind(path)
+    ns.settimeout(0.05)
+    frames = 80
+    src = ScriptedSource([make_frame(i) for i in range(frames)], live=True)  # one frame per poll
+    settings = DaemonSettings(endpoint=f"ipc://{tmp_path}/r.sock", poll_s=0.02, status_interval_s=0.5)
+    daemon = Daemon(
+        settings, runner, lambda: src, identity_context, notifier=Notifier(env={"NOTIFY_SOCKET": path})
+    )
+    result: dict[str, Any] = {}
+    th = threading.Thread(target=lambda: result.setdefault("summary", daemon.run()), daemon=True)
+    th.start()
+    lines: list[tuple[float, str]] = []
+    try:
+        while th.is_alive() or not lines or lines[-1][1] != "STOPPING=1":
+            try:
+                msg = ns.recv(4096).decode()
+            except TimeoutError:
+                if not th.is_alive():
+                    break
+                continue
+            lines += [(time.monotonic(), ln) for ln in msg.splitlines()]
+        th.join(10)
+    finally:
+        ns.close()
+    assert result["summary"].published == frames
+    texts = [t for _, t in lines]
+    ready, stopping = texts.index("READY=1"), texts.index("STOPPING=1")
+    streaming = [(t, s) for t, s in lines[ready + 1 : stopping] if s.startswith("STATUS=")]
+    duration = lines[stopping][0] - lines[ready][0]
+    refreshes = [s for _, s in streaming if "frames in" in s]
+    # About one line per interval (here 0.5 s), not one per frame or per main-loop turn.
+    assert 1 <= len(refreshes) <= duration / 0.5 + 1, (duration, streaming)
+    assert len(streaming) <= len(refreshes) + 3, streaming  # plus the few state changes
+    assert len(streaming) < frames / 4

@@ -167,9 +167,10 @@ def test_state_transition_reaches_metrics_log_and_status(tmp_path, caplog):
     try:
         with caplog.at_level(logging.INFO, logger="thzedge.daemon"):
             assert t.set("ready", "streaming 30.0 fps")
-            assert not t.set("ready", "streaming 29.0 fps")  # same state: STATUS only, no new log line
+            assert not t.set("ready", "streaming 29.0 fps")  # same state: no STATUS, no new log line
+            t.status("streaming 28.0 fps")  # the daemon's periodic refresh
         assert rx.recv(4096) == b"STATUS=ready: streaming 30.0 fps"
-        assert rx.recv(4096) == b"STATUS=ready: streaming 29.0 fps"
+        assert rx.recv(4096) == b"STATUS=ready: streaming 28.0 fps"
         lines = [r for r in caplog.records if r.name == "thzedge.daemon"]
         assert len(lines) == 1
         assert f"MESSAGE_ID={message_id('state.ready')}" in lines[0].getMessage()

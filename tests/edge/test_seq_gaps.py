@@ -103,7 +103,8 @@ def test_source_record_run_and_recording_info_count_the_same_gaps(tiny_bundle: P
     # `thzedge run` on the same stream, recording it too.
     endpoint = f"ipc://{tmp_path}/scanner-b.sock"
     cfg = tmp_path / "thzedge.toml"
-    cfg.write_text("[metrics]\nenabled = false\n")
+    # Counting only: the synthetic frames need no calibration (they are published `uncalibrated`).
+    cfg.write_text("[metrics]\nenabled = false\n[calibration]\nallow_uncalibrated = true\n")
     scanner = Scanner(endpoint, msgs)
     try:
         summary = run_daemon(

@@ -18,14 +18,22 @@ pytest.importorskip("onnx")
 
 import edge.backends.trt as trt_backend  # noqa: E402
 from edge.backends import create_backend  # noqa: E402
+from edge.backends.engine_cache import EngineKey, graph_sha256, resolve_engine_cache  # noqa: E402
 from edge.backends.ort import OrtBackend  # noqa: E402
-from edge.backends.trt import EngineMismatchError, Platform, TrtBackend, engine_paths  # noqa: E402
+from edge.backends.trt import EngineMismatchError, Platform, TrtBackend  # noqa: E402
 from edge.bundle import Bundle  # noqa: E402
 from edge.runner import Runner  # noqa: E402
 from export.engine import EngineSettings, build_bundle_engines  # noqa: E402
 from scanner_io.errors import DataError, MissingDependencyError  # noqa: E402
 
 PLATFORM = Platform("10.3.0", "Orin (nvgpu)", "8.7", "12.6")
+
+
+def engine_paths(bundle: Path, precision: str, graph: str) -> tuple[Path, Path]:
+    """(plan, manifest) of one graph's engine for PLATFORM in the test's engine cache."""
+    b = Bundle.open(bundle)
+    key = EngineKey.for_platform(PLATFORM, precision, graph_sha256(b, graph, "fp32"))
+    return resolve_engine_cache().paths(graph, key)
 
 
 @pytest.fixture
@@ -103,6 +111,7 @@ def test_runner_batches_within_an_engine_built_for_a_smaller_max_batch(
         ("version", "built with TensorRT 10.3.0, running 10.4.0"),
         ("gpu", "compute capability 8.7, this GPU is 9.0"),
         ("plan", "sha256"),
+        ("truncated", "(set below)"),
         ("onnx", "stale engine"),
         ("missing", "no fp32 TensorRT engine"),
     ],
@@ -111,22 +120,31 @@ def test_mismatched_engine_is_refused_before_deserialising(
     engine_bundle: Path, fake_trt, monkeypatch: pytest.MonkeyPatch, tamper: str, message: str
 ) -> None:
     plan, man = engine_paths(engine_bundle, "fp32", "decoder_1")
+    plan_size = plan.stat().st_size
     if tamper == "version":
         fake_trt.__version__ = "10.4.0"
     elif tamper == "gpu":
         monkeypatch.setattr(trt_backend, "probe_gpu", lambda device=0: ("NVIDIA H200", "9.0", "12.6"))
     elif tamper == "plan":
-        plan.write_bytes(plan.read_bytes() + b"\0")
+        data = plan.read_bytes()
+        plan.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    elif tamper == "truncated":  # a power cut mid-copy, or a full disk
+        plan.write_bytes(plan.read_bytes()[: plan_size // 2])
     elif tamper == "onnx":
         text = man.read_text().replace('"onnx_sha256": "', '"onnx_sha256": "0')
         man.write_text(text)
     else:
         plan.unlink()
     bundle = Bundle.open(engine_bundle)
+    if tamper == "truncated":
+        message = f"engine file is {plan_size // 2} bytes, its manifest says {plan_size}"
     with pytest.raises(EngineMismatchError, match=message) as info:
         TrtBackend(bundle, "fp32")
     assert "thzedge export engine" in str(info.value)
     assert fake_trt.deserialized == 0
+    if tamper in ("plan", "truncated", "onnx"):
+        # A broken entry is deleted, so the next build replaces it instead of tripping on it.
+        assert not plan.exists() and not man.exists()
 
 
 def test_auto_falls_back_to_ort_with_a_warning(
@@ -135,7 +153,9 @@ def test_auto_falls_back_to_ort_with_a_warning(
     bundle = Bundle.open(engine_bundle)
     checks: list[str] = []
     verify = trt_backend.verified_engines
-    monkeypatch.setattr(trt_backend, "verified_engines", lambda *a: checks.append("x") or verify(*a))
+    monkeypatch.setattr(
+        trt_backend, "verified_engines", lambda *a, **k: checks.append("x") or verify(*a, **k)
+    )
     be = create_backend(bundle, "auto")
     assert be.name == "trt"  # a matching engine is taken
     assert len(checks) == 1  # every plan read and hashed once at start-up, not once per check
@@ -165,8 +185,9 @@ def test_deserialise_failure_is_a_mismatch(engine_bundle: Path, fake_trt) -> Non
     plan, man = engine_paths(engine_bundle, "fp32", "encoder")
     data = b"NOTAPLAN" + plan.read_bytes()
     plan.write_bytes(data)
-    old_sha = json.loads(man.read_text())["engine_sha256"]
-    man.write_text(man.read_text().replace(old_sha, hashlib.sha256(data).hexdigest()))
+    manifest = json.loads(man.read_text())
+    manifest.update(engine_sha256=hashlib.sha256(data).hexdigest(), engine_bytes=len(data))
+    man.write_text(json.dumps(manifest))
     with pytest.raises(EngineMismatchError, match="refused to deserialise"):
         TrtBackend(Bundle.open(engine_bundle), "fp32")
     assert fake_trt.memory.buffers == {}

@@ -14,8 +14,11 @@ from scanner_io.codec import (
     DECODE_REASONS,
     MAX_HEADER_BYTES,
     ZERO_COPY_THRESHOLD,
+    EndOfStream,
     FrameRejected,
     decode_frame,
+    decode_message,
+    encode_end_of_stream,
     encode_frame,
     send_frame,
 )
@@ -290,3 +293,102 @@ def test_zero_copy_send_tracker_guards_the_buffer_until_done() -> None:
         push.close(0)
         pull.close(0)
         ctx.term()
+
+
+# --- end of stream ------------------------------------------------------------------------------
+
+
+def _end_reason(parts) -> str:
+    with pytest.raises(FrameDecodeError) as info:
+        decode_message(parts)
+    assert info.value.reason in DECODE_REASONS
+    return info.value.reason
+
+
+def test_end_of_stream_round_trip_and_frames_through_decode_message() -> None:
+    end = EndOfStream(scanner="scanner0", last_seq=41, frames=40)
+    parts = encode_end_of_stream(end)
+    assert parts[0] == b"end/scanner0" and parts[2] == b""
+    assert json.loads(parts[1]) == {
+        "v": 1, "kind": "end_of_stream", "scanner": "scanner0", "last_seq": 41, "frames": 40,
+    }  # fmt: skip
+    assert decode_message(parts) == end
+    assert decode_message(encode_end_of_stream(EndOfStream("s", None, 0))) == EndOfStream("s", None, 0)
+    arr = np.arange(20, dtype=np.uint16).reshape(4, 5)
+    frame = decode_message(_parts(_header(), arr))
+    assert not isinstance(frame, EndOfStream) and np.array_equal(frame.data, arr)
+
+
+def test_an_older_decoder_counts_end_of_stream_as_malformed_and_unknown_kinds_are_bad_topic() -> None:
+    # decode_frame is what a v1 receiver without end-of-stream runs: one counted rejection.
+    assert _reason(encode_end_of_stream(EndOfStream("scanner0", 3, 4))) == "bad_topic"
+    assert _end_reason([b"pause/scanner0", b"{}", b""]) == "bad_topic"  # a kind this receiver lacks
+
+
+def _end_parts(**changes) -> list[bytes]:
+    obj = EndOfStream("scanner0", 9, 10).to_dict()
+    for key, value in changes.items():
+        if value is _DROP:
+            obj.pop(key)
+        else:
+            obj[key] = value
+    return [b"end/scanner0", json.dumps(obj).encode(), b""]
+
+
+_DROP = object()
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"v": 2}, "bad_version"),
+        ({"v": "1"}, "bad_field"),
+        ({"kind": "pause"}, "bad_field"),
+        ({"frames": _DROP}, "missing_field"),
+        ({"last_seq": -1}, "bad_field"),
+        ({"last_seq": True}, "bad_field"),
+        ({"frames": 2**63}, "bad_field"),
+        ({"scanner": "other"}, "topic_mismatch"),
+        ({"scanner": "bad name"}, "bad_field"),
+    ],
+)
+def test_end_of_stream_rejections(changes, reason) -> None:
+    assert _end_reason(_end_parts(**changes)) == reason
+
+
+def test_end_of_stream_size_and_shape_rejections() -> None:
+    good = encode_end_of_stream(EndOfStream("scanner0", 1, 2))
+    assert _end_reason([*good[:2], b"x"]) == "size_mismatch"
+    assert _end_reason(good[:2]) == "bad_parts"
+    assert _end_reason([good[0], b" " * (MAX_HEADER_BYTES + 1), b""]) == "too_large"
+    assert _end_reason([good[0], b"[1]", b""]) == "bad_json"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_part, max_size=5), st.sampled_from([b"end/", b"frame/", b""]))
+def test_arbitrary_bytes_only_raise_frame_decode_error_from_decode_message(parts, prefix) -> None:
+    if parts:
+        parts[0] = prefix + parts[0]
+    try:
+        decode_message(parts)
+    except FrameDecodeError as exc:
+        assert exc.reason in DECODE_REASONS
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    field=st.sampled_from(["v", "kind", "scanner", "last_seq", "frames", "extra"]),
+    value=_json,
+    drop=st.booleans(),
+    payload=st.binary(max_size=4),
+)
+def test_mutated_end_of_stream_decodes_or_raises_frame_decode_error(field, value, drop, payload) -> None:
+    parts = _end_parts(**{field: _DROP if drop and field != "extra" else value})
+    parts[2] = payload
+    try:
+        end = decode_message(parts)
+    except FrameDecodeError as exc:
+        assert exc.reason in DECODE_REASONS
+    else:
+        assert isinstance(end, EndOfStream) and parts[2] == b""
+        assert end.last_seq is None or end.last_seq >= 0

@@ -249,8 +249,9 @@ def test_cli_record_from_a_tcp_emulator_and_info(tmp_path: Path, tcp_endpoint: s
     )
     try:
         out = tmp_path / "rec.mcap"
+        # No --frames: the recording ends when the scanner sends its end of stream.
         rec = subprocess.run(
-            _serve_cmd("--json", "record", "--source", tcp_endpoint, "--out", str(out), "--frames", "40"),
+            _serve_cmd("--json", "record", "--source", tcp_endpoint, "--out", str(out)),
             cwd=REPO,
             capture_output=True,
             text=True,
@@ -358,3 +359,72 @@ def test_recordings_are_owner_only(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+# --- replay of several recordings ---------------------------------------------------------------
+
+
+def _write_at(path: Path, frames: list[Frame], t0_ns: int, step_ns: int = 20_000_000) -> Path:
+    """Write a finished recording whose frames were logged at t0, t0 + step, ..."""
+    from scanner_io.recording import Recorder
+
+    rec = Recorder(path, fsync=False)
+    for i, f in enumerate(frames):
+        rec.write(f, log_time_ns=t0_ns + i * step_ns)
+    rec.close()
+    return path
+
+
+def _seqs(uri: str) -> list[int]:
+    src = open_source(uri)
+    try:
+        return [item.header.seq for item in src if isinstance(item, Frame)]
+    finally:
+        src.close()
+
+
+def test_replay_of_a_directory_or_a_glob_plays_the_recordings_in_name_order(tmp_path: Path) -> None:
+    from scanner_io.errors import SourceUnavailableError
+
+    day = tmp_path / "day"
+    day.mkdir()
+    t0 = 1_800_000_000_000_000_000
+    # Written out of order, with hours between them: names decide the order, not the clock.
+    _write_at(day / "b-1200.mcap", synthetic_frames(3, shape=(4, 4), start_seq=10), t0)
+    _write_at(day / "a-0800.mcap", synthetic_frames(2, shape=(4, 4), start_seq=0), t0 + 3600 * 10**9)
+    _write_at(day / "c-1500.mcap", synthetic_frames(2, shape=(4, 4), start_seq=20), t0 + 7200 * 10**9)
+    part = _write_at(tmp_path / "d-1800.mcap", synthetic_frames(1, shape=(4, 4), start_seq=30), t0)
+    part.rename(day / "d-1800.mcap.part")  # what a crashed recorder leaves
+    (day / "notes.txt").write_text("not a recording")
+    assert _seqs(f"replay:{day}?rate=max") == [0, 1, 10, 11, 12, 20, 21, 30]
+    assert _seqs(f"replay:{day}/[bc]-*.mcap?rate=max") == [10, 11, 12, 20, 21]
+    assert _seqs(f"replay:{day}?rate=max&loop=2") == [0, 1, 10, 11, 12, 20, 21, 30] * 2
+    # Paced: the recordings follow one another at the recorded frame rate (20 ms), so the hours
+    # between them are not waited for (the test's own timeout would stop that).
+    start = time.monotonic()
+    assert _seqs(f"replay:{day}/*.mcap?rate=1") == [0, 1, 10, 11, 12, 20, 21]
+    assert time.monotonic() - start < 60
+    with pytest.raises(SourceUnavailableError, match="no recording matches"):
+        open_source(f"replay:{day}/z*.mcap")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SourceUnavailableError, match=r"no recordings \(\*\.mcap\)"):
+        open_source(f"replay:{empty}")
+
+
+def test_recording_info_text_has_no_python_reprs(tmp_path: Path) -> None:
+    frames = synthetic_frames(2, shape=(4, 4)) + synthetic_frames(
+        1, shape=(8, 16, 4), dtype="float32", start_seq=2
+    )
+    path = _write_at(tmp_path / "mixed.mcap", frames, 1_800_000_000_000_000_000)
+    out = subprocess.run(
+        [sys.executable, "-m", "edge", "recording", "info", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert out.returncode == 0, out.stderr
+    (line,) = [ln for ln in out.stdout.splitlines() if ln.startswith("scanner ")]
+    assert line.endswith("seq 0..2, 0 missing, 0 resets, shape 4x4, 8x16x4, dtype uint16, float32"), line
+    assert not any(c in out.stdout for c in "[]'{}"), out.stdout

@@ -110,7 +110,10 @@ def test_emulator_to_source_round_trip_is_bit_exact(
         assert recv.data.dtype == sent.data.dtype and recv.data.tobytes() == sent.data.tobytes()
     assert src.stats.received == len(frames)
     assert src.stats.upstream_gaps == 0 and src.stats.malformed_total == 0
-    assert wait_for(lambda: src.state == "down")  # the emulator has finished and gone
+    # After the last frame the emulator said the stream is over: the source has ended.
+    assert not src.exhausted and src.read(5.0) is None
+    assert src.exhausted and src.state == "ended" and src.end is not None
+    assert (src.end.scanner, src.end.last_seq, src.end.frames) == ("scanner0", 44, 45)
 
 
 def test_sequence_gaps_are_counted_as_upstream_losses(tcp_endpoint, emulators, sources) -> None:
@@ -415,3 +418,41 @@ def test_split_queue_mode_takes_the_consumers_mode_off_a_zmq_uri() -> None:
     assert split_queue_mode("replay:x.mcap?rate=max") == ("replay:x.mcap?rate=max", QueuePolicy.auto)
     with pytest.raises(ConfigError, match="mode=live or mode=lockstep"):
         split_queue_mode("tcp://127.0.0.1:5710?mode=fast")
+
+
+def test_end_of_stream_ends_the_source_after_the_frames_before_it(
+    ipc_endpoint, zmq_ctx, sources, caplog
+) -> None:
+    from scanner_io.codec import EndOfStream, encode_end_of_stream
+
+    push = zmq_ctx.socket(zmq.PUSH)
+    try:
+        push.setsockopt(zmq.LINGER, 0)
+        push.bind(ipc_endpoint)
+        src = open_source(ipc_endpoint)
+        sources.append(src)
+        frames = synthetic_frames(10, shape=(4, 4))  # more than the hand-off queue holds
+        for f in frames[:6]:
+            push.send_multipart(encode_frame(f.header, f.data))
+        push.send_multipart([b"pause/scanner0", b'{"v":1}', b""])  # a message kind this receiver lacks
+        # The scanner captured 8 frames (seq 0..7) but the last two never reached the wire.
+        push.send_multipart(encode_end_of_stream(EndOfStream("scanner0", last_seq=7, frames=6)))
+        for f in frames[6:]:
+            push.send_multipart(encode_frame(f.header, f.data))  # after the end: never read
+        got: list[Frame | MalformedFrame] = []
+        deadline = time.monotonic() + 10
+        while not src.exhausted and time.monotonic() < deadline:
+            assert src.state != "ended"
+            item = src.read(0.2)
+            if item is not None:
+                got.append(item)
+    finally:
+        push.close(0)
+    assert src.exhausted and src.state == "ended"
+    assert [g.header.seq for g in got if isinstance(g, Frame)] == list(range(6))
+    assert [g.reason for g in got if isinstance(g, MalformedFrame)] == ["bad_topic"]
+    assert src.stats.malformed == {"bad_topic": 1}
+    assert src.end == EndOfStream("scanner0", last_seq=7, frames=6)
+    assert src.read(0.2) is None  # nothing after the end
+    assert "the last 2 frame(s) before the end did not arrive" in caplog.text
+    assert list(src) == []  # iteration ends too

@@ -95,6 +95,8 @@ def test_unit_has_the_service_contract():
     assert svc["ExecStart"].endswith("run --source %i --config /etc/thzedge/thzedge.toml")
     assert svc["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert svc["RuntimeDirectory"] == "thzedge/%i"
+    # Per-instance state, and the engine cache every instance shares (edge/backends/engine_cache.py).
+    assert svc["StateDirectory"].split() == ["thzedge/%i", "thzedge/engines"]
     assert svc["LoadCredential"].startswith("curve-server.key_secret:")
     assert svc["UMask"] == "0077"
     assert svc["DevicePolicy"] == "closed"
@@ -121,18 +123,22 @@ def test_install_script_stages_a_private_tree(tmp_path):
     mode = lambda p: stat.S_IMODE((root / p).stat().st_mode)  # noqa: E731
     assert mode("etc/thzedge/keys") == 0o700
     assert mode("etc/thzedge/keys/server.key_secret") == 0o600
+    assert mode("etc/thzedge/keys/storage.key") == 0o600  # LoadCredential=storage.key needs it
     assert mode("etc/thzedge/thzedge.toml") == 0o640
     assert mode("etc/thzedge/clients") == 0o750
+    assert mode("var/lib/thzedge/engines") == 0o700  # the engine cache, before the first start
     unit = (root / "etc/systemd/system/thzedge@.service").read_text()
     assert "ExecStart=/opt/thzedge/venv/bin/thzedge run" in unit
     if shutil.which("systemd-analyze"):
         assert "unit verified" in first.stdout
     secret = (root / "etc/thzedge/keys/server.key_secret").read_bytes()
+    storage_key = (root / "etc/thzedge/keys/storage.key").read_bytes()
     second = subprocess.run(
         ["sh", str(INSTALL), "--root", str(root)], capture_output=True, text=True, env=env
     )
     assert second.returncode == 0, second.stderr
     assert (root / "etc/thzedge/keys/server.key_secret").read_bytes() == secret  # keys kept
+    assert (root / "etc/thzedge/keys/storage.key").read_bytes() == storage_key
 
 
 def all_config_keys() -> list[tuple[str, str]]:
@@ -162,3 +168,10 @@ def test_config_doc_lists_every_key():
     text = CONFIG_DOC.read_text()
     missing = [f"{s}.{k}" for s, k in all_config_keys() if f"`{k}`" not in text]
     assert not missing, f"docs/config.md does not document: {missing}"
+
+
+def test_the_storage_key_comes_as_a_credential():
+    # R-SEC-7: the key that encrypts recordings and galleries never sits in the config directory's
+    # readable files; thzedge reads $CREDENTIALS_DIRECTORY/storage.key.
+    lines = [ln.strip() for ln in UNIT.read_text().splitlines()]
+    assert "LoadCredential=storage.key:/etc/thzedge/keys/storage.key" in lines
