@@ -226,10 +226,10 @@ class CalibrationConfig:
     # its results are published marked `uncalibrated` instead (never `ok`).
     allow_uncalibrated: bool = False
     # Input monitoring against the profile (R-NEW-11) on every Nth frame; 0 turns it off.
-    monitor_every: int = field(default=10, metadata={"min": 0})
+    monitor_every: int = field(default=10, metadata={"min": 0, "max": 1_000_000})
     # At start-up, how long to wait for a live source's first frame to check it fits the profile
     # before READY; a later first frame is checked when it comes.
-    match_wait_s: float = field(default=5.0, metadata={"min": 0.0})
+    match_wait_s: float = field(default=5.0, metadata={"min": 0.0, "max": 600.0})
     # Frames with no head in them (blank, flat, saturated) are published `no_face` without
     # running the model; off: every frame goes to the model (e.g. synthetic test patterns).
     frame_quality: bool = True

@@ -130,7 +130,7 @@ def test_a_flood_of_malformed_messages_is_counted_exactly_and_logged_sparingly(
 ) -> None:
     frames, junk = 5, 400
     port = free_port()
-    cfg = write_config(tmp_path / "thzedge.toml")
+    cfg = write_config(tmp_path / "thzedge.toml", calibration="allow_uncalibrated = true\n")
     cfg.write_text(cfg.read_text().replace("enabled = false", f'bind = "127.0.0.1:{port}"'))
     endpoint = f"ipc://{tmp_path}/scanner.sock"
     pub = f"ipc://{tmp_path}/results.sock"

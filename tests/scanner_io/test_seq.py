@@ -207,7 +207,7 @@ def test_a_flood_through_the_daemon_accounts_for_every_seq_slot(tiny_bundle: Pat
     flood = Flooder(push, n_frames)
     flood.thread.start()
     cfg = tmp_path / "thzedge.toml"
-    cfg.write_text("[metrics]\nenabled = false\n")
+    cfg.write_text("[metrics]\nenabled = false\n[calibration]\nallow_uncalibrated = true\n")
     try:
         summary = run_daemon(
             RunOptions(

@@ -117,7 +117,7 @@ def test_a_source_that_cannot_recover_stops_the_daemon_with_exit_69(
     ctx = zmq.Context()
     push = _push(ctx, endpoint)
     cfg = tmp_path / "thzedge.toml"
-    cfg.write_text("[metrics]\nenabled = false\n")
+    cfg.write_text("[metrics]\nenabled = false\n[calibration]\nallow_uncalibrated = true\n")
 
     def on_ready(_daemon: object) -> None:
         def cannot_open(self: ZmqSource) -> None:
