@@ -1,39 +1,38 @@
-"""Measure gallery verification with a bundle on simulated people it never saw: which matching
-rule and which enrolment capture make the stored threshold work.
+"""Verification in the field: a gallery enrolled in one session, probed from another, on people
+the model never saw; 1:1 and 1:N figures, template protection, key rotation, ROC (PNG).
 
-Setup (the daemon's path): `ScannerSimulator(seed=SEED)` frames go through
-`calibrate_and_condition` with the simulator's true calibration profile
-(`calibration.simulated.true_profile`), then through the bundle's encoder (ONNX Runtime, fp32).
-The demo bundle was trained on seed 0, so any other seed gives new heads and a new sensor
-pattern.
+Protocol (docs/operations.md, "Gallery verification in the field"):
 
-- Enrolment, per identity: one capture per posture (5 frames; `--enrol-samples K` takes K
-  samples per posture) rendered at the calibration temperature, either **concealed**
-  (`render(..., concealed=True)`, what a scanner sees at a checkpoint), **unconcealed**
-  (`render(..., concealed=False)`, one single-look capture without clothing) or
-  **unconcealed-avg** (the frame-averaged unconcealed capture, `capture(reference=True)`: the
-  kind of image the research positive / reconstruction target is). Each reference keeps the
-  posture the model predicts for it. `--enrol-postures 0,1` enrols only those postures (to
-  measure the fallback of rule c).
-- Probes (never enrolled): **stream** = concealed `next_frame()` captures (random visits and
-  postures, pose jitter, sensor temperature drift; `--probes` frames from stream start plus
-  `--warm-probes` after `seek(6000)`, a warmed-up sensor), and **render** = concealed renders of
-  samples 1..2 of every identity and posture (calibration temperature).
-- Rules: (a) `mean` distance to the re-normalised mean of all references (gallery format 1),
-  (b) `nearest` reference, (c) `posture`: the reference(s) of the probe's predicted posture
-  (nearest of them), falling back to the nearest reference when that posture is not enrolled.
-  `gallery` runs rule (c) through `edge.gallery.Gallery` itself (the shipped code), to check
-  it gives the same numbers.
-- Figures per (enrolment, rule, probes): genuine mean distance, genuine accept rate (GAR) and
-  impostor accept rate (FAR, 1:1 claims of every other enrolled identity) at the threshold,
-  EER; 1:N: share of genuine probes identified correctly / as someone else at the threshold.
-
-`--calibrate-seed S` additionally derives an EER threshold for rule (c) + the chosen enrolment on
-simulator seed S (validation people, disjoint from SEED's figures) and reports SEED's figures at it.
+- People: simulator seed `--seed` (the demo bundle was trained on seed 0, so every person of
+  another seed is new to it). `--enrolled` people (indices 0..E-1) are enrolled; `--unenrolled`
+  more (E..E+U-1) only walk past, for the 1:N rejection rate.
+- Enrolment: session 1 (what `thzedge enroll` reads from a `sim` source by default). Per person,
+  the stream of that person alone (`sim?identity=K&session=1`) until `--per-posture` captures
+  (default 3) of each true posture are taken, as an operator asks the person to turn; each
+  reference keeps the posture the model predicts for it (as `enroll` does).
+- Probes: session 2 (`sim?identities=0-(E+U-1)&session=2`): `--probes` concealed stream frames of
+  random visits and postures; another day's pose jitter, clothing, speckle and sensor temperature.
+- Conditioning: `session` calibrates each session at its start (the profile a `sim?session=S`
+  source carries, as a site calibrates each day); `fixed` uses one profile made at the calibration
+  temperature for both sessions (one calibration at install); `oracle` calibrates every frame with
+  the sensor's true maps at that frame's temperature (no drift left: what conditioning could reach).
+- Matching: edge.gallery.Gallery (the shipped rule: nearest reference of the probe's predicted
+  posture), with a template key (R-NEW-3) and without.
+- `--save-gallery G.npz` also writes the session-1 gallery (protected, key `bench.tkey` beside
+  it), so the same figures can be checked through the daemon: `thzedge run --source
+  'sim?seed=7&identities=48&session=2&frames=600' --score` with `[verification] gallery = G.npz`
+  streams exactly the probes scored here.
+- Figures: 1:1 — every enrolled person's probe against every enrolled identity (genuine = own);
+  TAR at FAR 1 % (the threshold chosen on these pairs: the ROC point) and TAR/FAR at the bundle's
+  stored threshold. 1:N — rank-1 (closest identity is the right one), and at the stored threshold
+  identification rate, false-identification rate (accepted as someone else) and unenrolled
+  rejection rate. Key rotation: templates of epoch 1 against probes protected with epoch 2.
+  Cross-precision: references encoded with the int8 variant, probes with fp32.
 
 Usage:
     .venv/bin/python benchmarks/gallery_operating_point.py [--model BUNDLE] [--seed 7]
-        [--identities 12] [--probes 300] [--warm-probes 100] [--calibrate-seed 5] [--json]
+        [--enrolled 32] [--unenrolled 16] [--per-posture 3] [--probes 600]
+        [--conditioning session,fixed,oracle] [--roc build/gallery_roc.png] [--json]
 """
 
 from __future__ import annotations
@@ -52,277 +51,309 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from calibration.conditioning import calibrate_and_condition  # noqa: E402
-from calibration.simulated import true_profile  # noqa: E402
+from calibration.conditioning import calibrate, condition  # noqa: E402
+from calibration.profile import CalibrationProfile  # noqa: E402
+from calibration.simulated import profile_from_sensor_maps, sim_conditioning  # noqa: E402
 from edge.bundle import Bundle, demo_bundle_path  # noqa: E402
-from edge.evaluation import equal_error_rate, threshold_at_eer  # noqa: E402
+from edge.evaluation import equal_error_rate, threshold_at_far  # noqa: E402
+from edge.gallery import Gallery  # noqa: E402
 from edge.runner import Runner  # noqa: E402
-from scanner_io.frame import POSTURES  # noqa: E402
-from scanner_io.simulator import ScannerSimulator  # noqa: E402
+from edge.templates import TemplateKey, generate_template_key, load_template_key  # noqa: E402
+from scanner_io.frame import POSTURES, Frame  # noqa: E402
+from scanner_io.simulator import ScannerSimulator, SensorMaps, identity_name  # noqa: E402
 
-ENROLMENTS = ("concealed", "unconcealed", "unconcealed-avg")
-RULES = ("mean", "nearest", "posture")
+CONDITIONINGS = ("session", "fixed", "oracle")
+ENROL_SESSION, PROBE_SESSION = 1, 2
+
+
+@dataclass
+class Raw:
+    """Raw frames of one set with their truth: identity index, true posture."""
+
+    frames: list[Frame]
+    identity: np.ndarray
+    posture: np.ndarray
 
 
 @dataclass
 class Embedded:
-    """Embeddings [N, D], predicted postures [N] and true identities [N] of a set of captures."""
+    """Embeddings [N, D], predicted postures [N] and true identities [N] of a set of frames."""
 
     emb: np.ndarray
     posture: np.ndarray
     identity: np.ndarray
 
 
-def _embed(runner: Runner, xs: list[np.ndarray], ids: list[int]) -> Embedded:
-    x = np.stack(xs).astype(np.float32)[:, None]
-    r = runner.infer(x, reconstruct=False)
-    return Embedded(np.asarray(r.embedding, np.float32), np.asarray(r.posture), np.asarray(ids))
-
-
-def enrolment_set(
-    sim: ScannerSimulator,
-    profile: Any,
-    runner: Runner,
-    kind: str,
-    identities: int,
-    samples: int,
-    postures: tuple[int, ...],
-) -> Embedded:
-    """Conditioned and embedded enrolment captures: `samples` per (identity, posture), sample 0.."""
-    xs, ids = [], []
-    for i in range(identities):
-        for p in postures:
-            for s in range(samples):
-                # Enrolment samples are numbered from 100 so they never coincide with probe renders.
-                n = 100 + s
-                if kind == "unconcealed-avg":
-                    raw = sim.capture(i, p, n, concealed=False, reference=True).raw
-                else:
-                    raw = sim.render(i, p, n, concealed=(kind == "concealed")).data
-                xs.append(calibrate_and_condition(raw, profile, profile.conditioning))
-                ids.append(i)
-    return _embed(runner, xs, ids)
-
-
-def probe_sets(
-    seed: int, identities: int, profile: Any, runner: Runner, probes: int, warm_probes: int
-) -> dict[str, Embedded]:
-    """The concealed probe sets: a drifting stream and renders of other samples."""
-    sim = ScannerSimulator(seed=seed, identities=identities)
-    xs, ids = [], []
-    for start, count in ((0, probes), (6000, warm_probes)):
-        if count <= 0:
-            continue
-        sim.seek(start)
-        for _ in range(count):
+def enrolment_frames(seed: int, people: range, per_posture: int) -> Raw:
+    """Session-1 stream frames of each person alone, until `per_posture` of every true posture."""
+    frames, ids, post = [], [], []
+    for k in people:
+        sim = ScannerSimulator(seed=seed, identities=max(people) + 1, people=(k,), session=ENROL_SESSION)
+        need = dict.fromkeys(range(len(POSTURES)), per_posture)
+        while any(need.values()):
             f = sim.next_frame()
-            xs.append(calibrate_and_condition(f.data, profile, profile.conditioning))
-            ids.append(f.truth.identity)
-    out = {"stream": _embed(runner, xs, ids)}
-    rsim = ScannerSimulator(seed=seed, identities=identities)
-    xs, ids = [], []
-    for i in range(identities):
-        for p in range(len(POSTURES)):
-            for s in (1, 2):
-                xs.append(
-                    calibrate_and_condition(
-                        rsim.render(i, p, s, concealed=True).data, profile, profile.conditioning
-                    )
-                )
-                ids.append(i)
-    out["render"] = _embed(runner, xs, ids)
-    return out
+            p = f.truth.posture
+            if need[p]:
+                need[p] -= 1
+                frames.append(f)
+                ids.append(k)
+                post.append(p)
+    return Raw(frames, np.array(ids), np.array(post))
 
 
-def distance_matrix(enrol: Embedded, probes: Embedded, rule: str, identities: int) -> np.ndarray:
-    """Distance [P, I] of each probe to each identity under `rule`."""
-    d = np.full((len(probes.identity), identities), np.inf, np.float32)
-    for i in range(identities):
-        mask = enrol.identity == i
-        refs, rpost = enrol.emb[mask], enrol.posture[mask]
-        if rule == "mean":
-            m = refs.mean(axis=0)
-            m = m / np.linalg.norm(m)
-            d[:, i] = np.linalg.norm(probes.emb - m[None], axis=1)
-            continue
-        all_d = np.linalg.norm(probes.emb[:, None, :] - refs[None, :, :], axis=2)  # [P, k]
-        if rule == "nearest":
-            d[:, i] = all_d.min(axis=1)
-        else:  # posture, fallback to nearest
-            same = rpost[None, :] == probes.posture[:, None]  # [P, k]
-            masked = np.where(same, all_d, np.inf).min(axis=1)
-            d[:, i] = np.where(same.any(axis=1), masked, all_d.min(axis=1))
-    return d
+def probe_frames(seed: int, n_people: int, probes: int) -> Raw:
+    """Session-2 stream frames of random visits of all `n_people` (enrolled or not)."""
+    sim = ScannerSimulator(seed=seed, identities=n_people, session=PROBE_SESSION)
+    frames = [sim.next_frame() for _ in range(probes)]
+    return Raw(
+        frames,
+        np.array([f.truth.identity for f in frames]),
+        np.array([f.truth.posture for f in frames]),
+    )
 
 
-def gallery_distance_matrix(enrol: Embedded, probes: Embedded, bundle: Bundle, identities: int) -> np.ndarray:
-    """The same matrix through `edge.gallery.Gallery` (the shipped rule), for cross-checking."""
-    from edge.gallery import Gallery
+def session_profile(seed: int, session: int, conditioning: Any) -> CalibrationProfile:
+    """The profile a site would have made at the start of `session` (what the sim source carries)."""
+    sim = ScannerSimulator(seed=seed, session=session)
+    maps = sim.sensor_maps(sim.config.reference_temp_c + sim.session_temp_c)
+    return profile_from_sensor_maps(maps, conditioning)
 
-    g = Gallery.for_bundle(bundle)
-    names = [f"p{i:03d}" for i in range(identities)]
+
+def conditioned(raw: Raw, how: str, profile: CalibrationProfile, conditioning: Any) -> np.ndarray:
+    """The model inputs [N, 1, 64, 64] of a set of frames, conditioned as `how` says."""
+    xs = []
+    for f in raw.frames:
+        if how == "oracle":
+            t = f.truth
+            maps = SensorMaps(
+                scanner="sim0", shape=f.data.shape, dark=t.dark, gain=t.gain, bad_pixels=t.bad_pixels
+            )
+            p = profile_from_sensor_maps(maps, conditioning)
+        else:
+            p = profile
+        xs.append(condition(calibrate(f.data, p), conditioning))
+    return np.stack(xs).astype(np.float32)[:, None]
+
+
+def embed(runner: Runner, x: np.ndarray, raw: Raw) -> Embedded:
+    out = runner.infer(x, reconstruct=False)
+    return Embedded(np.asarray(out.embedding, np.float32), np.asarray(out.posture), raw.identity)
+
+
+def gallery_distances(
+    bundle: Bundle, enrol: Embedded, probes: Embedded, n_enrolled: int, key: TemplateKey | None
+) -> np.ndarray:
+    """Distance [P, E] of each probe to each enrolled identity through edge.gallery.Gallery."""
+    g = Gallery.for_bundle(bundle, template_key=key)
+    names = [identity_name(i) for i in range(n_enrolled)]
     for i, name in enumerate(names):
         m = enrol.identity == i
         g.enroll(name, enrol.emb[m], postures=enrol.posture[m])
     order = [g.identities.index(n) for n in names]
     rows = [g.distances(e, posture=int(p))[order] for e, p in zip(probes.emb, probes.posture, strict=True)]
-    return np.stack(rows).astype(np.float32)
+    return np.stack(rows).astype(np.float64)
 
 
-def figures(d: np.ndarray, truth: np.ndarray, t: float) -> dict[str, float]:
-    """GAR / FAR at `t`, EER, genuine/impostor mean distance and 1:N outcomes."""
-    p = np.arange(len(truth))
-    gen = d[p, truth]
-    mask = np.ones_like(d, bool)
-    mask[p, truth] = False
-    imp = d[mask]
-    best = d.argmin(axis=1)
-    hit = d[p, best] <= t
+def rotated_distances(
+    bundle: Bundle, enrol: Embedded, probes: Embedded, n_enrolled: int, old: TemplateKey, new: TemplateKey
+) -> np.ndarray:
+    """Templates of the `old` epoch against probes protected under the `new` key (after rotation)."""
+    g = Gallery.for_bundle(bundle, template_key=old)
+    names = [identity_name(i) for i in range(n_enrolled)]
+    for i, name in enumerate(names):
+        m = enrol.identity == i
+        g.enroll(name, enrol.emb[m], postures=enrol.posture[m])
+    # The daemon now holds the new key: it protects probes with it, against the old templates.
+    g.template_key = new
+    order = [g.identities.index(n) for n in names]
+    rows = [g.distances(e, posture=int(p))[order] for e, p in zip(probes.emb, probes.posture, strict=True)]
+    return np.stack(rows).astype(np.float64)
+
+
+def figures(d: np.ndarray, truth: np.ndarray, n_enrolled: int, t: float) -> dict[str, Any]:
+    """1:1 and 1:N figures of a distance matrix [P, E] (probes of all people) at threshold `t`."""
+    enrolled = truth < n_enrolled
+    de, te = d[enrolled], truth[enrolled]
+    rows = np.arange(len(te))
+    gen = de[rows, te]
+    mask = np.ones_like(de, bool)
+    mask[rows, te] = False
+    imp = de[mask]
+    t1 = threshold_at_far(gen, imp, 0.01)
+    best = de.argmin(axis=1)
+    hit = de[rows, best] <= t
+    du = d[~enrolled]
     return {
-        "genuine_mean": float(gen.mean()),
-        "impostor_mean": float(imp.mean()),
-        "impostor_min": float(imp.min()),
-        "gar": float((gen <= t).mean()),
-        "far": float((imp <= t).mean()),
-        "eer": float(equal_error_rate(gen, imp)),
-        "id_correct": float((hit & (best == truth)).mean()),
-        "id_wrong": float((hit & (best != truth)).mean()),
         "n_genuine": int(gen.size),
         "n_impostor": int(imp.size),
+        "n_unenrolled_probes": int(du.shape[0]),
+        "eer": float(equal_error_rate(gen, imp)),
+        "tar_at_far1": float((gen <= t1).mean()),
+        "far_at_far1": float((imp <= t1).mean()),
+        "threshold_far1": float(t1),
+        "tar": float((gen <= t).mean()),
+        "far": float((imp <= t).mean()),
+        "rank1": float((best == te).mean()),
+        "identified": float((hit & (best == te)).mean()),
+        "false_id": float((hit & (best != te)).mean()),
+        "false_id_share_of_accepts": float((hit & (best != te)).sum() / max(1, hit.sum())),
+        "unenrolled_rejected": float((du.min(axis=1) > t).mean()) if du.size else float("nan"),
+        "genuine_mean": float(gen.mean()),
+        "impostor_mean": float(imp.mean()),
+        "_gen": gen,
+        "_imp": imp,
     }
-
-
-def genuine_impostor(d: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    p = np.arange(len(truth))
-    mask = np.ones_like(d, bool)
-    mask[p, truth] = False
-    return d[p, truth], d[mask]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     bundle = Bundle.open(Path(args.model) if args.model else demo_bundle_path())
     t = float(args.threshold if args.threshold is not None else bundle.threshold("fp32"))
-    postures = (
-        tuple(int(p) for p in args.enrol_postures.split(","))
-        if args.enrol_postures
-        else tuple(range(len(POSTURES)))
-    )
-    runner = Runner.from_bundle(bundle, backend="ort")
+    n_e, n_u = args.enrolled, args.unenrolled
     t0 = time.perf_counter()
+    enrol_raw = enrolment_frames(args.seed, range(n_e), args.per_posture)
+    probe_raw = probe_frames(args.seed, n_e + n_u, args.probes)
+    t_sim = time.perf_counter() - t0
+    cond = sim_conditioning((128, 128))
+    fixed = session_profile(args.seed, 0, cond)
+    profiles = {
+        "session": (
+            session_profile(args.seed, ENROL_SESSION, cond),
+            session_profile(args.seed, PROBE_SESSION, cond),
+        ),
+        "fixed": (fixed, fixed),
+        "oracle": (fixed, fixed),  # unused: every frame gets its own maps
+    }
+    key1 = TemplateKey("bench", 1, b"\x01" * 32)
+    key2 = TemplateKey("bench", 2, b"\x02" * 32)
     rows: list[dict[str, Any]] = []
+    extra: dict[str, Any] = {}
+    roc = None
+    runner = Runner.from_bundle(bundle, backend="ort")
     try:
-        sim = ScannerSimulator(seed=args.seed, identities=args.identities)
-        profile = true_profile(sim)
-        probes = probe_sets(args.seed, args.identities, profile, runner, args.probes, args.warm_probes)
-        enrols = {
-            k: enrolment_set(sim, profile, runner, k, args.identities, args.enrol_samples, postures)
-            for k in ENROLMENTS
-        }
-        for kind, enrol in enrols.items():
-            acc = float(
-                (enrol.posture == np.tile(np.repeat(postures, args.enrol_samples), args.identities)).mean()
-            )
-            for rule in (*RULES, "gallery"):
-                for pname, pr in probes.items():
-                    if rule == "gallery":
-                        try:
-                            d = gallery_distance_matrix(enrol, pr, bundle, args.identities)
-                        except TypeError:  # a gallery without posture-aware matching (format 1)
-                            continue
-                    else:
-                        d = distance_matrix(enrol, pr, rule, args.identities)
-                    rows.append(
-                        {
-                            "enrol": kind,
-                            "rule": rule,
-                            "probes": pname,
-                            "enrol_posture_acc": acc,
-                            **figures(d, pr.identity, t),
-                        }
-                    )
-        calib: dict[str, Any] | None = None
-        if args.calibrate_seed is not None:
-            vsim = ScannerSimulator(seed=args.calibrate_seed, identities=args.identities)
-            vprof = true_profile(vsim)
-            vprobes = probe_sets(
-                args.calibrate_seed, args.identities, vprof, runner, args.probes, args.warm_probes
-            )
-            venrol = enrolment_set(
-                vsim, vprof, runner, args.calibrate_enrol, args.identities, args.enrol_samples, postures
-            )
-            gen, imp = genuine_impostor(
-                distance_matrix(venrol, vprobes["stream"], "posture", args.identities),
-                vprobes["stream"].identity,
-            )
-            tv = float(threshold_at_eer(gen, imp))
-            calib = {
-                "seed": args.calibrate_seed,
-                "enrol": args.calibrate_enrol,
-                "threshold": tv,
-                "eer_there": float(equal_error_rate(gen, imp)),
-                "rows": [],
-            }
-            for pname, pr in probes.items():
-                d = distance_matrix(enrols[args.calibrate_enrol], pr, "posture", args.identities)
-                calib["rows"].append({"probes": pname, **figures(d, pr.identity, tv)})
+        for how in args.conditioning.split(","):
+            pe, pp = profiles[how]
+            enrol = embed(runner, conditioned(enrol_raw, how, pe, cond), enrol_raw)
+            probes = embed(runner, conditioned(probe_raw, how, pp, cond), probe_raw)
+            acc = float((enrol.posture == enrol_raw.posture).mean())
+            pacc = float((probes.posture == probe_raw.posture).mean())
+            for protected in (False, True):
+                d = gallery_distances(bundle, enrol, probes, n_e, key1 if protected else None)
+                f = figures(d, probe_raw.identity, n_e, t)
+                rows.append(
+                    {
+                        "conditioning": how,
+                        "templates": protected,
+                        "posture_acc_enrol": acc,
+                        "posture_acc_probe": pacc,
+                        **f,
+                    }
+                )
+                if how == "session" and protected:
+                    roc = (f["_gen"], f["_imp"])
+            if how == "session" and args.save_gallery:
+                # The gallery `thzedge run --score` is checked with (docs/operations.md).
+                kpath = generate_template_key(Path(args.save_gallery).parent, "bench", rotate=True)
+                key = load_template_key(kpath)
+                g = Gallery.for_bundle(bundle, template_key=key)
+                for i in range(n_e):
+                    m = enrol.identity == i
+                    g.enroll(identity_name(i), enrol.emb[m], postures=enrol.posture[m])
+                extra["saved_gallery"] = {"gallery": str(g.save(Path(args.save_gallery))), "key": str(kpath)}
+            if how == "session":
+                dr = rotated_distances(bundle, enrol, probes, n_e, key1, key2)
+                fr = figures(dr, probe_raw.identity, n_e, t)
+                extra["rotation"] = {k: fr[k] for k in ("genuine_mean", "impostor_mean", "tar", "far", "eer")}
+                if "int8" in bundle.precisions:
+                    with Runner.from_bundle(bundle, backend="ort", precision="int8") as r8:
+                        enrol8 = embed(r8, conditioned(enrol_raw, how, pe, cond), enrol_raw)
+                    d8 = gallery_distances(bundle, enrol8, probes, n_e, key1)
+                    f8 = figures(d8, probe_raw.identity, n_e, t)
+                    extra["int8_enrol_fp32_probe"] = {
+                        k: f8[k] for k in ("tar_at_far1", "tar", "far", "rank1", "false_id", "eer")
+                    }
     finally:
         runner.close()
+    if args.roc and roc is not None:
+        from edge.roc_plot import plot_roc
+
+        extra["roc_png"] = str(
+            plot_roc(
+                roc[0],
+                roc[1],
+                t,
+                args.roc,
+                title=f"field 1:1, seed {args.seed}, templates on",
+                method="stored",
+            )
+        )
+    for r in rows:
+        r.pop("_gen")
+        r.pop("_imp")
     return {
         "bundle": bundle.sha256[:12],
         "threshold": t,
         "seed": args.seed,
-        "identities": args.identities,
-        "enrol_samples": args.enrol_samples,
-        "enrol_postures": [POSTURES[p] for p in postures],
-        "n_probes": {k: int(len(v.identity)) for k, v in probes.items()},
+        "enrolled": n_e,
+        "unenrolled": n_u,
+        "per_posture": args.per_posture,
+        "enrol_frames": len(enrol_raw.frames),
+        "probes": len(probe_raw.frames),
         "rows": rows,
-        "calibration": calib,
+        **extra,
         "seconds": round(time.perf_counter() - t0, 1),
+        "simulate_seconds": round(t_sim, 1),
     }
 
 
 def render(res: dict[str, Any]) -> str:
     lines = [
-        f"bundle {res['bundle']}  threshold {res['threshold']:.4f}  seed {res['seed']}  "
-        f"{res['identities']} identities  enrol {res['enrol_samples']} sample(s) x "
-        f"{'/'.join(res['enrol_postures'])}  probes {res['n_probes']}  ({res['seconds']} s)",
-        f"{'enrol':16} {'rule':8} {'probes':7} {'gen d':>6} {'imp d':>6} {'imp min':>7} "
-        f"{'GAR':>6} {'FAR':>7} {'EER':>6} {'1:N ok':>6} {'1:N bad':>7}",
+        f"bundle {res['bundle']}  stored threshold {res['threshold']:.4f}  seed {res['seed']}  enrolled "
+        f"{res['enrolled']} people x {res['per_posture']}/posture (session {ENROL_SESSION}, "
+        f"{res['enrol_frames']} frames)  probes {res['probes']} (session {PROBE_SESSION}, "
+        f"+{res['unenrolled']} unenrolled people)  "
+        f"({res['seconds']} s)",
+        f"{'conditioning':12} {'tmpl':4} {'post acc':>8} {'EER':>6} {'TAR@1%':>7} {'TAR':>6} {'FAR':>7} "
+        f"{'rank-1':>6} {'ident':>6} {'falseID':>7} {'unenr rej':>9}",
     ]
     for r in res["rows"]:
         lines.append(
-            f"{r['enrol']:16} {r['rule']:8} {r['probes']:7} {r['genuine_mean']:6.3f} "
-            f"{r['impostor_mean']:6.3f} {r['impostor_min']:7.3f} {r['gar']:6.3f} {r['far']:7.4f} "
-            f"{r['eer']:6.3f} {r['id_correct']:6.3f} {r['id_wrong']:7.4f}"
+            f"{r['conditioning']:12} {'on' if r['templates'] else 'off':4} {r['posture_acc_probe']:8.3f} "
+            f"{r['eer']:6.3f} {r['tar_at_far1']:7.3f} {r['tar']:6.3f} {r['far']:7.4f} {r['rank1']:6.3f} "
+            f"{r['identified']:6.3f} {r['false_id']:7.4f} {r['unenrolled_rejected']:9.3f}"
         )
-    c = res.get("calibration")
-    if c:
+    rot = res.get("rotation")
+    if rot:
         lines.append(
-            f"rule posture, enrol {c['enrol']}: EER threshold on seed {c['seed']} = {c['threshold']:.4f} "
-            f"(EER there {c['eer_there']:.3f}); seed {res['seed']} at it:"
+            f"key rotation (epoch-1 templates, epoch-2 probes): genuine mean d {rot['genuine_mean']:.3f} vs "
+            f"impostor {rot['impostor_mean']:.3f}; TAR {rot['tar']:.4f} FAR {rot['far']:.4f} "
+            f"EER {rot['eer']:.3f}"
         )
-        for r in c["rows"]:
-            lines.append(
-                f"  {r['probes']:7} GAR {r['gar']:.3f}  FAR {r['far']:.4f}  1:N ok {r['id_correct']:.3f}  "
-                f"1:N bad {r['id_wrong']:.4f}"
-            )
+    x = res.get("int8_enrol_fp32_probe")
+    if x:
+        lines.append(
+            f"int8 references, fp32 probes (session conditioning, templates on): "
+            f"TAR@1% {x['tar_at_far1']:.3f} TAR {x['tar']:.3f} FAR {x['far']:.4f} "
+            f"rank-1 {x['rank1']:.3f} false ID {x['false_id']:.4f}"
+        )
+    if res.get("saved_gallery"):
+        lines.append(f"gallery for `thzedge run --score`: {res['saved_gallery']}")
+    if res.get("roc_png"):
+        lines.append(f"ROC: {res['roc_png']}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="bundle directory (default: the shipped demo bundle)")
-    ap.add_argument(
-        "--seed", type=int, default=7, help="simulator seed of the people scored (demo trained on 0)"
-    )
-    ap.add_argument("--identities", type=int, default=12)
-    ap.add_argument("--enrol-samples", type=int, default=1, help="captures per posture at enrolment")
-    ap.add_argument("--enrol-postures", default="", help="comma-separated posture ids to enrol (default all)")
-    ap.add_argument("--probes", type=int, default=300, help="stream probes from stream start")
-    ap.add_argument("--warm-probes", type=int, default=100, help="stream probes after seek(6000) (drifted)")
+    ap.add_argument("--seed", type=int, default=7, help="simulator seed of the people (demo trained on 0)")
+    ap.add_argument("--enrolled", type=int, default=32)
+    ap.add_argument("--unenrolled", type=int, default=16)
+    ap.add_argument("--per-posture", type=int, default=3, help="enrolment captures per posture")
+    ap.add_argument("--probes", type=int, default=600)
     ap.add_argument("--threshold", type=float, help="override the bundle's fp32 threshold")
-    ap.add_argument("--calibrate-seed", type=int, help="derive a rule-(c) EER threshold on this seed")
-    ap.add_argument("--calibrate-enrol", choices=ENROLMENTS, default="unconcealed")
+    ap.add_argument("--conditioning", default=",".join(CONDITIONINGS))
+    ap.add_argument("--roc", default="build/gallery_roc.png", help="ROC PNG path ('' for none)")
+    ap.add_argument("--save-gallery", help="also write the session-conditioned protected gallery here (.npz)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     res = run(args)

@@ -317,6 +317,20 @@ class Bundle:
         self.graph_file(graph, precision)  # raises a clear BundleError for an unknown graph
         return self.read_verified(self.variant(precision)["graphs"][graph])
 
+    @property
+    def encoder_sha256(self) -> str:
+        """sha256 of the fp32 encoder graph: what makes this bundle's embeddings (galleries bind to it).
+
+        Quantized variants are derived from this encoder, and `export threshold` / `export
+        quantize` rewrite only the manifest, so this stays put while the bundle id changes.
+        """
+        return str(self._manifest["files"][self.variant("fp32")["graphs"][ENCODER_GRAPH]]["sha256"])
+
+    def accuracy_gate(self, precision: str) -> Mapping[str, Any] | None:
+        """The accuracy-gate report of a variant against fp32 (None when it has none)."""
+        gate = (self._manifest.get("accuracy_gates") or {}).get(precision)
+        return None if gate is None else MappingProxyType(gate)
+
     def threshold(self, precision: str = "fp32") -> float | None:
         """Calibrated verification threshold (Euclidean distance) of a variant; None if not calibrated."""
         value = self.variant(precision).get("verification", {}).get("threshold")

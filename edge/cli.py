@@ -28,6 +28,7 @@ from calibration.cli import register as register_calibration
 from edge import __version__, early_stop
 from edge.commands import register as register_edge
 from edge.config import is_source_uri, load_config
+from edge.fleet.cli import register as register_fleet
 from edge.sdnotify import JournaldHandler, stderr_is_journal
 from export.cli import register as register_export
 from scanner_io.cli import register as register_scanner_io
@@ -108,6 +109,7 @@ def build_app() -> typer.Typer:
     app.callback()(_root)
     app.command("version")(version)
     register_edge(app)
+    register_fleet(app)
     register_export(app)
     register_scanner_io(app)
     register_calibration(app)

@@ -14,16 +14,18 @@ import typer
 
 from edge.backends import BackendKind
 from edge.bench import bench_model, render_bench
-from edge.bundle import Precision, demo_bundle_path, model_path
+from edge.bundle import Bundle, Precision, demo_bundle_path, model_path
 from edge.config import load_config
-from edge.evaluation import Routing, evaluate
+from edge.evaluation import Routing, evaluate, training_people_warning
 from edge.gallery import Gallery, enroll_from_inputs, enroll_from_source
 from edge.infer import load_inputs, save_results, truth_postures
 from edge.pipeline.assemble import RunOptions, run_daemon
+from edge.pipeline.scoring import render_score
 from edge.runner import Runner
 from edge.security import check_curve_files, generate_keys, load_keypair
 from edge.signing import generate_signing_key
 from edge.storage import storage_key_from_config
+from edge.templates import generate_template_key, load_template_key
 from scanner_io.atrest import generate_storage_key
 from scanner_io.choices import Choice
 from scanner_io.cli_common import global_options, split_choices
@@ -107,6 +109,9 @@ def eval_command(
     precision: Annotated[Precision, typer.Option("--precision", help=_PRECISION_HELP)] = Precision.fp32,
 ) -> None:
     """Score a bundle on a triplet dataset: verification, posture, reconstruction, per posture."""
+    note = training_people_warning(Bundle.open(model_path(model)).manifest, data, triplets, precision.value)
+    if note is not None:
+        typer.echo(f"warning: {note}", err=True)
     with Runner.from_bundle(model_path(model), backend=backend, precision=precision.value) as runner:
         report = evaluate(runner, data, triplets, routing=routing.value)
     typer.echo(json.dumps(report.to_dict(), indent=2) if global_options(ctx).json else report.render())
@@ -163,6 +168,14 @@ def run_command(
             "scanner's active one, else what the source carries).",
         ),
     ] = None,
+    score: Annotated[
+        bool,
+        typer.Option(
+            "--score",
+            help="At the end, score the published results against the simulator's truth "
+            "(posture, SSIM, 1:1 TAR/FAR, 1:N identification).",
+        ),
+    ] = False,
 ) -> None:
     """Stream frames through the model and publish results until the source ends or a signal stops it."""
 
@@ -180,9 +193,15 @@ def run_command(
             reconstruction=not no_reconstruction,
             metrics_bind=metrics_bind,
             calibration=calibration,
+            score=score,
         )
     )
-    typer.echo(json.dumps(summary.to_dict(), sort_keys=True) if opts.json else summary.render())
+    if opts.json:
+        typer.echo(json.dumps(summary.to_dict(), sort_keys=True))
+    else:
+        typer.echo(summary.render())
+        if summary.score is not None:
+            typer.echo(render_score(summary.score))
     if summary.recording_error is not None:
         # The stream ran to its end, the recording did not: exit 74 (retryable), not 0.
         raise StorageError(summary.recording_error)
@@ -246,9 +265,15 @@ class KeyKind(Choice):
     curve = "curve"
     storage = "storage"
     signing = "signing"
+    template = "template"
 
 
-_DEFAULT_KEY_NAMES = {KeyKind.curve: "server", KeyKind.storage: "storage", KeyKind.signing: "release"}
+_DEFAULT_KEY_NAMES = {
+    KeyKind.curve: "server",
+    KeyKind.storage: "storage",
+    KeyKind.signing: "release",
+    KeyKind.template: "template",
+}
 
 
 def keys_generate_command(
@@ -258,17 +283,31 @@ def keys_generate_command(
         typer.Option(
             "--kind",
             help="curve: NAME.key + NAME.key_secret (tcp endpoints); storage: NAME.key, the AES-256 "
-            "device key for recordings and galleries; signing: NAME.pub + NAME.sign_key (Ed25519, bundles).",
+            "device key for recordings and galleries; signing: NAME.pub + NAME.sign_key (Ed25519, "
+            "bundles); template: NAME.tkey, the gallery template key.",
         ),
     ] = KeyKind.curve,
     name: Annotated[
         str | None,
-        typer.Option("--name", help="Key name (default: server, storage or release by --kind)."),
+        typer.Option("--name", help="Key name (default: server, storage, release or template by --kind)."),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing key files.")] = False,
+    rotate: Annotated[
+        bool,
+        typer.Option("--rotate", help="Template key: replace it by the next epoch (revokes its templates)."),
+    ] = False,
+    site: Annotated[str, typer.Option("--site", help="Template key: the site it belongs to.")] = "",
 ) -> None:
-    """Create a key: a CURVE pair, the device storage key (0600) or an Ed25519 signing pair."""
+    """Create a key: a CURVE pair, the storage key (0600), an Ed25519 signing pair or a template key."""
     name = name or _DEFAULT_KEY_NAMES[kind]
+    if kind is KeyKind.template:
+        path = generate_template_key(out_dir, name, rotate=rotate, site=site)
+        tkey = load_template_key(path)
+        typer.echo(
+            f"wrote {path} (template key {tkey.key_id}, epoch {tkey.epoch}, 0600); set [verification] "
+            "template_key to it and (re-)enrol: templates of other epochs no longer match"
+        )
+        return
     if kind is KeyKind.storage:
         key = generate_storage_key(Path(out_dir) / f"{name}.key", overwrite=force)
         typer.echo(
@@ -324,6 +363,12 @@ def enroll_command(
     replace: Annotated[
         bool, typer.Option("--replace", help="Replace this identity's references instead of adding.")
     ] = False,
+    template_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--template-key", help="Template key (.tkey) protecting the references (default: config)."
+        ),
+    ] = None,
 ) -> None:
     """Enrol one identity into a gallery from conditioned crops or from raw frames of a source."""
 
@@ -340,9 +385,17 @@ def enroll_command(
     if gallery_path is None:
         raise ThzEdgeError("--gallery FILE.npz is required (or [verification] gallery in the config)")
     prec = precision.value if precision else cfg.model.precision
+    key_path = template_key or cfg.verification.template_key
+    key = load_template_key(key_path) if key_path is not None else None
+    if key is None:
+        typer.echo(
+            "warning: no template key: references are stored as plaintext embeddings; "
+            "`thzedge keys generate --kind template` makes one (R-NEW-3)",
+            err=True,
+        )
     if source is None:
         g, added = enroll_from_inputs(
-            gallery_path, bundle, identity, inputs or [], backend.value, prec, replace
+            gallery_path, bundle, identity, inputs or [], backend.value, prec, replace, key
         )
     else:
         if frames < 1:
@@ -360,11 +413,19 @@ def enroll_command(
             backend=backend.value,
             precision=prec,
             replace=replace,
+            template_key=key,
         )
+    protection = "plaintext" if key is None else f"templates under key {key.key_id} (epoch {key.epoch})"
     typer.echo(
         f"enrolled {added} embedding(s); {identity!r} now has {g.reference_count(identity)}; "
-        f"gallery {gallery_path}: {len(g)} identities, bundle {g.bundle_sha256[:12]}"
+        f"gallery {gallery_path}: {len(g)} identities, encoder {g.encoder_sha256[:12]}, {protection}"
     )
+    if g.threshold is None:
+        typer.echo(
+            f"warning: the bundle has no verification threshold for {prec} yet: `thzedge run` will "
+            "refuse this gallery until `thzedge export threshold` or [verification] threshold sets one",
+            err=True,
+        )
     # Probes are matched with the references of their posture: say which postures are covered.
     have, missing = _posture_coverage(g, identity)
     gap = f"; missing: {', '.join(missing)} (probes in those match worse; enrol them too)" if missing else ""
@@ -385,15 +446,17 @@ def gallery_info_command(
 ) -> None:
     """Show a gallery's bundle, threshold source and size; names only with --names."""
     storage_key_from_config(load_config(global_options(ctx).config))
-    g = Gallery.load(gallery)
+    g = Gallery.load(gallery, need_key=False)
     info: dict[str, Any] = {
         "path": str(gallery),
+        "encoder_sha256": g.encoder_sha256,
         "bundle_sha256": g.bundle_sha256,
         "embedding_dim": g.embedding_dim,
         "precision": g.precision,
         "identities": len(g),
         "references": sum(g.reference_count(n) for n in g.identities),
         "created": g.created,
+        "template": g.template_description,
     }
     if names:
         info["names"] = {n: g.reference_count(n) for n in g.identities}
@@ -414,7 +477,7 @@ def gallery_remove_command(
 ) -> None:
     """Delete one identity from a gallery (right to erasure); the file is rewritten atomically."""
     storage_key_from_config(load_config(global_options(ctx).config))
-    g = Gallery.load(gallery)
+    g = Gallery.load(gallery, need_key=False)
     if not g.remove(identity):
         raise ThzEdgeError(f"{identity!r} is not enrolled in {gallery}")
     g.save(gallery)

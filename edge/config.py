@@ -214,6 +214,9 @@ class VerificationConfig:
     # Overrides the bundle's per-precision threshold: Euclidean distance between unit-length
     # embeddings (0..2), a match is accepted when distance <= threshold.
     threshold: float | None = field(default=None, metadata={"min": 0.0, "max": 2.0})
+    # Template key file (`thzedge keys generate --kind template`): references are stored and
+    # compared as keyed projections (R-NEW-3); the gallery must have been enrolled under it.
+    template_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -249,6 +252,10 @@ class DaemonConfig:
     stalled_after_s: float = field(default=5.0, metadata={"min": 0.1, "max": MAX_SECONDS})
     # Allows tcp:// endpoints without CURVE. For development only; logged at WARNING (R-SEC-1).
     insecure_dev: bool = False
+    # Golden file (`thzedge replay --make-golden`) replayed after warm-up and before READY; a
+    # mismatch keeps the daemon from becoming ready and exits 79 (R-NEW-12). Unset: the
+    # bundle's own `canary.mcap`, if it carries one.
+    canary: Path | None = None
 
 
 @dataclass(frozen=True)

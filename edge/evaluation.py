@@ -641,3 +641,42 @@ class EvalReport:
             + (f" ({ips:.1f} images/s)" if ips else ""),
         ]
         return "\n".join(lines)
+
+
+def training_people_warning(
+    manifest: Any, data_dir: str | Path, triplets_csv: str | Path, precision: str = "fp32"
+) -> str | None:
+    """Say when a simulated dataset's people may include those the bundle was trained on, else None.
+
+    The bundle records the simulated dataset its threshold was chosen on (seed, identity count):
+    the same seed makes the same people, so a dataset of that seed holds training people unless
+    its triplets use only that very dataset's held-out test identities. Figures on training
+    people (the demo scores 1.000 on them) say nothing about unseen people.
+    """
+    variant = (manifest.get("variants") or {}).get(precision) or {}
+    chosen = ((variant.get("verification") or {}).get("chosen_on") or {}).get("dataset") or {}
+    meta_path = Path(data_dir) / "dataset.json"
+    if "seed" not in chosen or not meta_path.is_file():
+        return None
+    import json
+
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("seed") != chosen["seed"]:
+        return None
+    names = {
+        str(parse_crop_name(p.name).identity)
+        for t in read_triplets(triplets_csv, data_dir=data_dir, check_files=False)
+        for p in (t.anchor, t.positive, t.negative)
+    }
+    held_out = set(meta.get("test_identities") or [])
+    if meta.get("identities") == chosen.get("identities") and names <= held_out:
+        return None  # the training dataset's own test split: people the model never saw
+    return (
+        f"this dataset was simulated with seed {meta.get('seed')}, the seed of the people this bundle "
+        f"was trained on ({chosen.get('identities')} identities of seed {chosen['seed']}, "
+        f"'{chosen.get('name', '?')}'): its identities are the same people, so these figures are not "
+        "for unseen people; use `thzedge sim dataset --seed` with another seed"
+    )

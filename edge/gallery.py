@@ -1,8 +1,15 @@
-"""The enrolment gallery: reference embeddings per identity, tied to one model bundle.
+"""The enrolment gallery: reference templates per identity, tied to the encoder that made them.
 
 Biometric data (GDPR Art. 9): the file is written with mode 0600, identities and embeddings
-never go to logs (only counts do), and a gallery enrolled with another bundle is refused, since
-embeddings from two models are not comparable.
+never go to logs (only counts do). With a template key (`edge.templates`, R-NEW-3) the gallery
+stores and compares keyed projections of the embeddings, never the embeddings themselves.
+
+What binds a gallery to a model is what makes embeddings comparable: the **fp32 encoder graph's
+sha256** and the embedding contract (dimension, unit length, Euclidean distance) — not the whole
+manifest, so `export threshold` or `export quantize` (which rewrite the manifest) leave it valid.
+A gallery enrolled with another encoder is refused. Enrolled at one precision and probed at
+another (fp32 ↔ int8 of the same encoder) is allowed when that variant's accuracy gate passed,
+and the gate's measured embedding agreement is logged; without a passed gate it is refused.
 
 Scoring. Embeddings are unit length. Each enrolled reference keeps the posture the model
 predicted for it (0..4, or -1 when unknown). The score of a probe against an identity is the
@@ -25,11 +32,13 @@ Decisions:
 - 1:N (`match_1toN`): `accept` with the closest identity when it is within the threshold,
   otherwise `unknown` with no identity (the nearest non-matching name is not disclosed).
 
-File format 2 (`.npz`, loaded with `allow_pickle=False`): `embeddings` float32 [M, D], `labels`
-int32 [M] (index into the identity list), `postures` int8 [M] (predicted posture of each
-reference, -1 unknown) and `meta`, a JSON string: format version, bundle sha256, embedding dim,
-precision, identities, created time. A format-1 file (no postures) is read with every posture
-unknown, so it matches by nearest reference until it is re-enrolled; it is written back as format 2.
+File format 3 (`.npz`, loaded with `allow_pickle=False`): `embeddings` float32 [M, D] (the
+templates: keyed projections when `meta.template` names a key, else plaintext), `labels` int32
+[M] (index into the identity list), `postures` int8 [M] (predicted posture of each reference, -1
+unknown) and `meta`, a JSON string: format version, `encoder_sha256` (the binding), bundle
+sha256 (informative), embedding contract, precision, `template` (scheme, key id and epoch, or
+null), identities, created time. Format 2 (bound to the manifest sha256, plaintext) and format 1
+(no postures either) are read and written back as format 3.
 With a device storage key (`thzedge keys generate --kind storage`, [storage] key_file or the
 systemd credential) the `.npz` bytes are sealed with AES-256-GCM (`scanner_io.atrest`): a
 tampered file or another key is refused, never decoded. Without a key the file is plaintext
@@ -53,11 +62,13 @@ from typing import Any
 
 import numpy as np
 
-from calibration.conditioning import ConditioningParams, calibrate_and_condition
+from calibration.conditioning import ConditioningParams, calibrate, condition
 from calibration.profile import resolve_profile
+from calibration.quality import assess_frame
 from edge.bundle import Bundle
 from edge.infer import load_inputs
 from edge.runner import Runner
+from edge.templates import TemplateKey
 from scanner_io.atrest import find_storage_key, is_sealed, seal, unseal
 from scanner_io.choices import Choice
 from scanner_io.errors import ConfigError, DataError, ThzEdgeError
@@ -67,10 +78,12 @@ from scanner_io.sources import MalformedFrame, open_source
 
 log = logging.getLogger("thzedge.gallery")
 
-GALLERY_FORMAT = 2
-READABLE_FORMATS = (1, 2)
+GALLERY_FORMAT = 3
+READABLE_FORMATS = (1, 2, 3)
 # What a sealed gallery file says it holds (scanner_io.atrest envelope).
 GALLERY_SEAL_KIND = "thzedge-gallery"
+# What makes two embeddings comparable besides the encoder's weights.
+EMBEDDING_CONTRACT = {"output": "embedding", "norm": "unit", "metric": "euclidean"}
 UNKNOWN_POSTURE = -1
 MAX_IDENTITY_LEN = 128
 DECISIONS = ("accept", "reject", "unknown")
@@ -83,6 +96,23 @@ class VerificationMode(Choice):
     one_to_one = "1:1"
     one_to_n = "1:N"
     off = "off"
+
+
+def match_probe(
+    gallery: Gallery, embedding: np.ndarray, claimed: str | None, posture: int, mode: VerificationMode
+) -> Match | None:
+    """Match one probe by the daemon's rule: 1:1 for a claimed identity (auto), else 1:N; None when off.
+
+    The references compared are those of the probe's predicted `posture`. Raises ValueError for
+    1:1 without a claimed identity.
+    """
+    if mode is VerificationMode.off:
+        return None
+    if mode is VerificationMode.one_to_one or (mode is VerificationMode.auto and claimed is not None):
+        if claimed is None:
+            raise ValueError("1:1 verification needs claimed_identity in the frame header")
+        return gallery.match_1to1(embedding, claimed, posture=posture)
+    return gallery.match_1toN(embedding, posture=posture)
 
 
 # names, references [M, D] grouped by identity in name order, their postures [M], first rows
@@ -114,19 +144,32 @@ class Match:
 
 
 class Gallery:
-    """Enrolled identities and their templates for one bundle; thread-safe to read."""
+    """Enrolled identities and their templates for one encoder; thread-safe to read.
+
+    `encoder_sha256` binds it (the fp32 encoder graph's sha256; for a format-2 file read back,
+    the manifest sha256 it was bound to). With `template_key`, `enroll` stores and every match
+    compares keyed projections (`edge.templates`); plaintext embeddings are never kept.
+    """
 
     def __init__(
         self,
-        bundle_sha256: str,
+        encoder_sha256: str,
         embedding_dim: int,
         threshold: float | None = None,
         precision: str = "fp32",
+        template_key: TemplateKey | None = None,
+        bundle_sha256: str = "",
     ) -> None:
-        self.bundle_sha256 = bundle_sha256
+        self.encoder_sha256 = encoder_sha256
+        self.bundle_sha256 = bundle_sha256 or encoder_sha256
         self.embedding_dim = int(embedding_dim)
         self.threshold = threshold
         self.precision = precision
+        self.template_key = template_key
+        # The stored key description (scheme, id, epoch): kept when the file is rewritten by a
+        # caller without the key (`gallery remove`), which can then not match.
+        self._template_meta: dict[str, Any] | None = None if template_key is None else template_key.describe()
+        self._legacy_binding = False  # format 2: bound to a manifest sha256, not to an encoder
         self.created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         self._refs: dict[str, np.ndarray] = {}  # identity -> [k, D] unit embeddings
         self._ref_postures: dict[str, np.ndarray] = {}  # identity -> [k] int8 posture (-1 unknown)
@@ -143,11 +186,33 @@ class Gallery:
     # -- building -------------------------------------------------------------------------------
 
     @classmethod
-    def for_bundle(cls, bundle: Any, threshold: float | None = None, precision: str = "fp32") -> Gallery:
+    def for_bundle(
+        cls,
+        bundle: Any,
+        threshold: float | None = None,
+        precision: str = "fp32",
+        template_key: TemplateKey | None = None,
+    ) -> Gallery:
         """Return an empty gallery for a `Bundle` (threshold defaults to the bundle's)."""
         if threshold is None:
             threshold = bundle.threshold(precision)
-        return cls(bundle.sha256, bundle.embedding_dim, threshold, precision)
+        return cls(
+            bundle.encoder_sha256,
+            bundle.embedding_dim,
+            threshold,
+            precision,
+            template_key=template_key,
+            bundle_sha256=bundle.sha256,
+        )
+
+    def protect(self, embeddings: np.ndarray) -> np.ndarray:
+        """Return the gallery's form of unit embeddings: the keyed templates, or them as they are."""
+        key = self.template_key
+        if key is None and self._template_meta is not None:
+            raise ConfigError(
+                "this gallery holds protected templates: load it with its template key to match"
+            )
+        return embeddings if key is None else key.project(embeddings)
 
     def enroll(
         self,
@@ -162,7 +227,7 @@ class Gallery:
         unknown). Matching prefers the references of the probe's posture.
         """
         _check_identity(identity)
-        e = _unit_rows(embeddings, self.embedding_dim, "enrolment embeddings")
+        e = self.protect(_unit_rows(embeddings, self.embedding_dim, "enrolment embeddings"))
         p = _posture_rows(postures, e.shape[0], "enrolment postures")
         with self._lock:
             old = self._refs.get(identity)
@@ -208,6 +273,11 @@ class Gallery:
         """Enrolled identity names (sorted). Personal data: do not log them."""
         return tuple(self._view[0])
 
+    @property
+    def template_description(self) -> dict[str, Any] | None:
+        """How references are protected: scheme, key id and epoch (None: plaintext embeddings)."""
+        return None if self._template_meta is None else dict(self._template_meta)
+
     def reference_count(self, identity: str) -> int:
         """How many embeddings were enrolled for `identity` (0 if none)."""
         refs = self._refs.get(identity)
@@ -219,8 +289,10 @@ class Gallery:
         return () if p is None else tuple(int(v) for v in np.unique(p))
 
     def __repr__(self) -> str:
+        key = "plaintext" if self.template_key is None else f"key epoch {self.template_key.epoch}"
         return (
-            f"Gallery(identities={len(self)}, bundle={self.bundle_sha256[:12]}, threshold={self.threshold})"
+            f"Gallery(identities={len(self)}, encoder={self.encoder_sha256[:12]}, "
+            f"threshold={self.threshold}, {key})"
         )
 
     # -- matching -------------------------------------------------------------------------------
@@ -242,7 +314,8 @@ class Gallery:
         return self._distances(self._view, embedding, posture)
 
     def _distances(self, view: _View, embedding: np.ndarray, posture: int | None) -> np.ndarray:
-        probe = _unit_rows(np.asarray(embedding).reshape(1, -1), self.embedding_dim, "probe embedding")[0]
+        probe = _unit_rows(np.asarray(embedding).reshape(1, -1), self.embedding_dim, "probe embedding")
+        probe = self.protect(probe)[0]
         _, refs, post, starts = view
         if refs.shape[0] == 0:
             return np.zeros(0, np.float32)
@@ -302,9 +375,12 @@ class Gallery:
         meta = {
             "format": GALLERY_FORMAT,
             "kind": "thzedge-gallery",
+            "encoder_sha256": None if self._legacy_binding else self.encoder_sha256,
             "bundle_sha256": self.bundle_sha256,
             "embedding_dim": self.embedding_dim,
+            "embedding": EMBEDDING_CONTRACT,
             "precision": self.precision,
+            "template": self._template_meta,
             "score": (
                 "euclidean distance to the nearest reference of the probe's predicted posture "
                 "(nearest of any posture if none); accept if <= threshold"
@@ -352,12 +428,17 @@ class Gallery:
         threshold: float | None = None,
         precision: str = "fp32",
         require_threshold: bool = True,
+        template_key: TemplateKey | None = None,
+        need_key: bool = True,
     ) -> Gallery:
-        """Read a gallery; refuse it when `bundle` (a Bundle) is not the one it was enrolled with.
+        """Read a gallery; refuse it when `bundle` (a Bundle) has another encoder than it was enrolled with.
 
         The threshold is `threshold` if given, else the bundle's for `precision`; with a bundle
         and no threshold at all, loading fails (ConfigError) unless `require_threshold` is False,
-        so a daemon never starts with verification it cannot decide.
+        so a daemon never starts with verification it cannot decide. A gallery of protected
+        templates needs the key it was enrolled under (`template_key`); another key (a rotated
+        one) means its templates are revoked: ConfigError, re-enrol. `need_key=False` reads it
+        without the key, for inspecting or deleting identities (it cannot match then).
         """
         path = Path(path)
         if not path.is_file():
@@ -378,7 +459,9 @@ class Gallery:
         except DataError as exc:
             raise DataError(f"{exc}; not a thzedge gallery") from None
         try:
-            return cls._from_arrays(path, z, bundle, threshold, precision, require_threshold)
+            return cls._from_arrays(
+                path, z, bundle, threshold, precision, require_threshold, template_key, need_key
+            )
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             # A malformed header (wrong JSON types, missing keys): the file, not thzedge, is wrong.
             raise DataError(
@@ -394,6 +477,8 @@ class Gallery:
         threshold: float | None,
         precision: str,
         require_threshold: bool,
+        template_key: TemplateKey | None,
+        need_key: bool,
     ) -> Gallery:
         emb = np.asarray(z["embeddings"], dtype=np.float32)
         labels = z["labels"]
@@ -431,14 +516,19 @@ class Gallery:
             raise DataError(f"{path}: embeddings/labels shapes do not match the header; re-enrol")
         if labels.size and (labels.min() < 0 or labels.max() >= len(names)):
             raise DataError(f"{path}: labels point outside the identity list; re-enrol")
+        if meta.get("embedding", EMBEDDING_CONTRACT) != EMBEDDING_CONTRACT:
+            raise DataError(f"{path}: embedding contract {meta.get('embedding')} is not {EMBEDDING_CONTRACT}")
         postures = _posture_rows(postures, emb.shape[0], f"{path} reference postures")
+        stored_key = meta.get("template")
+        if need_key or template_key is not None:
+            _check_template_key(path, stored_key, template_key)
+        encoder_sha = meta.get("encoder_sha256")
+        legacy = encoder_sha is None  # formats 1 and 2 were bound to the manifest sha256
+        enrolled_precision = str(meta.get("precision", precision))
         if bundle is not None:
-            if meta["bundle_sha256"] != bundle.sha256:
-                raise ConfigError(
-                    f"gallery {path} was enrolled with model bundle {meta['bundle_sha256'][:12]}, but the "
-                    f"daemon runs bundle {bundle.sha256[:12]}: embeddings of different models do not "
-                    "compare; re-enrol with `thzedge enroll --model <this bundle>`"
-                )
+            _check_binding(path, meta, bundle, legacy)
+            if enrolled_precision != precision:
+                _check_cross_precision(path, bundle, enrolled_precision, precision)
             if threshold is None:
                 threshold = bundle.threshold(precision)
             if threshold is None and require_threshold:
@@ -446,7 +536,19 @@ class Gallery:
                     f"bundle {bundle.sha256[:12]} has no verification threshold for {precision}: set "
                     "[verification] threshold (Euclidean distance, e.g. the EER one from `thzedge eval`)"
                 )
-        g = cls(meta["bundle_sha256"], dim, threshold, meta.get("precision", precision))
+            if legacy:
+                # Bound to this very manifest, so its encoder is this one: written back as format 3.
+                encoder_sha, legacy = bundle.encoder_sha256, False
+        g = cls(
+            encoder_sha if encoder_sha is not None else meta["bundle_sha256"],
+            dim,
+            threshold,
+            enrolled_precision,
+            template_key=template_key,
+            bundle_sha256=meta["bundle_sha256"],
+        )
+        g._legacy_binding = legacy
+        g._template_meta = stored_key
         g.created = meta.get("created", g.created)
         for i, name in enumerate(names):
             rows = emb[labels == i]
@@ -454,12 +556,80 @@ class Gallery:
                 g._refs[name] = _unit_rows(rows, dim, f"{path} references")
                 g._ref_postures[name] = postures[labels == i]
         g._rebuild()
-        if bundle is not None and g.precision != precision:
-            log.info(
-                "gallery enrolled at %s, daemon runs %s (embeddings stay comparable)", g.precision, precision
-            )
-        log.info("gallery loaded: %d identities (bundle %s)", len(g), g.bundle_sha256[:12])
+        log.info("gallery loaded: %d identities (encoder %s)", len(g), g.encoder_sha256[:12])
         return g
+
+
+def _check_template_key(path: Path, stored: Any, key: TemplateKey | None) -> None:
+    """Refuse a gallery whose templates need another key than `key` (or one when there is none)."""
+    if stored is None:
+        if key is not None:
+            raise ConfigError(
+                f"gallery {path} holds plaintext embeddings but a template key is configured: "
+                "re-enrol into a new gallery so the references are protected templates (R-NEW-3)"
+            )
+        log.warning(
+            "gallery %s holds plaintext embeddings: configure a template key and re-enrol (R-NEW-3)", path
+        )
+        return
+    if key is None:
+        raise ConfigError(
+            f"gallery {path} holds protected templates (key {stored.get('key_id')}, epoch "
+            f"{stored.get('epoch')}): set [verification] template_key (or --template-key) to that key file"
+        )
+    if stored.get("key_id") != key.key_id:
+        raise ConfigError(
+            f"gallery {path} was enrolled under template key {stored.get('key_id')} (epoch "
+            f"{stored.get('epoch')}); the configured key is {key.key_id} (epoch {key.epoch}): its "
+            "templates are revoked; re-enrol everyone under the new key"
+        )
+
+
+def _check_binding(path: Path, meta: dict[str, Any], bundle: Any, legacy: bool) -> None:
+    """Refuse a gallery whose embeddings another encoder made (format 2: another manifest)."""
+    if int(meta["embedding_dim"]) != int(bundle.embedding_dim):
+        raise ConfigError(
+            f"gallery {path} holds {meta['embedding_dim']}-d embeddings, the model makes "
+            f"{bundle.embedding_dim}-d ones: re-enrol with `thzedge enroll --model <this bundle>`"
+        )
+    if legacy:
+        if meta["bundle_sha256"] != bundle.sha256:
+            raise ConfigError(
+                f"gallery {path} (format {meta['format']}) was enrolled with model bundle "
+                f"{meta['bundle_sha256'][:12]} and records no encoder sha256, but the daemon runs bundle "
+                f"{bundle.sha256[:12]}: re-enrol with `thzedge enroll --model <this bundle>`"
+            )
+        return
+    if meta["encoder_sha256"] != bundle.encoder_sha256:
+        raise ConfigError(
+            f"gallery {path} was enrolled with encoder {meta['encoder_sha256'][:12]}, but the model's "
+            f"encoder is {bundle.encoder_sha256[:12]}: embeddings of different encoders do not compare; "
+            "re-enrol with `thzedge enroll --model <this bundle>`"
+        )
+
+
+def _check_cross_precision(path: Path, bundle: Any, enrolled: str, running: str) -> None:
+    """Allow probing at another precision of the same encoder only where its accuracy gate passed."""
+    other = running if enrolled == "fp32" else enrolled
+    gate = bundle.accuracy_gate(other)
+    if gate is None or not gate.get("passed"):
+        why = "has no accuracy gate" if gate is None else "failed its accuracy gate"
+        raise ConfigError(
+            f"gallery {path} was enrolled at {enrolled} and the daemon runs {running}, but the "
+            f"{other} variant {why}, so their embeddings are not shown to agree: run {enrolled} or "
+            f"re-enrol at {running}"
+        )
+    lines = {ln.get("name"): ln.get("candidate") for ln in gate.get("lines", [])}
+    med, low = lines.get("embedding cosine (median)"), lines.get("embedding cosine (min)")
+    log.info(
+        "gallery enrolled at %s, daemon runs %s: the %s accuracy gate measured embedding cosine "
+        "median %s, min %s against fp32",
+        enrolled,
+        running,
+        other,
+        "n/a" if med is None else f"{med:.4f}",
+        "n/a" if low is None else f"{low:.4f}",
+    )
 
 
 def enroll_from_inputs(
@@ -470,6 +640,7 @@ def enroll_from_inputs(
     backend: str = "auto",
     precision: str = "fp32",
     replace: bool = False,
+    template_key: TemplateKey | None = None,
 ) -> tuple[Gallery, int]:
     """Encode conditioned crops (PNG / .npy, as `thzedge infer` reads) and enrol them.
 
@@ -478,7 +649,24 @@ def enroll_from_inputs(
     """
     bundle = Bundle.open(bundle_path)
     batch = load_inputs(inputs)
-    return _encode_and_enroll(gallery_path, bundle, identity, batch.x, backend, precision, replace)
+    return _encode_and_enroll(
+        gallery_path, bundle, identity, batch.x, backend, precision, replace, template_key
+    )
+
+
+# Enrolling from the simulator without `session=` takes this session, so the daemon's default
+# stream (session 0) probes captures that were never enrolled, as at a real site.
+ENROLMENT_SIM_SESSION = 1
+
+
+def enrolment_source_uri(uri: str) -> str:
+    """The URI enrolment reads: a `sim` source without `session=` gets the enrolment session."""
+    if not (uri == "sim" or uri.startswith(("sim?", "sim://"))):
+        return uri
+    query = uri.split("?", 1)[1] if "?" in uri else ""
+    if any(part.split("=", 1)[0] == "session" for part in query.split("&") if part):
+        return uri
+    return f"{uri}{'&' if query else '?'}session={ENROLMENT_SIM_SESSION}"
 
 
 def enroll_from_source(
@@ -493,11 +681,20 @@ def enroll_from_source(
     precision: str = "fp32",
     replace: bool = False,
     timeout_s: float = 10.0,
+    template_key: TemplateKey | None = None,
 ) -> tuple[Gallery, int]:
-    """Capture `frames` raw frames from a source, calibrate and condition them exactly as the
-    daemon does (`calibrate_and_condition` with the scanner's profile), and enrol them."""
+    """Capture `frames` raw frames with a face from a source, calibrate and condition them exactly
+    as the daemon does (`calibrate_and_condition` with the scanner's profile), and enrol them.
+
+    Frames with no face (`calibration.quality.assess_frame`, on calibrated frames, as the daemon
+    checks them) are skipped and counted; a capture that yields too few within `timeout_s` is
+    refused. A `sim` source without `session=` reads the
+    enrolment session (`enrolment_source_uri`).
+    """
     bundle = Bundle.open(bundle_path)
     rows: list[np.ndarray] = []
+    skipped: dict[str, int] = {}
+    source_uri = enrolment_source_uri(source_uri)
     source = open_source(source_uri)
     try:
         # As the daemon decides: configured, else what the source carries, else identity.
@@ -511,22 +708,44 @@ def enroll_from_source(
         if conditioning is not None:
             params = conditioning.apply(params)
         deadline = time.monotonic() + timeout_s
+
+        def short(what: str) -> ThzEdgeError:
+            why = f"; skipped without a face: {_counts(skipped)}" if skipped else ""
+            return ThzEdgeError(f"{source_uri}: {what} {len(rows)} of {frames} frames with a face{why}")
+
         while len(rows) < frames:
             if time.monotonic() > deadline:
-                raise ThzEdgeError(f"{source_uri}: got {len(rows)} of {frames} frames within {timeout_s:g} s")
+                raise short(f"got within {timeout_s:g} s")
             item = source.read(0.5)
             if item is None:
                 if source.exhausted:
-                    raise ThzEdgeError(f"{source_uri} ended after {len(rows)} of {frames} frames")
+                    raise short("ended after")
                 continue
             if isinstance(item, MalformedFrame):  # skip it, as the daemon would
                 log.warning("skipped a malformed frame: %s", item.reason)
                 continue
-            rows.append(calibrate_and_condition(item.data, profile, params))
+            power = calibrate(item.data, profile)
+            # As the daemon does: the no-head check reads corrected power, so it needs a profile.
+            if profile is not None:
+                raw = item.data
+                integer = np.issubdtype(raw.dtype, np.integer)
+                full = float(np.iinfo(raw.dtype).max) if integer else float("inf")
+                quality = assess_frame(raw, power, params, full_scale=full)
+                if not quality.ok:  # a reference without a face would match nobody, or anybody
+                    reason = str(quality.reason)
+                    skipped[reason] = skipped.get(reason, 0) + 1
+                    continue
+            rows.append(condition(power, params))
     finally:
         source.close()
+    if skipped:
+        log.warning("enrolment skipped %d frame(s) with no face: %s", sum(skipped.values()), _counts(skipped))
     x = np.stack(rows).astype(np.float32)[:, None]
-    return _encode_and_enroll(gallery_path, bundle, identity, x, backend, precision, replace)
+    return _encode_and_enroll(gallery_path, bundle, identity, x, backend, precision, replace, template_key)
+
+
+def _counts(d: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(d.items()))
 
 
 def _encode_and_enroll(
@@ -537,12 +756,15 @@ def _encode_and_enroll(
     backend: str,
     precision: str,
     replace: bool,
+    template_key: TemplateKey | None = None,
 ) -> tuple[Gallery, int]:
     """Open the gallery (or start one for `bundle`), enrol the embeddings of `x`, save it."""
     gallery = (
-        Gallery.load(gallery_path, bundle, precision=precision, require_threshold=False)
+        Gallery.load(
+            gallery_path, bundle, precision=precision, require_threshold=False, template_key=template_key
+        )
         if Path(gallery_path).exists()
-        else Gallery.for_bundle(bundle, precision=precision)
+        else Gallery.for_bundle(bundle, precision=precision, template_key=template_key)
     )
     _check_identity(identity)
     runner = Runner.from_bundle(bundle, backend=backend, precision=precision)

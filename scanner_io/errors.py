@@ -14,6 +14,9 @@ EXIT_UNAVAILABLE = 69
 EXIT_SOFTWARE = 70
 EXIT_IOERR = 74
 EXIT_CONFIG = 78
+# Not a sysexits code: the canary replay before READY failed (R-NEW-12). The unit lists it in
+# RestartPreventExitStatus=, since a bundle that fails its canary fails it again on every restart.
+EXIT_CANARY = 79
 
 
 class ThzEdgeError(Exception):
@@ -103,3 +106,9 @@ class MissingDependencyError(ThzEdgeError):
     """An optional dependency (torch, tensorrt, pycuda, …) is not installed; says what to install."""
 
     exit_code = EXIT_UNAVAILABLE
+
+
+class CanaryError(ThzEdgeError):
+    """The bundled canary replay gave outputs that differ from its golden digests (exit 79)."""
+
+    exit_code = EXIT_CANARY

@@ -6,14 +6,18 @@ where header JSON and payload are byte-for-byte the acquisition wire parts. MCAP
 the frame seq (mod 2^32), `publish_time` the capture time, `log_time` the host receive time on a
 monotonic clock anchored to the wall clock at the start of the recording (so replay pacing
 never sees a wall-clock jump). A `/thzedge/events` JSON channel notes malformed frames and
-upstream gaps. The device/config manifest is a metadata record, the calibration profile an
-attachment. The file is written as `NAME.part` and renamed when finished; chunks are flushed
-and fsync'ed every ~1 MiB or 1 s, so a crash loses at most the open chunk.
+upstream gaps. A frame from the simulator also gets its truth labels (identity, posture,
+sample, claimed identity; no images) on a `/<scanner>/truth` JSON channel, written just before
+its raw message, so a replay can be scored (`thzedge run --score`). The device/config
+manifest is a metadata record, the calibration profile an attachment. The file is written as
+`NAME.part` and renamed when finished; chunks are flushed and fsync'ed every ~1 MiB or 1 s, so
+a crash loses at most the open chunk.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import errno
 import hashlib
@@ -63,12 +67,58 @@ from scanner_io.errors import (
 )
 from scanner_io.frame import Frame
 from scanner_io.seq import SeqTracker
+from scanner_io.simulator import SimTruth
 
 log = logging.getLogger("thzedge.recording")
 
 RAW_ENCODING = "thz-raw/v1"
 RAW_SCHEMA_NAME = "thzedge.RawFrame"
 EVENTS_TOPIC = "/thzedge/events"
+TRUTH_SUFFIX = "/truth"  # `/<scanner>/truth`: simulator truth labels, JSON
+# A truth message waits at most this many frames for its raw message (bounds a hostile file).
+_MAX_PENDING_TRUTH = 64
+
+
+@dataclass(frozen=True)
+class RecordedTruth:
+    """The simulator truth a recording keeps for one frame: labels only, no images."""
+
+    identity: int
+    identity_name: str
+    posture: int
+    sample: int
+    concealed: bool
+    sensor_temp_c: float
+    claimed_identity: str | None = None
+
+    @classmethod
+    def from_sim(cls, t: SimTruth) -> RecordedTruth:
+        """The labels of a frame's `SimTruth`."""
+        return cls(
+            int(t.identity),
+            str(t.identity_name),
+            int(t.posture),
+            int(t.sample),
+            bool(t.concealed),
+            float(t.sensor_temp_c),
+            t.claimed_identity,
+        )
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> RecordedTruth:
+        """Read the `/<scanner>/truth` message form; ValueError/KeyError/TypeError when malformed."""
+        claimed = d.get("claimed_identity")
+        return cls(
+            int(d["identity"]),
+            str(d["identity_name"]),
+            int(d["posture"]),
+            int(d["sample"]),
+            bool(d["concealed"]),
+            float(d["sensor_temp_c"]),
+            None if claimed is None else str(claimed),
+        )
+
+
 MANIFEST_NAME = "thzedge.manifest"
 CALIBRATION_MEDIA_TYPE = "application/x-thzedge-calib"
 # Consent and retention of the biometric data in the file (R-NEW-15); plaintext, so a sweep needs
@@ -512,6 +562,7 @@ class Recorder:
                 RAW_SCHEMA_NAME, "jsonschema", json.dumps(HEADER_JSON_SCHEMA).encode()
             )
             self._channels: dict[str, int] = {}
+            self._truth_channels: dict[str, int] = {}
             self._events_channel: int | None = None
             # log_time = wall clock at start + monotonic elapsed: deltas never jump.
             self._wall0 = time.time_ns()
@@ -554,6 +605,16 @@ class Recorder:
         with contextlib.suppress(OSError, ValueError):
             self._stream.close()
 
+    def add_attachment(self, name: str, media_type: str, data: bytes) -> None:
+        """Store a named blob (a golden's expected results, …) in the file, beside the frames."""
+        now = self.now_ns()
+        self._writer.add_attachment(now, now, name, media_type, data)
+        self._account(len(data))
+
+    def add_metadata(self, name: str, values: Mapping[str, str]) -> None:
+        """Store a named string map (pins, provenance) as an MCAP metadata record."""
+        self._writer.add_metadata(name, dict(values))
+
     def now_ns(self) -> int:
         """Return the recorder clock: start wall time plus monotonic time elapsed (ns)."""
         return self._wall0 + (time.monotonic_ns() - self._mono0)
@@ -572,6 +633,8 @@ class Recorder:
                 self._channels[frame.header.scanner] = channel
             body = pack_frame(frame)
             log_time = self.now_ns() if log_time_ns is None else log_time_ns
+            if isinstance(frame.truth, SimTruth):
+                self._write_truth(frame, log_time)
             self._writer.add_message(
                 channel,
                 log_time=log_time,
@@ -581,6 +644,27 @@ class Recorder:
             )
             self.frames_written += 1
             self._account(len(body))
+
+    def _write_truth(self, frame: Frame, log_time: int) -> None:
+        """Write a simulated frame's truth labels before its raw message (the reader pairs them)."""
+        assert isinstance(frame.truth, SimTruth)
+        scanner = frame.header.scanner
+        channel = self._truth_channels.get(scanner)
+        if channel is None:
+            channel = self._writer.register_channel(
+                f"/{scanner}{TRUTH_SUFFIX}", "json", 0, {"scanner": scanner}
+            )
+            self._truth_channels[scanner] = channel
+        labels = dataclasses.asdict(RecordedTruth.from_sim(frame.truth))
+        body = json.dumps({"seq": frame.header.seq, **labels}, sort_keys=True).encode()
+        self._writer.add_message(
+            channel,
+            log_time=log_time,
+            data=body,
+            publish_time=frame.header.t_capture_ns,
+            sequence=frame.header.seq & 0xFFFFFFFF,
+        )
+        self._account(len(body))
 
     def write_event(self, kind: str, **fields: Any) -> None:
         """Append a JSON event (malformed frame, upstream gap, …) to `/thzedge/events`."""
@@ -718,6 +802,8 @@ class RecordingReader:
         self.attachments: list[AttachmentInfo] = []
         self._attachment_data: dict[str, bytes] = {}
         self.keep_attachments = True
+        # Truth labels read ahead of their raw frame, by (scanner, seq).
+        self._truth: dict[tuple[str, int], RecordedTruth] = {}
 
     def __iter__(self) -> Iterator[RecordedItem]:
         return self.items()
@@ -731,6 +817,7 @@ class RecordingReader:
         self.bad_chunk_errors = []
         self.events = []
         self._opener = None
+        self._truth = {}
         channels: dict[int, Channel] = {}
         with open(self.path, "rb") as fh:
             reader = StreamReader(fh, emit_chunks=True, record_size_limit=MAX_RECORD_BYTES)
@@ -832,15 +919,33 @@ class RecordingReader:
             with contextlib.suppress(ValueError):
                 self.events.append(json.loads(rec.data))
             return None
+        if channel.topic.endswith(TRUTH_SUFFIX) and channel.message_encoding == "json":
+            self._note_truth(channel.topic, rec.data)
+            return None
         if channel.message_encoding != RAW_ENCODING:
             return None
         try:
-            item: Frame | MalformedFrame = unpack_frame(rec.data)
+            frame = unpack_frame(rec.data)
+            truth = self._truth.pop((frame.header.scanner, frame.header.seq), None)
+            if truth is not None:
+                frame = dataclasses.replace(frame, truth=truth)
+            item: Frame | MalformedFrame = frame
             self.frames += 1
         except FrameDecodeError as exc:
             item = MalformedFrame.from_error(exc)
             self.malformed += 1
         return RecordedItem(item=item, log_time_ns=rec.log_time, topic=channel.topic)
+
+    def _note_truth(self, topic: str, data: bytes) -> None:
+        """Keep a truth message until its raw frame comes; a malformed one is ignored."""
+        try:
+            d = json.loads(data)
+            key = (topic[1 : -len(TRUTH_SUFFIX)], int(d["seq"]))
+            self._truth[key] = RecordedTruth.from_json(d)
+        except (ValueError, KeyError, TypeError):
+            return
+        while len(self._truth) > _MAX_PENDING_TRUTH:
+            self._truth.pop(next(iter(self._truth)))
 
     def read_preamble(self) -> None:
         """Collect the attachments and metadata written before the first chunk, reading no frames.
@@ -865,6 +970,10 @@ class RecordingReader:
             if info.media_type == CALIBRATION_MEDIA_TYPE and info.name in self._attachment_data:
                 return info.name, self._attachment_data[info.name]
         return None
+
+    def attachment(self, name: str) -> bytes | None:
+        """Return the bytes of the attachment called `name` seen so far, or None."""
+        return self._attachment_data.get(name)
 
     def sensor_maps(self) -> None:
         """A recording stores a built calibration profile, never the sensor's true maps: None."""

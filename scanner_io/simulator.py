@@ -67,10 +67,16 @@ POSTURE_ANGLES: tuple[tuple[float, float], ...] = (
 )
 # Seed-sequence tags, so each random stream is independent of the others.
 _TAG_IDENTITY, _TAG_SENSOR, _TAG_POSE, _TAG_CLOTH, _TAG_NOISE, _TAG_STREAM = 11, 12, 13, 14, 15, 16
-_TAG_DEFECTS, _TAG_SCENE, _TAG_NOISY = 17, 18, 19
+_TAG_DEFECTS, _TAG_SCENE, _TAG_NOISY, _TAG_SESSION = 17, 18, 19, 20
 # Bad-pixel classes of the sensor model, in the order calibration reports them.
 DEFECT_CLASSES: tuple[str, ...] = ("dead", "hot", "flickering", "noisy", "stuck")
 _STREAM_SAMPLE_OFFSET = 1 << 20  # stream frames never reuse a dataset sample number
+# Each capture session's stream samples live in their own block, so two sessions never share a
+# pose, a cloth or a speckle pattern (session 0's block is the historical one).
+_SESSION_SAMPLE_STRIDE = 1 << 24
+# A session's sensor starts this far from the calibration temperature (uniform, °C): another
+# day, another room temperature. Session 0 starts at the calibration temperature.
+SESSION_TEMP_RANGE_C: tuple[float, float] = (-2.0, 3.0)
 _BOX = 104  # geometry is rendered in a _BOX×_BOX head box (raw pixels at scale 1)
 _HEAD_Y = 0.42  # head centre sits at this fraction of the box height; the neck fills below
 
@@ -524,9 +530,18 @@ class ScannerSimulator:
         level: float = 1.0,
         temp_offset_c: float = 0.0,
         gain_drift: float = 0.0,
+        session: int = 0,
+        people: tuple[int, ...] | None = None,
     ) -> None:
         if identities < 1:
             raise ConfigError(f"simulator identities must be >= 1, got {identities}")
+        if session < 0:
+            raise ConfigError(f"simulator session must be >= 0, got {session}")
+        if people is not None:
+            people = tuple(dict.fromkeys(int(k) for k in people))  # ordered, no repeats
+            if not people or min(people) < 0:
+                raise ConfigError(f"simulator people must be a non-empty set of indices >= 0, got {people}")
+            identities = max(identities, max(people) + 1)
         shape = (int(shape[0]), int(shape[1]))
         if min(shape) < 16:
             raise ConfigError(f"simulator frame shape must be at least 16×16, got {shape}")
@@ -554,6 +569,17 @@ class ScannerSimulator:
         self.gain_drift = float(gain_drift)
         self.seed = int(seed)
         self.identities = int(identities)
+        # Who walks past: identity indices the stream draws from (default: all `identities`).
+        self.people: tuple[int, ...] = people if people is not None else tuple(range(self.identities))
+        self.session = int(session)
+        # Another session is another day: its sensor starts at another temperature.
+        self.session_temp_c = (
+            0.0
+            if self.session == 0
+            else float(
+                np.random.default_rng([self.seed, _TAG_SESSION, self.session]).uniform(*SESSION_TEMP_RANGE_C)
+            )
+        )
         self.scanner = scanner
         self.shape = shape
         self.config = config or SimConfig()
@@ -566,8 +592,10 @@ class ScannerSimulator:
         self.nominal_fps = float(nominal_fps)
         self._seq = 0  # header seq: every frame made, stream or render
         self._stream_index = 0  # stream position: drives temperature and stream samples
-        self._stream_rng = np.random.default_rng([self.seed, _TAG_STREAM])
-        self._visit: tuple[int, int] = (0, 0)  # (identity, frames left in this visit)
+        self._stream_rng = np.random.default_rng(
+            [self.seed, _TAG_STREAM] if self.session == 0 else [self.seed, _TAG_STREAM, self.session]
+        )
+        self._visit: tuple[int, int] = (0, 0)  # (position in `people`, frames left in this visit)
         self._heads: dict[int, HeadParams] = {}
         self._lock = threading.RLock()
         self._geo: OrderedDict[tuple[int, int], _Geometry] = OrderedDict()
@@ -685,10 +713,15 @@ class ScannerSimulator:
     def temperature_at(self, index: int) -> float:
         """Sensor temperature (°C) at stream frame `index`: a warm-up plus a slow wobble."""
         c = self.config
+        base = c.reference_temp_c + self.temp_offset_c + self.session_temp_c
         if not self.drift:
-            return c.reference_temp_c + self.temp_offset_c
+            return base
         warm = c.drift_c * (1.0 - math.exp(-index / c.drift_frames))
-        return c.reference_temp_c + self.temp_offset_c + warm + 0.2 * math.sin(2 * math.pi * index / 900.0)
+        return base + warm + 0.2 * math.sin(2 * math.pi * index / 900.0)
+
+    def session_start_temp_c(self) -> float:
+        """Sensor temperature at the start of this session's stream (where a day's calibration is made)."""
+        return self.temperature_at(0)
 
     def seek(self, index: int) -> None:
         """Move the stream to frame `index` (e.g. past the warm-up); header seq keeps increasing."""
@@ -953,23 +986,26 @@ class ScannerSimulator:
             raw, truth = self.capture_scene(self.scene, self.level, temp, k)
             return Frame(header=self._header(temp), data=raw, truth=truth)
         r = self._stream_rng
-        ident, left = self._visit
+        people = self.people
+        n = len(people)
+        pos, left = self._visit
         if left <= 0:
-            ident, left = int(r.integers(self.identities)), int(r.integers(8, 40))
-        self._visit = (ident, left - 1)
+            pos, left = int(r.integers(n)), int(r.integers(8, 40))
+        self._visit = (pos, left - 1)
+        ident = people[pos]
         posture = int(r.integers(len(POSTURES)))
         concealed = bool(r.random() < self.concealed_fraction)
         claimed = None
         if self.claim_identity:
             claimed_idx = ident
-            if self.identities > 1 and r.random() < self.impostor_rate:
-                claimed_idx = (ident + 1 + int(r.integers(self.identities - 1))) % self.identities
+            # An impostor claims another of the people walking past (the gate's other badges).
+            if n > 1 and r.random() < self.impostor_rate:
+                claimed_idx = people[(pos + 1 + int(r.integers(n - 1))) % n]
             claimed = identity_name(claimed_idx)
         k = self._stream_index
         self._stream_index += 1
-        return self._frame(
-            ident, posture, _STREAM_SAMPLE_OFFSET + k, concealed, self.temperature_at(k), k, claimed
-        )
+        sample = _STREAM_SAMPLE_OFFSET + self.session * _SESSION_SAMPLE_STRIDE + k
+        return self._frame(ident, posture, sample, concealed, self.temperature_at(k), k, claimed)
 
     def _frame(
         self,
@@ -988,8 +1024,12 @@ class ScannerSimulator:
         dark, gain = cap.dark, cap.gain
         raw = cap.raw
 
+        # The reference is captured at the session's calibration temperature (the calibration
+        # temperature itself for session 0), so the session's profile calibrates it exactly.
+        ref_temp = self.config.reference_temp_c + self.session_temp_c
+
         def reference() -> np.ndarray:
-            return self.capture(identity, posture, sample, False, True).raw
+            return self.capture(identity, posture, sample, False, True, ref_temp).raw
 
         truth = SimTruth(
             identity=identity,

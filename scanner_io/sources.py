@@ -1,8 +1,12 @@
 """Frame sources behind one interface, opened from a URI with `open_source`.
 
 - `sim[?seed=0&fps=30&identities=20&frames=N&scanner=sim0]`: the THz simulator; paced at `fps`
-  (live) or, without `fps`, as fast as the consumer reads (lockstep). Calibration scenes and
-  forced drift: `scene=face|dark|flat`, `level=L` (flat), `temp_offset_c=`, `gain_drift=`,
+  (live) or, without `fps`, as fast as the consumer reads (lockstep). Who walks past:
+  `identities=N` (people 0..N-1) or a set `identities=3,5,9` / `identities=30-59`, or one person
+  `identity=K`; `session=S` is another capture session of the same people (other poses,
+  clothing, speckle and sensor temperature); `claim=1&impostor_rate=R` puts a claimed identity
+  in each header (a wrong one with probability R). Calibration scenes and forced drift:
+  `scene=face|dark|flat`, `level=L` (flat), `temp_offset_c=`, `gain_drift=`,
   `defects=default|full`, `start=K` (stream position).
 - `replay:PATH.mcap[?rate=1.0|max&loop=N]`: a recording; `max` is lockstep, a number paces by
   the recorded timestamps on the monotonic clock; `loop=N` plays it N times (0: forever).
@@ -304,6 +308,10 @@ class SimSource(Source):
         gain_drift: float = 0.0,
         defects: str = "default",
         start: int = 0,
+        session: int = 0,
+        people: tuple[int, ...] | None = None,
+        claim: bool = False,
+        impostor_rate: float = 0.0,
     ) -> None:
         super().__init__(uri)
         if defects not in ("default", "full"):
@@ -312,6 +320,10 @@ class SimSource(Source):
         self._sim = ScannerSimulator(
             seed=seed,
             identities=identities,
+            session=session,
+            people=people,
+            claim_identity=claim,
+            impostor_rate=impostor_rate,
             scanner=scanner,
             config=full_defects_config() if defects == "full" else SimConfig(),
             scene=scene,
@@ -339,9 +351,20 @@ class SimSource(Source):
         self._observe(frame)
         return frame
 
+    @property
+    def simulator(self) -> ScannerSimulator:
+        """The simulator behind this source (its people, session and truth)."""
+        return self._sim
+
     def sensor_maps(self) -> SensorMaps:
-        """Return the simulated sensor's true maps at its calibration temperature."""
-        return self._sim.sensor_maps()
+        """Return the simulated sensor's true maps as calibrated at the start of its session.
+
+        Session 0 is calibrated at the calibration temperature; another session's sensor starts
+        elsewhere (`ScannerSimulator.session_temp_c`), and a site calibrates each day, so the
+        profile a `sim?session=S` source carries is that session's.
+        """
+        sim = self._sim
+        return sim.sensor_maps(sim.config.reference_temp_c + sim.session_temp_c)
 
 
 def replay_paths(spec: str) -> list[str]:
@@ -796,7 +819,7 @@ def _split(uri: str, prefix_len: int) -> tuple[str, str]:
 _SIM_PARAMS: dict[str, type] = {
     "seed": int,
     "fps": float,
-    "identities": int,
+    "identities": str,
     "frames": int,
     "scanner": str,
     "scene": str,
@@ -805,7 +828,34 @@ _SIM_PARAMS: dict[str, type] = {
     "gain_drift": str,
     "defects": str,
     "start": int,
+    "session": int,
+    "identity": int,
+    "claim": int,
+    "impostor_rate": str,
 }
+
+
+def _people(uri: str, raw: str) -> tuple[int, ...] | int:
+    """Parse `identities=`: a count N, or a set of indices `3,5,9` / ranges `30-59` (inclusive)."""
+    try:
+        if raw.isdigit():
+            return int(raw)
+        out: list[int] = []
+        for part in raw.split(","):
+            lo, dash, hi = part.strip().partition("-")
+            a = int(lo)
+            b = int(hi) if dash else a
+            if a < 0 or b < a:
+                raise ValueError(part)
+            out.extend(range(a, b + 1))
+        if not out:
+            raise ValueError(raw)
+        return tuple(out)
+    except ValueError:
+        raise ConfigError(
+            f"parameter identities={raw!r} in source {uri!r} is invalid: give a count (20), "
+            "or identity indices and ranges (3,5,30-59)"
+        ) from None
 
 
 def _signed_float(uri: str, key: str, raw: str) -> float:
@@ -840,6 +890,25 @@ def open_source(
         for key in ("temp_offset_c", "gain_drift"):  # signed, unlike the other numbers
             if key in q:
                 q[key] = _signed_float(uri, key, q[key])
+        if "identities" in q:
+            people = _people(uri, q.pop("identities"))
+            if isinstance(people, int):
+                q["identities"] = people
+            else:
+                q["people"] = people
+        if "identity" in q:
+            if "people" in q:
+                raise ConfigError(f"source {uri!r}: give identity=K or a set identities=..., not both")
+            q["people"] = (q.pop("identity"),)
+        if "claim" in q:
+            if q["claim"] not in (0, 1):
+                raise ConfigError(f"parameter claim={q['claim']} in source {uri!r} is invalid: use 0 or 1")
+            q["claim"] = bool(q["claim"])
+        if "impostor_rate" in q:
+            rate = _signed_float(uri, "impostor_rate", q["impostor_rate"])
+            if not 0.0 <= rate <= 1.0:
+                raise ConfigError(f"parameter impostor_rate={rate:g} in source {uri!r} must be in [0, 1]")
+            q["impostor_rate"] = rate
         return SimSource(uri, **q)
     if uri.startswith("replay:"):
         path, rest = _split(uri, len("replay:"))

@@ -20,6 +20,8 @@ COMMANDS = {
     "bench": None,
     "train": None,
     "record": None,
+    "rescore": None,
+    "replay": None,
     "config": {"show", "validate"},
     "keys": {"generate", "show"},
     "gallery": {"info", "remove"},

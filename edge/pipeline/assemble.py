@@ -18,9 +18,7 @@ from typing import Any
 
 from calibration.active import active_profile_path
 from calibration.conditioning import ConditioningParams
-from calibration.guard import GuardSettings, StreamGuard
 from calibration.profile import ProfileChoice, resolve_profile
-from calibration.quality import QualityLimits
 from edge import __version__
 from edge.bundle import Bundle, demo_bundle_path
 from edge.config import (
@@ -34,18 +32,21 @@ from edge.config import (
     log_start_warnings,
     split_host_port,
 )
+from edge.fleet.golden import bundle_canary
 from edge.gallery import Gallery, VerificationMode
 from edge.observability import DaemonMetrics, health_from, serve_http
 from edge.pipeline.acquire import profile_from_source
-from edge.pipeline.context import DaemonSettings, ModelInfo, ProcessingContext
+from edge.pipeline.context import DaemonSettings, ModelInfo, ProcessingContext, stream_context
 from edge.pipeline.daemon import Daemon
 from edge.pipeline.metrics import start_device_telemetry
+from edge.pipeline.scoring import TruthScorer
 from edge.pipeline.stats import RunSummary
 from edge.runner import Runner
 from edge.sdnotify import Notifier
 from edge.security import EndpointSecurity, curve_available, load_keypair
 from edge.signing import verify_bundle_signature
 from edge.storage import Sweeper, recording_policy, storage_key_from_config
+from edge.templates import load_template_key
 from scanner_io.errors import BundleError, CalibrationError, ConfigError, DataError, UsageError
 from scanner_io.recording import Recorder, default_manifest
 from scanner_io.sources import (
@@ -86,6 +87,7 @@ class RunOptions:
     reconstruction: bool = True
     metrics_bind: str | None = None  # HOST:PORT, or "off"
     calibration: Path | None = None  # profile directory for the source (overrides the config's)
+    score: bool = False  # score the published results against the simulator's truth
 
 
 def settings_from_config(
@@ -149,32 +151,21 @@ class ContextLoader:
         if generation > 0:
             self.security.reload()  # SIGHUP: client certificates too (R-SEC-3)
         choice = self.profile(carried)
-        base = choice.profile.conditioning if choice.profile is not None else ConditioningParams()
         gallery = None
         v = self.verification
         if v.gallery is not None and VerificationMode(v.mode) is not VerificationMode.off:
+            key = load_template_key(v.template_key) if v.template_key is not None else None
             try:
                 gallery = Gallery.load(
-                    v.gallery, self.bundle, threshold=v.threshold, precision=self.precision
+                    v.gallery, self.bundle, threshold=v.threshold, precision=self.precision, template_key=key
                 )
             except DataError as exc:
                 # A corrupt gallery does not heal on a restart: at start-up it is exit 78.
                 raise ConfigError(f"[verification] gallery: {exc}") from None
-        params = self.src.conditioning.apply(base)
-        _check_model_input(params, self.bundle, choice)
-        guard = None
-        if choice.profile is not None:
-            guard = StreamGuard(choice.profile, GuardSettings(monitor_every=self.calibration.monitor_every))
-        return ProcessingContext(
-            profile=choice.profile,
-            params=params,
-            calibration_id=choice.calibration_id,
-            gallery=gallery,
-            generation=generation,
-            guard=guard,
-            require_profile=is_scanner_uri(self.src.uri),
-            quality=QualityLimits() if self.calibration.frame_quality else None,
-        )
+        ctx = stream_context(choice, self.src, self.calibration, gallery, generation)
+        assert ctx.params is not None  # stream_context always sets them
+        _check_model_input(ctx.params, self.bundle, choice)
+        return ctx
 
 
 def _check_model_input(params: ConditioningParams, bundle: Bundle, choice: ProfileChoice) -> None:
@@ -332,6 +323,8 @@ def run_daemon(
     with contextlib.suppress(OSError):
         notifier.status("starting: loading model")
     bundle, runner = _open_bundle(cfg)
+    if settings.canary is None and (carried := bundle_canary(bundle.path)) is not None:
+        settings = dataclasses.replace(settings, canary=carried)  # the bundle's own canary (R-NEW-12)
     model = ModelInfo(bundle=bundle.sha256, precision=cfg.model.precision, backend=runner.backend.name)
     metrics.set_build_info(
         version=__version__, bundle=bundle.sha256[:12], backend=model.backend, precision=model.precision
@@ -382,6 +375,7 @@ def run_daemon(
         binder=security,  # callable; its `revocations` make the publisher rebind
         model=model,
         on_ready=on_ready,
+        scorer=TruthScorer() if opts.score else None,
     )
     server = None
     sweeper = Sweeper(cfg) if cfg.storage.sweep_dir is not None else None
@@ -395,7 +389,10 @@ def run_daemon(
                 metrics,
                 health_from(daemon.tracker, daemon.heartbeat, cfg.daemon.heartbeat_timeout_s),
             )
-        return daemon.run()
+        summary = daemon.run()
+        if daemon.scorer is not None:
+            summary = dataclasses.replace(summary, score=daemon.scorer.report())
+        return summary
     finally:
         if sweeper is not None:
             sweeper.stop()

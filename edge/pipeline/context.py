@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from calibration.conditioning import ConditioningParams, calibrate, condition
-from calibration.guard import StreamGuard
-from calibration.profile import CalibrationProfile
+from calibration.guard import GuardSettings, StreamGuard
+from calibration.profile import CalibrationProfile, ProfileChoice
 from calibration.quality import FrameQuality, QualityLimits, assess_frame
+from edge.config import CalibrationConfig, SourceConfig
 from edge.gallery import Gallery, VerificationMode
 from scanner_io.frame import Frame
-from scanner_io.sources import QueuePolicy
+from scanner_io.sources import QueuePolicy, is_scanner_uri
 
 
 def _from(section: str, name: str) -> dict[str, tuple[str, str]]:
@@ -58,6 +60,7 @@ class DaemonSettings:
     # A live source's frames that do not fit the profile: refused at start-up (exit 78) unless allowed.
     allow_uncalibrated: bool = field(default=False, metadata=_from("calibration", "allow_uncalibrated"))
     match_wait_s: float = field(default=5.0, metadata=_from("calibration", "match_wait_s"))
+    canary: Path | None = field(default=None, metadata=_from("daemon", "canary"))
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,34 @@ class ProcessingContext:
     # frames carry no calibration of their own (R-NEW-10); a replay or the simulator may run bare.
     require_profile: bool = False
     quality: QualityLimits | None = None  # the no-head check; None: every frame goes to the model
+
+
+def stream_context(
+    choice: ProfileChoice,
+    src: SourceConfig,
+    calibration: CalibrationConfig,
+    gallery: Gallery | None = None,
+    generation: int = 0,
+) -> ProcessingContext:
+    """The context one source's frames are prepared with: profile, conditioning and its checks.
+
+    The daemon's `ContextLoader` and every replay of a recording (`edge.fleet.replay`) build it
+    here, so a replayed frame is prepared exactly as it was live.
+    """
+    base = choice.profile.conditioning if choice.profile is not None else ConditioningParams()
+    guard = None
+    if choice.profile is not None:
+        guard = StreamGuard(choice.profile, GuardSettings(monitor_every=calibration.monitor_every))
+    return ProcessingContext(
+        profile=choice.profile,
+        params=src.conditioning.apply(base),
+        calibration_id=choice.calibration_id,
+        gallery=gallery,
+        generation=generation,
+        guard=guard,
+        require_profile=is_scanner_uri(src.uri),
+        quality=QualityLimits() if calibration.frame_quality else None,
+    )
 
 
 @dataclass

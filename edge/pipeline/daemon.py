@@ -20,12 +20,14 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import numpy as np
 
 from calibration.profile import ProfileChoice
+from edge.fleet.golden import require_canary
 from edge.observability import DaemonMetrics, StateTracker
 from edge.pipeline.acquire import AcquisitionStage, OpenRecorder, OpenSource
 from edge.pipeline.context import DaemonSettings, ModelInfo, ProcessingContext
@@ -34,11 +36,12 @@ from edge.pipeline.metrics import Metrics
 from edge.pipeline.postprocess import PostProcessor
 from edge.pipeline.publish import Binder, PublisherStage
 from edge.pipeline.queues import Event, FrameQueue, Outbox
+from edge.pipeline.scoring import TruthScorer
 from edge.pipeline.stage import Pipeline, Stage
 from edge.pipeline.stats import RunSummary, Stats
 from edge.runner import ModelRunner
 from edge.sdnotify import Heartbeat, Notifier, WatchdogPinger
-from scanner_io.errors import ThzEdgeError
+from scanner_io.errors import CanaryError, ThzEdgeError
 from scanner_io.sources import QueuePolicy
 
 log = logging.getLogger("thzedge.daemon")
@@ -91,6 +94,7 @@ class Daemon:
         binder: Binder | None = None,
         model: ModelInfo | None = None,
         on_ready: Callable[[Daemon], None] | None = None,
+        scorer: TruthScorer | None = None,
     ) -> None:
         self.settings = settings
         self.runner = runner
@@ -105,6 +109,7 @@ class Daemon:
         self.heartbeat = Heartbeat()  # stamped by the inference loop; gates WATCHDOG=1
         self.model = model or ModelInfo()
         self.on_ready = on_ready
+        self.scorer = scorer
         self.stats = Stats()
         self.stop_event = threading.Event()  # set by SIGTERM/SIGINT or `request_stop`
         self.reload_event = threading.Event()  # set by SIGHUP or `request_reload`
@@ -152,6 +157,7 @@ class Daemon:
             heartbeat=self.heartbeat,
             stop=self.stop_event,
             state_version=self._state_version,
+            scorer=self.scorer,
         )
         self.pipe = pipe
         # source → decode+validate, seq gaps → calibrate+condition → frames
@@ -177,6 +183,17 @@ class Daemon:
         if self.settings.reconstruction:
             self.runner.reconstruct(enc, np.zeros(1, dtype=np.int64))
 
+    def _canary(self, golden: Path) -> None:
+        """Replay the canary through all three tasks; on a mismatch stay unready and exit 79 (R-NEW-12)."""
+        self._set_state("warming_up", "canary replay")
+        try:
+            report = require_canary(self.runner, golden, self.model)
+        except CanaryError as exc:
+            # STATUS says why; `run` keeps this detail when it marks the daemon failed.
+            self._set_state("failed", str(exc)[:300])
+            raise
+        log.info("canary passed: %d frames (%s)", report.frames, report.mode)
+
     def _install_signals(self) -> dict[int, SignalHandler]:
         if threading.current_thread() is not threading.main_thread():
             return {}
@@ -200,7 +217,8 @@ class Daemon:
         try:
             return self._run(t_start)
         except BaseException:
-            self._set_state("failed")
+            if self.state_name != "failed":
+                self._set_state("failed")
             self.stop_event.set()
             raise
         finally:
@@ -214,6 +232,8 @@ class Daemon:
         ctx = self._load_context(0, None)
         self._set_state("warming_up", "warm-up inference")
         self._warm_up()
+        if self.settings.canary is not None:
+            self._canary(self.settings.canary)
         acq, inf, pub = self.compose(ctx)
         pipe = self.pipe
         assert isinstance(acq, AcquisitionStage) and pipe is not None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 
-from edge.gallery import VerificationMode
+from edge.gallery import VerificationMode, match_probe
 from edge.observability import Stage
 from edge.pipeline.context import ProcessingContext, QueuedFrame
 from edge.pipeline.queues import Event
@@ -71,9 +71,22 @@ class PostProcessor:
         ]
         for r, q, p in done:
             r.posture = self._posture(p)
-            r.embedding = p.embedding
             assert q.ctx is not None
+            gallery = q.ctx.gallery
+            # With a template key, what may be published is the protected template (R-NEW-3).
+            r.embedding = p.embedding if gallery is None else gallery.protect(p.embedding)
             self._verify(r, q, q.ctx, p)
+        self._complete_reconstruction(results, batch)
+        scorer = self.pipe.scorer
+        if scorer is not None:
+            for r, q in zip(results, frames, strict=True):
+                assert q.ctx is not None
+                try:
+                    scorer.expect(r, q.frame, q.ctx, reconstruct=batch.reconstruct_ms is not None)
+                except Exception as exc:  # scoring is a test aid: it never fails a frame
+                    log.warning("scoring seq %d failed: %s", r.seq, type(exc).__name__)
+
+    def _complete_reconstruction(self, results: list[FrameResult], batch: IsolatedBatch) -> None:
         if batch.reconstruct_ms is None:
             return
         for r, outcome in zip(results, batch.frames, strict=True):
@@ -101,12 +114,8 @@ class PostProcessor:
         claimed = q.frame.header.claimed_identity
         # The gallery compares with the references of the predicted posture (edge.gallery).
         try:
-            if mode is VerificationMode.one_to_one or (mode is VerificationMode.auto and claimed is not None):
-                if claimed is None:
-                    raise ValueError("1:1 verification needs claimed_identity in the frame header")
-                outcome = ctx.gallery.match_1to1(p.embedding, claimed, posture=p.posture)
-            else:
-                outcome = ctx.gallery.match_1toN(p.embedding, posture=p.posture)
+            outcome = match_probe(ctx.gallery, p.embedding, claimed, p.posture, mode)
+            assert outcome is not None  # mode is not off
             r.verification = outcome.to_dict()  # its threshold is the gallery's
         except Exception as exc:
             self.fail(r, Task.verify, exc)

@@ -28,6 +28,9 @@ log = logging.getLogger("thzedge.daemon")
 FLUSH_ON_STOP_S = 1.0
 
 
+log = logging.getLogger("thzedge.daemon")
+
+
 class PublisherStage(Stage):
     """Owns the results socket: sends results and events, welcomes joiners with the state."""
 
@@ -138,6 +141,11 @@ class PublisherStage(Stage):
                 if ring is not None:
                     ring.append(v)
         pipe.metrics.published(r, t_pub)
+        if pipe.scorer is not None:
+            try:
+                pipe.scorer.published(r)
+            except Exception as exc:  # scoring is a test aid: it never stops the results stream
+                log.warning("scoring seq %d failed: %s", r.seq, type(exc).__name__)
 
     def teardown(self) -> None:
         """Announce `stopped`, let what was sent reach subscribers (bounded), close the socket."""

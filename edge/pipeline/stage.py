@@ -10,6 +10,7 @@ from edge.observability import StateTracker
 from edge.pipeline.context import DaemonSettings, ModelInfo, ProcessingContext
 from edge.pipeline.metrics import Metrics
 from edge.pipeline.queues import FrameQueue, Outbox
+from edge.pipeline.scoring import TruthScorer
 from edge.pipeline.stats import Stats
 from edge.sdnotify import Heartbeat
 
@@ -66,6 +67,7 @@ class Pipeline:
     infer_done: threading.Event = field(default_factory=threading.Event)  # no new results will come
     clock: StopClock = field(init=False)
     state_version: int = 0
+    scorer: TruthScorer | None = None  # `thzedge run --score`: results against simulator truth
 
     def __post_init__(self) -> None:
         self.clock = StopClock(self.settings.stop_timeout_s)

@@ -113,6 +113,7 @@ class RunSummary:
     recording_error: str | None = None
     no_face: int = 0
     uncalibrated: int = 0
+    score: dict[str, Any] | None = None  # `thzedge run --score`: results against simulator truth
 
     @property
     def unaccounted(self) -> int:

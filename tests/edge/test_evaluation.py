@@ -374,3 +374,22 @@ def test_report_renders_plain_tables():
     # header, rule, then one row per group: overall and the postures that have anchors
     assert [line.split()[0] for line in lines[start + 3 : stop]] == ["all", "Front", "Left", "Up"]
     assert "\x1b" not in text  # no terminal colour codes
+
+
+def test_eval_warns_when_the_dataset_holds_the_bundles_training_people(tmp_path):
+    from calibration.simulated import write_dataset
+    from edge.evaluation import training_people_warning
+
+    def manifest(seed: int, identities: int) -> dict:
+        chosen = {"dataset": {"name": "ds", "seed": seed, "identities": identities}}
+        return {"variants": {"fp32": {"verification": {"chosen_on": chosen}}}}
+
+    ds = tmp_path / "ds"
+    write_dataset(ds, identities=4, samples=1, seed=0, test_identities=2)
+    # The training dataset itself: its held-out test split is unseen, its train split is not.
+    assert training_people_warning(manifest(0, 4), ds, ds / "test.csv") is None
+    assert "not for unseen people" in training_people_warning(manifest(0, 4), ds, ds / "train_val.csv")
+    # Another dataset of the training seed (the default `sim dataset`): the same people.
+    assert "seed 0" in training_people_warning(manifest(0, 240), ds, ds / "test.csv")
+    assert training_people_warning(manifest(7, 4), ds, ds / "test.csv") is None
+    assert training_people_warning({"variants": {}}, ds, ds / "test.csv") is None

@@ -9,7 +9,7 @@ import stat
 import numpy as np
 import pytest
 
-from edge.gallery import Gallery, Match
+from edge.gallery import Gallery, Match, enroll_from_source
 from scanner_io.errors import ConfigError, DataError, ThzEdgeError
 
 DIM = 8
@@ -144,13 +144,13 @@ def test_postures_round_trip_and_a_format_1_file_is_read_by_nearest_reference(tm
     g.enroll("carl", np.stack([axis(0), axis(1)]), postures=[0, 1])
     path = g.save(tmp_path / "g.npz")
     with np.load(path) as z:
-        assert json.loads(str(z["meta"]))["format"] == 2 and z["postures"].tolist() == [0, 1]
+        assert json.loads(str(z["meta"]))["format"] == 3 and z["postures"].tolist() == [0, 1]
     loaded = Gallery.load(path, threshold=0.5)
     assert loaded.enrolled_postures("carl") == (0, 1)
     assert loaded.match_1to1(axis(1), "carl", posture=0).score == pytest.approx(np.sqrt(2), abs=1e-6)
 
     # A file of format 1 (no postures; it matched by mean template) is read, with every posture
-    # unknown, so it matches by the nearest reference; saving it writes format 2.
+    # unknown, so it matches by the nearest reference; saving it writes format 3.
     old = tmp_path / "old.npz"
     meta = {
         "format": 1,
@@ -173,12 +173,12 @@ def test_postures_round_trip_and_a_format_1_file_is_read_by_nearest_reference(tm
     assert v1.enrolled_postures("carl") == (-1,)
     assert v1.match_1to1(axis(1), "carl", posture=0).score == pytest.approx(0.0, abs=1e-6)
     with np.load(v1.save(tmp_path / "new.npz")) as z:
-        assert json.loads(str(z["meta"]))["format"] == 2
-    meta["format"] = 3
+        assert json.loads(str(z["meta"]))["format"] == 3
+    meta["format"] = 4
     np.savez(
         old, embeddings=np.stack([axis(0)]), labels=np.zeros(1, np.int32), meta=np.array(json.dumps(meta))
     )
-    with pytest.raises(DataError, match="format 1 or 2 .found 3.; re-enrol"):
+    with pytest.raises(DataError, match="format 1 or 2 or 3 .found 4.; re-enrol"):
         Gallery.load(old)
 
 
@@ -202,19 +202,23 @@ def test_save_is_owner_only_and_round_trips(gallery, tmp_path, umask):
 def test_gallery_of_another_bundle_is_refused(gallery, tmp_path):
     class OtherBundle:  # only what Gallery.load reads from a Bundle
         sha256 = "f" * 64
+        encoder_sha256 = "e" * 64
         embedding_dim = DIM
 
         def threshold(self, precision: str = "fp32") -> float | None:
             return 0.4
 
     path = gallery.save(tmp_path / "g.npz")
-    with pytest.raises(ConfigError, match="enrolled with model bundle aaaaaaaaaaaa.*re-enrol"):
+    with pytest.raises(
+        ConfigError, match="enrolled with encoder aaaaaaaaaaaa.*encoder is eeeeeeeeeeee.*re-enrol"
+    ):
         Gallery.load(path, OtherBundle())
 
 
 def test_bundle_threshold_is_used_and_a_missing_one_refused(gallery, tmp_path):
     class SameBundle:
         sha256 = "a" * 64
+        encoder_sha256 = "a" * 64
         embedding_dim = DIM
 
         def __init__(self, t):
@@ -222,6 +226,9 @@ def test_bundle_threshold_is_used_and_a_missing_one_refused(gallery, tmp_path):
 
         def threshold(self, precision: str = "fp32") -> float | None:
             return self.t.get(precision)
+
+        def accuracy_gate(self, precision: str) -> dict | None:
+            return {"passed": True, "lines": []}
 
     path = gallery.save(tmp_path / "g.npz")
     assert Gallery.load(path, SameBundle({"int8": 0.7}), precision="int8").threshold == 0.7
@@ -362,7 +369,8 @@ def test_enroll_from_raw_frames_uses_the_daemons_conditioning(tiny_bundle, tmp_p
         ]
     )
     assert code == 0, capsys.readouterr().err
-    src = open_source("sim?seed=7&frames=3")
+    # Enrolment from the simulator reads the enrolment session unless the URI names one.
+    src = open_source("sim?seed=7&frames=3&session=1")
     try:
         frames = [src.read(1.0) for _ in range(2)]
         profile, _ = profile_carried_by(src)
@@ -387,8 +395,9 @@ def test_daemon_publishes_the_gallerys_decision_for_each_frame(tiny_bundle, tmp_
     from edge.results import decode_message
 
     gpath = tmp_path / "gallery.npz"
-    enroll_from_source(gpath, tiny_bundle, "person-alpha", "sim?seed=3&frames=2", 2, backend="ort")
-    enroll_from_source(gpath, tiny_bundle, "person-bravo", "sim?seed=9&frames=2", 2, backend="ort")
+    # session=0: the very frames the daemon then streams, so some probes must be accepted.
+    enroll_from_source(gpath, tiny_bundle, "person-alpha", "sim?seed=3&frames=2&session=0", 2, backend="ort")
+    enroll_from_source(gpath, tiny_bundle, "person-bravo", "sim?seed=9&frames=2&session=0", 2, backend="ort")
     endpoint = f"ipc://{tmp_path}/run/results.sock"
     cfg = tmp_path / "thzedge.toml"
     cfg.write_text(
@@ -499,3 +508,101 @@ def test_demo_bundle_accepts_most_genuine_probes_and_rejects_impostors():
         t = enrol.embedding[eid == i].mean(axis=0)
         mean_accepted.append(np.linalg.norm(e - t / np.linalg.norm(t)) <= g.threshold)
     assert np.mean(mean_accepted) == pytest.approx(DEMO_FIGURES["gar_mean_template"], abs=0.05)
+
+
+@pytest.mark.parametrize("claims", [True, False], ids=["1:1", "1:N"])
+def test_run_score_matches_the_published_results_against_truth(tiny_bundle, tmp_path, claims):
+    """`run --score`: the figures equal those recomputed from the published results and the truth."""
+    import time
+
+    import zmq
+
+    from edge.pipeline.assemble import RunOptions, run_daemon
+    from edge.results import decode_message
+    from scanner_io.sources import open_source
+
+    gpath = tmp_path / "gallery.npz"
+    for k in (0, 1):  # id001 and id002 enrolled (session 1); id003 walks past unenrolled
+        enroll_uri = f"sim?seed=7&identity={k}&frames=4"
+        enroll_from_source(gpath, tiny_bundle, f"id{k + 1:03d}", enroll_uri, 4, backend="ort")
+    # Seed 7's session-0 stream: a long visit of id002, then id003 (visits last 8-40 frames).
+    uri = "sim?seed=7&identities=0-2&frames=30" + ("&claim=1&impostor_rate=0.5" if claims else "")
+    endpoint = f"ipc://{tmp_path}/run/results.sock"
+    cfg = tmp_path / "thzedge.toml"
+    cfg.write_text(
+        f'[publisher]\nendpoint = "{endpoint}"\n[metrics]\nenabled = false\n'
+        f'[verification]\ngallery = "{gpath}"\nthreshold = 0.3\n'
+    )
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.linger = 0
+    sub.setsockopt(zmq.SUBSCRIBE, b"result/")
+
+    def on_ready(daemon) -> None:
+        sub.connect(endpoint)
+        time.sleep(0.5)
+
+    try:
+        summary = run_daemon(
+            RunOptions(source=uri, model=tiny_bundle, config=cfg, backend="ort", max_frames=30, score=True),
+            on_ready=on_ready,
+        )
+        results = []
+        while sub.poll(500):
+            results.append(decode_message(sub.recv_multipart()).header)
+    finally:
+        sub.close()
+        ctx.term()
+    with open_source(uri) as src:
+        frames = list(src)
+    truth = [f.truth for f in frames]
+    claimed = [f.header.claimed_identity for f in frames]
+    assert len(results) == 30
+    s = summary.score
+    assert s is not None and s["scored"] == 30 and s["unscored"] == 0 and s["threshold"] == 0.3
+    post = [r["posture"]["index"] == t.posture for r, t in zip(results, truth, strict=True)]
+    assert s["posture_accuracy"] == pytest.approx(np.mean(post))
+    assert s["ssim_frames"] == 30 and -1.0 <= s["ssim_mean"] <= 1.0
+    enrolled = {"id001", "id002"}
+    if claims:
+        one = s["1:1"]
+        pairs = [
+            (r["verification"], t.identity_name, c) for r, t, c in zip(results, truth, claimed, strict=True)
+        ]
+        gen = [v["decision"] == "accept" for v, name, c in pairs if c == name and c in enrolled]
+        imp = [v["decision"] == "accept" for v, name, c in pairs if c != name and c in enrolled]
+        assert (one["genuine"], one["impostor"]) == (len(gen), len(imp)) and gen and imp
+        assert one["claimed_not_enrolled"] == sum(c not in enrolled for _, _, c in pairs)
+        assert one["tar"] == pytest.approx(np.mean(gen)) and one["far"] == pytest.approx(np.mean(imp))
+    else:
+        many = s["1:N"]
+        mine = [(r["verification"], t.identity_name) for r, t in zip(results, truth, strict=True)]
+        known = [(v, n) for v, n in mine if n in enrolled]
+        strangers = [v for v, n in mine if n not in enrolled]
+        assert (many["enrolled_probes"], many["unenrolled_probes"]) == (len(known), len(strangers))
+        assert known and strangers
+        ok = [v["decision"] == "accept" and v["identity"] == n for v, n in known]
+        wrong = [v["decision"] == "accept" and v["identity"] != n for v, n in known]
+        assert many["identified"] == pytest.approx(np.mean(ok))
+        assert many["false_identification"] == pytest.approx(np.mean(wrong))
+        assert many["unenrolled_rejected"] == pytest.approx(
+            np.mean([v["decision"] != "accept" for v in strangers])
+        )
+
+
+def test_enrolment_skips_frames_without_a_face_and_refuses_a_capture_of_none(tiny_bundle, tmp_path, capsys):
+    from edge.cli import main
+
+    gallery = tmp_path / "g.npz"
+    args = ["enroll", "--model", str(tiny_bundle), "--gallery", str(gallery), "--identity", "id001"]
+    # The shutter closed: every frame is blank, so nothing is enrolled.
+    assert main([*args, "--source", "sim?scene=dark&frames=6", "--frames", "2", "--backend", "ort"]) == 1
+    err = capsys.readouterr().err
+    assert "ended after 0 of 2 frames with a face" in err and "blank 6" in err
+    assert not gallery.exists()
+    assert (
+        main([*args, "--source", "sim?seed=3&identity=0&frames=4", "--frames", "2", "--backend", "ort"]) == 0
+    )
+    out, err = capsys.readouterr()
+    assert "no template key" in err and "no verification threshold for fp32 yet" in err
+    assert "plaintext" in out and "postures enrolled" in out

@@ -428,3 +428,26 @@ def test_recording_info_text_has_no_python_reprs(tmp_path: Path) -> None:
     (line,) = [ln for ln in out.stdout.splitlines() if ln.startswith("scanner ")]
     assert line.endswith("seq 0..2, 0 missing, 0 resets, shape 4x4, 8x16x4, dtype uint16, float32"), line
     assert not any(c in out.stdout for c in "[]'{}"), out.stdout
+
+
+def test_simulated_frames_keep_their_truth_labels_on_a_truth_channel(tmp_path):
+    """A replay of a simulator recording carries each frame's truth labels (for `run --score`)."""
+    from scanner_io.recording import RecordedTruth, RecordingReader
+
+    src = open_source("sim?seed=3&identities=2-4&frames=6&claim=1&impostor_rate=0.5&session=1")
+    frames = list(src)
+    path = tmp_path / "t.mcap"
+    with Recorder(path) as rec:
+        for f in frames:
+            rec.write(f)
+        rec.write(Frame(header=frames[0].header, data=frames[0].data))  # no truth: no label
+    items = [r.item for r in RecordingReader(path)]
+    assert len(items) == 7
+    for f, got in zip(frames, items, strict=False):
+        assert got.truth == RecordedTruth.from_sim(f.truth)
+        assert got.truth.claimed_identity == f.header.claimed_identity
+        np.testing.assert_array_equal(got.data, f.data)
+    assert items[-1].truth is None
+    # Replaying it gives the same frames with the same labels.
+    replayed = list(open_source(f"replay:{path}?rate=max"))
+    assert [r.truth for r in replayed] == [i.truth for i in items]

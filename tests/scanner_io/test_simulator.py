@@ -209,3 +209,62 @@ def test_sim_uri_scene_parameters() -> None:
     for bad in ("sim?scene=moon", "sim?defects=all", "sim?temp_offset_c=warm", "sim?gain_drift=-2"):
         with pytest.raises(ConfigError):
             open_source(bad).close()
+
+
+def test_a_session_is_another_capture_of_the_same_people():
+    """session= changes pose jitter, clothing, speckle and sensor temperature, never the person."""
+    from scanner_io.simulator import SESSION_TEMP_RANGE_C
+
+    a = ScannerSimulator(seed=4, identities=1)
+    b = ScannerSimulator(seed=4, identities=1, session=3)
+    assert a.session_temp_c == 0.0 and SESSION_TEMP_RANGE_C[0] <= b.session_temp_c <= SESSION_TEMP_RANGE_C[1]
+    assert b.session_temp_c != 0.0
+    assert a.identity_params(0) == b.identity_params(0)  # the same head
+    fa, fb = a.next_frame(), b.next_frame()
+    assert fa.truth.identity == fb.truth.identity == 0
+    assert fa.truth.sample != fb.truth.sample  # another capture: own pose, cloth and speckle draws
+    assert fb.header.sensor_temp_c == pytest.approx(a.temperature_at(0) + b.session_temp_c, abs=1e-3)
+    # Two sessions never share a stream sample, however long they run.
+    assert ScannerSimulator(seed=4, session=1)._stream_index == 0
+    c = ScannerSimulator(seed=4, identities=1, session=3)
+    assert c.next_frame().data.tobytes() == fb.data.tobytes()  # still deterministic
+
+
+def test_sim_uri_people_sessions_and_claims():
+    from scanner_io.errors import ConfigError
+    from scanner_io.sources import open_source
+
+    with open_source("sim?seed=2&identity=7&frames=12&session=2") as src:
+        frames = list(src)
+        maps = src.sensor_maps()
+        sim = src.simulator
+    assert {f.truth.identity for f in frames} == {7} and {f.truth.identity_name for f in frames} == {"id008"}
+    assert all(f.header.claimed_identity is None for f in frames)
+    # The profile the source carries is that session's calibration (a site calibrates each day).
+    np.testing.assert_array_equal(
+        maps.dark, sim.sensor_maps(sim.config.reference_temp_c + sim.session_temp_c).dark
+    )
+    with open_source("sim?seed=2&identities=3,5,9-10&frames=150") as src:
+        assert src.simulator.people == (3, 5, 9, 10)
+        seen = {f.truth.identity for f in src}
+    assert seen <= {3, 5, 9, 10} and len(seen) >= 2
+    with open_source("sim?seed=2&identities=4&claim=1&frames=20") as src:
+        assert all(f.header.claimed_identity == f.truth.identity_name for f in src)
+    with open_source("sim?seed=2&identities=20-23&claim=1&impostor_rate=1&frames=20") as src:
+        frames = list(src)
+    claims = {f.header.claimed_identity for f in frames}
+    assert all(f.header.claimed_identity != f.truth.identity_name for f in frames)
+    assert claims <= {"id021", "id022", "id023", "id024"}
+    with open_source("sim?seed=2&identities=3&claim=1&impostor_rate=0.5&frames=200") as src:
+        wrong = sum(f.header.claimed_identity != f.truth.identity_name for f in src)
+    assert 60 < wrong < 140
+    for bad in (
+        "sim?identities=abc",
+        "sim?identities=5-2",
+        "sim?identity=2&identities=3,4",
+        "sim?claim=2",
+        "sim?impostor_rate=1.5",
+        "sim?session=-1",
+    ):
+        with pytest.raises(ConfigError):
+            open_source(bad).close()

@@ -1,0 +1,1 @@
+"""Fleet-wide work on recordings: replay with the daemon's conditioning, re-scoring, golden replays."""
