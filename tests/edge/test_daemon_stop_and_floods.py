@@ -109,7 +109,10 @@ def test_the_last_results_before_a_clean_stop_reach_the_subscriber(tiny_bundle: 
         sub.close()
     assert rc == 0, err[-2000:]
     assert summary_of(out)["published"] == n
-    assert sorted(h["seq"] for h in sub.results) == list(range(n))
+    # The first results may go out before the subscriber's connection is complete (the daemon
+    # does not wait for subscribers); from the first one received on, none may be missing.
+    seqs = sorted(h["seq"] for h in sub.results)
+    assert seqs and seqs == list(range(seqs[0], n)) and len(seqs) >= n // 2, seqs[:5]
     assert all("reconstruction" in a for a in sub.arrays)
     assert sub.events[-1]["kind"] == "state" and sub.events[-1]["state"] == "stopped"
 
