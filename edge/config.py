@@ -370,11 +370,11 @@ _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Loading
 
 
-def load_config(path: Path | str | None = None) -> Config:
-    """Read and validate a config file; `None` uses $THZEDGE_CONFIG or the default path.
+def _read_config_file(path: Path | str | None) -> tuple[Path, dict[str, Any] | None]:
+    """Find and parse the config file; `None` uses $THZEDGE_CONFIG or the default path.
 
-    With `None` and no file at the default path, the built-in defaults are returned. An
-    explicitly given path that does not exist is an error.
+    Returns (path, parsed TOML), or (path, None) when there is no file at the default path. An
+    explicitly given path that does not exist, unreadable bytes or bad TOML are a ConfigError.
     """
     explicit = path is not None
     if path is None:
@@ -385,16 +385,25 @@ def load_config(path: Path | str | None = None) -> Config:
         if explicit:
             raise ConfigError(f"config file {path} does not exist; create it or drop --config")
         log.debug("no config file at %s; using built-in defaults", path)
-        return validate(Config())
+        return path, None
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return path, tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     except RecursionError:  # tomllib recurses per nesting level: a hostile file nests thousands deep
         raise ConfigError(f"{path}: not a thzedge config: tables or arrays nested too deep") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
-    return config_from_dict(raw, path=path)
+
+
+def load_config(path: Path | str | None = None) -> Config:
+    """Read and validate a config file; `None` uses $THZEDGE_CONFIG or the default path.
+
+    With `None` and no file at the default path, the built-in defaults are returned. An
+    explicitly given path that does not exist is an error.
+    """
+    found, raw = _read_config_file(path)
+    return validate(Config()) if raw is None else config_from_dict(raw, path=found)
 
 
 def load_model_config(path: Path | str | None = None) -> ModelConfig:
@@ -404,22 +413,11 @@ def load_model_config(path: Path | str | None = None) -> ModelConfig:
     rest of a production config may name `${CREDENTIALS_DIRECTORY}` and other paths only
     systemd provides, which must not stop them from finding the engine cache and the bundle.
     """
-    explicit = path is not None
-    if path is None:
-        env = os.environ.get(CONFIG_ENV)
-        path, explicit = (Path(env), True) if env else (DEFAULT_CONFIG_PATH, False)
-    path = Path(path)
-    if not path.exists():
-        if explicit:
-            raise ConfigError(f"config file {path} does not exist; create it or drop --config")
+    found, raw = _read_config_file(path)
+    if raw is None:
         return ModelConfig()
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from None
-    model: ModelConfig = _build(ModelConfig, raw.get("model", {}), f"{path}: [model]", path.resolve().parent)
+    base = found.resolve().parent
+    model: ModelConfig = _build(ModelConfig, raw.get("model", {}), f"{found}: [model]", base)
     return model
 
 
