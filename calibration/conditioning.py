@@ -147,7 +147,10 @@ def calibrate(raw: np.ndarray, profile: CalibrationProfile | None) -> np.ndarray
 def power_to_db(power: np.ndarray, params: ConditioningParams) -> np.ndarray:
     """Return 10·log10(power) in float32, floored half a step below db_min so log stays finite."""
     floor = np.float32(10.0 ** ((params.db_min - 1.0) / 10.0))
-    return (10.0 * np.log10(np.maximum(power, floor))).astype(np.float32, copy=False)
+    db = np.maximum(power, floor).astype(np.float32, copy=False)
+    np.log10(db, out=db)
+    db *= np.float32(10.0)
+    return db
 
 
 def head_weights(power: np.ndarray, params: ConditioningParams) -> tuple[np.ndarray, np.ndarray, int]:
@@ -161,12 +164,42 @@ def head_weights(power: np.ndarray, params: ConditioningParams) -> tuple[np.ndar
     b = params.roi_block
     hb, wb = h // b, w // b
     if hb >= 1 and wb >= 1 and b > 1:
-        blocks = power[: hb * b, : wb * b].reshape(hb, b, wb, b).mean(axis=(1, 3))
+        blocks = _block_mean(power[: hb * b, : wb * b], b)
     else:
         b, blocks = 1, power
-    db = 10.0 * np.log10(np.maximum(blocks, 1e-3))
-    weight = np.clip((db - params.roi_threshold_db) / params.roi_softness_db, 0.0, 1.0)
+    db = np.maximum(blocks, 1e-3)
+    np.log10(db, out=db)
+    db *= 10.0
+    weight = db - params.roi_threshold_db
+    weight /= params.roi_softness_db
+    np.clip(weight, 0.0, 1.0, out=weight)
     return weight, db, b
+
+
+# numpy sums runs shorter than this one by one, left to right (longer ones pairwise), which is
+# the order `_block_mean` reproduces.
+_SEQUENTIAL_SUM_MAX = 8
+
+
+def _block_mean(a: np.ndarray, b: int) -> np.ndarray:
+    """Return the mean of each b×b block of `a`, bit-identical to `reshape(...).mean(axis=(1, 3))`.
+
+    That numpy reduction is slow on small blocks (an iterator step per element). It sums each
+    block row left to right, then the block rows top to bottom, then divides: the same float
+    operations in the same order, done here as whole-array adds.
+    """
+    hb, wb = a.shape[0] // b, a.shape[1] // b
+    v = a.reshape(hb, b, wb, b)
+    if b >= _SEQUENTIAL_SUM_MAX or v.dtype != np.float32:
+        return v.mean(axis=(1, 3))
+    rows = v[:, :, :, 0] + v[:, :, :, 1]
+    for d in range(2, b):
+        rows += v[:, :, :, d]
+    out = rows[:, 0] + rows[:, 1]
+    for r in range(2, b):
+        out += rows[:, r]
+    out /= np.float32(b * b)
+    return out
 
 
 def find_roi(power: np.ndarray, params: ConditioningParams) -> Roi:
@@ -192,8 +225,9 @@ def find_roi(power: np.ndarray, params: ConditioningParams) -> Roi:
     else:
         cy = float((weight.sum(axis=1) * (np.arange(hb) + 0.5)).sum()) / total * b
         cx = float((weight.sum(axis=0) * (np.arange(wb) + 0.5)).sum()) / total * b
-    x0 = int(np.clip(round(cx - cw / 2.0), 0, w - cw))
-    y0 = int(np.clip(round(cy - ch / 2.0), 0, h - ch))
+    # Python min/max, not np.clip: the same integers, without numpy's per-call cost.
+    x0 = min(max(round(cx - cw / 2.0), 0), w - cw)
+    y0 = min(max(round(cy - ch / 2.0), 0), h - ch)
     return (x0, y0, cw, ch)
 
 
@@ -217,12 +251,16 @@ def condition_with_roi(
     if db.shape != (n, n):
         db = cv2.resize(db, (n, n), interpolation=cv2.INTER_LINEAR)
     scale = np.float32(1.0 / (params.db_max - params.db_min))
-    out = (db - np.float32(params.db_min)) * scale
+    out = db  # a fresh float32 array (power_to_db or the resize made it): worked on in place
+    out -= np.float32(params.db_min)
+    out *= scale
     np.clip(out, 0.0, 1.0, out=out)
     if params.quantize:
         # Same rounding as writing an 8-bit PNG and reading it back with /255.
-        out = np.rint(out * np.float32(255.0)) / np.float32(255.0)
-    return out.astype(np.float32, copy=False), roi
+        out *= np.float32(255.0)
+        np.rint(out, out=out)
+        out /= np.float32(255.0)
+    return out, roi
 
 
 def condition(power: np.ndarray, params: ConditioningParams) -> np.ndarray:

@@ -264,6 +264,15 @@ class Bundle:
         """The model input contract: thz [N,1,64,64] float32 in [0,1]."""
         return self.graphs[ENCODER_GRAPH].inputs[0]
 
+    def gate_passed_precisions(self) -> tuple[str, ...]:
+        """The variants fit to run: fp32 (the reference) and those whose accuracy gate passed."""
+        out = []
+        for precision in self.precisions:
+            gate = self.variant(precision).get("gate")
+            if precision == Precision.fp32 or (isinstance(gate, Mapping) and gate.get("passed") is True):
+                out.append(precision)
+        return tuple(out)
+
     def variant(self, precision: str = "fp32") -> Mapping[str, Any]:
         """The manifest entry of one precision variant; BundleError if the bundle lacks it."""
         variants = self._manifest["variants"]

@@ -15,7 +15,7 @@ import typer
 from edge.backends import BackendKind
 from edge.bench import bench_model, render_bench
 from edge.bundle import Bundle, Precision, demo_bundle_path, model_path
-from edge.config import load_config
+from edge.config import ModelPrecision, load_config
 from edge.evaluation import Routing, evaluate, training_people_warning
 from edge.gallery import Gallery, enroll_from_inputs, enroll_from_source
 from edge.infer import load_inputs, save_results, truth_postures
@@ -135,8 +135,11 @@ def run_command(
     ] = None,
     backend: Annotated[BackendKind | None, typer.Option("--backend", help=_BACKEND_HELP)] = None,
     precision: Annotated[
-        Precision | None,
-        typer.Option("--precision", help="Bundle precision variant to run (default: config, else fp32)."),
+        ModelPrecision | None,
+        typer.Option(
+            "--precision",
+            help="Bundle precision variant to run; auto = the fastest gate-passed one (default: config).",
+        ),
     ] = None,
     publish: Annotated[
         str | None,
@@ -384,7 +387,9 @@ def enroll_command(
     gallery_path = gallery or cfg.verification.gallery
     if gallery_path is None:
         raise ThzEdgeError("--gallery FILE.npz is required (or [verification] gallery in the config)")
-    prec = precision.value if precision else cfg.model.precision
+    # `auto` is the daemon's speed choice; enrolment takes the fp32 reference unless pinned.
+    pinned = cfg.model.precision
+    prec = precision.value if precision else (pinned.value if pinned != "auto" else Precision.fp32.value)
     key_path = template_key or cfg.verification.template_key
     key = load_template_key(key_path) if key_path is not None else None
     if key is None:

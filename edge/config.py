@@ -120,6 +120,15 @@ class SourceConfig:
         return self.curve_server_key is not None and self.curve_client_key is not None
 
 
+class ModelPrecision(Choice):
+    """Which variant `thzedge run` loads: `auto` times the gate-passed ones and keeps the fastest."""
+
+    auto = "auto"
+    fp32 = Precision.fp32.value
+    fp16 = Precision.fp16.value
+    int8 = Precision.int8.value
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which model bundle to run and how; `bundle = None` means the shipped demo bundle."""
@@ -129,7 +138,8 @@ class ModelConfig:
     # only bundles whose manifest one of them signed are loaded (`thzedge export sign`).
     trusted_keys_dir: Path | None = None
     backend: BackendKind = BackendKind.auto
-    precision: Precision = Precision.fp32
+    # A fixed precision pins the variant; `auto` picks the fastest that passed the accuracy gate.
+    precision: ModelPrecision = ModelPrecision.auto
     max_batch: int | None = field(default=None, metadata={"min": 1, "max": MAX_BATCH})
     # Where `thzedge export engine` puts TensorRT engines and the trt backend finds them (None:
     # $THZEDGE_ENGINE_CACHE, else the unit's $STATE_DIRECTORY/engines; edge/backends/engine_cache.py).

@@ -169,7 +169,12 @@ class Runner:
         """Run the encoder on x [N,1,64,64] float32 in [0,1], in chunks of at most max_batch."""
         x = as_model_input(x)
         parts = [self.backend.infer(ENCODER_GRAPH, {INPUT_NAME: x[c]}) for c in self.chunks(x.shape[0])]
-        out = {name: np.concatenate([p[name] for p in parts]) for name in ENCODER_OUTPUTS}
+        # One chunk (the daemon's case): its outputs are the result, no concatenation copy.
+        out = (
+            parts[0]
+            if len(parts) == 1
+            else {n: np.concatenate([p[n] for p in parts]) for n in ENCODER_OUTPUTS}
+        )
         return EncoderOutput(
             embedding=out["embedding"],
             posture_logits=out["posture_logits"],
@@ -184,6 +189,10 @@ class Runner:
         for k in np.unique(postures):
             idx = np.flatnonzero(postures == k)
             graph = _decoder(int(k))
+            if idx.size == n and n <= self.max_batch:
+                # Every frame goes to this decoder in one call: the skip features as they are.
+                feeds = {name: enc.features[name] for name in DECODER_INPUTS}
+                return np.asarray(self.backend.infer(graph, feeds)["reconstruction"], dtype=np.float32)
             for c in self.chunks(idx.size):
                 sel = idx[c]
                 feeds = {name: enc.features[name][sel] for name in DECODER_INPUTS}
@@ -347,11 +356,14 @@ def _reconstruct_group(runner: ModelRunner, g: _Group, outcomes: list[FrameOutco
 
     def with_image(i: int, img: np.ndarray) -> None:
         image = np.asarray(img, dtype=np.float32).reshape(INPUT_SIZE, INPUT_SIZE)
-        outcomes[i].prediction = dataclasses.replace(predicted(i), reconstruction=image)
+        p = predicted(i)
+        outcomes[i].prediction = FramePrediction(p.embedding, p.posture, p.confidence, image)
 
     postures = np.array([predicted(i).posture for i in g.frames], dtype=np.int64)
+    # The whole encoder output (the usual case) is passed as it is: no copy of the skip features.
+    enc = g.enc if g.rows == list(range(len(g.enc))) else g.enc.take(g.rows)
     try:
-        images = runner.reconstruct(g.enc.take(g.rows), postures)
+        images = runner.reconstruct(enc, postures)
         for i, img in zip(g.frames, images, strict=True):
             with_image(i, img)
     except Exception:

@@ -200,11 +200,15 @@ def _reject_constant(token: str) -> Any:
     raise ValueError(f"non-standard JSON constant {token}")
 
 
+# One decoder for every header: `json.loads` with an option builds a new one per call.
+_HEADER_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def parse_header_json(raw: memoryview) -> dict[str, Any]:
     """Parse header bytes as a strict JSON object (no NaN/Infinity); raises FrameRejected("bad_json")."""
     try:
         text = bytes(raw).decode("utf-8")
-        obj = json.loads(text, parse_constant=_reject_constant)
+        obj = _HEADER_DECODER.decode(text)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise _fail("bad_json", f"header is not UTF-8 JSON: {exc}") from None
     if not isinstance(obj, dict):

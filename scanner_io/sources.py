@@ -54,6 +54,7 @@ from scanner_io.codec import (
 )
 from scanner_io.errors import ConfigError, FrameDecodeError, SourceUnavailableError
 from scanner_io.frame import Frame
+from scanner_io.osthread import name_native_thread
 from scanner_io.ratelog import RateLimitedLog
 from scanner_io.recording import PART_SUFFIX, RecordingReader
 from scanner_io.seq import SeqTracker
@@ -680,6 +681,7 @@ class ZmqSource(Source):
         return parts
 
     def _run(self) -> None:
+        name_native_thread("thz-source")
         try:
             sock, mon = self._open()
         except zmq.ZMQError as exc:

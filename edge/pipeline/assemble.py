@@ -10,21 +10,25 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from calibration.active import active_profile_path
 from calibration.conditioning import ConditioningParams
 from calibration.profile import ProfileChoice, resolve_profile
 from edge import __version__
-from edge.bundle import Bundle, demo_bundle_path
+from edge.bundle import Bundle, Precision, demo_bundle_path
 from edge.config import (
     DEFAULT_METRICS_PORT,
     CalibrationConfig,
     Config,
+    ModelPrecision,
     SourceConfig,
     VerificationConfig,
     apply_overrides,
@@ -168,6 +172,81 @@ class ContextLoader:
         return ctx
 
 
+# `auto` leaves the fp32 reference only for a variant at least this much faster per frame, so
+# timing noise on a busy host does not flip the choice between near-equal variants.
+AUTO_MIN_GAIN = 0.15
+AUTO_ROUNDS = 5  # timed batches per variant, interleaved so a load change hits every variant alike
+
+
+def time_variants(runners: dict[str, Runner], reconstruct: bool) -> dict[str, float]:
+    """Best-of-rounds ms per frame of each runner on one full batch of a fixed probe input."""
+    batch = max(1, min(r.max_batch for r in runners.values()))
+    x = np.random.default_rng(0).random((batch, 1, 64, 64), dtype=np.float32)
+    best = dict.fromkeys(runners, float("inf"))
+    for r in runners.values():
+        r.infer(x, reconstruct=reconstruct)  # warm-up: first runs allocate
+    for _ in range(AUTO_ROUNDS):
+        for p, r in runners.items():
+            t0 = time.perf_counter()
+            r.infer(x, reconstruct=reconstruct)
+            best[p] = min(best[p], (time.perf_counter() - t0) * 1e3 / batch)
+    return best
+
+
+def choose_precision(timings: dict[str, float]) -> str:
+    """The fastest variant; fp32 unless another is at least AUTO_MIN_GAIN faster per frame."""
+    fastest = min(timings, key=lambda p: timings[p])
+    ref = timings.get(Precision.fp32.value)
+    if ref is not None and timings[fastest] > ref * (1.0 - AUTO_MIN_GAIN):
+        return Precision.fp32.value
+    return fastest
+
+
+def _open_runner(cfg: Config, bundle: Bundle, reconstruct: bool) -> Runner:
+    """Load the pinned precision, or with `auto` time the gate-passed variants and keep the fastest."""
+
+    def load(precision: str) -> Runner:
+        runner = Runner.from_bundle(
+            bundle,
+            backend=cfg.model.backend,
+            precision=precision,
+            engine_cache=cfg.model.engine_cache,
+            dla_core=cfg.model.dla_core,
+        )
+        if cfg.model.max_batch is not None:
+            runner.max_batch = min(runner.max_batch, cfg.model.max_batch)
+        return runner
+
+    if cfg.model.precision is not ModelPrecision.auto:
+        return load(cfg.model.precision.value)
+    candidates = bundle.gate_passed_precisions()
+    runners: dict[str, Runner] = {}
+    try:
+        for p in candidates:
+            try:
+                runners[p] = load(p)
+            except BundleError as exc:
+                if p == Precision.fp32.value:
+                    raise
+                # A variant this backend cannot run (e.g. no engine for it) is no candidate.
+                log.info("precision auto: %s skipped: %s", p, exc)
+        if len(runners) == 1:
+            return runners.popitem()[1]
+        timings = time_variants(runners, reconstruct)
+        chosen = choose_precision(timings)
+        log.info(
+            "precision auto: %s on %s (%s ms/frame at batch %d)",
+            chosen,
+            runners[chosen].backend.name,
+            ", ".join(f"{p} {ms:.3f}" for p, ms in timings.items()),
+            runners[chosen].max_batch,
+        )
+        return runners.pop(chosen)
+    finally:
+        for r in runners.values():
+            r.close()
+
+
 def _check_model_input(params: ConditioningParams, bundle: Bundle, choice: ProfileChoice) -> None:
     """R-NEW-10: the conditioning must produce what the model was trained on (its input side).
 
@@ -219,7 +298,7 @@ def refuse_uncalibrated(src: SourceConfig, uri: str, calibration: CalibrationCon
     )
 
 
-def _open_bundle(cfg: Config) -> tuple[Bundle, Runner]:
+def _open_bundle(cfg: Config, reconstruct: bool = True) -> tuple[Bundle, Runner]:
     bundle_path = cfg.model.bundle
     if bundle_path is None:
         bundle_path = demo_bundle_path()
@@ -234,19 +313,11 @@ def _open_bundle(cfg: Config) -> tuple[Bundle, Runner]:
         log.info("bundle %s is signed by trusted key %s", bundle_path, signer)
     try:
         bundle = Bundle.open(bundle_path)
-        runner = Runner.from_bundle(
-            bundle,
-            backend=cfg.model.backend,
-            precision=cfg.model.precision,
-            engine_cache=cfg.model.engine_cache,
-            dla_core=cfg.model.dla_core,
-        )
+        runner = _open_runner(cfg, bundle, reconstruct)
     except BundleError as exc:
         # A missing or broken bundle, or a precision it lacks, does not heal on a restart: exit 78
         # so systemd stops retrying (RestartPreventExitStatus=78).
         raise ConfigError(f"model: {exc}") from None
-    if cfg.model.max_batch is not None:
-        runner.max_batch = min(runner.max_batch, cfg.model.max_batch)
     return bundle, runner
 
 
@@ -322,10 +393,11 @@ def run_daemon(
     metrics = DaemonMetrics()
     with contextlib.suppress(OSError):
         notifier.status("starting: loading model")
-    bundle, runner = _open_bundle(cfg)
+    bundle, runner = _open_bundle(cfg, opts.reconstruction)
     if settings.canary is None and (carried := bundle_canary(bundle.path)) is not None:
         settings = dataclasses.replace(settings, canary=carried)  # the bundle's own canary (R-NEW-12)
-    model = ModelInfo(bundle=bundle.sha256, precision=cfg.model.precision, backend=runner.backend.name)
+    precision = runner.backend.precision  # the one `auto` chose, or the pinned one
+    model = ModelInfo(bundle=bundle.sha256, precision=precision, backend=runner.backend.name)
     metrics.set_build_info(
         version=__version__, bundle=bundle.sha256[:12], backend=model.backend, precision=model.precision
     )
@@ -338,7 +410,7 @@ def run_daemon(
         runner.close()
         raise
     load_context = ContextLoader(
-        src, cfg.verification, bundle, cfg.model.precision, security, calibration=cfg.calibration
+        src, cfg.verification, bundle, precision, security, calibration=cfg.calibration
     )
 
     curve = _source_curve(src)

@@ -287,7 +287,9 @@ class Daemon:
             # The stream cannot go on (a profile for other frames, a source that cannot recover):
             # exit with the error's code, so systemd tells a bad config from a crash.
             raise acq.error
-        summary = self.stats.summary(time.monotonic() - t_start, endpoint, acq.exit_reason)
+        summary = self.stats.summary(
+            time.monotonic() - t_start, endpoint, acq.exit_reason, self.model.precision, self.model.backend
+        )
         if acq.recording_error is not None:
             summary = dataclasses.replace(summary, recording_error=str(acq.recording_error))
         return summary

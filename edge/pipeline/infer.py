@@ -86,26 +86,30 @@ class InferenceStage(Stage):
             x = np.stack([q.x for q in (fresh[i] for i in ok) if q.x is not None])[:, None]
             outcome = infer_isolated(self.runner, x, reconstruct=pipe.settings.reconstruction)
             self.post.complete([results[i] for i in ok], [fresh[i] for i in ok], outcome)
-        for r in results:
-            self._emit(r)
+        self._emit(results)
 
-    def _emit(self, r: FrameResult) -> None:
+    def _emit(self, results: list[FrameResult]) -> None:
+        """Hand the batch's results to the publisher in one piece."""
         pipe = self.pipe
-        if r.status in ("error", "no_face"):
-            r.posture = None
-            r.embedding = None
-        r.t_ready_mono = time.monotonic()
+        ready = time.monotonic()
+        for r in results:
+            if r.status in ("error", "no_face"):
+                r.posture = None
+                r.embedding = None
+            r.t_ready_mono = ready
+            pipe.metrics.processed()
         with pipe.stats.lock:
-            pipe.stats.processed += 1
-            if r.status == "partial":
-                pipe.stats.partial += 1
-            elif r.status == "error":
-                pipe.stats.errors += 1
-            elif r.status == "no_face":
-                pipe.stats.no_face += 1
-            elif r.status == "uncalibrated":
-                pipe.stats.uncalibrated += 1
-        pipe.metrics.processed()
-        self._accounted += 1
-        if not pipe.outbox.put(r, pipe.clock.publish_deadline, pipe.settings.poll_s, pipe.heartbeat.beat):
-            pipe.count_drop("shutdown")
+            pipe.stats.processed += len(results)
+            for r in results:
+                if r.status == "partial":
+                    pipe.stats.partial += 1
+                elif r.status == "error":
+                    pipe.stats.errors += 1
+                elif r.status == "no_face":
+                    pipe.stats.no_face += 1
+                elif r.status == "uncalibrated":
+                    pipe.stats.uncalibrated += 1
+        self._accounted += len(results)
+        item = tuple(results)
+        if not pipe.outbox.put(item, pipe.clock.publish_deadline, pipe.settings.poll_s, pipe.heartbeat.beat):
+            pipe.count_drop("shutdown", len(results))

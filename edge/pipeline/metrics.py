@@ -10,6 +10,8 @@ from edge.results import FrameResult
 from edge.telemetry import install_jetson_telemetry
 
 log = logging.getLogger("thzedge.daemon")
+# (result latency key, metric stage label) of every stage, read once: this runs per result.
+_STAGE_KEYS: tuple[tuple[str, str], ...] = tuple((s.value, s.metric) for s in Stage)
 
 
 def start_device_telemetry(impl: DaemonMetrics) -> Callable[[], None]:
@@ -55,10 +57,10 @@ class Metrics:
             m.published(r.status)
             # One observation per metric stage and frame: verify + reconstruct add up to `postprocess`.
             seconds: dict[str, float] = {}
-            for stage in Stage:
-                ms = r.latency_ms.get(stage.value)
+            for key, metric in _STAGE_KEYS:
+                ms = r.latency_ms.get(key)
                 if ms is not None:
-                    seconds[stage.metric] = seconds.get(stage.metric, 0.0) + ms / 1e3
+                    seconds[metric] = seconds.get(metric, 0.0) + ms / 1e3
             for label, s in seconds.items():
                 m.observe_stage(label, s)
             if t_publish_ns is not None and t_publish_ns >= r.t_capture_ns:

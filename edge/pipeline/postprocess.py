@@ -16,7 +16,7 @@ import time
 
 from edge.gallery import VerificationMode, match_probe
 from edge.observability import Stage
-from edge.pipeline.context import ProcessingContext, QueuedFrame
+from edge.pipeline.context import ModelInfo, ProcessingContext, QueuedFrame
 from edge.pipeline.queues import Event
 from edge.pipeline.stage import Pipeline
 from edge.results import FrameResult, Provenance
@@ -31,18 +31,27 @@ class PostProcessor:
     def __init__(self, pipe: Pipeline, postures: tuple[str, ...]) -> None:
         self.pipe = pipe
         self.postures = postures
+        # The provenance is the same for every frame of one context (frozen: safe to share).
+        self._provenance: tuple[ProcessingContext, ModelInfo, Provenance] | None = None
+
+    def _provenance_for(self, ctx: ProcessingContext) -> Provenance:
+        model = self.pipe.model
+        cached = self._provenance
+        if cached is None or cached[0] is not ctx or cached[1] is not model:
+            prov = Provenance(model.bundle, model.precision, model.backend, ctx.calibration_id)
+            cached = self._provenance = (ctx, model, prov)
+        return cached[2]
 
     def new_result(self, q: QueuedFrame, now: float) -> FrameResult:
         """Start the result of one dequeued frame (provenance, queue and conditioning times)."""
         assert q.ctx is not None  # prepared by the acquisition stage
         h = q.frame.header
-        model = self.pipe.model
         r = FrameResult(
             scanner=h.scanner,
             seq=h.seq,
             t_capture_ns=h.t_capture_ns,
             status="ok" if q.calibrated else "uncalibrated",
-            provenance=Provenance(model.bundle, model.precision, model.backend, q.ctx.calibration_id),
+            provenance=self._provenance_for(q.ctx),
             t_received_mono=q.t_received,
         )
         r.latency_ms[Stage.queue.value] = (now - q.t_received) * 1e3

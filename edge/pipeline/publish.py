@@ -119,7 +119,8 @@ class PublisherStage(Stage):
             if isinstance(item, Event):
                 pub.publish_event(item.kind, item.body, deadline)
             else:
-                self._send_result(pub, item)
+                for r in item:
+                    self._send_result(pub, r)
 
     def _send_result(self, pub: ResultPublisher, r: FrameResult) -> None:
         pipe = self.pipe

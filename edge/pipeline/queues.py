@@ -74,7 +74,9 @@ class Event:
     body: dict[str, Any]
 
 
-OutboxItem = FrameResult | Event
+# Results go over as one batch's tuple: one handoff per batch, not per frame.
+ResultBatch = tuple[FrameResult, ...]
+OutboxItem = ResultBatch | Event
 
 
 @dataclass

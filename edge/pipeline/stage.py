@@ -13,6 +13,7 @@ from edge.pipeline.queues import FrameQueue, Outbox
 from edge.pipeline.scoring import TruthScorer
 from edge.pipeline.stats import Stats
 from edge.sdnotify import Heartbeat
+from scanner_io.osthread import name_native_thread
 
 log = logging.getLogger("thzedge.daemon")
 
@@ -102,6 +103,8 @@ class Stage(threading.Thread):
 
     def run(self) -> None:
         """Set up, loop and tear down, keeping a failure on `error` for the main thread."""
+        # The kernel name lets the per-stage CPU time be read from /proc (benchmarks/bench_daemon.py).
+        name_native_thread(f"thz-{self.stage_name}")
         try:
             self.setup()
         except BaseException as exc:  # reported by the main thread, which exits with its code

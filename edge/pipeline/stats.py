@@ -66,8 +66,10 @@ class Stats:
         with self.lock:
             self.dropped[reason] = self.dropped.get(reason, 0) + n
 
-    def summary(self, duration_s: float, endpoint: str, exit_reason: str) -> RunSummary:
-        """Return what the run did so far."""
+    def summary(
+        self, duration_s: float, endpoint: str, exit_reason: str, precision: str = "", backend: str = ""
+    ) -> RunSummary:
+        """Return what the run did so far (and which model variant did it)."""
         with self.lock:
             lat = self.latency_ms.values()
             stage = {k: float(np.median(v.values())) for k, v in self.stage_ms.items() if len(v)}
@@ -88,6 +90,8 @@ class Stats:
                 duration_s=duration_s,
                 endpoint=endpoint,
                 exit_reason=exit_reason,
+                precision=precision,
+                backend=backend,
             )
 
 
@@ -114,6 +118,8 @@ class RunSummary:
     no_face: int = 0
     uncalibrated: int = 0
     score: dict[str, Any] | None = None  # `thzedge run --score`: results against simulator truth
+    precision: str = ""  # the variant that ran (`auto` resolved)
+    backend: str = ""
 
     @property
     def unaccounted(self) -> int:
@@ -144,5 +150,6 @@ class RunSummary:
             f"dropped={sum(self.dropped.values())} ({drops}) malformed={sum(self.malformed.values())} "
             f"({mal}) errors={self.errors} partial={self.partial}{flagged} "
             f"latency_ms mean={ms(self.latency_mean_ms)} p99={ms(self.latency_p99_ms)} "
+            f"precision={self.precision or 'n/a'} backend={self.backend or 'n/a'} "
             f"duration_s={self.duration_s:.1f}" + (" recording=FAILED" if self.recording_error else "")
         )

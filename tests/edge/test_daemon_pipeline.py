@@ -7,6 +7,7 @@ real sd_notify datagrams) with a scripted source, so a fault can be placed on on
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -409,3 +410,21 @@ def test_status_is_sent_on_state_changes_and_every_status_interval_not_per_frame
     assert 1 <= len(refreshes) <= duration / 0.5 + 1, (duration, streaming)
     assert len(streaming) <= len(refreshes) + 3, streaming  # plus the few state changes
     assert len(streaming) < frames / 4
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="kernel thread names are Linux")
+def test_pipeline_stages_name_their_kernel_threads() -> None:
+    """`top -H` and benchmarks/bench_daemon.py tell the stages apart by their kernel names."""
+    from edge.pipeline.stage import Stage
+
+    seen: dict[str, str] = {}
+
+    class Probe(Stage):
+        def loop(self) -> None:
+            seen["comm"] = Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text().strip()
+
+    stage = Probe("probe", pipe=None)  # type: ignore[arg-type]
+    stage.start()
+    stage.join(5)
+    assert stage.error is None
+    assert seen["comm"] == "thz-probe"
