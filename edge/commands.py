@@ -22,7 +22,7 @@ from edge.infer import load_inputs, save_results, truth_postures
 from edge.pipeline.assemble import RunOptions, run_daemon
 from edge.pipeline.scoring import render_score
 from edge.runner import Runner
-from edge.security import generate_keys, load_keypair
+from edge.security import check_curve_files, generate_keys, load_keypair
 from edge.signing import generate_signing_key
 from edge.storage import storage_key_from_config
 from edge.templates import generate_template_key, load_template_key
@@ -256,6 +256,7 @@ def config_show_command(ctx: typer.Context) -> None:
 def config_validate_command(ctx: typer.Context) -> None:
     """Check a config file; exit 0 if valid, 78 with one line naming the problem otherwise."""
     cfg = load_config(global_options(ctx).config)
+    check_curve_files(cfg.publisher.curve)  # the key files the daemon would load, loaded the same way
     for note in cfg.warnings():
         typer.echo(f"warning: {note}", err=True)
     typer.echo(f"{cfg.path or 'built-in defaults'}: ok ({len(cfg.sources)} source(s))")
