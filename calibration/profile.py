@@ -28,6 +28,7 @@ from calibration.conditioning import ConditioningParams
 from calibration.validity import ValidityEnvelope
 from scanner_io.choices import Choice
 from scanner_io.errors import CalibrationError, DataError
+from scanner_io.npz import read_npz
 from scanner_io.recording import extract_calibration
 
 if TYPE_CHECKING:
@@ -281,12 +282,18 @@ class CalibrationProfile:
             )
         try:
             doc = json.loads(json_path.read_text())
-            with np.load(arrays_path, allow_pickle=False) as z:
-                dark, gain, bad = z["dark"], z["gain"], z["bad_pixels"].astype(bool)
-                defects = z["defects"] if "defects" in z.files else None
-                noise = z["noise"] if "noise" in z.files else None
-        except (OSError, ValueError, KeyError) as exc:
-            raise CalibrationError(f"cannot read calibration profile {path}: {exc}") from exc
+        except (OSError, ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise CalibrationError(
+                f"cannot read calibration profile {path}: {json_path.name}: {exc}"
+            ) from None
+        if not isinstance(doc, dict):
+            raise CalibrationError(f"calibration profile {path}: {json_path.name} is not a JSON object")
+        try:
+            z = read_npz(arrays_path, ("dark", "gain", "bad_pixels"), ("defects", "noise"))
+        except DataError as exc:
+            raise CalibrationError(f"cannot read calibration profile {path}: {exc}") from None
+        dark, gain, bad = z["dark"], z["gain"], z["bad_pixels"].astype(bool)
+        defects, noise = z.get("defects"), z.get("noise")
         if doc.get("format") not in _FORMATS_READ:
             raise CalibrationError(
                 f"calibration profile {path} has format {doc.get('format')!r}; this thzedge reads "
@@ -308,6 +315,11 @@ class CalibrationProfile:
             )
         except KeyError as exc:
             raise CalibrationError(f"calibration profile {path} lacks field {exc}") from exc
+        except (TypeError, ValueError, AttributeError, OverflowError) as exc:
+            # Fields of the wrong JSON type, or arrays that do not fit them: the files are wrong.
+            raise CalibrationError(
+                f"calibration profile {path} is malformed ({type(exc).__name__}: {exc})"[:300]
+            ) from None
         if doc.get("profile_id") != profile.profile_id:
             raise CalibrationError(
                 f"calibration profile {path} does not match its id (stored {doc.get('profile_id')}, "

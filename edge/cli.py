@@ -25,7 +25,7 @@ import typer
 import typer.main
 
 from calibration.cli import register as register_calibration
-from edge import __version__
+from edge import __version__, early_stop
 from edge.commands import register as register_edge
 from edge.config import is_source_uri, load_config
 from edge.fleet.cli import register as register_fleet
@@ -269,4 +269,5 @@ def main(argv: list[str] | None = None, app: typer.Typer | None = None) -> int:
 
 def run() -> None:
     """Console-script entry point."""
+    early_stop.install()  # `python -m edge` did it before its imports already; the script does it here
     sys.exit(main())

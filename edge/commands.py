@@ -23,7 +23,7 @@ from edge.ops_cli import register as register_ops
 from edge.pipeline.assemble import RunOptions, run_daemon
 from edge.pipeline.scoring import render_score
 from edge.runner import Runner
-from edge.security import generate_keys, load_keypair
+from edge.security import check_curve_files, generate_keys, load_keypair
 from edge.signing import generate_signing_key
 from edge.storage import storage_key_from_config
 from edge.templates import generate_template_key, load_template_key
@@ -270,6 +270,7 @@ def config_validate_command(ctx: typer.Context) -> None:
 
     opts = global_options(ctx)
     cfg = load_config(opts.config)  # a file that does not parse is one line, exit 78, as before
+    check_curve_files(cfg.publisher.curve)  # the key files the daemon would load, loaded the same way
     checks = static_checks(opts.config)
     failed = [c for c in checks if c.status is CheckStatus.fail]
     if opts.json:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import os
 import re
 import sys
@@ -46,6 +47,13 @@ DEFAULT_CONFIG_PATH = Path("/etc/thzedge/thzedge.toml")
 # Overrides the default path (not an explicit --config) so a unit or a shell can point elsewhere.
 CONFIG_ENV = "THZEDGE_CONFIG"
 DEFAULT_METRICS_PORT = 9464
+# Every number in the file has a finite range (`min`/`max` field metadata; NaN and infinity are
+# refused everywhere): values beyond these break the daemon rather than tune it.
+MAX_BATCH = 1024  # frames per inference batch
+MAX_HWM = 100_000  # messages queued per subscriber (libzmq takes an int; memory is per message)
+MAX_QUEUE = 10_000  # frames between acquisition and inference (each holds a raw frame)
+MAX_SECONDS = 86_400.0  # a day: any longer age, heartbeat or stall timeout is no timeout at all
+MAX_STOP_S = 600.0  # systemd's TimeoutStopSec is far below this; the daemon must end on SIGTERM
 
 
 def default_runtime_dir() -> Path:
@@ -132,12 +140,12 @@ class ModelConfig:
     backend: BackendKind = BackendKind.auto
     # A fixed precision pins the variant; `auto` picks the fastest that passed the accuracy gate.
     precision: ModelPrecision = ModelPrecision.auto
-    max_batch: int | None = field(default=None, metadata={"min": 1})
+    max_batch: int | None = field(default=None, metadata={"min": 1, "max": MAX_BATCH})
     # Where `thzedge export engine` puts TensorRT engines and the trt backend finds them (None:
     # $THZEDGE_ENGINE_CACHE, else the unit's $STATE_DIRECTORY/engines; edge/backends/engine_cache.py).
     engine_cache: Path | None = None
     # The DLA core the engines were built for (`export engine --dla-core`); None: the GPU.
-    dla_core: int | None = field(default=None, metadata={"min": 0})
+    dla_core: int | None = field(default=None, metadata={"min": 0, "max": 7})
 
 
 @dataclass(frozen=True)
@@ -160,7 +168,7 @@ class PublisherConfig:
     """The results PUB socket."""
 
     endpoint: str = field(default_factory=default_results_endpoint)
-    hwm: int = field(default=100, metadata={"min": 1})
+    hwm: int = field(default=100, metadata={"min": 1, "max": MAX_HWM})
     curve: CurveConfig = field(default_factory=CurveConfig)
     # Mode of `ipc://` socket files (R-NEW-2): 0o600, or 0o660 together with `ipc_group`.
     ipc_mode: int = field(default=0o600, metadata={"file_modes": (0o600, 0o660)})
@@ -243,10 +251,10 @@ class CalibrationConfig:
     # its results are published marked `uncalibrated` instead (never `ok`).
     allow_uncalibrated: bool = False
     # Input monitoring against the profile (R-NEW-11) on every Nth frame; 0 turns it off.
-    monitor_every: int = field(default=10, metadata={"min": 0})
+    monitor_every: int = field(default=10, metadata={"min": 0, "max": 1_000_000})
     # At start-up, how long to wait for a live source's first frame to check it fits the profile
     # before READY; a later first frame is checked when it comes.
-    match_wait_s: float = field(default=5.0, metadata={"min": 0.0})
+    match_wait_s: float = field(default=5.0, metadata={"min": 0.0, "max": 600.0})
     # Frames with no head in them (blank, flat, saturated) are published `no_face` without
     # running the model; off: every frame goes to the model (e.g. synthetic test patterns).
     frame_quality: bool = True
@@ -256,14 +264,14 @@ class CalibrationConfig:
 class DaemonConfig:
     """Queueing, shutdown and liveness settings of the streaming loop."""
 
-    queue_size: int = field(default=8, metadata={"min": 1})
+    queue_size: int = field(default=8, metadata={"min": 1, "max": MAX_QUEUE})
     # Frames older than this (capture to dequeue) are dropped as `stale`; 0 disables the check.
-    max_age_s: float = field(default=2.0, metadata={"min": 0.0})
-    stop_timeout_s: float = field(default=5.0, metadata={"min": 0.0})
+    max_age_s: float = field(default=2.0, metadata={"min": 0.0, "max": MAX_SECONDS})
+    stop_timeout_s: float = field(default=5.0, metadata={"min": 0.0, "max": MAX_STOP_S})
     # The watchdog is pinged only while the main loop's heartbeat is younger than this.
-    heartbeat_timeout_s: float = field(default=10.0, metadata={"min": 0.1})
+    heartbeat_timeout_s: float = field(default=10.0, metadata={"min": 0.1, "max": MAX_SECONDS})
     # A source silent for this long is reported as `stalled` (not restarted).
-    stalled_after_s: float = field(default=5.0, metadata={"min": 0.1})
+    stalled_after_s: float = field(default=5.0, metadata={"min": 0.1, "max": MAX_SECONDS})
     # Allows tcp:// endpoints without CURVE. For development only; logged at WARNING (R-SEC-1).
     insecure_dev: bool = False
     # Golden file (`thzedge replay --make-golden`) replayed after warm-up and before READY; a
@@ -406,6 +414,8 @@ def _read_config_file(path: Path | str | None) -> tuple[Path, dict[str, Any] | N
         return path, tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses per nesting level: a hostile file nests thousands deep
+        raise ConfigError(f"{path}: not a thzedge config: tables or arrays nested too deep") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
 
@@ -737,6 +747,8 @@ def _expect(value: Any, typ: type, where: str) -> Any:
     # TOML has no bool/int confusion but Python does: True is an int; refuse it explicitly.
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if typ is float and is_number:
+        if not math.isfinite(value):  # TOML has nan and inf; no setting means either
+            raise ConfigError(f"{where} = {_show(value)}: expected a finite number")
         return float(value)
     if not isinstance(value, typ) or (typ in (int, float) and not is_number):
         raise ConfigError(f"{where} = {_show(value)}: expected {_type_name(typ)}")

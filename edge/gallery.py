@@ -73,6 +73,7 @@ from scanner_io.atrest import find_storage_key, is_sealed, seal, unseal
 from scanner_io.choices import Choice
 from scanner_io.errors import ConfigError, DataError, ThzEdgeError
 from scanner_io.frame import POSTURES
+from scanner_io.npz import read_npz
 from scanner_io.sources import MalformedFrame, open_source
 
 log = logging.getLogger("thzedge.gallery")
@@ -454,13 +455,42 @@ class Gallery:
         if is_sealed(raw):
             raw = unseal(raw, find_storage_key(), f"gallery {path}", GALLERY_SEAL_KIND)
         try:
-            with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-                emb = np.asarray(z["embeddings"], dtype=np.float32)
-                labels = np.asarray(z["labels"])
-                meta = json.loads(str(z["meta"]))
-                postures = np.asarray(z["postures"]) if "postures" in z.files else None
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-            raise DataError(f"{path} is not a thzedge gallery ({type(exc).__name__}: {exc})") from None
+            z = read_npz(path, ("embeddings", "labels", "meta"), ("postures",), data=raw)
+        except DataError as exc:
+            raise DataError(f"{exc}; not a thzedge gallery") from None
+        try:
+            return cls._from_arrays(
+                path, z, bundle, threshold, precision, require_threshold, template_key, need_key
+            )
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            # A malformed header (wrong JSON types, missing keys): the file, not thzedge, is wrong.
+            raise DataError(
+                f"{path}: malformed gallery metadata ({type(exc).__name__}: {exc}); re-enrol"[:300]
+            ) from None
+
+    @classmethod
+    def _from_arrays(
+        cls,
+        path: Path,
+        z: dict[str, np.ndarray],
+        bundle: Any | None,
+        threshold: float | None,
+        precision: str,
+        require_threshold: bool,
+        template_key: TemplateKey | None,
+        need_key: bool,
+    ) -> Gallery:
+        emb = np.asarray(z["embeddings"], dtype=np.float32)
+        labels = z["labels"]
+        try:
+            meta = json.loads(str(z["meta"]))
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise DataError(f"{path}: gallery metadata is not JSON ({exc}); re-enrol") from None
+        if not isinstance(meta, dict):
+            raise DataError(f"{path}: gallery metadata is not a JSON object; re-enrol")
+        postures = z.get("postures")
+        if labels.dtype.kind not in "iu":
+            raise DataError(f"{path}: labels must be integers (found {labels.dtype}); re-enrol")
         if meta.get("kind") != "thzedge-gallery" or meta.get("format") not in READABLE_FORMATS:
             raise DataError(
                 f"{path}: not a thzedge gallery of format {' or '.join(map(str, READABLE_FORMATS))} "
@@ -477,7 +507,11 @@ class Gallery:
         elif postures is None:
             raise DataError(f"{path}: format {meta['format']} gallery without reference postures; re-enrol")
         dim = int(meta["embedding_dim"])
-        names = list(meta["identities"])
+        names = meta["identities"]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise DataError(f"{path}: gallery identities must be a list of names; re-enrol")
+        if not isinstance(meta.get("bundle_sha256"), str):
+            raise DataError(f"{path}: gallery metadata lacks the bundle it was enrolled with; re-enrol")
         if emb.ndim != 2 or emb.shape[1] != dim or labels.shape != (emb.shape[0],):
             raise DataError(f"{path}: embeddings/labels shapes do not match the header; re-enrol")
         if labels.size and (labels.min() < 0 or labels.max() >= len(names)):

@@ -12,6 +12,7 @@ log line carrying a stable `MESSAGE_ID`, and systemd's STATUS.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import socket
@@ -29,7 +30,7 @@ from prometheus_client.exposition import generate_latest
 from edge.config import split_host_port
 from scanner_io.choices import Choice
 from scanner_io.codec import DECODE_REASONS
-from scanner_io.errors import ConfigError
+from scanner_io.errors import ConfigError, ResourceBusyError
 
 log = logging.getLogger("thzedge.daemon")
 
@@ -64,7 +65,7 @@ class Stage(Choice):
 # The `stage` labels of thzedge_stage_duration_seconds, in the order of the frame's way.
 STAGE_METRICS: tuple[str, ...] = tuple(dict.fromkeys(s.metric for s in Stage))
 RESULT_STATUSES = ("ok", "partial", "error", "no_face", "uncalibrated")
-SOURCE_STATES = ("up", "stalled", "down", "ended")
+SOURCE_STATES = ("up", "stalled", "down", "ended", "failed")
 DAEMON_STATES = (
     "starting",
     "warming_up",
@@ -174,6 +175,11 @@ class DaemonMetrics:
         self.watchdog_pings = Counter(
             "thzedge_watchdog_pings_total", "WATCHDOG=1 sent to systemd.", registry=r
         )
+        self.source_recreated = Counter(
+            "thzedge_source_recreated_total",
+            "Acquisition sockets recreated because the scanner was lost and did not reconnect.",
+            registry=r,
+        )
         self.recording = Gauge(
             "thzedge_recording", "1 while raw frames are being recorded (--record), else 0.", registry=r
         )
@@ -209,7 +215,8 @@ class DaemonMetrics:
         self.frames_dropped.labels(reason).inc(n)
 
     def malformed(self, reason: str) -> None:
-        """Count one message rejected by the decoder (it is also counted as dropped)."""
+        """Count one message rejected by the decoder (received, and also counted as dropped)."""
+        self.frames_received.inc()  # "delivered by the source (valid or not)"; the age stays
         self.frames_malformed.labels(reason).inc()
         self.frames_dropped.labels("malformed").inc()
 
@@ -368,6 +375,12 @@ def serve_http(
     try:
         httpd = server_cls((host, port), Handler)
     except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            # Another process (often the previous instance, still stopping) holds it: exit 69,
+            # which systemd's Restart=on-failure retries, unlike a configuration error (78).
+            raise ResourceBusyError(
+                f"[metrics] cannot bind {host}:{port}: the address is in use by another process"
+            ) from None
         raise ConfigError(
             f"[metrics] cannot bind {host}:{port}: {exc.strerror}; choose another bind"
         ) from None

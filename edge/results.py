@@ -18,6 +18,7 @@ The socket is an XPUB that behaves as a PUB for subscribers. It is owned by one 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -236,6 +237,8 @@ class ResultPublisher:
         self.publish_reconstruction = publish_reconstruction
         self.publish_input = publish_input
         self._ctx = ctx or zmq.Context.instance()
+        self._binder = binder
+        self._ipc = (ipc_mode, ipc_group)
         self._owned = OwnedSocket(self._ctx, zmq.XPUB)
         sock = self._owned.socket
         sock.setsockopt(zmq.SNDHWM, hwm)
@@ -269,6 +272,28 @@ class ResultPublisher:
         # group's file, private directory, a live socket of another process refused; R-NEW-2).
         mode = ipc_mode & (stat.S_IRWXU | stat.S_IRWXG)
         return EndpointSecurity(ctx, ipc_mode=mode, ipc_group=ipc_group).bind(sock, endpoint)
+
+    def rebind(self, attempts: int = 40) -> None:
+        """Unbind and bind the endpoint again: every connection drops, subscribers reconnect.
+
+        This is how a revoked CURVE key is cut off: ZAP only judges new handshakes. Messages
+        queued for subscribers at that moment are lost (they see a seq gap).
+        """
+        sock = self._owned.check()
+        endpoint = self.bound_endpoint
+        sock.unbind(endpoint)
+        for attempt in range(attempts):
+            try:
+                if self._binder is not None:
+                    self.bound_endpoint = self._binder(sock, endpoint)
+                else:
+                    self.bound_endpoint = self._bind(self._ctx, sock, endpoint, *self._ipc)
+                return
+            except zmq.ZMQError as exc:
+                # The listener closes in libzmq's I/O thread: the address may be busy a moment.
+                if exc.errno != errno.EADDRINUSE or attempt == attempts - 1:
+                    raise
+                time.sleep(0.05)
 
     def poll_subscriptions(self) -> int:
         """Read pending subscribe messages without blocking; return how many were new joins."""
@@ -323,6 +348,30 @@ class ResultPublisher:
     def publish_event(self, kind: str, body: dict[str, Any], deadline: Deadline = None) -> bool:
         """Send one event on `event/<scanner>`."""
         return self.send(encode_event(self.scanner, kind, body), deadline)
+
+    def publish_last_event(self, kind: str, body: dict[str, Any], timeout_s: float) -> bool:
+        """Send a last event and wait up to `timeout_s` until it left; True if it did.
+
+        A socket closed with linger 0 discards what is still queued, so the results sent just
+        before a clean stop would never reach connected subscribers. libzmq releases a message
+        once it is written out to (or dropped for) every subscriber, in order, so when the last
+        one's tracker is done everything before it has left too. Bounded: a stalled subscriber
+        costs at most `timeout_s`.
+        """
+        sock = self._owned.check()
+        try:
+            tracker = sock.send_multipart(
+                encode_event(self.scanner, kind, body), flags=zmq.NOBLOCK, copy=False, track=True
+            )
+        except zmq.Again:  # lockstep and a full subscriber: it will not drain in time either
+            return False
+        if tracker is None:  # not tracked (cannot happen with track=True): nothing to wait on
+            return True
+        try:
+            tracker.wait(max(timeout_s, 0.0))
+        except zmq.NotDone:
+            return False
+        return True
 
     def close(self) -> None:
         """Close the socket with linger 0 and remove an ipc socket file."""

@@ -19,6 +19,7 @@ Key files use the ZeroMQ certificate format (`thzedge keys generate`, compatible
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import grp
 import logging
@@ -33,6 +34,7 @@ from pathlib import Path
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
 from edge.config import CurveConfig, PublisherConfig
 from scanner_io.errors import ConfigError, SourceUnavailableError, ThzEdgeError
@@ -84,6 +86,8 @@ def load_keypair(path: Path, need_secret: bool = True) -> KeyPair:
     except OSError as exc:
         raise ConfigError(f"cannot read key file {path}: {exc.strerror}") from None
     if len(text) == 40 and b"\n" not in text:  # a bare Z85 key
+        if not _is_z85_key(text):
+            raise ConfigError(f"{path}: not a valid 40-character Z85 CURVE key")
         if need_secret:
             try:
                 return KeyPair(public=zmq.curve_public(text), secret=text)
@@ -92,12 +96,19 @@ def load_keypair(path: Path, need_secret: bool = True) -> KeyPair:
         return KeyPair(public=text)
     try:
         public, secret = zmq.auth.load_certificate(path)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise ConfigError(
             f"{path}: not a ZeroMQ certificate ({exc}); create one with `thzedge keys generate`"
         ) from None
+    if not _is_z85_key(public) or (secret is not None and not _is_z85_key(secret)):
+        raise ConfigError(
+            f"{path}: not a ZeroMQ certificate (no valid 40-character Z85 public-key/secret-key); "
+            "create one with `thzedge keys generate`"
+        )
     if need_secret and not secret:
         raise ConfigError(f"{path} holds only a public key; the server needs its .key_secret file")
+    if secret is not None and zmq.curve_public(secret) != public:
+        raise ConfigError(f"{path}: its public key does not belong to its secret key; regenerate the pair")
     if need_secret:
         mode = path.stat().st_mode
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -105,6 +116,31 @@ def load_keypair(path: Path, need_secret: bool = True) -> KeyPair:
                 "secret key file %s is readable by group/others (mode %o); chmod 600 it", path, mode & 0o777
             )
     return KeyPair(public=public, secret=secret)
+
+
+def _is_z85_key(key: bytes | None) -> bool:
+    """True for a 40-character Z85 text that decodes to a 32-byte CURVE key."""
+    if not isinstance(key, bytes) or len(key) != 40:
+        return False
+    try:
+        return len(z85.decode(key)) == 32
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
+def check_curve_files(curve: CurveConfig) -> int:
+    """Load what [publisher.curve] names, as the daemon will; return the number of allowed clients.
+
+    `config validate` runs this so a garbage certificate, a public certificate given as the
+    secret, or a missing clients directory fail there (exit 78), not at the daemon's start.
+    """
+    if not curve.enabled:
+        return 0
+    if not curve_available():
+        raise ConfigError("[publisher.curve] enabled, but this libzmq has no CURVE support")
+    assert curve.secret_key_file is not None and curve.allowed_clients_dir is not None  # edge.config
+    load_keypair(curve.secret_key_file)
+    return len(load_allowed_clients(curve.allowed_clients_dir))
 
 
 def load_allowed_clients(directory: Path) -> frozenset[bytes]:
@@ -135,6 +171,11 @@ class ClientAllowList:
 
     def __len__(self) -> int:
         return len(self._keys)
+
+    @property
+    def keys(self) -> frozenset[bytes]:
+        """The Z85 public keys allowed now."""
+        return self._keys
 
     def callback(self, domain: str, key: bytes) -> bool:
         """Called by the ZAP authenticator for each CURVE handshake with the client's Z85 key."""
@@ -173,6 +214,9 @@ class EndpointSecurity:
         self.ipc_group = ipc_group
         self.allow_list = ClientAllowList()
         self.authenticator: ThreadAuthenticator | None = None
+        # Counts reloads that revoked a key: a socket bound through this object rebinds when it
+        # changes, so a revoked client that is still connected is cut off (R-SEC-3).
+        self.revocations = 0
 
     @classmethod
     def from_config(
@@ -225,7 +269,15 @@ class EndpointSecurity:
         if self.allowed_clients_dir is None or self.authenticator is None:
             return 0
         keys = load_allowed_clients(self.allowed_clients_dir)
+        revoked = self.allow_list.keys - keys
         self.allow_list.replace(keys)
+        if revoked:
+            # ZAP only judges new handshakes: the sockets this protects are rebound (see
+            # `revocations`), which drops every connection; allowed clients reconnect.
+            self.revocations += 1
+            log.warning(
+                "CURVE allow-list reloaded: %d key(s) revoked; dropping connected clients", len(revoked)
+            )
         log.info("CURVE allow-list reloaded: %d client key(s)", len(keys))
         return len(keys)
 
@@ -240,6 +292,10 @@ class EndpointSecurity:
         return self.authenticator is not None and self.authenticator.is_alive()
 
     # -- binding -----------------------------------------------------------------------------
+
+    def __call__(self, sock: zmq.Socket, endpoint: str) -> str:
+        """Bind (this object is the publisher's binder); see `bind`."""
+        return self.bind(sock, endpoint)
 
     def bind(self, sock: zmq.Socket, endpoint: str) -> str:
         """Bind `sock` to `endpoint` with the protection its transport needs; return the endpoint."""
@@ -334,15 +390,44 @@ def ipc_socket_is_live(path: Path) -> bool:
 
 
 def prepare_ipc_dir(directory: Path, group: str | None = None) -> None:
-    """Create the socket directory 0700 (0750 with a group) if missing; refuse a world-writable one."""
+    """Create the socket directory 0700 (0750 with a group) if missing; refuse one others control.
+
+    Missing parents are created 0700 too. An existing directory must belong to this user (or to
+    root and be writable by root only, or sticky like /tmp): in a directory another user owns or
+    may write to, that user could swap the socket and receive the consumers' connections.
+    """
     if not directory.exists():
-        directory.mkdir(parents=True, mode=0o750 if group else 0o700)
+        missing = [d for d in (directory, *directory.parents) if not d.exists()]
+        for d in reversed(missing):
+            with contextlib.suppress(FileExistsError):  # another instance made it meanwhile
+                d.mkdir(mode=0o700)
+            _check_ipc_dir(d)
         if group:
+            os.chmod(directory, 0o750)
             os.chown(directory, -1, _gid(group))
         return
-    mode = directory.stat().st_mode
-    if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
-        raise ConfigError(f"ipc socket directory {directory} is world-writable; use a private directory")
+    _check_ipc_dir(directory)
+
+
+def _check_ipc_dir(directory: Path) -> None:
+    st = directory.lstat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(
+            f"ipc socket directory {directory} is not a directory (a symlink?); use a private one"
+        )
+    mode, me = st.st_mode, os.geteuid()
+    writable_by_others = mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX
+    if st.st_uid not in (me, 0):
+        raise ConfigError(
+            f"ipc socket directory {directory} belongs to uid {st.st_uid}, not to this user (uid {me}): "
+            "another user could take over the socket; remove it, or set RuntimeDirectory= / "
+            "XDG_RUNTIME_DIR, or use an ipc:// path in a directory of your own"
+        )
+    if writable_by_others:
+        raise ConfigError(
+            f"ipc socket directory {directory} is writable by group or others (mode {stat.S_IMODE(mode):o}); "
+            "chmod go-w it or use a private directory"
+        )
 
 
 def secure_ipc_file(path: Path, mode: int = 0o600, group: str | None = None) -> None:

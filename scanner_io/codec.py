@@ -216,6 +216,15 @@ def parse_header_json(raw: memoryview) -> dict[str, Any]:
     return obj
 
 
+def is_scanner_name(value: Any) -> TypeGuard[str]:
+    """True when `value` is a valid scanner name: 1-64 characters of [A-Za-z0-9_.-]."""
+    return (
+        isinstance(value, str)
+        and 1 <= len(value) <= MAX_SCANNER_LEN
+        and SCANNER_RE.fullmatch(value) is not None
+    )
+
+
 def _peek_seq(obj: dict[str, Any]) -> int | None:
     seq = obj.get("seq")
     return seq if _is_int(seq) and 0 <= seq <= MAX_INT64 else None
@@ -224,10 +233,12 @@ def _peek_seq(obj: dict[str, Any]) -> int | None:
 def header_from_dict(obj: dict[str, Any]) -> FrameHeader:
     """Validate a parsed header object and build the FrameHeader; raises FrameRejected."""
     seq = _peek_seq(obj)
-    scanner_raw = obj.get("scanner")
-    scanner = scanner_raw if isinstance(scanner_raw, str) else None
+    scanner = obj.get("scanner")
+    if not is_scanner_name(scanner):
+        scanner = None
 
     def bad(reason: str, message: str) -> FrameRejected:
+        # Only a valid name travels with a rejection: an attacker's string never becomes a key.
         return _fail(reason, message, seq=seq, scanner=scanner)
 
     missing = [k for k in _REQUIRED if k not in obj]
@@ -240,7 +251,7 @@ def header_from_dict(obj: dict[str, Any]) -> FrameHeader:
         raise bad(
             "bad_version", f"protocol version {v} is not supported (this receiver speaks v{PROTOCOL_VERSION})"
         )
-    if scanner is None or not 1 <= len(scanner) <= MAX_SCANNER_LEN or not SCANNER_RE.fullmatch(scanner):
+    if scanner is None:
         raise bad("bad_field", "header field 'scanner' must be 1-64 characters of [A-Za-z0-9_.-]")
     for name in ("seq", "t_capture_ns"):
         value = obj[name]

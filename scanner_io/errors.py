@@ -60,6 +60,12 @@ class SourceUnavailableError(ThzEdgeError):
     exit_code = EXIT_UNAVAILABLE
 
 
+class ResourceBusyError(ThzEdgeError):
+    """A resource another process holds right now (a port in use): retrying later may work."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
 class BundleError(ThzEdgeError):
     """A model bundle is missing, incomplete, tampered with or of an unknown format."""
 

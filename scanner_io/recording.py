@@ -53,6 +53,7 @@ from scanner_io.codec import (
     array_from_payload,
     encode_header,
     header_from_dict,
+    is_scanner_name,
     parse_header_json,
     wire_array,
 )
@@ -779,8 +780,9 @@ class RecordingReader:
 
     Reads linearly (the footer and summary are not needed, so an unfinished file reads up to
     its last complete chunk). After iteration, `complete` says whether the file ended with a
-    footer, `truncated`/`truncation` say why reading stopped early, and `frames`/`malformed`
-    count what was recovered. Attachments and metadata are collected along the way.
+    footer, `truncated`/`truncation` say why reading stopped early, `bad_chunks` counts chunks
+    skipped because their data was corrupt (the records after them are still read), and
+    `frames`/`malformed` count what was recovered. Attachments and metadata are collected along the way.
     """
 
     def __init__(self, path: str | os.PathLike[str], key: StorageKey | None = None) -> None:
@@ -792,6 +794,9 @@ class RecordingReader:
         self.truncation: str | None = None
         self.frames = 0
         self.malformed = 0
+        # Chunks whose data failed its CRC or did not decompress: skipped, reading goes on.
+        self.bad_chunks = 0
+        self.bad_chunk_errors: list[str] = []
         self.events: list[dict[str, Any]] = []
         self.metadata: dict[str, dict[str, str]] = {}
         self.attachments: list[AttachmentInfo] = []
@@ -808,7 +813,8 @@ class RecordingReader:
 
         self.complete = self.truncated = False
         self.truncation = None
-        self.frames = self.malformed = 0
+        self.frames = self.malformed = self.bad_chunks = 0
+        self.bad_chunk_errors = []
         self.events = []
         self._opener = None
         self._truth = {}
@@ -819,21 +825,26 @@ class RecordingReader:
             while True:
                 try:
                     record = next(records)
-                    if isinstance(record, Chunk):
-                        if record.uncompressed_size > MAX_CHUNK_BYTES:
-                            raise DataError(f"chunk claims {record.uncompressed_size} bytes uncompressed")
-                        inner = self._chunk_records(record)
-                    else:
-                        inner = [record]
                 except StopIteration:
                     break
-                except ConfigError:  # encrypted and no (or another) key: not a torn file
-                    raise
-                except Exception as exc:  # McapError, struct/zlib/zstd errors, OSError, DataError, ...
+                except Exception as exc:  # McapError, struct errors, OSError, ...
                     # A crash leaves a torn record at the end: everything before it is good.
                     self.truncated = True
                     self.truncation = f"{type(exc).__name__}: {exc}"[:200]
                     break
+                inner = [record]
+                if isinstance(record, Chunk):
+                    try:
+                        if record.uncompressed_size > MAX_CHUNK_BYTES:
+                            raise DataError(f"chunk claims {record.uncompressed_size} bytes uncompressed")
+                        inner = self._chunk_records(record)
+                    except ConfigError:  # encrypted and no (or another) key: not a corrupt chunk
+                        raise
+                    except Exception as exc:  # CRC mismatch, zstd/lz4 errors, a torn inner record
+                        # The chunk's framing held, so the records after it are intact: skip only it.
+                        self.bad_chunks += 1
+                        self.bad_chunk_errors.append(f"{type(exc).__name__}: {exc}"[:200])
+                        continue
                 for rec in inner:
                     if isinstance(rec, Channel):
                         channels[rec.id] = rec
@@ -996,6 +1007,7 @@ class RecordingInfo:
     duration_s: float
     mean_rate_hz: float
     scanners: dict[str, ScannerSummary]
+    bad_chunks: int
     attachments: list[AttachmentInfo]
     metadata: dict[str, dict[str, str]]
     events: int
@@ -1015,6 +1027,7 @@ class RecordingInfo:
             "frames": self.frames,
             "recovered_frames": self.frames,
             "malformed": self.malformed,
+            "bad_chunks": self.bad_chunks,
             "duration_s": self.duration_s,
             "mean_rate_hz": self.mean_rate_hz,
             "scanners": {k: vars(v) for k, v in self.scanners.items()},
@@ -1035,9 +1048,11 @@ class RecordingInfo:
             f"file        {self.path} ({self.size_bytes} bytes, {status})",
             f"frames      {self.frames}" + (f" recovered ({self.truncation})" if self.truncated else ""),
             f"malformed   {self.malformed}",
+            f"bad chunks  {self.bad_chunks} (corrupt data, skipped)" if self.bad_chunks else "",
             f"duration    {self.duration_s:.3f} s",
             f"mean rate   {self.mean_rate_hz:.2f} frames/s",
         ]
+        lines = [line for line in lines if line]
         for name, s in sorted(self.scanners.items()):
             # Plain words, not Python reprs: 128x128 (or "128x128, 64x64" when it changed).
             shapes = ", ".join("x".join(str(d) for d in shape) for shape in s.shapes) or "none"
@@ -1071,19 +1086,27 @@ def recording_info(path: str | os.PathLike[str], key: StorageKey | None = None) 
     seqs = SeqTracker()
     events_seen = 0
     first_t = last_t = None
-    for rec in reader:
+
+    def malformed(scanner: Any, seq: Any) -> None:
+        step = seqs.malformed(
+            scanner if is_scanner_name(scanner) else None, seq if isinstance(seq, int) else None
+        )
+        if step.missing and seqs.stream in scanners:
+            scanners[seqs.stream].seq_gaps += step.missing
+
+    def new_events() -> None:
         # Malformed messages the recorder noted as events come before this frame in file order:
         # they use up seqs exactly as they did for the live consumer (scanner_io.seq).
+        nonlocal events_seen
         for event in reader.events[events_seen:]:
             if event.get("kind") == "malformed":
-                seq = event.get("seq")
-                scanner = event.get("scanner")
-                seqs.malformed(
-                    scanner if isinstance(scanner, str) else None, seq if isinstance(seq, int) else None
-                )
+                malformed(event.get("scanner"), event.get("seq"))
         events_seen = len(reader.events)
+
+    for rec in reader:
+        new_events()
         if not isinstance(rec.item, Frame):
-            seqs.malformed(rec.item.scanner, rec.item.seq)
+            malformed(rec.item.scanner, rec.item.seq)
             continue
         h = rec.item.header
         s = scanners.setdefault(h.scanner, ScannerSummary())
@@ -1100,6 +1123,7 @@ def recording_info(path: str | os.PathLike[str], key: StorageKey | None = None) 
             s.dtypes.append(h.dtype)
         first_t = rec.log_time_ns if first_t is None else min(first_t, rec.log_time_ns)
         last_t = rec.log_time_ns if last_t is None else max(last_t, rec.log_time_ns)
+    new_events()  # malformed messages after the last frame
     duration = (last_t - first_t) / 1e9 if first_t is not None and last_t is not None else 0.0
     rate = (reader.frames - 1) / duration if duration > 0 and reader.frames > 1 else 0.0
     return RecordingInfo(
@@ -1113,6 +1137,7 @@ def recording_info(path: str | os.PathLike[str], key: StorageKey | None = None) 
         duration_s=duration,
         mean_rate_hz=rate,
         scanners=scanners,
+        bad_chunks=reader.bad_chunks,
         attachments=reader.attachments,
         metadata=reader.metadata,
         events=len(reader.events),

@@ -24,6 +24,7 @@ goes on) or None (nothing within the timeout).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import glob
 import logging
@@ -45,6 +46,8 @@ from scanner_io.choices import Choice
 from scanner_io.codec import (
     MAX_HEADER_BYTES,
     MAX_PAYLOAD_BYTES,
+    MAX_SCANNER_LEN,
+    TOPIC_PREFIX,
     EndOfStream,
     MalformedFrame,
     decode_message,
@@ -52,6 +55,7 @@ from scanner_io.codec import (
 from scanner_io.errors import ConfigError, FrameDecodeError, SourceUnavailableError
 from scanner_io.frame import Frame
 from scanner_io.osthread import name_native_thread
+from scanner_io.ratelog import RateLimitedLog
 from scanner_io.recording import PART_SUFFIX, RecordingReader
 from scanner_io.seq import SeqTracker
 from scanner_io.simulator import ScannerSimulator, SensorMaps, SimConfig, full_defects_config
@@ -73,7 +77,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-STATES = ("up", "stalled", "down", "ended")
+STATES = ("up", "stalled", "down", "ended", "failed")
 # Socket defaults for the acquisition PULL socket (docs/protocol.md, "Socket pattern").
 DEFAULT_RCVHWM = 8  # frames, not bytes: memory stays bounded by HWM × frame size
 DEFAULT_STALL_S = 2.0
@@ -82,6 +86,13 @@ DEFAULT_RECONNECT_MAX_MS = 5000
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 3000
 HANDOFF_QUEUE = 4  # frames decoded ahead of the consumer
+# A peer lost and no connection back for this long past the reconnect backoff: recreate the
+# socket. libzmq drops a peer that sends a part over MAXMSGSIZE and then does not reconnect.
+RECREATE_GRACE_S = 2.0
+# Whole-message bounds (docs/protocol.md): three parts, and no more bytes than a maximal frame.
+MAX_PARTS = 3
+TOPIC_MAX_BYTES = len(TOPIC_PREFIX) + MAX_SCANNER_LEN
+MAX_MESSAGE_BYTES = TOPIC_MAX_BYTES + MAX_HEADER_BYTES + MAX_PAYLOAD_BYTES
 
 
 def zmq_context() -> zmq.Context:
@@ -99,6 +110,7 @@ class SourceStats:
     seq_resets: int = 0
     connects: int = 0
     disconnects: int = 0
+    recreated: int = 0  # sockets recreated because the peer was lost and did not come back
 
     @property
     def malformed_total(self) -> int:
@@ -114,6 +126,7 @@ class SourceStats:
             "seq_resets": self.seq_resets,
             "connects": self.connects,
             "disconnects": self.disconnects,
+            "recreated": self.recreated,
         }
 
 
@@ -134,7 +147,7 @@ class FrameSource(Protocol):
 
     @property
     def state(self) -> str:
-        """One of "up", "stalled", "down", "ended"."""
+        """One of "up", "stalled", "down", "ended", "failed" (a live source that cannot recover)."""
         ...
 
     def calibration(self) -> tuple[str, bytes] | None:
@@ -205,7 +218,7 @@ class Source(ABC):
         """Count one delivered item in `stats` (seq gaps and resets by the one `SeqTracker` rule)."""
         if isinstance(item, MalformedFrame):
             self.stats.malformed[item.reason] = self.stats.malformed.get(item.reason, 0) + 1
-            self._seq.malformed(item.scanner, item.seq)
+            self._seq.malformed(item.scanner, item.seq)  # holes before it land in `gaps`
         else:
             self.stats.received += 1
             self._seq.frame(item.header.scanner, item.header.seq)
@@ -429,6 +442,13 @@ class ReplaySource(Source):
         reader = self._reader
         if self._pass == 0:
             self.recovered += reader.frames
+            if reader.bad_chunks:
+                log.warning(
+                    "recording %s: skipped %d corrupt chunk(s) (%s)",
+                    reader.path,
+                    reader.bad_chunks,
+                    reader.bad_chunk_errors[0],
+                )
             if reader.truncated:
                 self.truncated = True
                 self.truncation = reader.truncation
@@ -530,6 +550,9 @@ class ZmqSource(Source):
         self._error: BaseException | None = None
         self._peers = 0
         self._last_frame = time.monotonic()
+        self._lost_since: float | None = None  # when the last peer went away (None: connected)
+        self._failed: BaseException | None = None
+        self._rejected_log = RateLimitedLog(log)
         self._thread = threading.Thread(target=self._run, name=f"source {endpoint}", daemon=True)
         self._thread.start()
         self._started.wait(10)
@@ -545,11 +568,18 @@ class ZmqSource(Source):
     def state(self) -> str:
         if self._closed or self.end is not None:
             return "ended"
+        if self._failed is not None:
+            return "failed"
         if self._peers <= 0:
             return "down"
         if time.monotonic() - self._last_frame > self._stall_s:
             return "stalled"
         return "up"
+
+    @property
+    def failure(self) -> str | None:
+        """Why the source failed for good (state "failed"), else None."""
+        return None if self._failed is None else f"{type(self._failed).__name__}: {self._failed}"
 
     def read(self, timeout_s: float) -> Frame | MalformedFrame | None:
         if self._closed or self.end is not None:
@@ -586,7 +616,32 @@ class ZmqSource(Source):
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
             sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
 
-    def _drain_monitor(self, mon: Any, recv_monitor_message: Any, wait_ms: int = 0) -> None:
+    def _open(self) -> tuple[Any, Any]:
+        """Create, configure and connect the PULL socket and its monitor (in the I/O thread)."""
+        sock = mon = None
+        try:
+            sock = zmq_context().socket(zmq.PULL)
+            self._configure(sock)
+            mon = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            mon.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.endpoint)
+        except BaseException:
+            self._close_sockets(sock, mon)
+            raise
+        # Blocking receives with a short timeout (not poll + recv): one GIL release per frame.
+        sock.setsockopt(zmq.RCVTIMEO, 50)
+        return sock, mon
+
+    @staticmethod
+    def _close_sockets(sock: Any, mon: Any) -> None:
+        if sock is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disable_monitor()
+        for s in (mon, sock):
+            if s is not None:
+                s.close(0)
+
+    def _drain_monitor(self, mon: Any, wait_ms: int = 0) -> None:
         while mon.poll(wait_ms):
             wait_ms = 0
             event = recv_monitor_message(mon)["event"]
@@ -594,40 +649,68 @@ class ZmqSource(Source):
                 self._peers += 1
                 self.stats.connects += 1
                 self._last_frame = time.monotonic()
+                self._lost_since = None
                 log.info("source %s: connected", self.endpoint)
             elif event == zmq.EVENT_DISCONNECTED:
                 self._peers = max(self._peers - 1, 0)
                 self.stats.disconnects += 1
+                if self._peers == 0:
+                    self._lost_since = time.monotonic()
                 log.warning("source %s: peer disconnected; reconnecting", self.endpoint)
+
+    def _recv_bounded(self, sock: Any) -> list[Any] | MalformedFrame:
+        """Receive one whole message, keeping at most MAX_PARTS parts and MAX_MESSAGE_BYTES.
+
+        Parts past either bound are received and released one by one, never kept, and the
+        message is rejected (`bad_parts` / `too_large`). Raises zmq.Again when nothing came.
+        """
+        first = sock.recv(copy=False)
+        parts: list[Any] = [first]
+        count, total, more = 1, len(first), first.more
+        while more:  # the rest of the message is already here: libzmq delivers it whole
+            part = sock.recv(copy=False)
+            count, total, more = count + 1, total + len(part), part.more
+            if count > MAX_PARTS or total > MAX_MESSAGE_BYTES:
+                parts = []  # released now; later parts are only counted
+            elif parts:
+                parts.append(part)
+        if count > MAX_PARTS:
+            return MalformedFrame("bad_parts", f"expected {MAX_PARTS} message parts, got {count}")
+        if total > MAX_MESSAGE_BYTES:
+            return MalformedFrame("too_large", f"message of {total} bytes exceeds {MAX_MESSAGE_BYTES}")
+        return parts
 
     def _run(self) -> None:
         name_native_thread("thz-source")
-        ctx = zmq_context()
-        sock = mon = None
         try:
-            sock = ctx.socket(zmq.PULL)
-            self._configure(sock)
-            mon = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-            mon.setsockopt(zmq.LINGER, 0)
-            sock.connect(self.endpoint)
+            sock, mon = self._open()
         except zmq.ZMQError as exc:
             self._error = exc
             self._started.set()
-            for s in (mon, sock):
-                if s is not None:
-                    s.close(0)
             return
         self._started.set()
-        # Blocking receives with a short timeout (not poll + recv): one GIL release per frame.
-        sock.setsockopt(zmq.RCVTIMEO, 50)
+        recreate_after_s = self._reconnect_max_ms / 1000 + RECREATE_GRACE_S
         pending: Frame | MalformedFrame | EndOfStream | None = None
         next_monitor = 0.0
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
                 if now >= next_monitor:
-                    self._drain_monitor(mon, recv_monitor_message)
+                    self._drain_monitor(mon)
                     next_monitor = now + 0.05
+                    lost = self._lost_since
+                    if self._peers <= 0 and lost is not None and now - lost > recreate_after_s:
+                        # The peer is gone and libzmq did not bring it back: start afresh.
+                        self._close_sockets(sock, mon)
+                        sock = mon = None
+                        sock, mon = self._open()
+                        self.stats.recreated += 1
+                        self._lost_since = time.monotonic()  # again after the same wait if still gone
+                        log.warning(
+                            "source %s: peer lost for %.0f s without a reconnect; socket recreated",
+                            self.endpoint,
+                            now - lost,
+                        )
                 if pending is not None:
                     # Consumer behind: hold this item and stop receiving, so HWMs apply upstream.
                     try:
@@ -638,24 +721,29 @@ class ZmqSource(Source):
                         return  # the stream is over: nothing after it is read
                     pending = None
                 try:
-                    parts = sock.recv_multipart(copy=True)
+                    got = self._recv_bounded(sock)
                 except zmq.Again:
                     continue
                 if self._peers <= 0:
                     # A message proves a peer: take its (possibly still queued) connect event now,
                     # so `state` never reads "down" while frames flow.
-                    self._drain_monitor(mon, recv_monitor_message, wait_ms=100)
+                    self._drain_monitor(mon, wait_ms=100)
                 message: Frame | MalformedFrame | EndOfStream
-                try:
-                    message = decode_message(parts)
-                    self._last_frame = time.monotonic()
-                except FrameDecodeError as exc:
-                    rejected = message = MalformedFrame.from_error(exc)
-                    log.warning(
+                if isinstance(got, MalformedFrame):
+                    message = got
+                else:
+                    try:
+                        message = decode_message(got)
+                        self._last_frame = time.monotonic()
+                    except FrameDecodeError as exc:
+                        message = MalformedFrame.from_error(exc)
+                if isinstance(message, MalformedFrame):
+                    self._rejected_log.warning(
+                        message.reason,
                         "source %s: rejected message (%s): %s",
                         self.endpoint,
-                        rejected.reason,
-                        rejected.message,
+                        message.reason,
+                        message.message[:200],
                     )
                 if isinstance(message, EndOfStream):
                     self._ending(message)
@@ -667,10 +755,13 @@ class ZmqSource(Source):
                     self._queue.put_nowait(item)
                 except queue.Full:
                     pending = item
+        except Exception as exc:  # ZMQError mostly; anything else would kill the thread silently
+            # The socket cannot be recreated (or used): a source that cannot recover says so,
+            # so the consumer stops (and the daemon's watchdog with it) instead of waiting forever.
+            self._failed = exc
+            log.error("source %s failed and cannot recover: %s", self.endpoint, exc)
         finally:
-            sock.disable_monitor()
-            mon.close(0)
-            sock.close(0)
+            self._close_sockets(sock, mon)
 
     def _ending(self, end: EndOfStream) -> None:
         last = self._seq.last(end.scanner)

@@ -19,8 +19,9 @@ from edge.pipeline.context import QueuedFrame
 from edge.pipeline.queues import Event
 from edge.pipeline.stage import Pipeline, Stage
 from scanner_io.codec import MalformedFrame
-from scanner_io.errors import ConfigError, StorageError
+from scanner_io.errors import ConfigError, SourceUnavailableError, StorageError
 from scanner_io.frame import Frame
+from scanner_io.ratelog import RateLimitedLog
 from scanner_io.recording import Recorder
 from scanner_io.seq import SeqTracker
 from scanner_io.sources import FrameSource
@@ -45,6 +46,10 @@ def profile_from_source(source: FrameSource) -> ProfileChoice | None:
     return choice if choice.profile is not None else None
 
 
+def _dims(shape: tuple[int, ...]) -> str:
+    return "×".join(map(str, shape))
+
+
 class AcquisitionStage(Stage):
     """Owns the source: reads frames, counts malformed ones and gaps, feeds the queue."""
 
@@ -64,6 +69,8 @@ class AcquisitionStage(Stage):
         self.scanner: str | None = None
         self._seqs = SeqTracker()
         self._warned_identity = False
+        self._recreated = 0  # source sockets recreated so far (scanner lost without a reconnect)
+        self._flood_log = RateLimitedLog(log)  # a flood of junk must not flood the journal
         # Set when the recorder failed (disk full, I/O error): recording stopped, streaming goes on.
         self.recording_error: StorageError | None = None
         # What the calibration checks say now (R-CAL-3, R-NEW-11): reasons, or None when fine.
@@ -141,12 +148,29 @@ class AcquisitionStage(Stage):
                 if self.source.exhausted:
                     self.exit_reason = "source_ended"
                     return
+                self._watch_source()
                 continue
             if isinstance(item, Frame):
                 self._accept(item)
             else:
                 self._malformed(item)
         self.exit_reason = "stopped"
+
+    def _watch_source(self) -> None:
+        """On a quiet turn: count socket recreations; stop the run if the source cannot recover."""
+        assert self.source is not None
+        if self.source.state == "failed":
+            # Exit 69 (systemd restarts us) instead of "stalled" forever with the watchdog fed.
+            why = getattr(self.source, "failure", None) or "unknown"
+            self.exit_reason = "source_failed"
+            raise SourceUnavailableError(f"the source failed and cannot recover ({why}); restarting helps")
+        stats = getattr(self.source, "stats", None)
+        recreated = int(getattr(stats, "recreated", 0))
+        if recreated > self._recreated:
+            self.pipe.metrics.source_recreated(recreated - self._recreated)
+            body = {"state": "recreated", "count": recreated}
+            self.pipe.outbox.put_nowait(Event("source", body))
+            self._recreated = recreated
 
     def _malformed(self, item: MalformedFrame) -> None:
         pipe = self.pipe
@@ -155,8 +179,10 @@ class AcquisitionStage(Stage):
             pipe.stats.malformed[reason] = pipe.stats.malformed.get(reason, 0) + 1
             pipe.stats.dropped["malformed"] += 1
         pipe.metrics.malformed(reason)
-        self._seqs.malformed(item.scanner or self.scanner, seq)
-        log.warning("malformed frame rejected: reason=%s seq=%s", reason, seq)
+        step = self._seqs.malformed(item.scanner, seq)
+        if step.missing:
+            pipe.count_drop("upstream_gap", step.missing, seq)
+        self._flood_log.warning(reason, "malformed frame rejected: reason=%s seq=%s", reason, seq)
         self._record(lambda r: r.write_event("malformed", reason=reason, seq=seq))
         body = {"stage": "acquire", "reason": reason, "seq": seq, "message": item.message[:200]}
         pipe.outbox.put(Event("error", body), pipe.clock.publish_deadline, pipe.settings.poll_s)
@@ -170,10 +196,14 @@ class AcquisitionStage(Stage):
         step = self._seqs.frame(h.scanner, h.seq)
         if step.missing:
             pipe.count_drop("upstream_gap", step.missing, h.seq)
-            log.warning("upstream gap: %d frame(s) missing before seq %d", step.missing, h.seq)
+            self._flood_log.warning(
+                "upstream_gap", "upstream gap: %d frame(s) missing before seq %d", step.missing, h.seq
+            )
         if step.reset_from is not None:
             # The scanner restarted its counter (or repeated a seq): tracking starts afresh.
-            log.warning("seq went back from %d to %d: scanner restarted", step.reset_from, h.seq)
+            self._flood_log.warning(
+                "seq_reset", "seq %d after %d: the scanner restarted its count", h.seq, step.reset_from
+            )
             body = {"state": "seq_reset", "from_seq": step.reset_from, "seq": h.seq}
             pipe.outbox.put_nowait(Event("source", body))
         with pipe.stats.lock:
@@ -216,6 +246,15 @@ class AcquisitionStage(Stage):
 
     def _prepare(self, q: QueuedFrame) -> None:
         ctx = self.pipe.processing  # read once per frame, in seq order: a reload switches at one seq
+        if self.pipe.stats.frames_in == 1 and ctx.profile is not None:
+            shape = tuple(q.frame.data.shape)
+            if shape != tuple(ctx.profile.shape):
+                # Every result would be `error`: refuse to run instead (exit 78, no restart loop).
+                raise ConfigError(
+                    f"calibration profile {ctx.calibration_id} is for {_dims(ctx.profile.shape)} frames "
+                    f"(scanner {ctx.profile.scanner}), but the source sends {_dims(shape)}: configure "
+                    "the profile made for this scanner"
+                )
         if ctx.profile is None and not self._warned_identity:
             self._warned_identity = True
             log.warning("no calibration profile configured: using identity calibration (uncorrected frames)")

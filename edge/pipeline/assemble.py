@@ -51,7 +51,7 @@ from edge.security import EndpointSecurity, curve_available, load_keypair
 from edge.signing import verify_bundle_signature
 from edge.storage import Sweeper, recording_policy, storage_key_from_config
 from edge.templates import load_template_key
-from scanner_io.errors import BundleError, CalibrationError, ConfigError, UsageError
+from scanner_io.errors import BundleError, CalibrationError, ConfigError, DataError, UsageError
 from scanner_io.recording import Recorder, default_manifest
 from scanner_io.sources import (
     CurveClientKeys,
@@ -162,9 +162,13 @@ class ContextLoader:
         v = self.verification
         if v.gallery is not None and VerificationMode(v.mode) is not VerificationMode.off:
             key = load_template_key(v.template_key) if v.template_key is not None else None
-            gallery = Gallery.load(
-                v.gallery, self.bundle, threshold=v.threshold, precision=self.precision, template_key=key
-            )
+            try:
+                gallery = Gallery.load(
+                    v.gallery, self.bundle, threshold=v.threshold, precision=self.precision, template_key=key
+                )
+            except DataError as exc:
+                # A corrupt gallery does not heal on a restart: at start-up it is exit 78.
+                raise ConfigError(f"[verification] gallery: {exc}") from None
         ctx = stream_context(choice, self.src, self.calibration, gallery, generation)
         assert ctx.params is not None  # stream_context always sets them
         _check_model_input(ctx.params, self.bundle, choice)
@@ -444,7 +448,7 @@ def run_daemon(
         notifier=notifier,
         metrics=metrics,
         open_recorder=open_recorder,
-        binder=security.bind,
+        binder=security,  # callable; its `revocations` make the publisher rebind
         model=model,
         on_ready=on_ready,
         scorer=TruthScorer() if opts.score else None,

@@ -41,7 +41,7 @@ from edge.pipeline.stage import Pipeline, Stage
 from edge.pipeline.stats import RunSummary, Stats
 from edge.runner import ModelRunner
 from edge.sdnotify import Heartbeat, Notifier, WatchdogPinger
-from scanner_io.errors import CanaryError
+from scanner_io.errors import CanaryError, ThzEdgeError
 from scanner_io.sources import QueuePolicy
 
 log = logging.getLogger("thzedge.daemon")
@@ -283,6 +283,10 @@ class Daemon:
         if self.on_ready is not None:
             self.on_ready(self)
         self._main_loop(pipe)
+        if isinstance(acq.error, ThzEdgeError):
+            # The stream cannot go on (a profile for other frames, a source that cannot recover):
+            # exit with the error's code, so systemd tells a bad config from a crash.
+            raise acq.error
         summary = self.stats.summary(
             time.monotonic() - t_start, endpoint, acq.exit_reason, self.model.precision, self.model.backend
         )

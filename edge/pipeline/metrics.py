@@ -100,6 +100,10 @@ class Metrics:
         """Count one WATCHDOG=1 sent to systemd."""
         self._do(lambda m: m.watchdog_pings.inc())
 
+    def source_recreated(self, n: int = 1) -> None:
+        """Count `n` acquisition sockets recreated after the scanner was lost."""
+        self._do(lambda m: m.source_recreated.inc(n))
+
     def recording(self, on: bool) -> None:
         """Record whether raw frames are being recorded."""
         self._do(lambda m: m.recording.set(1 if on else 0))

@@ -22,7 +22,11 @@ from edge.pipeline.stage import Pipeline, Stage
 from edge.results import RESULTS_PROTOCOL_VERSION, FrameResult, ResultPublisher
 from edge.results_mcap import ResultsRecorder
 
-Binder = Callable[[zmq.Socket, str], str]  # edge.security.EndpointSecurity.bind
+Binder = Callable[[zmq.Socket, str], str]  # edge.security.EndpointSecurity (callable: bind)
+
+log = logging.getLogger("thzedge.daemon")
+# At most this long, within the stop deadline, the last messages get to reach subscribers on stop.
+FLUSH_ON_STOP_S = 1.0
 
 
 log = logging.getLogger("thzedge.daemon")
@@ -40,6 +44,7 @@ class PublisherStage(Stage):
         self._drops_reported = 0
         self._last_state = 0.0
         self._state_version = -1
+        self._revocations = getattr(binder, "revocations", 0)
 
     def scanner(self) -> str:
         """The scanner name for event topics: the stream's, else the instance name."""
@@ -91,6 +96,11 @@ class PublisherStage(Stage):
         deadline = pipe.clock.publish_deadline
         while True:
             now = time.monotonic()
+            revocations = getattr(self._binder, "revocations", 0)
+            if revocations != self._revocations:
+                self._revocations = revocations
+                pub.rebind()  # a revoked client still connected is cut off here
+                log.info("results socket rebound after a CURVE key was revoked")
             joins = pub.poll_subscriptions()
             pub.scanner = self.scanner()
             version = pipe.state_version
@@ -147,12 +157,14 @@ class PublisherStage(Stage):
                 log.warning("scoring seq %d failed: %s", r.seq, type(exc).__name__)
 
     def teardown(self) -> None:
-        """Announce `stopped` and close the socket."""
+        """Announce `stopped`, let what was sent reach subscribers (bounded), close the socket."""
         if self.publisher is not None:
             with contextlib.suppress(Exception):
                 st = self.state()
                 st["state"] = "stopped"
-                self.publisher.publish_event("state", st, time.monotonic())
+                deadline = self.pipe.clock.hard_deadline()
+                left = FLUSH_ON_STOP_S if deadline is None else deadline - time.monotonic()
+                self.publisher.publish_last_event("state", st, min(FLUSH_ON_STOP_S, left))
             self.publisher.close()
         if self.recorder is not None:
             self.recorder.close()

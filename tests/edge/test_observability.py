@@ -47,7 +47,7 @@ def test_counters_and_histograms_show_up_in_the_scrape():
     with serve_http("127.0.0.1:0", m) as srv:
         code, text = get(srv.url + "/metrics")
     assert code == 200
-    assert "thzedge_frames_received_total 5.0" in text
+    assert "thzedge_frames_received_total 6.0" in text  # 5 frames + 1 malformed message
     assert "thzedge_frames_processed_total 4.0" in text
     assert 'thzedge_results_published_total{status="partial"} 1.0' in text
     assert 'thzedge_frames_dropped_total{reason="queue_full"} 2.0' in text
@@ -141,15 +141,19 @@ def test_failing_health_function_reports_unhealthy():
     assert code == 503 and json.loads(body)["state"] == "failed"
 
 
-def test_port_in_use_is_a_config_error():
+def test_port_in_use_is_retryable_and_a_foreign_address_a_config_error():
+    from scanner_io.errors import ResourceBusyError
+
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     s.listen()
     try:
-        with pytest.raises(ConfigError, match="cannot bind"):
+        with pytest.raises(ResourceBusyError, match="in use"):  # exit 69: another process holds it
             serve_http(f"127.0.0.1:{s.getsockname()[1]}", DaemonMetrics())
     finally:
         s.close()
+    with pytest.raises(ConfigError, match="cannot bind"):  # exit 78: not an address of this host
+        serve_http("192.0.2.1:9464", DaemonMetrics())
 
 
 def test_state_transition_reaches_metrics_log_and_status(tmp_path, caplog):
