@@ -19,6 +19,7 @@ from edge.config import ModelPrecision, load_config
 from edge.evaluation import Routing, evaluate, training_people_warning
 from edge.gallery import Gallery, enroll_from_inputs, enroll_from_source
 from edge.infer import load_inputs, save_results, truth_postures
+from edge.ops_cli import register as register_ops
 from edge.pipeline.assemble import RunOptions, run_daemon
 from edge.pipeline.scoring import render_score
 from edge.runner import Runner
@@ -29,7 +30,7 @@ from edge.templates import generate_template_key, load_template_key
 from scanner_io.atrest import generate_storage_key
 from scanner_io.choices import Choice
 from scanner_io.cli_common import global_options, split_choices
-from scanner_io.errors import StorageError, ThzEdgeError
+from scanner_io.errors import ConfigError, StorageError, ThzEdgeError
 from scanner_io.frame import POSTURES
 from scanner_io.sources import split_queue_mode
 
@@ -55,6 +56,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(gallery_app, name="gallery")
     app.command("enroll")(enroll_command)
     app.command("bench")(bench_command)
+    register_ops(app)
 
 
 _MODEL_HELP = "Model bundle directory (from `thzedge export onnx`), or `demo` for the shipped demo model."
@@ -155,6 +157,14 @@ def run_command(
     no_reconstruction: Annotated[
         bool, typer.Option("--no-reconstruction", help="Skip the decoders (posture and verification only).")
     ] = False,
+    record_results: Annotated[
+        Path | None,
+        typer.Option(
+            "--record-results",
+            help="Also write the results to this MCAP file (posture, decision, latency channels that "
+            "Foxglove plots; identities and reconstructions only with [privacy] record_results).",
+        ),
+    ] = None,
     metrics_bind: Annotated[
         str | None,
         typer.Option(
@@ -194,6 +204,7 @@ def run_command(
             record=record,
             max_frames=max_frames,
             reconstruction=not no_reconstruction,
+            record_results=record_results,
             metrics_bind=metrics_bind,
             calibration=calibration,
             score=score,
@@ -254,12 +265,26 @@ def config_show_command(ctx: typer.Context) -> None:
 
 
 def config_validate_command(ctx: typer.Context) -> None:
-    """Check a config file; exit 0 if valid, 78 with one line naming the problem otherwise."""
-    cfg = load_config(global_options(ctx).config)
+    """Check a config as `thzedge run` would at start-up (bundle, profiles, gallery, keys); exit 78 if not."""
+    from edge.doctor import CheckStatus, static_checks
+
+    opts = global_options(ctx)
+    cfg = load_config(opts.config)  # a file that does not parse is one line, exit 78, as before
     check_curve_files(cfg.publisher.curve)  # the key files the daemon would load, loaded the same way
-    for note in cfg.warnings():
-        typer.echo(f"warning: {note}", err=True)
-    typer.echo(f"{cfg.path or 'built-in defaults'}: ok ({len(cfg.sources)} source(s))")
+    checks = static_checks(opts.config)
+    failed = [c for c in checks if c.status is CheckStatus.fail]
+    if opts.json:
+        typer.echo(json.dumps({"valid": not failed, "checks": [c.to_dict() for c in checks]}, indent=2))
+    for c in checks:
+        if c.status is CheckStatus.warn:
+            typer.echo(f"warning: {c.name}: {c.detail}", err=True)
+    if failed:
+        # Every failure in order; the last one is the raised error (exit 78, like `run`).
+        for c in failed[:-1]:
+            typer.echo(f"thzedge: error: {c.name}: {c.detail}", err=True)
+        raise ConfigError(f"{failed[-1].name}: {failed[-1].detail}")
+    if not opts.json:
+        typer.echo(f"{cfg.path or 'built-in defaults'}: ok ({len(cfg.sources)} source(s))")
 
 
 class KeyKind(Choice):

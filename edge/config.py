@@ -158,6 +158,9 @@ class CurveConfig:
     # Directory of allowed clients' public certificates (`*.key`); re-read on SIGHUP.
     allowed_clients_dir: Path | None = None
     domain: str = "thzedge"
+    # Key pair (`thzedge keys generate --name NAME`) that thzedge's own consumers (`tail`,
+    # `view`) connect with; its public .key must be in allowed_clients_dir.
+    client_key_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -194,7 +197,16 @@ class PrivacyConfig:
 
     publish_embedding: bool = False
     publish_reconstruction: bool = False
+    # The conditioned 64x64 model input of each frame, as a result part (for `thzedge view`).
+    publish_input: bool = False
     record_results: bool = False
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """`thzedge view`, the live page: loopback only unless allowed here (and then with a token)."""
+
+    allow_remote: bool = False
 
 
 @dataclass(frozen=True)
@@ -281,6 +293,7 @@ class Config:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    view: ViewConfig = field(default_factory=ViewConfig)
     path: Path | None = None
 
     def source_names(self) -> dict[str, str]:
@@ -323,7 +336,7 @@ class Config:
                 if getattr(src, key) is not None:
                     entry[key] = str(getattr(src, key))
             out["sources"][name] = entry
-        for section in ("model", "publisher", "metrics", "privacy", "verification", "daemon", "storage"):
+        for section in SECTIONS:
             out[section] = _plain(getattr(self, section))
         out["publisher"]["ipc_mode"] = _Octal(self.publisher.ipc_mode)  # shown as 0o600, not 384
         return out
@@ -369,6 +382,7 @@ SECTIONS: dict[str, type] = {
     "calibration": CalibrationConfig,
     "daemon": DaemonConfig,
     "storage": StorageConfig,
+    "view": ViewConfig,
 }
 TOP_LEVEL_KEYS = ("sources", *SECTIONS)
 SOURCE_KEYS = ("uri", "calibration", "conditioning", "curve_server_key", "curve_client_key")
@@ -504,7 +518,11 @@ def _validate(config: Config) -> Config:
         raise ConfigError("[publisher] ipc_mode = 0o660 needs ipc_group (the group allowed to connect)")
     # Biometric payloads only over an authenticated channel: CURVE+ZAP on tcp, file permissions
     # on ipc (R-NEW-1, R-SEC-5). insecure_dev does not lift this rule.
-    biometric = [k for k in ("publish_embedding", "publish_reconstruction") if getattr(config.privacy, k)]
+    biometric = [
+        k
+        for k in ("publish_embedding", "publish_reconstruction", "publish_input")
+        if getattr(config.privacy, k)
+    ]
     if biometric and scheme == "tcp" and not curve.enabled:
         raise ConfigError(
             f"[privacy] {' and '.join(biometric)} = true but [publisher] endpoint {pub.endpoint} has no "

@@ -97,6 +97,7 @@ class FrameResult:
     t_ready_mono: float = 0.0  # host monotonic time the result was handed to the publisher
     embedding: np.ndarray | None = None  # [D] float32; biometric
     reconstruction: np.ndarray | None = None  # [64, 64] float32; biometric
+    input: np.ndarray | None = None  # [64, 64] float32 conditioned model input; biometric
     dropped_since_last: int = 0
 
 
@@ -105,6 +106,7 @@ def encode_result(
     t_publish_ns: int,
     publish_embedding: bool = False,
     publish_reconstruction: bool = False,
+    publish_input: bool = False,
 ) -> list[bytes]:
     """Return the multipart message of one result; biometric parts only when their flag is on."""
     parts: list[bytes] = []
@@ -112,6 +114,7 @@ def encode_result(
     payloads: list[tuple[str, np.ndarray | None, bool]] = [
         ("embedding", result.embedding, publish_embedding),
         ("reconstruction", result.reconstruction, publish_reconstruction),
+        ("input", result.input, publish_input),
     ]
     for kind, array, allowed in payloads:
         if not allowed or array is None:
@@ -221,6 +224,7 @@ class ResultPublisher:
         lockstep: bool = False,
         publish_embedding: bool = False,
         publish_reconstruction: bool = False,
+        publish_input: bool = False,
         ctx: zmq.Context | None = None,
         binder: Callable[[zmq.Socket, str], str] | None = None,
         ipc_mode: int = 0o600,
@@ -231,6 +235,7 @@ class ResultPublisher:
         self.lockstep = lockstep
         self.publish_embedding = publish_embedding
         self.publish_reconstruction = publish_reconstruction
+        self.publish_input = publish_input
         self._ctx = ctx or zmq.Context.instance()
         self._binder = binder
         self._ipc = (ipc_mode, ipc_group)
@@ -333,7 +338,9 @@ class ResultPublisher:
             result.latency_ms["publish"] = (now - result.t_ready_mono) * 1e3
         if result.t_received_mono:
             result.latency_ms["total"] = (now - result.t_received_mono) * 1e3
-        parts = encode_result(result, now_ns, self.publish_embedding, self.publish_reconstruction)
+        parts = encode_result(
+            result, now_ns, self.publish_embedding, self.publish_reconstruction, self.publish_input
+        )
         if not self.send(parts, deadline):
             return None
         return now_ns

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-
-from scanner_io.errors import MissingDependencyError
+from scanner_io.extras import require_extra
 
 
-def require_export_extra() -> None:
-    """Fail with what to install when torch/onnx (the `export` extra) are missing."""
-    missing = [m for m in ("torch", "onnx") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise MissingDependencyError(
-            f"{' and '.join(missing)} not installed; install the export extra: pip install 'thzedge[export]'"
-        )
+def require_export_extra(modules: tuple[str, ...] = ("torch", "onnx")) -> None:
+    """Fail with what to install (exit 69) when `modules` of the export extra are missing."""
+    require_extra("export", modules)

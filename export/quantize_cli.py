@@ -18,6 +18,7 @@ from edge.backends.trt import current_platform, import_tensorrt
 from edge.bundle import Bundle, Precision, model_path, writable_model_path
 from edge.config import load_model_config
 from export.engine import EngineSettings, build_bundle_engines, prune_engine_cache
+from export.extras import require_export_extra
 from export.gate import GateFailedError, GateTolerances, run_gate
 from export.quantize import (
     QUANTIZED_PRECISIONS,
@@ -142,6 +143,7 @@ def quantize_command(
     min_cosine: MinCosine = 0.99,
 ) -> None:
     """Add an INT8 (Q/DQ) or FP16 variant to a bundle; it is kept only if the accuracy gate passes."""
+    require_export_extra(("onnx",))  # graphs are rewritten with onnx; torch is not needed
     bundle_dir = writable_model_path(bundle, "thzedge export quantize")
     settings = QuantizeSettings(
         precision=precision,

@@ -43,6 +43,7 @@ def register(app: typer.Typer) -> None:
     recording.command("info")(recording_info)
     recording.command("sweep")(recording_sweep)
     recording.command("redact")(recording_redact)
+    recording.command("export")(recording_export)
     app.add_typer(recording, name="recording")
 
 
@@ -170,4 +171,41 @@ def recording_redact(
         typer.echo(
             f"wrote {summary.path}: {summary.frames} frame headers, {summary.events} events, "
             "no raw frames, no templates, no claimed identities"
+        )
+
+
+def recording_export(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="An MCAP recording (a .part left by a crash works too).")],
+    out: Annotated[Path, typer.Option("--out", help="The MCAP file to write.")],
+    foxglove: Annotated[
+        bool,
+        typer.Option(
+            "--foxglove", help="Write frames as foxglove.RawImage (Foxglove, Lichtblick can show them)."
+        ),
+    ] = False,
+    storage_key: Annotated[Path | None, typer.Option("--storage-key", help=STORAGE_KEY_HELP)] = None,
+) -> None:
+    """Convert a recording for other tools: `--foxglove` writes its frames as foxglove.RawImage."""
+    from scanner_io.errors import UsageError
+    from scanner_io.foxglove import export_foxglove
+
+    if not foxglove:
+        raise UsageError("say which format to write: --foxglove (the one export there is)")
+    if out.resolve() == file.resolve():
+        raise UsageError("--out must be another file than the recording")
+    result = export_foxglove(file, out, key=storage_key_option(storage_key))
+    if result.decrypted:
+        typer.echo(
+            f"warning: {file} is encrypted at rest; {out} holds its raw frames in plaintext "
+            "(0600): delete it when done",
+            err=True,
+        )
+    if global_options(ctx).json:
+        typer.echo(json.dumps(result.to_dict(), sort_keys=True))
+    else:
+        skipped = f", {result.malformed} malformed skipped" if result.malformed else ""
+        typer.echo(
+            f"wrote {result.path}: {result.frames} frames as foxglove.RawImage on "
+            f"{', '.join(result.topics)}{skipped}"
         )

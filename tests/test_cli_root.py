@@ -18,6 +18,9 @@ COMMANDS = {
     "run": None,
     "enroll": None,
     "bench": None,
+    "tail": None,
+    "view": None,
+    "doctor": None,
     "train": None,
     "record": None,
     "rescore": None,
@@ -27,7 +30,7 @@ COMMANDS = {
     "gallery": {"info", "remove"},
     "export": {"onnx", "quantize", "check", "engine", "threshold", "sign"},
     "scanner": {"serve"},
-    "recording": {"info", "sweep", "redact"},
+    "recording": {"info", "sweep", "redact", "export"},
     "sim": {"dataset", "preview", "profile"},
     "calibrate": {"capture", "build", "check", "report", "activate", "list"},
 }

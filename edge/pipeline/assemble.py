@@ -89,6 +89,7 @@ class RunOptions:
     record: Path | None = None
     max_frames: int | None = None
     reconstruction: bool = True
+    record_results: Path | None = None
     metrics_bind: str | None = None  # HOST:PORT, or "off"
     calibration: Path | None = None  # profile directory for the source (overrides the config's)
     score: bool = False  # score the published results against the simulator's truth
@@ -101,6 +102,7 @@ def settings_from_config(
     max_frames: int | None = None,
     reconstruction: bool = True,
     queue_policy: QueuePolicy = QueuePolicy.auto,
+    record_results: Path | None = None,
 ) -> DaemonSettings:
     """Build the daemon's settings: each field the config names (`cfg.<section>.<name>`), the rest given."""
     values: dict[str, Any] = {}
@@ -119,6 +121,7 @@ def settings_from_config(
         max_frames=max_frames,
         reconstruction=reconstruction,
         queue_policy=queue_policy,
+        record_results=record_results,
     )
 
 
@@ -387,6 +390,7 @@ def run_daemon(
         max_frames=opts.max_frames,
         reconstruction=opts.reconstruction,
         queue_policy=queue_policy,
+        record_results=opts.record_results,
     )
 
     notifier = notifier if notifier is not None else Notifier()

@@ -46,6 +46,11 @@ class DaemonSettings:
     reconstruction: bool = True
     publish_embedding: bool = field(default=False, metadata=_from("privacy", "publish_embedding"))
     publish_reconstruction: bool = field(default=False, metadata=_from("privacy", "publish_reconstruction"))
+    publish_input: bool = field(default=False, metadata=_from("privacy", "publish_input"))
+    # `run --record-results FILE`: results as plottable MCAP channels (edge/results_mcap.py);
+    # identities and reconstructions in it only with [privacy] record_results.
+    record_results: Path | None = None
+    record_biometric: bool = field(default=False, metadata=_from("privacy", "record_results"))
     verification_mode: VerificationMode = field(
         default=VerificationMode.auto, metadata=_from("verification", "mode")
     )

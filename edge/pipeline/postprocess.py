@@ -53,6 +53,7 @@ class PostProcessor:
             status="ok" if q.calibrated else "uncalibrated",
             provenance=self._provenance_for(q.ctx),
             t_received_mono=q.t_received,
+            input=q.x if self.pipe.settings.publish_input else None,
         )
         r.latency_ms[Stage.queue.value] = (now - q.t_received) * 1e3
         r.latency_ms[Stage.condition.value] = q.condition_ms

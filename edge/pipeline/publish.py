@@ -20,6 +20,7 @@ from edge.pipeline.acquire import AcquisitionStage
 from edge.pipeline.queues import Event
 from edge.pipeline.stage import Pipeline, Stage
 from edge.results import RESULTS_PROTOCOL_VERSION, FrameResult, ResultPublisher
+from edge.results_mcap import ResultsRecorder
 
 Binder = Callable[[zmq.Socket, str], str]  # edge.security.EndpointSecurity (callable: bind)
 
@@ -39,6 +40,7 @@ class PublisherStage(Stage):
         self.upstream = upstream  # the source's scanner name, state and mode
         self._binder = binder
         self.publisher: ResultPublisher | None = None
+        self.recorder: ResultsRecorder | None = None
         self._drops_reported = 0
         self._last_state = 0.0
         self._state_version = -1
@@ -64,6 +66,7 @@ class PublisherStage(Stage):
             "payloads": {
                 "embedding": s.publish_embedding,
                 "reconstruction": s.publish_reconstruction and s.reconstruction,
+                "input": s.publish_input,
             },
         }
 
@@ -77,10 +80,13 @@ class PublisherStage(Stage):
             lockstep=not self.upstream.live,
             publish_embedding=s.publish_embedding,
             publish_reconstruction=s.publish_reconstruction,
+            publish_input=s.publish_input,
             binder=self._binder,
             ipc_mode=s.ipc_mode,
             ipc_group=s.ipc_group,
         )
+        if s.record_results is not None:
+            self.recorder = ResultsRecorder(s.record_results, biometric=s.record_biometric)
 
     def loop(self) -> None:
         """Send until inference is done and the outbox is empty."""
@@ -142,6 +148,8 @@ class PublisherStage(Stage):
                 if ring is not None:
                     ring.append(v)
         pipe.metrics.published(r, t_pub)
+        if self.recorder is not None:
+            self.recorder.write(r, t_pub)
         if pipe.scorer is not None:
             try:
                 pipe.scorer.published(r)
@@ -158,3 +166,5 @@ class PublisherStage(Stage):
                 left = FLUSH_ON_STOP_S if deadline is None else deadline - time.monotonic()
                 self.publisher.publish_last_event("state", st, min(FLUSH_ON_STOP_S, left))
             self.publisher.close()
+        if self.recorder is not None:
+            self.recorder.close()
