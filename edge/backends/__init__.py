@@ -40,6 +40,8 @@ class Backend(ABC):
     """Runs a bundle's graphs: `infer(graph, feeds) -> outputs`; `close()` frees sessions/engines."""
 
     name: str = "backend"
+    # Why `auto` runs this backend instead of the one it preferred (R-NEW-14: said in STATUS).
+    fallback_reason: str | None = None
 
     def __init__(self, bundle: Bundle, precision: str = "fp32") -> None:
         bundle.variant(precision)  # a clear BundleError if the bundle lacks this precision
@@ -149,6 +151,7 @@ def create_backend(
                     "`pip install thzedge[tensorrt]` or JetPack); use --backend ort"
                 )
         else:
+            fallback: str | None = None
             can_run = getattr(trt, "can_run", None)
             if kind is BackendKind.trt or can_run is None or can_run(bundle, precision, **options):
                 try:
@@ -157,6 +160,14 @@ def create_backend(
                     if kind is BackendKind.trt:
                         raise
                     log.warning("TensorRT backend refused (%s); falling back to ONNX Runtime", exc)
+                    fallback = f"TensorRT refused: {exc}"
+            else:
+                fallback = "no TensorRT engine for this device in the engine cache (thzedge export engine)"
+            from edge.backends.ort import OrtBackend
+
+            ort = OrtBackend(bundle, precision, **options)
+            ort.fallback_reason = fallback
+            return ort
     from edge.backends.ort import OrtBackend
 
     return OrtBackend(bundle, precision, **options)

@@ -401,7 +401,12 @@ def run_daemon(
     if settings.canary is None and (carried := bundle_canary(bundle.path)) is not None:
         settings = dataclasses.replace(settings, canary=carried)  # the bundle's own canary (R-NEW-12)
     precision = runner.backend.precision  # the one `auto` chose, or the pinned one
-    model = ModelInfo(bundle=bundle.sha256, precision=precision, backend=runner.backend.name)
+    model = ModelInfo(
+        bundle=bundle.sha256,
+        precision=precision,
+        backend=runner.backend.name,
+        fallback=runner.backend.fallback_reason or "",
+    )
     metrics.set_build_info(
         version=__version__, bundle=bundle.sha256[:12], backend=model.backend, precision=model.precision
     )

@@ -75,6 +75,7 @@ class ModelInfo:
     bundle: str = ""  # manifest sha256
     precision: str = "fp32"
     backend: str = ""
+    fallback: str = ""  # why `auto` runs this backend, not TensorRT (empty: it is what was asked for)
 
     def to_dict(self) -> dict[str, str]:
         """Return the JSON-ready form (the `model` field of the `state` event)."""

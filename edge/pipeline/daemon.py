@@ -269,7 +269,8 @@ class Daemon:
         endpoint = self.publish.publisher.bound_endpoint
         mode = "live" if acq.live else "lockstep"
         # READY=1 only now: model loaded + warmed up, source open, socket bound (R-SYS-1).
-        self._set_state("ready", f"publishing on {endpoint} ({mode} source)")
+        fallback = f"; {self.model.backend}: {self.model.fallback}" if self.model.fallback else ""
+        self._set_state("ready", f"publishing on {endpoint} ({mode} source{fallback})")
         self._notify.ready()
         self.ready.set()
         self._ready_at = time.monotonic()

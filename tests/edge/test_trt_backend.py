@@ -158,6 +158,7 @@ def test_auto_falls_back_to_ort_with_a_warning(
     )
     be = create_backend(bundle, "auto")
     assert be.name == "trt"  # a matching engine is taken
+    assert be.fallback_reason is None
     assert len(checks) == 1  # every plan read and hashed once at start-up, not once per check
     be.close()
     fake_trt.__version__ = "10.4.0"  # e.g. after a JetPack upgrade
@@ -165,6 +166,8 @@ def test_auto_falls_back_to_ort_with_a_warning(
         be = create_backend(bundle, "auto")
     assert be.name == "ort"
     assert any("10.4.0" in r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    # R-NEW-14: the reason travels with the backend, into the daemon's READY STATUS line.
+    assert be.fallback_reason is not None and "10.4.0" in be.fallback_reason
     be.close()
     with pytest.raises(EngineMismatchError):
         create_backend(bundle, "trt")
