@@ -64,6 +64,33 @@ def _run_to_end(
     return rc, out, err, sub
 
 
+def _scanner_to_end(
+    bind: str,
+    source: str,
+    bundle: Path,
+    cfg: Path,
+    tmp_path: Path,
+    frames: int,
+    calibration: Path | None = None,
+) -> tuple[int, str, str, Subscriber]:
+    """Start the daemon on `source`, then the emulated scanner on `bind` once a subscriber is in
+    (so nothing is missed); return (rc, stdout, stderr, what it published) after `frames`."""
+    pub = f"ipc://{tmp_path}/r.sock"
+    sub = Subscriber(pub)
+    daemon = thzedge_run(source, bundle, cfg, pub, "--max-frames", str(frames), calibration=calibration)
+    emu = None
+    try:
+        sub.wait_state(proc=daemon)
+        emu = _serve("sim?seed=0", bind)
+        sub.pump(60, until=lambda s: daemon.poll() is not None)
+        rc, out, err = finish(daemon)
+        sub.pump(0.3)
+    finally:
+        _stop(daemon, emu)
+        sub.close()
+    return rc, out, err, sub
+
+
 def test_an_uncalibrated_ipc_scanner_is_refused_before_the_model_loads(
     tiny_bundle: Path, tmp_path: Path
 ) -> None:
@@ -103,21 +130,8 @@ def test_allow_uncalibrated_publishes_results_marked_uncalibrated_never_ok(
     tiny_bundle: Path, tmp_path: Path
 ) -> None:
     cfg = write_config(tmp_path / "thzedge.toml", calibration="allow_uncalibrated = true\n")
-    port = free_port()
-    scan = f"tcp://127.0.0.1:{port}"
-    pub = f"ipc://{tmp_path}/r.sock"
-    sub = Subscriber(pub)
-    daemon = thzedge_run(scan, tiny_bundle, cfg, pub, "--max-frames", "12")
-    emu = None
-    try:
-        sub.wait_state(proc=daemon)
-        emu = _serve("sim?seed=0", scan)
-        sub.pump(60, until=lambda s: len(s.results) >= 12 or daemon.poll() is not None)
-        rc, out, err = finish(daemon)
-        sub.pump(0.3)
-    finally:
-        _stop(daemon, emu)
-        sub.close()
+    scan = f"tcp://127.0.0.1:{free_port()}"
+    rc, out, err, sub = _scanner_to_end(scan, scan, tiny_bundle, cfg, tmp_path, 12)
     assert rc == 0, err
     assert len(sub.results) == 12
     assert {h["status"] for h in sub.results} == {"uncalibrated"}
@@ -133,21 +147,10 @@ def test_frames_that_stop_fitting_the_profile_go_uncalibrated_with_one_event(
     conditioned without the profile, announced once."""
     foreign = identity_profile(tmp_path / "cal", scanner="other-serial", shape=(128, 128))
     cfg = write_config(tmp_path / "thzedge.toml")
-    scan, pub = f"ipc://{tmp_path}/scanner.sock", f"ipc://{tmp_path}/r.sock"
-    sub = Subscriber(pub)
-    daemon = thzedge_run(
-        f"{scan}?mode=lockstep", tiny_bundle, cfg, pub, "--max-frames", "30", calibration=foreign
+    scan = f"ipc://{tmp_path}/scanner.sock"
+    rc, out, err, sub = _scanner_to_end(
+        scan, f"{scan}?mode=lockstep", tiny_bundle, cfg, tmp_path, 30, calibration=foreign
     )
-    emu = None
-    try:
-        sub.wait_state(proc=daemon)  # the scanner starts once the subscriber is in: nothing is missed
-        emu = _serve("sim?seed=0", scan)
-        sub.pump(60, until=lambda s: daemon.poll() is not None)
-        rc, out, err = finish(daemon)
-        sub.pump(0.3)
-    finally:
-        _stop(daemon, emu)
-        sub.close()
     assert rc == 0, err
     assert len(sub.results) == 30
     assert sub.results and {h["status"] for h in sub.results} == {"uncalibrated"}
