@@ -54,7 +54,9 @@ class FrameQuality:
     reason: NoFaceReason | None
     head_fraction: float
     saturated: float
-    spread_db: float
+    # Interquartile dB spread of the lit blocks; measured only for a frame lit enough to be a
+    # uniform field (head fraction above the limit), None otherwise.
+    spread_db: float | None
 
     @property
     def ok(self) -> bool:
@@ -75,14 +77,16 @@ def assess_frame(
     saturated = float(np.count_nonzero(raw >= full_scale)) / raw.size if np.isfinite(full_scale) else 0.0
     weight, db, _ = head_weights(power, params)
     head = float(weight.mean())
-    lit = db[weight > 0.5]
-    spread = float(np.subtract(*np.percentile(lit, [75, 25]))) if lit.size >= 4 else 0.0
+    spread = None
+    if head > lim.max_head_fraction:  # only such a frame can be a uniform field
+        lit = db[weight > 0.5]
+        spread = float(np.subtract(*np.percentile(lit, [75, 25]))) if lit.size >= 4 else 0.0
     reason: NoFaceReason | None = None
     if saturated > lim.max_saturated:
         reason = NoFaceReason.SATURATED
-    elif float(raw.std()) < lim.min_raw_std or head <= 0.0:
+    elif head <= 0.0 or _constant(raw, lim.min_raw_std):
         reason = NoFaceReason.BLANK
-    elif head > lim.max_head_fraction and spread <= lim.flat_max_spread_db:
+    elif spread is not None and spread <= lim.flat_max_spread_db:
         reason = NoFaceReason.FLAT
     elif head < lim.min_head_fraction:
         reason = NoFaceReason.TOO_SMALL
@@ -90,3 +94,15 @@ def assess_frame(
         reason = NoFaceReason.FLAT
     status = FrameStatus.OK if reason is None else FrameStatus.NO_FACE
     return FrameQuality(status, reason, head, saturated, spread)
+
+
+def _constant(raw: np.ndarray, min_std: float) -> bool:
+    """True when the frame's standard deviation is below `min_std` (a frozen sensor).
+
+    Cheap for the usual frame: a range of r over n pixels forces a std of at least r/sqrt(2n),
+    so only a frame with a small range needs its std computed.
+    """
+    lo, hi = float(raw.min()), float(raw.max())
+    if hi - lo >= min_std * float(np.sqrt(2.0 * raw.size)):
+        return False
+    return float(raw.std()) < min_std
