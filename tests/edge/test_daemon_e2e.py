@@ -534,7 +534,9 @@ def test_metrics_and_health_while_streaming(bundle_dir: Path, tmp_path: Path) ->
     daemon = thzedge_run("sim?fps=30", bundle_dir, cfg, pub)
     try:
         sub.wait_state(proc=daemon)
-        sub.pump(60, until=lambda s: len(s.results) >= 10)
+        # A result is counted in the metrics just after it is sent: once the 11th has arrived,
+        # the publisher has counted the first 10.
+        sub.pump(60, until=lambda s: len(s.results) >= 11)
         base = f"http://127.0.0.1:{port}"
         metrics = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
         ready = json.loads(urllib.request.urlopen(f"{base}/readyz", timeout=5).read())

@@ -165,7 +165,10 @@ def test_a_stalled_subscriber_neither_blocks_others_nor_grows_memory(
     seqs = [h["seq"] for h in reader.results]
     daemon_drops = summary["dropped"]["queue_full"] + summary["dropped"]["stale"]
     assert max(seqs) == 359
-    assert len(seqs) >= (359 - first + 1) - daemon_drops
+    # Its own HWM (20) applies to the reading subscriber too: on a starved machine a few results
+    # can overflow while it sleeps between reads. Held back by the stalled one, it would get at
+    # most the HWMs' worth; 95 % is far from that and tolerant of a loaded CI machine.
+    assert len(seqs) >= 0.95 * ((359 - first + 1) - daemon_drops)
     assert seqs == sorted(seqs)
     results_held = held - 1  # the first message held may be a state event; results are most of it
     assert results_held < 100, held  # of 360 results (~17 KiB each)
