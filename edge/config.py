@@ -225,6 +225,11 @@ class StorageConfig:
     # The daemon deletes expired recordings in this directory every sweep_interval_s (None: no sweep).
     sweep_dir: Path | None = None
     sweep_interval_s: float = field(default=3600.0, metadata={"min": 1.0, "max": 86400.0 * 7})
+    # The last rejected messages, kept sealed under the storage key for diagnosis (R-NEW-17);
+    # None: not kept. Bounded by count and size, the oldest evicted first.
+    quarantine_dir: Path | None = None
+    quarantine_frames: int = field(default=16, metadata={"min": 1, "max": 10_000})
+    quarantine_max_mb: float = field(default=64.0, metadata={"min": 0.1, "max": 100_000.0})
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
 import numpy as np
@@ -93,6 +93,9 @@ class MalformedFrame:
     message: str
     seq: int | None = None
     scanner: str | None = None
+    # The message as received, when the source was asked to keep it (R-NEW-17 quarantine);
+    # bounded by the source's message limits.
+    raw: tuple[bytes, ...] = field(default=(), repr=False, compare=False)
 
     @classmethod
     def from_error(cls, exc: FrameDecodeError) -> MalformedFrame:

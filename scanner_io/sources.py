@@ -25,6 +25,7 @@ goes on) or None (nothing within the timeout).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import glob
 import logging
@@ -536,6 +537,8 @@ class ZmqSource(Source):
         curve: CurveClientKeys | None = None,
     ) -> None:
         super().__init__(uri)
+        # Keep the bytes of rejected messages on MalformedFrame.raw (set before reading starts).
+        self.keep_rejected = False
         self.live = True
         self.endpoint = endpoint
         # Encrypted and authenticated towards a scanner that is a CURVE server (tcp links).
@@ -737,6 +740,8 @@ class ZmqSource(Source):
                         self._last_frame = time.monotonic()
                     except FrameDecodeError as exc:
                         message = MalformedFrame.from_error(exc)
+                        if self.keep_rejected:  # for the daemon's quarantine (R-NEW-17)
+                            message = dataclasses.replace(message, raw=tuple(p.bytes for p in got))
                 if isinstance(message, MalformedFrame):
                     self._rejected_log.warning(
                         message.reason,

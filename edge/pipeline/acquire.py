@@ -18,13 +18,14 @@ from calibration.profile import ProfileChoice, resolve_profile
 from edge.pipeline.context import QueuedFrame
 from edge.pipeline.queues import Event
 from edge.pipeline.stage import Pipeline, Stage
+from edge.quarantine import Quarantine
 from scanner_io.codec import MalformedFrame
 from scanner_io.errors import ConfigError, SourceUnavailableError, StorageError
 from scanner_io.frame import Frame
 from scanner_io.ratelog import RateLimitedLog
 from scanner_io.recording import Recorder
 from scanner_io.seq import SeqTracker
-from scanner_io.sources import FrameSource
+from scanner_io.sources import FrameSource, ZmqSource
 
 log = logging.getLogger("thzedge.daemon")
 
@@ -54,9 +55,14 @@ class AcquisitionStage(Stage):
     """Owns the source: reads frames, counts malformed ones and gaps, feeds the queue."""
 
     def __init__(
-        self, pipe: Pipeline, open_source: OpenSource, open_recorder: OpenRecorder | None = None
+        self,
+        pipe: Pipeline,
+        open_source: OpenSource,
+        open_recorder: OpenRecorder | None = None,
+        quarantine: Quarantine | None = None,
     ) -> None:
         super().__init__("acquire", pipe)
+        self.quarantine = quarantine  # keeps the last rejected messages, sealed (R-NEW-17)
         self.go = threading.Event()  # set once the daemon has its final context and a bound socket
         self._open_source = open_source
         self._open_recorder = open_recorder
@@ -84,6 +90,8 @@ class AcquisitionStage(Stage):
         """Open the source, read the calibration it carries, check a live stream fits its profile,
         open the recorder."""
         self.source = self._open_source()
+        if self.quarantine is not None and isinstance(self.source, ZmqSource):
+            self.source.keep_rejected = True
         self.live = self.source.live
         # Read here, in the thread that owns the source, before any frame is read.
         self.source_profile = profile_from_source(self.source)
@@ -184,6 +192,11 @@ class AcquisitionStage(Stage):
             pipe.count_drop("upstream_gap", step.missing, seq)
         self._flood_log.warning(reason, "malformed frame rejected: reason=%s seq=%s", reason, seq)
         self._record(lambda r: r.write_event("malformed", reason=reason, seq=seq))
+        if self.quarantine is not None:
+            try:
+                self.quarantine.keep(item)
+            except OSError as exc:  # a full disk must not stop the stream
+                log.warning("quarantine: %s; rejected message not kept", exc)
         body = {"stage": "acquire", "reason": reason, "seq": seq, "message": item.message[:200]}
         pipe.outbox.put(Event("error", body), pipe.clock.publish_deadline, pipe.settings.poll_s)
 

@@ -45,6 +45,7 @@ from edge.pipeline.daemon import Daemon
 from edge.pipeline.metrics import start_device_telemetry
 from edge.pipeline.scoring import TruthScorer
 from edge.pipeline.stats import RunSummary
+from edge.quarantine import Quarantine
 from edge.runner import Runner
 from edge.sdnotify import Notifier
 from edge.security import EndpointSecurity, curve_available, load_keypair
@@ -363,6 +364,15 @@ def _config_for(opts: RunOptions) -> Config:
     return apply_overrides(cfg, **overrides) if overrides else cfg
 
 
+def _quarantine(cfg: Config) -> Quarantine | None:
+    """The store of the last rejected messages, when `[storage] quarantine_dir` is set (R-NEW-17)."""
+    s = cfg.storage
+    if s.quarantine_dir is None:
+        return None
+    key = storage_key_from_config(cfg)
+    return Quarantine(s.quarantine_dir, key, s.quarantine_frames, int(s.quarantine_max_mb * 1024 * 1024))
+
+
 def run_daemon(
     opts: RunOptions,
     notifier: Notifier | None = None,
@@ -457,6 +467,7 @@ def run_daemon(
         model=model,
         on_ready=on_ready,
         scorer=TruthScorer() if opts.score else None,
+        quarantine=_quarantine(cfg),
     )
     server = None
     sweeper = Sweeper(cfg) if cfg.storage.sweep_dir is not None else None

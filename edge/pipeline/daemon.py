@@ -39,6 +39,7 @@ from edge.pipeline.queues import Event, FrameQueue, Outbox
 from edge.pipeline.scoring import TruthScorer
 from edge.pipeline.stage import Pipeline, Stage
 from edge.pipeline.stats import RunSummary, Stats
+from edge.quarantine import Quarantine
 from edge.runner import ModelRunner
 from edge.sdnotify import Heartbeat, Notifier, WatchdogPinger
 from scanner_io.errors import CanaryError, ThzEdgeError
@@ -95,8 +96,10 @@ class Daemon:
         model: ModelInfo | None = None,
         on_ready: Callable[[Daemon], None] | None = None,
         scorer: TruthScorer | None = None,
+        quarantine: Quarantine | None = None,
     ) -> None:
         self.settings = settings
+        self._quarantine = quarantine
         self.runner = runner
         self._open_source = open_source
         self._load_context = load_context
@@ -161,7 +164,7 @@ class Daemon:
         )
         self.pipe = pipe
         # source → decode+validate, seq gaps → calibrate+condition → frames
-        self.acquire = AcquisitionStage(pipe, self._open_source, self._open_recorder)
+        self.acquire = AcquisitionStage(pipe, self._open_source, self._open_recorder, self._quarantine)
         # frames → encoder + decoders (edge.runner.infer_isolated) → post-process → outbox
         post = PostProcessor(pipe, self.runner.postures)
         self.infer = InferenceStage(pipe, self.runner, post)
