@@ -28,31 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scanner_io.choices import Choice
+from edge.checks import CheckResult, CheckStatus
 from scanner_io.errors import ConfigError, ThzEdgeError
 from scanner_io.extras import EXTRAS, is_installed, missing_modules
-
-
-class CheckStatus(Choice):
-    """Outcome of one check: `fail` means `thzedge run` would not start (or not work)."""
-
-    ok = "ok"
-    warn = "warn"
-    fail = "fail"
-    skip = "skip"
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """One row of the doctor's table: what was checked, how it came out, and the detail."""
-
-    name: str
-    status: CheckStatus
-    detail: str = ""
-
-    def to_dict(self) -> dict[str, str]:
-        """Return the JSON-ready form."""
-        return {"name": self.name, "status": str(self.status), "detail": self.detail}
 
 
 @dataclass
@@ -538,7 +516,7 @@ def _jetson_rows(loaded: _Loaded) -> list[CheckResult]:
         found = jetson_checks(engine_cache=cache)
     except (OSError, ThzEdgeError) as exc:
         return [warn("jetson", f"the Jetson checks could not run: {exc}")]
-    return [CheckResult(r.name, CheckStatus(str(r.status)), r.detail) for r in found]
+    return found
 
 
 # Functions other modules add (each returns rows), e.g. Jetson power mode and clocks.

@@ -33,26 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge.backends.engine_cache import EngineCache, resolve_engine_cache
+from edge.checks import CheckResult, CheckStatus
 from edge.telemetry import find_tegrastats, read_one_sample
-from scanner_io.choices import Choice
-
-
-class CheckStatus(Choice):
-    """Outcome of one check: ok, warn (works, but look at it), fail (the GPU path cannot work)."""
-
-    ok = "ok"
-    warn = "warn"
-    fail = "fail"
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """One check's outcome: a dotted name, its status and a one-line detail."""
-
-    name: str
-    status: CheckStatus
-    detail: str
-
 
 # --------------------------------------------------------------------------------------------
 # Release and versions
