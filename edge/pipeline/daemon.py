@@ -42,7 +42,7 @@ from edge.pipeline.stats import RunSummary, Stats
 from edge.quarantine import Quarantine
 from edge.runner import ModelRunner
 from edge.sdnotify import Heartbeat, Notifier, WatchdogPinger
-from scanner_io.errors import CanaryError, ThzEdgeError
+from scanner_io.errors import CanaryError, InternalError, ThzEdgeError
 from scanner_io.sources import QueuePolicy
 
 log = logging.getLogger("thzedge.daemon")
@@ -291,6 +291,14 @@ class Daemon:
             # The stream cannot go on (a profile for other frames, a source that cannot recover):
             # exit with the error's code, so systemd tells a bad config from a crash.
             raise acq.error
+        for stage in (acq, inf, pub):
+            if stage.error is not None:
+                # A stage died of a bug mid-stream: not a clean end (exit 0 would keep systemd's
+                # Restart=on-failure from restarting the service). The summary was logged.
+                log.error("run ended early: %s", self._streaming_status())
+                raise InternalError(
+                    f"stage {stage.stage_name} failed: {type(stage.error).__name__}: {stage.error}"
+                ) from stage.error
         summary = self.stats.summary(
             time.monotonic() - t_start, endpoint, acq.exit_reason, self.model.precision, self.model.backend
         )

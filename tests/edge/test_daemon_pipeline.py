@@ -428,3 +428,34 @@ def test_pipeline_stages_name_their_kernel_threads() -> None:
     stage.join(5)
     assert stage.error is None
     assert seen["comm"] == "thz-probe"
+
+
+def test_a_stage_that_dies_mid_stream_ends_the_run_as_a_bug_not_a_clean_stop(
+    runner: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exit 0 after a crashed publisher would keep systemd (Restart=on-failure) from restarting."""
+    from edge.pipeline.daemon import Daemon
+    from edge.results import ResultPublisher
+    from scanner_io.errors import InternalError
+
+    sent = ResultPublisher.publish_result
+    count = {"n": 0}
+
+    def flaky(self: Any, result: Any, deadline: Any = None) -> Any:
+        count["n"] += 1
+        if count["n"] == 4:
+            raise RuntimeError("publisher bug")
+        return sent(self, result, deadline)
+
+    monkeypatch.setattr(ResultPublisher, "publish_result", flaky)
+    src = ScriptedSource([make_frame(i) for i in range(12)], live=False)
+    daemon = Daemon(
+        DaemonSettings(endpoint=f"ipc://{tmp_path}/r.sock", poll_s=0.02, stop_timeout_s=2.0),
+        runner,
+        lambda: src,
+        identity_context,
+        model=ModelInfo(bundle="b", backend="ort", precision="fp32"),
+    )
+    with pytest.raises(InternalError, match="stage publish failed: RuntimeError: publisher bug"):
+        daemon.run()
+    assert daemon.stats.published == 3
