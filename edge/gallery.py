@@ -51,7 +51,6 @@ import datetime
 import io
 import json
 import logging
-import os
 import stat
 import threading
 import time
@@ -74,6 +73,7 @@ from scanner_io.choices import Choice
 from scanner_io.errors import ConfigError, DataError, ThzEdgeError
 from scanner_io.frame import POSTURES
 from scanner_io.npz import read_npz
+from scanner_io.private_file import write_private
 from scanner_io.sources import MalformedFrame, open_source
 
 log = logging.getLogger("thzedge.gallery")
@@ -405,18 +405,7 @@ class Gallery:
         else:
             log.warning("gallery %s written WITHOUT encryption: no storage key configured", path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.fchmod(fd, 0o600)  # whatever the umask: owner only
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, path)
+        write_private(path, data)  # owner only, whatever the umask
         log.info("gallery written: %d identities, %d references", len(names), int(emb.shape[0]))
         return path
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import struct
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 from scanner_io.atrest import StorageKey, seal, unseal
 from scanner_io.codec import MalformedFrame
 from scanner_io.errors import DataError
+from scanner_io.private_file import write_private
 
 __all__ = ["QUARANTINE_KIND", "Quarantine", "QuarantinedMessage", "read_quarantined"]
 
@@ -111,13 +111,7 @@ class Quarantine:
         self._last = now
         safe_reason = "".join(c if c.isalnum() or c == "_" else "_" for c in item.reason)[:32]
         path = self.directory / f"{t_ns:020d}-{safe_reason}{SUFFIX}"
-        tmp = path.with_name(f".{path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, blob)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        write_private(path, blob)
         self.kept += 1
         self._evict()
         return True

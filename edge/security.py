@@ -38,6 +38,7 @@ from zmq.utils import z85
 
 from edge.config import CurveConfig, PublisherConfig
 from scanner_io.errors import ConfigError, SourceUnavailableError, ThzEdgeError
+from scanner_io.private_file import write_private
 
 log = logging.getLogger("thzedge.security")
 
@@ -461,12 +462,4 @@ def _write_cert(path: Path, public: bytes, secret: bytes | None, created: str, m
     ]
     if secret:
         lines.append(f'    secret-key = "{secret.decode()}"')
-    tmp = path.with_name(path.name + ".tmp")
-    # Created with its final mode: the secret is never readable by others, not even briefly.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, ("\n".join(lines) + "\n").encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_private(path, ("\n".join(lines) + "\n").encode(), mode)

@@ -16,13 +16,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import stat
 from pathlib import Path
 from typing import Any
 
 from edge.bundle import MANIFEST_NAME
 from scanner_io.errors import BundleError, ConfigError, MissingDependencyError, ThzEdgeError
+from scanner_io.private_file import write_private
 
 SIGNATURE_NAME = MANIFEST_NAME + ".sig"
 ALGORITHM = "Ed25519"
@@ -49,15 +49,7 @@ def key_id(public: bytes) -> str:
 
 
 def _write(path: Path, text: str, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_private(path, text.encode(), mode)
 
 
 def generate_signing_key(out_dir: Path, name: str, overwrite: bool = False) -> tuple[Path, Path, str]:

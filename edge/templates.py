@@ -28,7 +28,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
 import secrets
 import threading
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from scanner_io.errors import ConfigError
+from scanner_io.private_file import write_private
 
 __all__ = ["SCHEME", "TemplateKey", "generate_template_key", "load_template_key"]
 
@@ -148,16 +148,5 @@ def generate_template_key(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(body, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
+    write_private(path, json.dumps(body).encode())
     return path

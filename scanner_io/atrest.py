@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from scanner_io.errors import ConfigError, DataError, IntegrityError, MissingDependencyError, ThzEdgeError
+from scanner_io.private_file import write_private
 
 log = logging.getLogger("thzedge.atrest")
 
@@ -103,16 +104,7 @@ def generate_storage_key(path: Path, overwrite: bool = False) -> StorageKey:
         )
     key = StorageKey(os.urandom(KEY_BYTES), path)
     text = f"{KEY_FILE_PREFIX}{base64.b64encode(key.key).decode()}\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    # Created with its final mode: the key is never readable by others, not even briefly.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_private(path, text.encode())  # never readable by others, not even briefly
     return key
 
 
