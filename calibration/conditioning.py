@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ConditioningParams",
+    "HeadWeights",
     "Roi",
     "calibrate",
     "condition",
@@ -202,13 +203,18 @@ def _block_mean(a: np.ndarray, b: int) -> np.ndarray:
     return out
 
 
-def find_roi(power: np.ndarray, params: ConditioningParams) -> Roi:
+# What `head_weights` returns: block weights, block dB map, block side.
+HeadWeights = tuple[np.ndarray, np.ndarray, int]
+
+
+def find_roi(power: np.ndarray, params: ConditioningParams, heads: HeadWeights | None = None) -> Roi:
     """Return the crop (x, y, w, h) round the head: soft-thresholded centroid of block power.
 
     Block-averaging first makes the rule robust to speckle and hot pixels; the centroid of a
     nearly binary mask barely depends on where the bright specular glints fall, so a concealed
     and an unconcealed capture of the same pose get (almost) the same crop. With nothing above
     the threshold the crop is centred on the frame. Deterministic: no state, no randomness.
+    `heads` is `head_weights(power, params)` when the caller has it already (the no-head check).
     """
     h, w = power.shape
     cw = min(params.crop_size, w)
@@ -217,7 +223,7 @@ def find_roi(power: np.ndarray, params: ConditioningParams) -> Roi:
         x, y, rw, rh = params.roi
         rw, rh = min(rw, w), min(rh, h)
         return (int(np.clip(x, 0, w - rw)), int(np.clip(y, 0, h - rh)), rw, rh)
-    weight, _, b = head_weights(power, params)
+    weight, _, b = heads if heads is not None else head_weights(power, params)
     hb, wb = weight.shape
     total = float(weight.sum())
     if total <= 0.0:
@@ -232,7 +238,7 @@ def find_roi(power: np.ndarray, params: ConditioningParams) -> Roi:
 
 
 def condition_with_roi(
-    power: np.ndarray, params: ConditioningParams, roi: Roi | None = None
+    power: np.ndarray, params: ConditioningParams, roi: Roi | None = None, heads: HeadWeights | None = None
 ) -> tuple[np.ndarray, Roi]:
     """Condition corrected power and return (image, roi); `roi` given overrides detection.
 
@@ -241,7 +247,7 @@ def condition_with_roi(
     """
     _check_raw(power)
     if roi is None:
-        roi = find_roi(power, params)
+        roi = find_roi(power, params, heads)
     x, y, rw, rh = roi
     crop = power[y : y + rh, x : x + rw]
     if crop.shape[0] < 1 or crop.shape[1] < 1:
@@ -263,9 +269,9 @@ def condition_with_roi(
     return out, roi
 
 
-def condition(power: np.ndarray, params: ConditioningParams) -> np.ndarray:
+def condition(power: np.ndarray, params: ConditioningParams, heads: HeadWeights | None = None) -> np.ndarray:
     """Return the float32 [out_size, out_size] model input in [0, 1] from corrected power."""
-    return condition_with_roi(power, params)[0]
+    return condition_with_roi(power, params, heads=heads)[0]
 
 
 def calibrate_and_condition(

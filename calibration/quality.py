@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from calibration.conditioning import ConditioningParams, head_weights
+from calibration.conditioning import ConditioningParams, HeadWeights, head_weights
 from scanner_io.choices import Choice
 
 __all__ = ["FrameQuality", "FrameStatus", "QualityLimits", "NoFaceReason", "assess_frame"]
@@ -70,12 +70,17 @@ def assess_frame(
     params: ConditioningParams | None = None,
     full_scale: float = 65535.0,
     limits: QualityLimits | None = None,
+    heads: HeadWeights | None = None,
 ) -> FrameQuality:
-    """Say whether a frame has a head in it (`raw` counts for saturation, `power` calibrated)."""
+    """Say whether a frame has a head in it (`raw` counts for saturation, `power` calibrated).
+
+    `heads` is `head_weights(power, params)` when the caller computed it (it conditions the frame
+    with the same map).
+    """
     params = params or ConditioningParams()
     lim = limits or QualityLimits()
     saturated = float(np.count_nonzero(raw >= full_scale)) / raw.size if np.isfinite(full_scale) else 0.0
-    weight, db, _ = head_weights(power, params)
+    weight, db, _ = heads if heads is not None else head_weights(power, params)
     head = float(weight.mean())
     spread = None
     if head > lim.max_head_fraction:  # only such a frame can be a uniform field

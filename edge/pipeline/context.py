@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.conditioning import ConditioningParams, calibrate, condition
+from calibration.conditioning import ConditioningParams, calibrate, condition, head_weights
 from calibration.guard import GuardSettings, StreamGuard
 from calibration.profile import CalibrationProfile, ProfileChoice
 from calibration.quality import FrameQuality, QualityLimits, assess_frame
@@ -164,12 +164,16 @@ class QueuedFrame:
         try:
             raw = self.frame.data
             power = calibrate(raw, profile)
+            heads = None
             # The no-head check reads corrected power: on uncorrected frames its verdict means nothing.
             if ctx.quality is not None and self.calibrated and profile is not None:
-                quality = assess_frame(raw, power, params, full_scale=_full_scale(raw), limits=ctx.quality)
+                heads = head_weights(power, params)  # once: the check and the ROI finder share it
+                quality = assess_frame(
+                    raw, power, params, full_scale=_full_scale(raw), limits=ctx.quality, heads=heads
+                )
                 if not quality.ok:
                     self.quality = quality
-            x = np.asarray(condition(power, params), dtype=np.float32)
+            x = np.asarray(condition(power, params, heads), dtype=np.float32)
             if x.shape != (64, 64):
                 raise ValueError(f"conditioning gave shape {x.shape}, the model needs (64, 64)")
             self.x = x
