@@ -53,6 +53,7 @@ from edge.signing import verify_bundle_signature
 from edge.storage import Sweeper, recording_policy, storage_key_from_config
 from edge.templates import load_template_key
 from scanner_io.errors import BundleError, CalibrationError, ConfigError, DataError, UsageError
+from scanner_io.frame import ALLOWED_DTYPES
 from scanner_io.recording import Recorder, default_manifest
 from scanner_io.sources import (
     CurveClientKeys,
@@ -281,6 +282,23 @@ def stream_profile(
         raise ConfigError(f"[sources] calibration: {exc}") from None
 
 
+def bound_frame_bytes(src: SourceConfig, uri: str, calibration: CalibrationConfig) -> str:
+    """A scanner URI with `max_frame_bytes` set to the largest frame its profile accepts.
+
+    The profile fixes the frame shape (a frame of another shape stops the daemon, exit 78), and
+    float32 is the widest wire dtype, so no valid frame is larger; libzmq then drops a peer that
+    sends a bigger part before allocating it (docs/protocol.md, "Memory per message"). A URI
+    that sets `max_frame_bytes` itself, or a link without a profile, is left as it is.
+    """
+    if not is_scanner_uri(uri) or "max_frame_bytes=" in uri:
+        return uri
+    profile = stream_profile(src, calibration).profile
+    if profile is None:
+        return uri
+    limit = int(np.prod(profile.shape)) * max(np.dtype(d).itemsize for d in ALLOWED_DTYPES)
+    return f"{uri}{'&' if '?' in uri else '?'}max_frame_bytes={limit}"
+
+
 def refuse_uncalibrated(src: SourceConfig, uri: str, calibration: CalibrationConfig) -> None:
     """R-CAL-1 / R-NEW-10: a live scanner link without a profile does not start (exit 78).
 
@@ -392,6 +410,7 @@ def run_daemon(
         src = dataclasses.replace(src, calibration=opts.calibration)
     uri, queue_policy = split_queue_mode(src.uri)  # a bad mode= fails before the model loads
     refuse_uncalibrated(src, uri, cfg.calibration)  # before the model loads, too
+    uri = bound_frame_bytes(src, uri, cfg.calibration)
     if opts.max_frames is not None and opts.max_frames < 1:
         raise ConfigError(f"--max-frames {opts.max_frames}: expected a positive number of frames")
     settings = settings_from_config(
