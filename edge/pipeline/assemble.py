@@ -48,7 +48,7 @@ from edge.pipeline.stats import RunSummary
 from edge.quarantine import Quarantine
 from edge.runner import Runner
 from edge.sdnotify import Notifier
-from edge.security import EndpointSecurity, curve_available, load_keypair
+from edge.security import EndpointSecurity, source_curve_keys
 from edge.signing import verify_bundle_signature
 from edge.storage import Sweeper, recording_policy, storage_key_from_config
 from edge.templates import load_template_key
@@ -56,7 +56,6 @@ from scanner_io.errors import BundleError, CalibrationError, ConfigError, DataEr
 from scanner_io.frame import ALLOWED_DTYPES
 from scanner_io.recording import Recorder, default_manifest
 from scanner_io.sources import (
-    CurveClientKeys,
     FrameSource,
     QueuePolicy,
     is_scanner_uri,
@@ -343,20 +342,6 @@ def _open_bundle(cfg: Config, reconstruct: bool = True) -> tuple[Bundle, Runner]
     return bundle, runner
 
 
-def _source_curve(src: SourceConfig) -> CurveClientKeys | None:
-    """The CURVE client keys of a tcp source, when configured (the scanner is the CURVE server)."""
-    if not src.curve:
-        return None
-    assert src.curve_server_key is not None and src.curve_client_key is not None
-    if not curve_available():
-        raise ConfigError("[sources] curve_server_key is set, but this libzmq has no CURVE support")
-    server = load_keypair(src.curve_server_key, need_secret=False)
-    client = load_keypair(src.curve_client_key)
-    assert client.secret is not None  # load_keypair(need_secret=True) guarantees it
-    log.info("source %s: CURVE client of scanner key %s", src.uri, server.public.decode())
-    return CurveClientKeys(server_public=server.public, public=client.public, secret=client.secret)
-
-
 def _config_for(opts: RunOptions) -> Config:
     cfg = load_config(opts.config)
     overrides: dict[str, dict[str, Any]] = {}
@@ -451,7 +436,7 @@ def run_daemon(
         src, cfg.verification, bundle, precision, security, calibration=cfg.calibration
     )
 
-    curve = _source_curve(src)
+    curve = source_curve_keys(src)
 
     def open_src() -> FrameSource:
         return open_source(uri, names=cfg.source_names(), curve=curve)
