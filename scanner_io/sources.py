@@ -124,6 +124,7 @@ class SourceStats:
     connects: int = 0
     disconnects: int = 0
     recreated: int = 0  # sockets recreated because the peer was lost and did not come back
+    bad_chunks: int = 0  # replay: recording chunks skipped (corrupt, failed authentication, missing)
 
     @property
     def malformed_total(self) -> int:
@@ -140,6 +141,7 @@ class SourceStats:
             "connects": self.connects,
             "disconnects": self.disconnects,
             "recreated": self.recreated,
+            "bad_chunks": self.bad_chunks,
         }
 
 
@@ -440,6 +442,7 @@ class ReplaySource(Source):
         self._pending: Any = None
         self._played = 0  # frames of the current pass, over all files
         self.recovered = 0
+        self._bad_chunks_done = 0  # skipped chunks of the files finished in the first pass
         self.truncated = False
         self.truncation: str | None = None
 
@@ -455,6 +458,8 @@ class ReplaySource(Source):
         reader = self._reader
         if self._pass == 0:
             self.recovered += reader.frames
+            self._bad_chunks_done += _skipped_chunks(reader)
+            self.stats.bad_chunks = self._bad_chunks_done
             if reader.bad_chunks:
                 log.warning(
                     "recording %s: skipped %d corrupt chunk(s) (%s)",
@@ -514,8 +519,15 @@ class ReplaySource(Source):
                 return None
             self._last_offset_s = offset
         self._pending = None
+        if self._pass == 0 and self._iter is not None:  # this file's chunks skipped so far, live
+            self.stats.bad_chunks = self._bad_chunks_done + _skipped_chunks(self._reader)
         self._observe(rec.item)
         return rec.item
+
+
+def _skipped_chunks(reader: RecordingReader) -> int:
+    """Chunks a reader skipped: corrupt (CRC, zstd), sealed ones failing authentication, missing."""
+    return reader.bad_chunks + reader.tampered_chunks + reader.missing_chunks
 
 
 @dataclass(frozen=True)
