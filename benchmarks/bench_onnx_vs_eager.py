@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,32 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _frames(n: int, seed: int) -> Any:
-    import numpy as np
-
-    return np.random.default_rng(seed).random((n, 1, 64, 64), dtype=np.float32)
-
-
-def _time(fn: Any, batch: int, seconds: float, warmup: int = 5) -> dict[str, float]:
-    """Run fn() repeatedly for about `seconds`; per-call times in ms -> per-frame stats."""
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds or len(times) < 10:
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    total_s = sum(times) / 1e3
-    return {
-        "batch": batch,
-        "calls": len(times),
-        "ms_per_frame_median": statistics.median(times) / batch,
-        "ms_per_frame_p90": times[int(0.9 * (len(times) - 1))] / batch,
-        "frames_per_s": batch * len(times) / total_s,
-    }
+from runtime_timing import random_frames, random_research_network, run_child, time_calls  # noqa: E402
 
 
 def measure_eager(state_path: str, threads: int, seconds: float) -> dict[str, Any]:
@@ -74,13 +48,13 @@ def measure_eager(state_path: str, threads: int, seconds: float) -> dict[str, An
     model.eval()
     out = {}
     for batch in (1, 8):
-        x = torch.from_numpy(_frames(batch, seed=batch))
+        x = torch.from_numpy(random_frames(batch, seed=batch))
 
         def run(x: Any = x) -> None:
             with torch.inference_mode():
                 model(x)  # encoder once, then the decoder of each frame's predicted posture
 
-        out[f"b{batch}"] = _time(run, batch, seconds)
+        out[f"b{batch}"] = time_calls(run, batch, seconds, warmup=5, min_calls=10)
     return {"runtime": f"torch {torch.__version__} eager", "threads": threads, **out}
 
 
@@ -93,29 +67,10 @@ def measure_ort(bundle: str, threads: int, seconds: float) -> dict[str, Any]:
     out = {}
     with Runner.from_bundle(bundle, backend="ort", threads=threads) as runner:
         for batch in (1, 8):
-            x = _frames(batch, seed=batch)
-            out[f"b{batch}"] = _time(lambda x=x: runner.infer(x), batch, seconds)
+            x = random_frames(batch, seed=batch)
+            out[f"b{batch}"] = time_calls(lambda x=x: runner.infer(x), batch, seconds, warmup=5, min_calls=10)
     assert "torch" not in sys.modules, "torch leaked into the ORT timing process"
     return {"runtime": f"onnxruntime {onnxruntime.__version__} CPU", "threads": threads, **out}
-
-
-def _child(kind: str, arg: str, threads: int, seconds: float) -> dict[str, Any]:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    cmd = [
-        sys.executable,
-        __file__,
-        "--child",
-        kind,
-        arg,
-        "--threads",
-        str(threads),
-        "--seconds",
-        str(seconds),
-    ]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if res.returncode != 0:
-        raise SystemExit(f"{kind} measurement failed:\n{res.stderr}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def _combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -124,7 +79,7 @@ def _combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("b1", "b8"):
         out[key] = {
             stat: statistics.median(r[key][stat] for r in runs)
-            for stat in ("ms_per_frame_median", "ms_per_frame_p90", "frames_per_s")
+            for stat in ("ms_per_frame", "ms_per_frame_p90", "frames_per_s")
         }
         out[key]["calls"] = sum(r[key]["calls"] for r in runs)
     return out
@@ -148,17 +103,10 @@ def main() -> None:
     import torch
 
     from export.bundle_writer import write_bundle
-    from export.model import MTLNetwork, count_parameters
+    from export.model import count_parameters
 
     load_before = os.getloadavg()[0]
-    torch.manual_seed(0)
-    model = MTLNetwork(embedding_dim=128, num_postures=5, width=1.0)
-    with torch.no_grad():
-        for bn in model.modules():
-            if isinstance(bn, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d):
-                bn.running_mean.uniform_(-0.1, 0.1)
-                bn.running_var.uniform_(0.5, 1.5)
-    model.eval()
+    model = random_research_network()
     with tempfile.TemporaryDirectory() as tmp:
         state = Path(tmp) / "state.pt"
         torch.save(model.state_dict(), state)
@@ -169,8 +117,8 @@ def main() -> None:
         per_round = args.seconds / args.rounds
         eager_runs, ort_runs = [], []
         for _ in range(args.rounds):
-            eager_runs.append(_child("eager", str(state), args.threads, per_round))
-            ort_runs.append(_child("ort", str(result.bundle.path), args.threads, per_round))
+            eager_runs.append(run_child(__file__, "eager", str(state), args.threads, per_round))
+            ort_runs.append(run_child(__file__, "ort", str(result.bundle.path), args.threads, per_round))
         eager, ort = _combine(eager_runs), _combine(ort_runs)
 
     report = {
@@ -182,7 +130,7 @@ def main() -> None:
         "load_average_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "eager": eager,
         "ort": ort,
-        "speedup_latency_b1": eager["b1"]["ms_per_frame_median"] / ort["b1"]["ms_per_frame_median"],
+        "speedup_latency_b1": eager["b1"]["ms_per_frame"] / ort["b1"]["ms_per_frame"],
         "speedup_throughput_b8": ort["b8"]["frames_per_s"] / eager["b8"]["frames_per_s"],
     }
     if args.json:
@@ -199,8 +147,8 @@ def main() -> None:
     )
     for r in (eager, ort):
         print(
-            f"{r['runtime']:<32} {r['b1']['ms_per_frame_median']:>21.2f} {r['b1']['ms_per_frame_p90']:>8.2f} "
-            f"{r['b8']['frames_per_s']:>12.1f} {r['b8']['ms_per_frame_median']:>12.2f}"
+            f"{r['runtime']:<32} {r['b1']['ms_per_frame']:>21.2f} {r['b1']['ms_per_frame_p90']:>8.2f} "
+            f"{r['b8']['frames_per_s']:>12.1f} {r['b8']['ms_per_frame']:>12.2f}"
         )
     print(
         f"ORT vs eager: {report['speedup_latency_b1']:.2f}x at batch 1 (latency), "

@@ -34,10 +34,8 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -45,30 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # model_factory: the research checkpoint format
 
+from runtime_timing import random_frames, random_research_network, run_child, time_calls  # noqa: E402
+
 BATCHES = (1, 8)
-
-
-def _frames(n: int, seed: int) -> Any:
-    import numpy as np
-
-    return np.random.default_rng(seed).random((n, 1, 64, 64), dtype=np.float32)
-
-
-def _time(fn: Any, batch: int, seconds: float, warmup: int = 3) -> dict[str, float]:
-    """Run fn() for about `seconds` (at least 5 calls); median ms per frame and frames/s."""
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds or len(times) < 5:
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return {
-        "calls": len(times),
-        "ms_per_frame": statistics.median(times) / batch,
-        "frames_per_s": batch * len(times) / (sum(times) / 1e3),
-    }
 
 
 # --- children -------------------------------------------------------------------------------
@@ -94,7 +71,7 @@ def measure_research(checkpoint: str, threads: int, seconds: float) -> dict[str,
 
     out: dict[str, Any] = {"runtime": f"torch {torch.__version__} eager", "threads": threads}
     for batch in BATCHES:
-        a, p, n = (torch.from_numpy(_frames(batch, seed)) for seed in (1, 2, 3))
+        a, p, n = (torch.from_numpy(random_frames(batch, seed)) for seed in (1, 2, 3))
         posture = torch.arange(batch) % 5
 
         def research(a: Any = a, p: Any = p, n: Any = n, posture: Any = posture) -> None:
@@ -105,8 +82,8 @@ def measure_research(checkpoint: str, threads: int, seconds: float) -> dict[str,
             with torch.inference_mode():
                 net(a)  # encoder once, decoder of each frame's predicted posture
 
-        out[f"research_b{batch}"] = _time(research, batch, seconds)
-        out[f"eager_deploy_b{batch}"] = _time(deploy, batch, seconds)
+        out[f"research_b{batch}"] = time_calls(research, batch, seconds)
+        out[f"eager_deploy_b{batch}"] = time_calls(deploy, batch, seconds)
     return out
 
 
@@ -120,8 +97,8 @@ def measure_thzedge(bundle: str, threads: int, seconds: float) -> dict[str, Any]
     for precision in ("fp32", "int8"):
         with Runner.from_bundle(bundle, backend="ort", precision=precision, threads=threads) as r:
             for batch in BATCHES:
-                x = _frames(batch, seed=batch)
-                out[f"{precision}_b{batch}"] = _time(lambda x=x, r=r: r.infer(x), batch, seconds)
+                x = random_frames(batch, seed=batch)
+                out[f"{precision}_b{batch}"] = time_calls(lambda x=x, r=r: r.infer(x), batch, seconds)
     assert "torch" not in sys.modules, "torch leaked into the ORT timing process"
     return out
 
@@ -159,40 +136,19 @@ def measure_ort_settings(bundle: str, threads: int, seconds: float) -> dict[str,
         feats = [i.name for i in dec.get_inputs()]
         row = {}
         for batch in BATCHES:
-            x = _frames(batch, seed=batch)
+            x = random_frames(batch, seed=batch)
 
             def run(x: Any = x, enc: Any = enc, dec: Any = dec, feats: list[str] = feats) -> None:
                 names = [v.name for v in enc.get_outputs()]
                 o = dict(zip(names, enc.run(None, {"thz": x}), strict=True))
                 dec.run(None, {k: o[k] for k in feats})
 
-            row[f"b{batch}"] = _time(run, batch, seconds)
+            row[f"b{batch}"] = time_calls(run, batch, seconds)
         out[name] = row
     return out
 
 
 CHILDREN = {"research": measure_research, "thzedge": measure_thzedge, "ort_settings": measure_ort_settings}
-
-
-def _child(kind: str, arg: str, threads: int, seconds: float) -> dict[str, Any]:
-    # Passive OpenMP waits for torch, as thzedge's ORT sessions run with spinning off: on a shared
-    # host, spinning pools of idle threads make eager PyTorch up to 10x slower and noisy.
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
-    cmd = [
-        sys.executable,
-        __file__,
-        "--child",
-        kind,
-        arg,
-        "--threads",
-        str(threads),
-        "--seconds",
-        str(seconds),
-    ]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if res.returncode != 0:
-        raise SystemExit(f"{kind} measurement failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def _median_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -213,23 +169,15 @@ def _median_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def build_artifacts(work: Path) -> tuple[Path, Path, str]:
     """Research-format checkpoint of a random research-width network, and fp32 + int8 bundles from it."""
     import numpy as np
-    import torch
     from bench_int8 import calibration_inputs
     from model_factory import save_research_checkpoint
 
     from export.bundle_writer import add_variant, write_bundle
     from export.checkpoint import import_checkpoint
-    from export.model import MTLNetwork, count_parameters
+    from export.model import count_parameters
     from export.quantize import CalibrationSet, QuantizeSettings, quantize_graphs
 
-    torch.manual_seed(0)
-    model = MTLNetwork(embedding_dim=128, num_postures=5, width=1.0)
-    with torch.no_grad():
-        for bn in model.modules():
-            if isinstance(bn, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d):
-                bn.running_mean.uniform_(-0.1, 0.1)
-                bn.running_var.uniform_(0.5, 1.5)
-    model.eval()
+    model = random_research_network()
     ckpt = save_research_checkpoint(work / "research.pth", model)
     imported = import_checkpoint(ckpt)
     result = write_bundle(imported.model, work / "bundle", variant="bench-research-random", max_batch=8)
@@ -260,10 +208,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_research.") as tmp:
         ckpt, bundle, network = build_artifacts(Path(tmp))
         runs: dict[str, list[dict[str, Any]]] = {k: [] for k in CHILDREN}
+
+        def child(kind: str, arg: str) -> dict[str, Any]:
+            return run_child(__file__, kind, arg, args.threads, args.seconds, passive_omp=True)
+
         for _ in range(args.rounds):
-            runs["research"].append(_child("research", str(ckpt), args.threads, args.seconds))
-            runs["thzedge"].append(_child("thzedge", str(bundle), args.threads, args.seconds))
-            runs["ort_settings"].append(_child("ort_settings", str(bundle), args.threads, args.seconds))
+            runs["research"].append(child("research", str(ckpt)))
+            runs["thzedge"].append(child("thzedge", str(bundle)))
+            runs["ort_settings"].append(child("ort_settings", str(bundle)))
     res, thz, settings = (_median_rounds(runs[k]) for k in CHILDREN)
     report: dict[str, Any] = {
         "network": network,
