@@ -52,6 +52,7 @@ from edge.security import EndpointSecurity, source_curve_keys
 from edge.signing import verify_bundle_signature
 from edge.storage import Sweeper, recording_policy, storage_key_from_config
 from edge.templates import load_template_key
+from scanner_io.codec import MAX_PAYLOAD_BYTES
 from scanner_io.errors import BundleError, CalibrationError, ConfigError, DataError, UsageError
 from scanner_io.frame import ALLOWED_DTYPES
 from scanner_io.recording import Recorder, default_manifest
@@ -281,20 +282,28 @@ def stream_profile(
         raise ConfigError(f"[sources] calibration: {exc}") from None
 
 
+# A scanner link accepts frames up to this many times its profile's (float32) frame bytes.
+FRAME_BOUND_HEADROOM = 4
+
+
 def bound_frame_bytes(src: SourceConfig, uri: str, calibration: CalibrationConfig) -> str:
     """A scanner URI with `max_frame_bytes` set to the largest frame its profile accepts.
 
     The profile fixes the frame shape (a frame of another shape stops the daemon, exit 78), and
     float32 is the widest wire dtype, so no valid frame is larger; libzmq then drops a peer that
-    sends a bigger part before allocating it (docs/protocol.md, "Memory per message"). A URI
-    that sets `max_frame_bytes` itself, or a link without a profile, is left as it is.
+    sends a bigger part before allocating it (docs/protocol.md, "Memory per message"). The bound
+    is FRAME_BOUND_HEADROOM times that, so frames of up to twice the profile's height and width
+    still arrive and meet the shape check (exit 78, saying what is wrong) instead of a silent
+    disconnect loop. A URI that sets `max_frame_bytes` itself, or a link without a profile, is
+    left as it is.
     """
     if not is_scanner_uri(uri) or "max_frame_bytes=" in uri:
         return uri
     profile = stream_profile(src, calibration).profile
     if profile is None:
         return uri
-    limit = int(np.prod(profile.shape)) * max(np.dtype(d).itemsize for d in ALLOWED_DTYPES)
+    widest = max(np.dtype(d).itemsize for d in ALLOWED_DTYPES)
+    limit = min(FRAME_BOUND_HEADROOM * int(np.prod(profile.shape)) * widest, MAX_PAYLOAD_BYTES)
     return f"{uri}{'&' if '?' in uri else '?'}max_frame_bytes={limit}"
 
 

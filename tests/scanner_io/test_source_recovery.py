@@ -206,8 +206,9 @@ def test_the_daemon_bounds_a_scanner_link_by_its_profile(tmp_path: Path) -> None
     saved = prof.save(tmp_path / "profile")
     src = SourceConfig(uri="ipc:///run/x.sock", calibration=saved, name="s0")
     cal = CalibrationConfig(state_dir=tmp_path / "state")
-    assert bound_frame_bytes(src, src.uri, cal) == "ipc:///run/x.sock?max_frame_bytes=16384"  # 64*64*4
-    assert bound_frame_bytes(src, "ipc:///run/x.sock?hwm=2", cal).endswith("?hwm=2&max_frame_bytes=16384")
+    # 4 x 64*64*4: frames up to 128x128 still reach the shape check (exit 78, failure 8)
+    assert bound_frame_bytes(src, src.uri, cal) == "ipc:///run/x.sock?max_frame_bytes=65536"
+    assert bound_frame_bytes(src, "ipc:///run/x.sock?hwm=2", cal).endswith("?hwm=2&max_frame_bytes=65536")
     assert bound_frame_bytes(src, "ipc:///x?max_frame_bytes=9", cal) == "ipc:///x?max_frame_bytes=9"
     bare = SourceConfig(uri="ipc:///run/x.sock", name="s1")
     assert bound_frame_bytes(bare, bare.uri, cal) == bare.uri  # no profile: the codec's 64 MiB
