@@ -70,13 +70,19 @@ def test_scanner_killed_and_restarted_reconnects_and_counts_the_gap(bundle_dir: 
     pub = f"ipc://{tmp_path}/results.sock"
     cfg = write_config(tmp_path / "thzedge.toml", calibration=NOISE_FRAMES)
     sub = Subscriber(pub)
+    # The daemon starts first, so its reconnect backoff grows while it waits; capped at 0.5 s, it is
+    # connected well before the first scanner's 60 frames (3 s at 20 f/s) and its end of stream.
     daemon = thzedge_run(
-        f"{bind}?stall_s=0.5", bundle_dir, cfg, pub, calibration=identity_profile(tmp_path / "cal")
+        f"{bind}?stall_s=0.5&reconnect_max_ms=500",
+        bundle_dir,
+        cfg,
+        pub,
+        calibration=identity_profile(tmp_path / "cal"),
     )
     emu1 = emu2 = None
     try:
         sub.wait_state(proc=daemon)
-        emu1 = thzedge("scanner", "serve", "--source", f"replay:{rec1}", "--bind", bind, "--rate", "40")
+        emu1 = thzedge("scanner", "serve", "--source", f"replay:{rec1}", "--bind", bind, "--rate", "20")
         sub.pump(60, until=lambda s: len(s.results) >= 15)
         emu1.kill()  # SIGKILL mid-stream: no goodbye, frames in flight are lost
         emu1.wait()
