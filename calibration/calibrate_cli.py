@@ -58,9 +58,10 @@ def capture_command(
         level = 1.0
     if kind is CaptureKind.DARK and level is not None:
         raise typer.BadParameter("--level is for flat captures", param_hint="--level")
+    named = global_options(ctx).resolve_source(source)
     with stop_on_signals() as stop, terminal_progress(f"capturing {kind}", frames) as progress:
         result = record_capture(
-            global_options(ctx).resolve_source(source).uri,
+            named.uri,
             kind,
             frames,
             out,
@@ -68,6 +69,7 @@ def capture_command(
             progress=progress,
             stop=stop,
             timeout_s=timeout,
+            curve=named.curve,
         )
     if as_json:
         typer.echo(json.dumps({"path": str(result.path), **result.check.to_dict()}, sort_keys=True))
@@ -161,7 +163,8 @@ def check_command(
     prof = CalibrationProfile.load(profile)
     if kind is CaptureKind.FLAT and level is None:
         level = 1.0
-    got = read_frames(global_options(ctx).resolve_source(source).uri, frames, timeout)
+    named = global_options(ctx).resolve_source(source)
+    got = read_frames(named.uri, frames, timeout, curve=named.curve)
     report = check_capture_against(prof, capture_set_from_frames(kind, got, level))
     typer.echo(json.dumps(report.to_dict(), sort_keys=True) if as_json else report.line())
     if report.verdict.exit_code:
@@ -222,8 +225,8 @@ def activate_command(
     from calibration.active import ActivationLimits, activate_profile, calibration_state_dir
     from calibration.capture import read_frames
 
-    uri = global_options(ctx).resolve_source(source).uri if source is not None else None
-    header = read_frames(uri, 1, 10.0)[0].header if uri is not None else None
+    named = global_options(ctx).resolve_source(source) if source is not None else None
+    header = read_frames(named.uri, 1, 10.0, curve=named.curve)[0].header if named is not None else None
     limits = ActivationLimits(max_bad, max_dsnu, max_prnu)
     record = activate_profile(profile, scanner, state_dir, header=header, limits=limits)
     if as_json:

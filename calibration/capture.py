@@ -16,13 +16,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from scanner_io.choices import Choice
 from scanner_io.errors import DataError
 from scanner_io.frame import Frame, FrameHeader
+
+if TYPE_CHECKING:
+    from scanner_io.sources import CurveClientKeys
 
 __all__ = [
     "CaptureCheck",
@@ -285,6 +288,7 @@ def record_capture(
     progress: Callable[[int], None] | None = None,
     stop: Any | None = None,
     timeout_s: float = 60.0,
+    curve: CurveClientKeys | None = None,
 ) -> CaptureResult:
     """Record `frames` frames of a calibration scene into OUT_DIR/<kind>….mcap and check them.
 
@@ -304,7 +308,7 @@ def record_capture(
         n += 1
         path = out / f"{stem}-{n}.mcap"
     t0 = time.monotonic()
-    src = open_source(source_uri)
+    src = open_source(source_uri, curve=curve)
     try:
         manifest = default_manifest(
             source=source_uri,
@@ -331,11 +335,13 @@ def record_capture(
     return CaptureResult(path, check, time.monotonic() - t0)
 
 
-def read_frames(source_uri: str, frames: int, timeout_s: float = 30.0) -> list[Frame]:
+def read_frames(
+    source_uri: str, frames: int, timeout_s: float = 30.0, curve: CurveClientKeys | None = None
+) -> list[Frame]:
     """Read `frames` frames from a source (malformed messages skipped); a DataError if too few came."""
     from scanner_io.sources import MalformedFrame, open_source
 
-    src = open_source(source_uri)
+    src = open_source(source_uri, curve=curve)
     got: list[Frame] = []
     deadline = time.monotonic() + timeout_s
     try:

@@ -89,7 +89,7 @@ def record(
         purpose=purpose,
     )
     named = global_options(ctx).resolve_source(source)
-    src = open_source(named.uri)
+    src = open_source(named.uri, curve=named.curve)
     if key is None:  # only once the source is known: a wrong --source stays a one-line error
         log.warning("recording %s WITHOUT encryption: no storage key (R-SEC-7); see --storage-key", out)
     try:

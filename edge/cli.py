@@ -80,9 +80,11 @@ def named_source(config: Path | None, name_or_uri: str) -> NamedSource:
     """
     if is_source_uri(name_or_uri):
         return NamedSource(uri=name_or_uri)
+    from edge.security import source_curve_keys  # zmq.auth: only when a name is resolved
+
     src = load_config(config).resolve_source(name_or_uri)  # unknown: ConfigError listing the known
     uri, _ = split_queue_mode(src.uri)
-    return NamedSource(uri=uri, calibration=src.calibration)
+    return NamedSource(uri=uri, calibration=src.calibration, curve=source_curve_keys(src))
 
 
 def version() -> None:

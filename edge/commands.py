@@ -23,7 +23,7 @@ from edge.ops_cli import register as register_ops
 from edge.pipeline.assemble import RunOptions, run_daemon
 from edge.pipeline.scoring import render_score
 from edge.runner import Runner
-from edge.security import check_curve_files, generate_keys, load_keypair
+from edge.security import check_curve_files, generate_keys, load_keypair, source_curve_keys
 from edge.signing import generate_signing_key
 from edge.storage import storage_key_from_config
 from edge.templates import generate_template_key, load_template_key
@@ -444,6 +444,7 @@ def enroll_command(
             precision=prec,
             replace=replace,
             template_key=key,
+            curve=source_curve_keys(src),
         )
     protection = "plaintext" if key is None else f"templates under key {key.key_id} (epoch {key.epoch})"
     typer.echo(

@@ -74,7 +74,7 @@ from scanner_io.errors import ConfigError, DataError, ThzEdgeError
 from scanner_io.frame import POSTURES
 from scanner_io.npz import read_npz
 from scanner_io.private_file import write_private
-from scanner_io.sources import MalformedFrame, open_source
+from scanner_io.sources import CurveClientKeys, MalformedFrame, open_source
 
 log = logging.getLogger("thzedge.gallery")
 
@@ -670,6 +670,7 @@ def enroll_from_source(
     precision: str = "fp32",
     replace: bool = False,
     timeout_s: float = 10.0,
+    curve: CurveClientKeys | None = None,
     template_key: TemplateKey | None = None,
 ) -> tuple[Gallery, int]:
     """Capture `frames` raw frames with a face from a source, calibrate and condition them exactly
@@ -684,7 +685,7 @@ def enroll_from_source(
     rows: list[np.ndarray] = []
     skipped: dict[str, int] = {}
     source_uri = enrolment_source_uri(source_uri)
-    source = open_source(source_uri)
+    source = open_source(source_uri, curve=curve)
     try:
         # As the daemon decides: configured, else what the source carries, else identity.
         choice = resolve_profile(calibration, source)

@@ -180,6 +180,11 @@ class DaemonMetrics:
             "Acquisition sockets recreated because the scanner was lost and did not reconnect.",
             registry=r,
         )
+        self.recording_bad_chunks = Counter(
+            "thzedge_replay_bad_chunks_total",
+            "Chunks of a replayed recording skipped: corrupt, failed authentication, or missing.",
+            registry=r,
+        )
         self.recording = Gauge(
             "thzedge_recording", "1 while raw frames are being recorded (--record), else 0.", registry=r
         )

@@ -144,6 +144,10 @@ def encode_result(
     return [result_topic(result.scanner), json.dumps(header, separators=(",", ":")).encode(), *parts]
 
 
+# After the last message has left, the connection stays open this long for subscribers to read it.
+LAST_EVENT_GRACE_S = 0.25
+
+
 def encode_event(scanner: str, kind: str, body: dict[str, Any], t_ns: int | None = None) -> list[bytes]:
     """Return the two-part message of one event (`state`, `error`, `drop` or `source`)."""
     if kind not in EVENT_KINDS:
@@ -359,18 +363,29 @@ class ResultPublisher:
         costs at most `timeout_s`.
         """
         sock = self._owned.check()
+        *head, last = encode_event(self.scanner, kind, body)
         try:
-            tracker = sock.send_multipart(
-                encode_event(self.scanner, kind, body), flags=zmq.NOBLOCK, copy=False, track=True
+            for part in head:
+                sock.send(part, flags=zmq.NOBLOCK | zmq.SNDMORE)
+            # Zero-copy forced: pyzmq copies a small message and hands back a tracker that is done
+            # at once, which made this wait a no-op. No reference to the Frame is kept here, so
+            # the tracker is done exactly when libzmq has released the message.
+            tracker = sock.send(
+                zmq.Frame(last, track=True, copy=False), flags=zmq.NOBLOCK, copy=False, track=True
             )
         except zmq.Again:  # lockstep and a full subscriber: it will not drain in time either
             return False
         if tracker is None:  # not tracked (cannot happen with track=True): nothing to wait on
             return True
+        t_end = time.monotonic() + max(timeout_s, 0.0)
         try:
             tracker.wait(max(timeout_s, 0.0))
         except zmq.NotDone:
             return False
+        # Out of this process's queues is not yet read by the subscriber: what its libzmq has taken
+        # from the kernel but cannot queue (its RCVHWM full) is lost if the connection closes now.
+        # Keep the connection open a little longer, within the same bound.
+        time.sleep(max(min(LAST_EVENT_GRACE_S, t_end - time.monotonic()), 0.0))
         return True
 
     def close(self) -> None:

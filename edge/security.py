@@ -36,9 +36,10 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
-from edge.config import CurveConfig, PublisherConfig
+from edge.config import CurveConfig, PublisherConfig, SourceConfig
 from scanner_io.errors import ConfigError, SourceUnavailableError, ThzEdgeError
 from scanner_io.private_file import write_private
+from scanner_io.sources import CurveClientKeys
 
 log = logging.getLogger("thzedge.security")
 
@@ -117,6 +118,23 @@ def load_keypair(path: Path, need_secret: bool = True) -> KeyPair:
                 "secret key file %s is readable by group/others (mode %o); chmod 600 it", path, mode & 0o777
             )
     return KeyPair(public=public, secret=secret)
+
+
+def source_curve_keys(src: SourceConfig) -> CurveClientKeys | None:
+    """The CURVE client keys of a tcp source, when configured (the scanner is the CURVE server).
+
+    One rule for every command that opens a configured source: `run`, `record`, `enroll`.
+    """
+    if not src.curve:
+        return None
+    assert src.curve_server_key is not None and src.curve_client_key is not None
+    if not curve_available():
+        raise ConfigError("[sources] curve_server_key is set, but this libzmq has no CURVE support")
+    server = load_keypair(src.curve_server_key, need_secret=False)
+    client = load_keypair(src.curve_client_key)
+    assert client.secret is not None  # load_keypair(need_secret=True) guarantees it
+    log.info("source %s: CURVE client of scanner key %s", src.uri, server.public.decode())
+    return CurveClientKeys(server_public=server.public, public=client.public, secret=client.secret)
 
 
 def _is_z85_key(key: bytes | None) -> bool:

@@ -15,12 +15,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 
 from scanner_io.choices import Choice
 from scanner_io.errors import ThzEdgeError
+
+if TYPE_CHECKING:
+    from scanner_io.sources import CurveClientKeys
 
 C = TypeVar("C", bound=Choice)
 
@@ -36,10 +39,12 @@ class LogLevel(Choice):
 
 @dataclass(frozen=True)
 class NamedSource:
-    """What `--source` stands for: the URI to open, and the calibration profile configured for it."""
+    """What `--source` stands for: the URI to open, its configured calibration profile and CURVE keys."""
 
     uri: str
     calibration: Path | None = None
+    # A configured tcp source's CURVE client keys (the scanner is the CURVE server); else None.
+    curve: CurveClientKeys | None = None
 
 
 def source_as_given(name_or_uri: str) -> NamedSource:

@@ -12,7 +12,8 @@
   the recorded timestamps on the monotonic clock; `loop=N` plays it N times (0: forever).
   PATH may also be a directory (its `*.mcap` recordings) or a glob (`recs/day1-*.mcap`): the
   recordings play one after the other in name order, as one stream.
-- `tcp://HOST:PORT` / `ipc://PATH` (optional `?hwm=8&stall_s=2&reconnect_max_ms=5000`): the
+- `tcp://HOST:PORT` / `ipc://PATH` (optional `?hwm=4&stall_s=2&reconnect_max_ms=5000` and
+  `max_frame_bytes=N`, the largest payload accepted, which also sets `ZMQ_MAXMSGSIZE`): the
   acquisition protocol. The source connects a PULL socket to the scanner's bound PUSH socket,
   reconnects with bounded backoff, reports up / stalled / down and counts sequence gaps. The
   scanner's end-of-stream message ends it (state "ended", `exhausted`) once the frames before
@@ -80,7 +81,8 @@ log = logging.getLogger(__name__)
 
 STATES = ("up", "stalled", "down", "ended", "failed")
 # Socket defaults for the acquisition PULL socket (docs/protocol.md, "Socket pattern").
-DEFAULT_RCVHWM = 8  # frames, not bytes: memory stays bounded by HWM × frame size
+# Whole messages, not parts or bytes: libzmq holds up to this many complete messages unread.
+DEFAULT_RCVHWM = 4
 DEFAULT_STALL_S = 2.0
 RECONNECT_IVL_MS = 100
 DEFAULT_RECONNECT_MAX_MS = 5000
@@ -94,6 +96,16 @@ RECREATE_GRACE_S = 2.0
 MAX_PARTS = 3
 TOPIC_MAX_BYTES = len(TOPIC_PREFIX) + MAX_SCANNER_LEN
 MAX_MESSAGE_BYTES = TOPIC_MAX_BYTES + MAX_HEADER_BYTES + MAX_PAYLOAD_BYTES
+
+
+def message_bytes_limit(max_frame_bytes: int) -> int:
+    """The most bytes one acquisition message may hold when payloads are at most max_frame_bytes."""
+    return TOPIC_MAX_BYTES + MAX_HEADER_BYTES + max_frame_bytes
+
+
+def part_bytes_limit(max_frame_bytes: int) -> int:
+    """ZMQ_MAXMSGSIZE for payloads of at most max_frame_bytes: the largest part (header or payload)."""
+    return max(max_frame_bytes, MAX_HEADER_BYTES, TOPIC_MAX_BYTES)
 
 
 def zmq_context() -> zmq.Context:
@@ -112,6 +124,7 @@ class SourceStats:
     connects: int = 0
     disconnects: int = 0
     recreated: int = 0  # sockets recreated because the peer was lost and did not come back
+    bad_chunks: int = 0  # replay: recording chunks skipped (corrupt, failed authentication, missing)
 
     @property
     def malformed_total(self) -> int:
@@ -128,6 +141,7 @@ class SourceStats:
             "connects": self.connects,
             "disconnects": self.disconnects,
             "recreated": self.recreated,
+            "bad_chunks": self.bad_chunks,
         }
 
 
@@ -428,6 +442,7 @@ class ReplaySource(Source):
         self._pending: Any = None
         self._played = 0  # frames of the current pass, over all files
         self.recovered = 0
+        self._bad_chunks_done = 0  # skipped chunks of the files finished in the first pass
         self.truncated = False
         self.truncation: str | None = None
 
@@ -443,6 +458,8 @@ class ReplaySource(Source):
         reader = self._reader
         if self._pass == 0:
             self.recovered += reader.frames
+            self._bad_chunks_done += _skipped_chunks(reader)
+            self.stats.bad_chunks = self._bad_chunks_done
             if reader.bad_chunks:
                 log.warning(
                     "recording %s: skipped %d corrupt chunk(s) (%s)",
@@ -502,8 +519,15 @@ class ReplaySource(Source):
                 return None
             self._last_offset_s = offset
         self._pending = None
+        if self._pass == 0 and self._iter is not None:  # this file's chunks skipped so far, live
+            self.stats.bad_chunks = self._bad_chunks_done + _skipped_chunks(self._reader)
         self._observe(rec.item)
         return rec.item
+
+
+def _skipped_chunks(reader: RecordingReader) -> int:
+    """Chunks a reader skipped: corrupt (CRC, zstd), sealed ones failing authentication, missing."""
+    return reader.bad_chunks + reader.tampered_chunks + reader.missing_chunks
 
 
 @dataclass(frozen=True)
@@ -535,8 +559,18 @@ class ZmqSource(Source):
         stall_s: float = DEFAULT_STALL_S,
         reconnect_max_ms: int = DEFAULT_RECONNECT_MAX_MS,
         curve: CurveClientKeys | None = None,
+        max_frame_bytes: int = MAX_PAYLOAD_BYTES,
     ) -> None:
         super().__init__(uri)
+        if not 1 <= max_frame_bytes <= MAX_PAYLOAD_BYTES:
+            raise ConfigError(
+                f"max_frame_bytes={max_frame_bytes} in source {uri!r} must be in [1, {MAX_PAYLOAD_BYTES}]"
+            )
+        # The largest payload this link accepts: libzmq drops a peer that sends any part larger
+        # than part_bytes_limit() before allocating it, so a hostile message holds at most that
+        # much per part (docs/protocol.md, "Validation").
+        self.max_frame_bytes = max_frame_bytes
+        self._max_message_bytes = message_bytes_limit(max_frame_bytes)
         # Keep the bytes of rejected messages on MalformedFrame.raw (set before reading starts).
         self.keep_rejected = False
         self.live = True
@@ -609,7 +643,7 @@ class ZmqSource(Source):
         sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, self._reconnect_max_ms)
         # Per-part limit: libzmq drops a peer that sends anything larger (oversized frames).
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_PAYLOAD_BYTES + MAX_HEADER_BYTES)
+        sock.setsockopt(zmq.MAXMSGSIZE, part_bytes_limit(self.max_frame_bytes))
         if self._curve is not None:
             sock.curve_serverkey = self._curve.server_public
             sock.curve_publickey = self._curve.public
@@ -662,7 +696,7 @@ class ZmqSource(Source):
                 log.warning("source %s: peer disconnected; reconnecting", self.endpoint)
 
     def _recv_bounded(self, sock: Any) -> list[Any] | MalformedFrame:
-        """Receive one whole message, keeping at most MAX_PARTS parts and MAX_MESSAGE_BYTES.
+        """Receive one whole message, keeping at most MAX_PARTS parts and message_bytes_limit().
 
         Parts past either bound are received and released one by one, never kept, and the
         message is rejected (`bad_parts` / `too_large`). Raises zmq.Again when nothing came.
@@ -673,14 +707,19 @@ class ZmqSource(Source):
         while more:  # the rest of the message is already here: libzmq delivers it whole
             part = sock.recv(copy=False)
             count, total, more = count + 1, total + len(part), part.more
-            if count > MAX_PARTS or total > MAX_MESSAGE_BYTES:
+            if count > MAX_PARTS or total > self._max_message_bytes:
                 parts = []  # released now; later parts are only counted
             elif parts:
                 parts.append(part)
         if count > MAX_PARTS:
             return MalformedFrame("bad_parts", f"expected {MAX_PARTS} message parts, got {count}")
-        if total > MAX_MESSAGE_BYTES:
-            return MalformedFrame("too_large", f"message of {total} bytes exceeds {MAX_MESSAGE_BYTES}")
+        if total > self._max_message_bytes:
+            return MalformedFrame("too_large", f"message of {total} bytes exceeds {self._max_message_bytes}")
+        if count == MAX_PARTS and len(parts[2]) > self.max_frame_bytes:
+            return MalformedFrame(
+                "too_large",
+                f"payload of {len(parts[2])} bytes exceeds max_frame_bytes={self.max_frame_bytes}",
+            )
         return parts
 
     def _run(self) -> None:
@@ -927,7 +966,7 @@ def open_source(
         return ReplaySource(uri, replay_paths(path), rate=q.get("rate", 1.0), loop=q.get("loop", 1))
     if uri.startswith(("tcp://", "ipc://")):
         endpoint, rest = _split(uri, 0)
-        q = _query(uri, rest, {"hwm": int, "stall_s": float, "reconnect_max_ms": int})
+        q = _query(uri, rest, {"hwm": int, "stall_s": float, "reconnect_max_ms": int, "max_frame_bytes": int})
         if q.get("hwm", 1) < 1:
             raise ConfigError(f"hwm in {uri!r} must be at least 1 frame")
         return ZmqSource(uri, endpoint, **q, curve=curve if uri.startswith("tcp://") else None)

@@ -76,6 +76,7 @@ class AcquisitionStage(Stage):
         self._seqs = SeqTracker()
         self._warned_identity = False
         self._recreated = 0  # source sockets recreated so far (scanner lost without a reconnect)
+        self._bad_chunks = 0  # replayed recording chunks skipped so far (counted in metrics)
         self._flood_log = RateLimitedLog(log)  # a flood of junk must not flood the journal
         # Set when the recorder failed (disk full, I/O error): recording stopped, streaming goes on.
         self.recording_error: StorageError | None = None
@@ -148,11 +149,13 @@ class AcquisitionStage(Stage):
                 return
         while not pipe.stop.is_set():
             if limit is not None and pipe.stats.frames_in >= limit:
+                self._count_bad_chunks()
                 self.exit_reason = "max_frames"
                 return
             item = self._early.pop(0) if self._early else self.source.read(s.poll_s)
             if item is None:
                 self._record(lambda r: r.tick())  # a quiet stream still reaches the disk
+                self._count_bad_chunks()
                 if self.source.exhausted:
                     self.exit_reason = "source_ended"
                     return
@@ -162,7 +165,20 @@ class AcquisitionStage(Stage):
                 self._accept(item)
             else:
                 self._malformed(item)
+        self._count_bad_chunks()
         self.exit_reason = "stopped"
+
+    def _count_bad_chunks(self) -> None:
+        """Count the replayed recording's skipped chunks (a replay never has a quiet turn)."""
+        assert self.source is not None
+        stats = getattr(self.source, "stats", None)
+        bad = int(getattr(stats, "bad_chunks", 0))
+        if bad > self._bad_chunks:
+            self.pipe.metrics.recording_bad_chunks(bad - self._bad_chunks)
+            with self.pipe.stats.lock:
+                self.pipe.stats.bad_chunks = bad
+            self.pipe.outbox.put_nowait(Event("source", {"state": "bad_chunks", "count": bad}))
+            self._bad_chunks = bad
 
     def _watch_source(self) -> None:
         """On a quiet turn: count socket recreations; stop the run if the source cannot recover."""

@@ -48,14 +48,15 @@ from edge.pipeline.stats import RunSummary
 from edge.quarantine import Quarantine
 from edge.runner import Runner
 from edge.sdnotify import Notifier
-from edge.security import EndpointSecurity, curve_available, load_keypair
+from edge.security import EndpointSecurity, source_curve_keys
 from edge.signing import verify_bundle_signature
 from edge.storage import Sweeper, recording_policy, storage_key_from_config
 from edge.templates import load_template_key
+from scanner_io.codec import MAX_PAYLOAD_BYTES
 from scanner_io.errors import BundleError, CalibrationError, ConfigError, DataError, UsageError
+from scanner_io.frame import ALLOWED_DTYPES
 from scanner_io.recording import Recorder, default_manifest
 from scanner_io.sources import (
-    CurveClientKeys,
     FrameSource,
     QueuePolicy,
     is_scanner_uri,
@@ -281,6 +282,31 @@ def stream_profile(
         raise ConfigError(f"[sources] calibration: {exc}") from None
 
 
+# A scanner link accepts frames up to this many times its profile's (float32) frame bytes.
+FRAME_BOUND_HEADROOM = 4
+
+
+def bound_frame_bytes(src: SourceConfig, uri: str, calibration: CalibrationConfig) -> str:
+    """A scanner URI with `max_frame_bytes` set to the largest frame its profile accepts.
+
+    The profile fixes the frame shape (a frame of another shape stops the daemon, exit 78), and
+    float32 is the widest wire dtype, so no valid frame is larger; libzmq then drops a peer that
+    sends a bigger part before allocating it (docs/protocol.md, "Memory per message"). The bound
+    is FRAME_BOUND_HEADROOM times that, so frames of up to twice the profile's height and width
+    still arrive and meet the shape check (exit 78, saying what is wrong) instead of a silent
+    disconnect loop. A URI that sets `max_frame_bytes` itself, or a link without a profile, is
+    left as it is.
+    """
+    if not is_scanner_uri(uri) or "max_frame_bytes=" in uri:
+        return uri
+    profile = stream_profile(src, calibration).profile
+    if profile is None:
+        return uri
+    widest = max(np.dtype(d).itemsize for d in ALLOWED_DTYPES)
+    limit = min(FRAME_BOUND_HEADROOM * int(np.prod(profile.shape)) * widest, MAX_PAYLOAD_BYTES)
+    return f"{uri}{'&' if '?' in uri else '?'}max_frame_bytes={limit}"
+
+
 def refuse_uncalibrated(src: SourceConfig, uri: str, calibration: CalibrationConfig) -> None:
     """R-CAL-1 / R-NEW-10: a live scanner link without a profile does not start (exit 78).
 
@@ -323,20 +349,6 @@ def _open_bundle(cfg: Config, reconstruct: bool = True) -> tuple[Bundle, Runner]
         # so systemd stops retrying (RestartPreventExitStatus=78).
         raise ConfigError(f"model: {exc}") from None
     return bundle, runner
-
-
-def _source_curve(src: SourceConfig) -> CurveClientKeys | None:
-    """The CURVE client keys of a tcp source, when configured (the scanner is the CURVE server)."""
-    if not src.curve:
-        return None
-    assert src.curve_server_key is not None and src.curve_client_key is not None
-    if not curve_available():
-        raise ConfigError("[sources] curve_server_key is set, but this libzmq has no CURVE support")
-    server = load_keypair(src.curve_server_key, need_secret=False)
-    client = load_keypair(src.curve_client_key)
-    assert client.secret is not None  # load_keypair(need_secret=True) guarantees it
-    log.info("source %s: CURVE client of scanner key %s", src.uri, server.public.decode())
-    return CurveClientKeys(server_public=server.public, public=client.public, secret=client.secret)
 
 
 def _config_for(opts: RunOptions) -> Config:
@@ -392,6 +404,7 @@ def run_daemon(
         src = dataclasses.replace(src, calibration=opts.calibration)
     uri, queue_policy = split_queue_mode(src.uri)  # a bad mode= fails before the model loads
     refuse_uncalibrated(src, uri, cfg.calibration)  # before the model loads, too
+    uri = bound_frame_bytes(src, uri, cfg.calibration)
     if opts.max_frames is not None and opts.max_frames < 1:
         raise ConfigError(f"--max-frames {opts.max_frames}: expected a positive number of frames")
     settings = settings_from_config(
@@ -432,7 +445,7 @@ def run_daemon(
         src, cfg.verification, bundle, precision, security, calibration=cfg.calibration
     )
 
-    curve = _source_curve(src)
+    curve = source_curve_keys(src)
 
     def open_src() -> FrameSource:
         return open_source(uri, names=cfg.source_names(), curve=curve)

@@ -104,6 +104,10 @@ class Metrics:
         """Count `n` acquisition sockets recreated after the scanner was lost."""
         self._do(lambda m: m.source_recreated.inc(n))
 
+    def recording_bad_chunks(self, n: int = 1) -> None:
+        """Count `n` chunks of a replayed recording skipped (corrupt, tampered or missing)."""
+        self._do(lambda m: m.recording_bad_chunks.inc(n))
+
     def recording(self, on: bool) -> None:
         """Record whether raw frames are being recorded."""
         self._do(lambda m: m.recording.set(1 if on else 0))

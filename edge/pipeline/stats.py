@@ -53,6 +53,7 @@ class Stats:
     partial: int = 0
     no_face: int = 0  # results published with status `no_face` (no head in the frame)
     uncalibrated: int = 0  # results conditioned without a fitting profile
+    bad_chunks: int = 0  # replay: recording chunks skipped (corrupt, tampered, missing)
     batches: int = 0
     batched_frames: int = 0
     dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
@@ -82,6 +83,7 @@ class Stats:
                 partial=self.partial,
                 no_face=self.no_face,
                 uncalibrated=self.uncalibrated,
+                bad_chunks=self.bad_chunks,
                 latency_mean_ms=float(lat.mean()) if lat.size else None,
                 latency_p50_ms=float(np.percentile(lat, 50)) if lat.size else None,
                 latency_p99_ms=float(np.percentile(lat, 99)) if lat.size else None,
@@ -117,6 +119,7 @@ class RunSummary:
     recording_error: str | None = None
     no_face: int = 0
     uncalibrated: int = 0
+    bad_chunks: int = 0  # replay: recording chunks skipped, their frames never read
     score: dict[str, Any] | None = None  # `thzedge run --score`: results against simulator truth
     precision: str = ""  # the variant that ran (`auto` resolved)
     backend: str = ""
@@ -143,7 +146,13 @@ class RunSummary:
 
         # Said only when there are some: most runs have neither, and the line stays short.
         flagged = "".join(
-            f" {k}={v}" for k, v in (("no_face", self.no_face), ("uncalibrated", self.uncalibrated)) if v
+            f" {k}={v}"
+            for k, v in (
+                ("no_face", self.no_face),
+                ("uncalibrated", self.uncalibrated),
+                ("bad_chunks", self.bad_chunks),
+            )
+            if v
         )
         return (
             f"frames_in={self.frames_in} published={self.published} "

@@ -133,3 +133,39 @@ def test_the_daemon_streams_from_a_curve_scanner_process(tmp_path: Path, keys, t
     assert summary_of(out)["frames_in"] == 30
     assert len([r for r in sub.results]) >= 1
     assert "insecure_dev" not in err
+
+
+@pytest.mark.parametrize("client", ["daemon", "rogue"])
+def test_record_uses_the_configured_sources_curve_keys(tmp_path: Path, keys, client: str) -> None:
+    """`thzedge record --source NAME` connects as the CURVE client configured for NAME (it used
+    to open the bare URI: no CURVE, so a CURVE scanner sent it nothing). A key the scanner does
+    not allow still records nothing."""
+    from scanner_io.recording import recording_info
+
+    port = free_port()
+    scanner = thzedge(
+        "scanner", "serve", "--source", "sim", "--bind", f"tcp://127.0.0.1:{port}", "--rate", "60",
+        "--curve-secret", str(keys["scanner_secret"]), "--curve-clients", str(keys["allowed"]),
+    )  # fmt: skip
+    cfg = tmp_path / "thzedge.toml"
+    cfg.write_text(
+        f'[sources.scanner0]\nuri = "tcp://127.0.0.1:{port}"\n'
+        f'curve_server_key = "{keys["scanner"]}"\ncurve_client_key = "{keys[client + "_secret"]}"\n'
+    )
+    out_file = tmp_path / "rec.mcap"
+    try:
+        rec = thzedge(
+            "--json", "--config", str(cfg), "record", "--source", "scanner0", "--out", str(out_file),
+            "--duration", "8",
+        )  # fmt: skip
+        rc, out, err = finish(rec, timeout=60)
+    finally:
+        scanner.terminate()
+        finish(scanner, timeout=20)
+    assert rc == 0, err[-2000:]
+    frames = recording_info(out_file).frames
+    if client == "daemon":
+        assert frames >= 20, err[-2000:]  # 60 fps for ~8 s less the connection set-up
+    else:
+        assert frames == 0
+    assert "insecure_dev" not in err

@@ -173,3 +173,61 @@ def test_a_flood_of_malformed_messages_is_counted_exactly_and_logged_sparingly(
     assert value('thzedge_frames_malformed_total{reason="size_mismatch"}') == junk
     rejected_lines = [ln for ln in err.splitlines() if "malformed frame rejected" in ln]
     assert 1 <= len(rejected_lines) < junk / 10, len(rejected_lines)
+
+
+def test_results_in_flight_at_sigterm_reach_a_subscriber_that_was_not_reading(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """SIGTERM while hundreds of results wait in the daemon's send queue for a subscriber that
+    stopped reading (its RCVHWM small, so they cannot move into it); it reads again only after
+    the signal. Every result the daemon published from the first one received on must arrive.
+
+    The stop flush waits on a tracker of the last event; pyzmq copies a small message and gives
+    it a tracker that is done at once, so without forcing that message zero-copy the daemon
+    closed its socket (linger 0) with the queue still full.
+    """
+    pub = f"ipc://{tmp_path}/results.sock"
+    cfg = write_config(
+        tmp_path / "thzedge.toml", "[publisher]\nhwm = 1000\n[privacy]\npublish_reconstruction = true\n"
+    )
+    sub = Subscriber(pub, rcvhwm=2)
+    daemon = thzedge_run("sim?fps=100", tiny_bundle, cfg, pub)
+    try:
+        sub.wait_state(seconds=90, proc=daemon)
+        sub.pump(0.5)  # connected and receiving
+        time.sleep(3.0)  # not reading: ~300 results of 16 KiB pile up in the daemon
+        daemon.send_signal(signal.SIGTERM)
+        # Slow to drain: ~2 ms a message, so the queue outlasts the daemon's own shutdown.
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < 1.0 or daemon.poll() is None:
+            if time.monotonic() - quiet_since > 60:
+                break
+            if sub.sock.poll(50):
+                sub.decode(sub.sock.recv_multipart())
+                quiet_since = time.monotonic()
+                time.sleep(0.002)
+        rc, out, err = finish(daemon, timeout=30)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        sub.close()
+    assert rc == 0, err[-2000:]
+    summary = summary_of(out)
+    seqs = sorted(h["seq"] for h in sub.results)
+    assert seqs, "no result received"
+    # sim seqs start at 0; published results are those seqs less the frames dropped on the way.
+    dropped = sum(summary["dropped"].values())
+    missing = summary["published"] - seqs[0] - len(seqs)
+    gone = sorted(set(range(seqs[0], summary["published"])) - set(seqs))
+    tail = [e.get("state") for e in sub.events[-2:]]
+    assert 0 <= missing <= dropped, (
+        len(seqs),
+        seqs[0],
+        gone,
+        summary["published"],
+        summary["dropped"],
+        tail,
+        err[-1500:],
+    )
+    assert summary["published"] - seqs[0] >= 200  # many results really were in flight
+    assert sub.events[-1]["kind"] == "state" and sub.events[-1]["state"] == "stopped"

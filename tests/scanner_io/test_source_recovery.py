@@ -145,3 +145,70 @@ def test_a_source_that_cannot_recover_stops_the_daemon_with_exit_69(
         if not push.closed:
             push.close(0)
         ctx.term()
+
+
+def _peak_rss_mb(query: str, parts: int, part_bytes: int) -> dict:
+    """Run benchmarks/bench_message_memory.py in a fresh process: the receiver's RSS before/peak."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, str(root / "benchmarks" / "bench_message_memory.py")]
+    cmd += ["--parts", str(parts), "--part-bytes", str(part_bytes), "--query", query]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=200, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_32_part_message_of_32_mib_parts_does_not_raise_rss_when_frames_are_bounded() -> None:
+    """libzmq assembles the whole message before Python sees it; only MAXMSGSIZE (per part) and the
+    part count bound it. With max_frame_bytes set to a 64x64 frame's bytes the first 32 MiB part
+    makes libzmq drop the peer before allocating it; the source recreates its socket and reads on.
+    Before the bound (MAXMSGSIZE 64 MiB for every link) this raised RSS by ~1 GB."""
+    got = _peak_rss_mb("max_frame_bytes=16384&reconnect_max_ms=200", 32, 32 * 1024 * 1024)
+    assert got["seen"].count("Frame") >= 2, got  # the stream went on after the hostile message
+    assert got["peak_after_mb"] - got["peak_before_mb"] < 64, got  # was ~1024 MB
+    assert got["recreated"] >= 1, got  # the dropped peer was got back by a new socket
+
+
+def test_max_frame_bytes_rejects_larger_payloads_and_bad_values(tmp_path: Path) -> None:
+    from scanner_io.errors import ConfigError
+
+    endpoint = f"ipc://{tmp_path}/scanner.sock"
+    ctx = zmq.Context()
+    push = _push(ctx, endpoint)
+    src = open_source(f"{endpoint}?max_frame_bytes=256")  # below the 16 KiB header bound
+    try:
+        push.send_multipart(_frame(0))  # 16x16 uint16: 512 bytes > 256
+        header = FrameHeader(scanner="rec0", seq=1, t_capture_ns=time.time_ns(), shape=(8, 8), dtype="uint16")
+        push.send_multipart([bytes(memoryview(p)) for p in encode_frame(header, np.zeros((8, 8), np.uint16))])
+        got = _read_until(src, lambda g: len(g) >= 2, seconds=30)
+        assert [getattr(i, "reason", "Frame") for i in got] == ["too_large", "Frame"]
+    finally:
+        src.close()
+        push.close(0)
+        ctx.term()
+    for bad in (0, MAX_PAYLOAD_BYTES + 1):
+        with pytest.raises(ConfigError, match="max_frame_bytes"):
+            open_source(f"{endpoint}?max_frame_bytes={bad}")
+
+
+def test_the_daemon_bounds_a_scanner_link_by_its_profile(tmp_path: Path) -> None:
+    from calibration.profile import CalibrationProfile
+    from edge.config import CalibrationConfig, SourceConfig
+    from edge.pipeline.assemble import bound_frame_bytes
+
+    shape = (64, 64)
+    zeros = np.zeros(shape, np.float32)
+    prof = CalibrationProfile("rec0", shape, zeros, zeros + 1, np.zeros(shape, bool))
+    saved = prof.save(tmp_path / "profile")
+    src = SourceConfig(uri="ipc:///run/x.sock", calibration=saved, name="s0")
+    cal = CalibrationConfig(state_dir=tmp_path / "state")
+    # 4 x 64*64*4: frames up to 128x128 still reach the shape check (exit 78, failure 8)
+    assert bound_frame_bytes(src, src.uri, cal) == "ipc:///run/x.sock?max_frame_bytes=65536"
+    assert bound_frame_bytes(src, "ipc:///run/x.sock?hwm=2", cal).endswith("?hwm=2&max_frame_bytes=65536")
+    assert bound_frame_bytes(src, "ipc:///x?max_frame_bytes=9", cal) == "ipc:///x?max_frame_bytes=9"
+    bare = SourceConfig(uri="ipc:///run/x.sock", name="s1")
+    assert bound_frame_bytes(bare, bare.uri, cal) == bare.uri  # no profile: the codec's 64 MiB

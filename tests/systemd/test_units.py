@@ -104,6 +104,18 @@ def test_unit_has_the_service_contract():
     assert "#DeviceAllow=/dev/nvmap rw" in UNIT.read_text()
 
 
+def test_unit_bounds_the_daemons_memory():
+    """libzmq cannot bound a message's part count: the cgroup limit is what restarts the daemon."""
+    svc = unit_sections()["Service"]
+
+    def mib(value: str) -> float:
+        units = {"K": 1 / 1024, "M": 1, "G": 1024}
+        return float(value[:-1]) * units[value[-1]]
+
+    assert svc["MemorySwapMax"] == "0"  # a hostile peer restarts the daemon, never swaps the device
+    assert 2 * 190 <= mib(svc["MemoryHigh"]) < mib(svc["MemoryMax"])  # above twice the measured peak
+
+
 def test_stop_timeout_fits_in_the_units_stop_timeout():
     from edge.config import DaemonConfig
 
