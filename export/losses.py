@@ -72,20 +72,24 @@ def supcon_loss(
 
 
 def triplet_labels(identities: torch.Tensor, scheme: str = "identity") -> torch.Tensor:
-    """Return SupCon labels [3B] for a batch of B triplets ordered (anchors, positives, negatives).
+    """Return SupCon labels [KB] for a batch of B triplets ordered (anchors, positives, negatives, …).
 
-    `identities` is [3, B]: the true identity of each anchor, positive and negative.
+    `identities` is [K, B]: the true identity of each anchor, positive and negative (K = 3), and
+    of each further view of the anchor's person (K = 4: a concealed capture of another sample,
+    the field's pairing; identity scheme only).
     scheme "identity": every image is labelled with its true identity, so two triplets of the
     same person in one batch are positives of each other and never pushed apart.
     scheme "triplet" (the research code): anchor and positive of triplet i get label i, each
     negative a label of its own, whoever it shows.
     """
-    if identities.ndim != 2 or identities.shape[0] != 3:
-        raise ValueError(f"need identities [3, B], got {tuple(identities.shape)}")
+    if identities.ndim != 2 or identities.shape[0] < 3:
+        raise ValueError(f"need identities [K >= 3, B], got {tuple(identities.shape)}")
     b = identities.shape[1]
     if scheme == "identity":
         return identities.reshape(-1)
     if scheme == "triplet":
+        if identities.shape[0] != 3:
+            raise ValueError("the triplet label scheme has no label for a fourth view; use identity labels")
         idx = torch.arange(b, device=identities.device)
         return torch.cat([idx, idx, idx + b])
     raise ValueError(f"unknown SupCon label scheme {scheme!r}; use 'identity' or 'triplet'")
@@ -176,8 +180,9 @@ def mtl_loss(
 ) -> MTLLoss:
     """Return the multi-task loss of one batch of B triplets.
 
-    embeddings [3B, D] and posture_logits [3B, 5] are for (anchors, positives, negatives) in that
-    order; identities and postures are [3, B]; reconstruction and target are [B, 1, 64, 64]
+    embeddings [KB, D] and posture_logits [KB, 5] are for (anchors, positives, negatives[, other
+    captures of the anchors' people]) in that order; identities and postures are [K, B];
+    reconstruction and target are [B, 1, 64, 64]
     (the anchor's reconstruction through its posture's decoder, and the unconcealed positive).
     """
     l_ver = supcon_loss(embeddings, triplet_labels(identities, label_scheme))

@@ -68,6 +68,32 @@ class Sampler(Choice):
     pk = "pk"
 
 
+class Positives(Choice):
+    """SupCon positives of each anchor: its own unconcealed crop, or also another capture of its person.
+
+    "capture" is the research triplet (concealed crop vs the unconcealed crop of the same
+    capture). "cross" adds, per anchor, a concealed crop of another sample of the same person and
+    posture (another pose jitter, cloth and speckle): the pairing a gallery makes in the field.
+    """
+
+    capture = "capture"
+    cross = "cross"
+
+
+class Selection(Choice):
+    """Which epoch's weights are kept: best validation SSIM, or best cross-capture validation EER."""
+
+    ssim = "ssim"
+    cross_eer = "cross-eer"
+
+
+class ThresholdPairs(Choice):
+    """Pairs a threshold is chosen on: same-capture triplets, or a gallery of other captures."""
+
+    capture = "capture"
+    gallery = "gallery"
+
+
 class LabelScheme(Choice):
     """SupCon labels: true identities, or one class per triplet (the research code)."""
 
@@ -104,8 +130,16 @@ class TrainConfig:
     w_charbonnier: float = 1.0
     w_ssim: float = 0.8
     max_steps: int | None = None  # stop early after this many optimiser steps (tests, trials)
+    positives: str = Positives.capture.value
+    select: str = Selection.ssim.value
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "positives", Positives.parse(self.positives, "positives").value)
+        object.__setattr__(self, "select", Selection.parse(self.select, "model selection").value)
+        if self.positives == Positives.cross.value and self.label_scheme != LabelScheme.identity.value:
+            raise ThzEdgeError(
+                "cross-capture positives need identity SupCon labels (--supcon-labels identity)"
+            )
         object.__setattr__(self, "augment", Augmentation.parse(self.augment, "augmentation").value)
         object.__setattr__(self, "sampler", Sampler.parse(self.sampler, "sampler").value)
         object.__setattr__(
@@ -289,6 +323,34 @@ def _sample_negatives(
     return out
 
 
+def capture_groups(data: TripletData, pool: np.ndarray) -> dict[tuple[int, int], np.ndarray]:
+    """The images of `pool` grouped by (identity, posture): each group's images are distinct captures."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in pool.tolist():
+        groups.setdefault((int(data.identity[i]), int(data.posture[i])), []).append(i)
+    return {k: np.array(v, dtype=np.int64) for k, v in groups.items()}
+
+
+def _sample_other_captures(
+    data: TripletData,
+    anchors: np.ndarray,
+    groups: dict[tuple[int, int], np.ndarray],
+    gen: torch.Generator,
+) -> np.ndarray:
+    """Draw, for each anchor, another concealed capture of its identity in its posture (itself if none)."""
+    import torch
+
+    out = anchors.copy()
+    for j, a in enumerate(anchors.tolist()):
+        others = groups.get((int(data.identity[a]), int(data.posture[a])))
+        if others is None:
+            continue
+        others = others[others != a]
+        if len(others):
+            out[j] = others[int(torch.randint(0, len(others), (1,), generator=gen))]
+    return out
+
+
 def epoch_batches(
     data: TripletData, rows: np.ndarray, config: TrainConfig, gen: torch.Generator
 ) -> list[np.ndarray]:
@@ -323,15 +385,20 @@ def epoch_batches(
 
 
 def _forward_triplets(
-    model: MTLNetwork, a: torch.Tensor, p: torch.Tensor, n: torch.Tensor, anchor_posture: torch.Tensor
+    model: MTLNetwork,
+    a: torch.Tensor,
+    p: torch.Tensor,
+    n: torch.Tensor,
+    anchor_posture: torch.Tensor,
+    *more: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One encoder pass over (anchors, positives, negatives) and the anchors' reconstructions."""
+    """One encoder pass over (anchors, positives, negatives, more views) and the anchors' reconstructions."""
     import torch
 
     from export.model import EncoderOutputs
 
     b = a.shape[0]
-    enc = model.encode(torch.cat([a, p, n], dim=0))
+    enc = model.encode(torch.cat([a, p, n, *more], dim=0))
     anchor_enc = EncoderOutputs(*(t[:b] for t in enc))
     recon = model.decode(anchor_enc, anchor_posture)
     return enc.embedding, enc.posture_logits, recon
@@ -383,7 +450,21 @@ def evaluate_split(
     ea = np.stack([emb[i] for i in tri[:, 0]])
     d_pos = pair_distances(ea, np.stack([emb[i] for i in tri[:, 1]]))
     d_neg = pair_distances(ea, np.stack([emb[i] for i in tri[:, 2]]))
+    cross_gen, cross_imp = cross_capture_distances(
+        np.stack([emb[i] for i in np.unique(tri[:, 0])]),
+        data.identity[np.unique(tri[:, 0])],
+        data.posture[np.unique(tri[:, 0])],
+    )
+    cross = (
+        {
+            "cross_eer": equal_error_rate(cross_gen, cross_imp),
+            "cross_threshold_eer": threshold_at_eer(cross_gen, cross_imp),
+        }
+        if len(cross_gen) and len(cross_imp)
+        else {"cross_eer": float("nan"), "cross_threshold_eer": float("nan")}
+    )
     return {
+        **cross,
         **{f"loss_{k}": v / max(n_batches, 1) for k, v in losses.items()},
         "ssim": float(np.mean(ssims)),
         "posture_accuracy": correct / len(used),
@@ -393,6 +474,24 @@ def evaluate_split(
         "d_neg_mean": float(d_neg.mean()),
         "threshold_eer": threshold_at_eer(d_pos, d_neg),
     }
+
+
+def cross_capture_distances(
+    emb: np.ndarray, identity: np.ndarray, posture: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Genuine and impostor distances between distinct captures in the same posture (a gallery's pairs).
+
+    `emb` [N, D] are embeddings of distinct concealed captures; genuine pairs are two captures of
+    one identity, impostor pairs two identities; pairs across postures are left out (the gallery
+    matches the reference of the probe's posture).
+    """
+    e = np.asarray(emb, np.float64)
+    sq = np.sum(e * e, axis=1)
+    d = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * e @ e.T, 0.0))
+    upper = np.triu(np.ones(d.shape, bool), 1)
+    same_p = posture[:, None] == posture[None, :]
+    same_i = identity[:, None] == identity[None, :]
+    return d[upper & same_p & same_i], d[upper & same_p & ~same_i]
 
 
 class _Progress:
@@ -481,9 +580,15 @@ def train_on(
             f"{len(train_rows)} training triplets is fewer than one batch of {config.batch_size}; "
             "make a bigger dataset or lower --batch-size"
         )
+    if config.select == Selection.cross_eer.value and len(val_names) < 2:
+        raise DataError(
+            "selecting on the cross-capture EER needs at least two validation identities "
+            "(impostor pairs); raise the validation share or use --select ssim"
+        )
     # Negatives are redrawn each epoch from concealed training images, so no validation identity
     # ever reaches the optimiser (the CSV's negatives may belong to held-out people).
     neg_pool = np.flatnonzero(data.concealed & ~is_val[data.identity])
+    cross_groups = capture_groups(data, neg_pool)
     log.info(
         "training on %d triplets of %d identities, validating on %d triplets of %d held-out identities",
         len(train_rows),
@@ -553,23 +658,26 @@ def train_on(
                     anchors, positives = t[:, 0], t[:, 1]
                     negatives = _sample_negatives(data, anchors, neg_pool, gen)
                     a, p, n = images[anchors], images[positives], images[negatives]
+                    views = [anchors, positives, negatives]
+                    more: list[torch.Tensor] = []
+                    if config.positives == "cross":
+                        cross = _sample_other_captures(data, anchors, cross_groups, gen)
+                        views.append(cross)
+                        more.append(images[cross])
                     target = p
                     if config.augment == "gentle":
                         # Encoder inputs are augmented; the reconstruction target never is.
                         p = augment_batch(p, gen)
                         n = augment_batch(n, gen)
                         a = _photometric(a, gen)
+                        more = [augment_batch(m, gen) for m in more]
                     post = torch.from_numpy(data.posture[anchors])
                     # BatchNorm updates its running statistics in the forward pass, before the loss
                     # is known: keep a copy so a skipped step leaves the model exactly as it was.
                     buffers = [b.detach().clone() for b in model.buffers()]
-                    emb, logits, recon = _forward_triplets(model, a, p, n, post)
-                    ids = torch.from_numpy(
-                        np.stack([data.identity[anchors], data.identity[positives], data.identity[negatives]])
-                    )
-                    postures = torch.from_numpy(
-                        np.stack([data.posture[anchors], data.posture[positives], data.posture[negatives]])
-                    )
+                    emb, logits, recon = _forward_triplets(model, a, p, n, post, *more)
+                    ids = torch.from_numpy(np.stack([data.identity[v] for v in views]))
+                    postures = torch.from_numpy(np.stack([data.posture[v] for v in views]))
                     loss = mtl_loss(emb, logits, recon, ids, postures, target, weights, config.label_scheme)
                     step += 1
                     opt.zero_grad(set_to_none=True)
@@ -598,7 +706,7 @@ def train_on(
                 history.append(rec)
                 log.info(
                     "epoch %d/%d  loss %.3f (ver %.3f pos %.3f rec %.3f)  val ssim %.3f posture %.3f "
-                    "triplet %.3f eer %.3f  %.0fs%s",
+                    "triplet %.3f eer %.3f cross-capture eer %.3f  %.0fs%s",
                     epoch,
                     config.epochs,
                     train_means["total"],
@@ -609,13 +717,16 @@ def train_on(
                     val["posture_accuracy"],
                     val["triplet_accuracy"],
                     val["eer"],
+                    val["cross_eer"],
                     rec.seconds,
                     f"  ({skipped} non-finite steps skipped)" if skipped else "",
                 )
                 if on_epoch is not None:
                     on_epoch(rec)
-                if best is None or val["ssim"] > best[0]:
-                    best = (val["ssim"], epoch, val)
+                # Higher is better: SSIM, or minus the cross-capture EER (ties: the later epoch).
+                score = val["ssim"] if config.select == "ssim" else -val["cross_eer"]
+                if best is None or score > best[0] or (config.select != "ssim" and score == best[0]):
+                    best = (score, epoch, val)
                     _save_checkpoint(out, model, epoch, config, val, val_names, history)
         finally:
             bar.close()
@@ -753,11 +864,16 @@ def calibrate_threshold(
     backend: str = "auto",
     target_far: float | None = None,
     roc_png: str | Path | None = None,
+    pairs: str = ThresholdPairs.capture.value,
 ) -> ThresholdResult:
     """Store the EER-point (or target-FAR) distance threshold, measured on the validation identities.
 
     `target_far` picks the threshold with the highest TAR at FAR <= target instead of the EER
     point; `roc_png` also draws the ROC with that operating point marked (edge.roc_plot).
+
+    `pairs` "capture" scores the validation triplets (a concealed crop against the unconcealed
+    crop of the same capture); "gallery" scores what a gallery sees (`gallery_pairs`): the first
+    half of each validation person's samples enrolled, the other half probed, all concealed.
 
     The bundle itself (ONNX Runtime, `precision`) embeds the held-out identities' triplets of
     `data_dir/train_val.csv`; the threshold where FAR = FRR on those pairs
@@ -774,13 +890,18 @@ def calibrate_threshold(
             f"{checkpoint} records no validation identities (not made by `thzedge train`); "
             "cannot choose a threshold on held-out people"
         )
+    pairs = ThresholdPairs.parse(pairs, "threshold pairs").value
     data = load_triplet_data(data_dir, data_dir / TRAIN_VAL_CSV)
     rows = validation_rows(data, val_ids)
-    with tempfile.TemporaryDirectory(prefix="thzedge-val-") as tmp:
-        csv_path = write_triplet_csv(data, rows, Path(tmp) / "validation.csv")
+    if pairs == ThresholdPairs.gallery.value:
         with Runner.from_bundle(Path(bundle_dir), backend=backend, precision=precision) as runner:
-            out = collect_outputs(runner, data_dir, csv_path, routing="predicted")
-    d_pos, d_neg = out.d_pos, out.d_neg
+            d_pos, d_neg = gallery_pairs(runner, data, rows)
+    else:
+        with tempfile.TemporaryDirectory(prefix="thzedge-val-") as tmp:
+            csv_path = write_triplet_csv(data, rows, Path(tmp) / "validation.csv")
+            with Runner.from_bundle(Path(bundle_dir), backend=backend, precision=precision) as runner:
+                out = collect_outputs(runner, data_dir, csv_path, routing="predicted")
+        d_pos, d_neg = out.d_pos, out.d_neg
     method = "eer" if target_far is None else "far"
     t = threshold_at_eer(d_pos, d_neg) if target_far is None else threshold_at_far(d_pos, d_neg, target_far)
     eer = equal_error_rate(d_pos, d_neg)
@@ -792,6 +913,12 @@ def calibrate_threshold(
     chosen_on = {
         "dataset": _dataset_description(data_dir),
         "split": "validation: identities held out from training (recorded in the checkpoint)",
+        "pairs_kind": (
+            "gallery: first half of each person's samples enrolled, the rest probed (concealed, "
+            "nearest reference of the probe's predicted posture)"
+            if pairs == ThresholdPairs.gallery.value
+            else "capture: concealed vs unconcealed crop of one capture (research triplets)"
+        ),
         "identities": len(val_ids),
         "pairs": int(len(d_pos) + len(d_neg)),
         "eer": round(float(eer), 6),
@@ -808,6 +935,52 @@ def calibrate_threshold(
         identities=len(val_ids),
         bundle_id=str(getattr(bundle, "id", getattr(bundle, "sha256", ""))),
     )
+
+
+def gallery_pairs(runner: Runner, data: TripletData, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Genuine and impostor distances of a gallery made from the concealed anchors of triplet `rows`.
+
+    Per person, the anchors of the lower half of the sample numbers (at least one) are enrolled
+    through edge.gallery.Gallery (each reference with its predicted posture); the others are
+    probed, each against every enrolled person with the shipped rule (nearest reference of the
+    probe's predicted posture). Genuine: a probe against its own person; impostor: against the others.
+    """
+    from edge.gallery import Gallery
+    from scanner_io.dataset import parse_crop_name
+
+    anchors = np.unique(data.triplets[rows, 0])
+    sample = np.array([parse_crop_name(data.names[i]).sample for i in anchors])
+    ident = data.identity[anchors]
+    out = runner.infer(data.images[anchors], reconstruct=False)
+    emb, post = np.asarray(out.embedding, np.float32), np.asarray(out.posture)
+    enrolled = np.zeros(len(anchors), bool)
+    for k in np.unique(ident):
+        mine = np.flatnonzero(ident == k)
+        samples = np.unique(sample[mine])
+        if len(samples) < 2:
+            raise DataError(
+                f"validation identity {data.identity_names[k]} has one sample; a gallery threshold "
+                "needs at least two samples per person (`thzedge sim dataset --samples 2` or more)"
+            )
+        cut = samples[max(1, len(samples) // 2) - 1]
+        enrolled[mine[sample[mine] <= cut]] = True
+    if len(np.unique(ident)) < 2:
+        raise DataError("a gallery threshold needs at least two validation identities (impostors)")
+    g = Gallery(encoder_sha256="validation", embedding_dim=emb.shape[1])
+    names = [data.identity_names[k] for k in np.unique(ident)]
+    for name, k in zip(names, np.unique(ident), strict=True):
+        m = enrolled & (ident == k)
+        g.enroll(name, emb[m], postures=post[m])
+    order = np.array([g.identities.index(n) for n in names])
+    col = {int(k): j for j, k in enumerate(np.unique(ident))}
+    gen: list[float] = []
+    imp: list[float] = []
+    for i in np.flatnonzero(~enrolled):
+        d = g.distances(emb[i], posture=int(post[i]))[order]
+        j = col[int(ident[i])]
+        gen.append(float(d[j]))
+        imp.extend(float(v) for v in np.delete(d, j))
+    return np.array(gen), np.array(imp)
 
 
 def _dataset_description(data_dir: Path) -> dict[str, Any]:

@@ -15,7 +15,17 @@ import typer
 
 from edge.bundle import Precision, writable_model_path
 from export.extras import require_export_extra
-from export.train import Augmentation, LabelScheme, Sampler, TrainConfig, calibrate_threshold, train
+from export.train import (
+    Augmentation,
+    LabelScheme,
+    Positives,
+    Sampler,
+    Selection,
+    ThresholdPairs,
+    TrainConfig,
+    calibrate_threshold,
+    train,
+)
 from scanner_io.cli_common import global_options
 
 # Defaults are the shipped demo recipe.
@@ -59,6 +69,17 @@ def train_command(
             "--supcon-labels", help="SupCon labels: true identities, or per triplet (research code)."
         ),
     ] = LabelScheme(D.label_scheme),
+    positives: Annotated[
+        Positives,
+        typer.Option(
+            "--positives",
+            help="SupCon positives: the anchor's unconcealed crop (capture), or also another capture.",
+        ),
+    ] = Positives(D.positives),
+    select: Annotated[
+        Selection,
+        typer.Option("--select", help="Epoch kept: best validation SSIM, or best cross-capture EER."),
+    ] = Selection(D.select),
     max_steps: Annotated[
         int | None, typer.Option("--max-steps", min=1, help="Stop after this many steps (trial runs).")
     ] = None,
@@ -76,6 +97,8 @@ def train_command(
         sampler=sampler.value,
         augment=augment.value,
         label_scheme=supcon_labels.value,
+        positives=positives.value,
+        select=select.value,
         max_steps=max_steps,
     )
     result = train(data, out, config)
@@ -101,7 +124,8 @@ def train_command(
         f"wrote {result.checkpoint}: epoch {result.best_epoch} of {len(result.history)}, "
         f"validation ({len(result.val_identities)} held-out identities) SSIM {best['ssim']:.3f}, "
         f"posture {best['posture_accuracy']:.3f}, triplet accuracy {best['triplet_accuracy']:.3f}, "
-        f"EER {best['eer']:.3f}; {result.steps} steps in {result.seconds:.0f}s"
+        f"EER {best['eer']:.3f}, cross-capture EER {best['cross_eer']:.3f}; "
+        f"{result.steps} steps in {result.seconds:.0f}s"
         + (f" ({result.skipped_steps} non-finite steps skipped)" if result.skipped_steps else "")
     )
 
@@ -127,19 +151,33 @@ def threshold_command(
         Path | None,
         typer.Option("--roc", help="ROC PNG to write (default: BUNDLE-roc-PRECISION.png beside it)."),
     ] = None,
+    pairs: Annotated[
+        ThresholdPairs,
+        typer.Option(
+            "--pairs",
+            help="Validation pairs: same-capture triplets, or a gallery of other captures.",
+        ),
+    ] = ThresholdPairs.capture,
 ) -> None:
     """Store the verification threshold (EER point or target FAR) in a bundle and draw its ROC."""
     require_export_extra()
     bundle = writable_model_path(model, "thzedge export threshold")
     roc = roc or bundle.resolve().with_name(f"{bundle.resolve().name}-roc-{precision.value}.png")
     r = calibrate_threshold(
-        bundle, data, checkpoint, precision=precision.value, target_far=target_far, roc_png=roc
+        bundle,
+        data,
+        checkpoint,
+        precision=precision.value,
+        target_far=target_far,
+        roc_png=roc,
+        pairs=pairs.value,
     )
     if global_options(ctx).json:
         typer.echo(json.dumps(asdict(r) | {"roc": str(roc)}, indent=2))
         return
     typer.echo(
         f"{precision} threshold {r.threshold:.4f} (EER {r.eer:.4f} on {r.n_pairs} validation pairs of "
-        f"{r.identities} held-out identities, {r.method}) stored in {bundle}; bundle id now "
+        f"{r.identities} held-out identities, {r.method}, {pairs.value} pairs) stored in {bundle}; "
+        "bundle id now "
         f"{r.bundle_id[:12]}; ROC in {roc}"
     )

@@ -252,3 +252,61 @@ def test_train_command_reports_missing_dataset(tmp_path: Path, capsys: pytest.Ca
     assert code == EXIT_DATA
     err = capsys.readouterr().err
     assert "train_val.csv not found" in err and "thzedge sim dataset" in err
+
+
+# --- the field's pairing: other captures of a person ---------------------------------------------
+
+
+def test_other_captures_are_the_same_person_and_posture_in_another_sample(tiny_dataset: Path) -> None:
+    from export.train import _sample_other_captures, capture_groups
+    from scanner_io.dataset import parse_crop_name
+
+    data = load_triplet_data(tiny_dataset, tiny_dataset / "train_val.csv")
+    pool = np.flatnonzero(data.concealed)
+    anchors = data.triplets[:, 0]
+    picks = _sample_other_captures(
+        data, anchors, capture_groups(data, pool), torch.Generator().manual_seed(0)
+    )
+    assert data.concealed[picks].all()
+    assert (data.identity[picks] == data.identity[anchors]).all()
+    assert (data.posture[picks] == data.posture[anchors]).all()
+    # Two samples per posture in this dataset: the other capture is always the other sample.
+    samples = [(parse_crop_name(data.names[a]).sample, parse_crop_name(data.names[p]).sample)
+               for a, p in zip(anchors, picks, strict=True)]  # fmt: skip
+    assert all(s != t for s, t in samples)
+
+
+def test_cross_capture_positives_train_and_select_on_cross_capture_eer(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    cfg = replace(TINY, epochs=2, positives="cross", select="cross-eer", val_fraction=0.25)
+    result = train(tiny_dataset, tmp_path / "x.pt", cfg, progress=False)
+    eers = [r.val["cross_eer"] for r in result.history]
+    assert all(0.0 <= e <= 1.0 for e in eers)
+    assert result.best_val["cross_eer"] == min(eers)
+    assert all(np.isfinite(r.train["total"]) for r in result.history)
+    with pytest.raises(ThzEdgeError, match="identity SupCon labels"):
+        TrainConfig(positives="cross", label_scheme="triplet")
+    # One validation person (10 % of 8) has no impostor: no cross-capture EER to select on.
+    with pytest.raises(DataError, match="two validation identities"):
+        train(tiny_dataset, tmp_path / "y.pt", replace(cfg, val_fraction=0.1), progress=False)
+
+
+def test_threshold_on_gallery_pairs_of_the_validation_people(tiny_dataset: Path, tmp_path: Path) -> None:
+    from edge.bundle import Bundle
+    from export.bundle_writer import write_bundle
+    from export.checkpoint import import_checkpoint
+    from export.train import calibrate_threshold
+
+    ckpt = tmp_path / "demo.pt"
+    train(tiny_dataset, ckpt, replace(TINY, epochs=1, val_fraction=0.25), progress=False)
+    imported = import_checkpoint(ckpt)
+    bundle_dir = tmp_path / "bundle"
+    write_bundle(imported.model, bundle_dir, variant=imported.layout, source=imported.source())
+    th = calibrate_threshold(bundle_dir, tiny_dataset, ckpt, pairs="gallery", target_far=0.25)
+    v = Bundle.open(bundle_dir).manifest["variants"]["fp32"]["verification"]
+    assert v["method"] == "far" and v["chosen_on"]["pairs_kind"].startswith("gallery")
+    assert v["threshold"] == pytest.approx(th.threshold)
+    # Two validation people (25 % of 8), 5 postures: sample 1 enrolled, sample 2 probed, each
+    # probe against both people -> 10 genuine and 10 impostor pairs.
+    assert th.identities == 2 and th.n_pairs == 5 * 2 * 2
