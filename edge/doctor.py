@@ -278,7 +278,7 @@ def _source_static_checks(cfg: Any) -> list[CheckResult]:
             rows.append(_profile_age(name, choice.profile))
         elif choice is not None:
             try:
-                refuse_uncalibrated(src, uri, cfg.calibration)
+                refuse_uncalibrated(src, uri, cfg.calibration, choice.profile)
                 if uri.startswith(("sim", "replay:")):
                     rows.append(
                         skip(label, "none configured: the source's own profile is used, if it has one")

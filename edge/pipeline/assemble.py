@@ -21,7 +21,7 @@ import numpy as np
 
 from calibration.active import active_profile_path
 from calibration.conditioning import ConditioningParams
-from calibration.profile import ProfileChoice, resolve_profile
+from calibration.profile import CalibrationProfile, ProfileChoice, resolve_profile
 from edge import __version__
 from edge.bundle import Bundle, Precision, demo_bundle_path
 from edge.config import (
@@ -286,7 +286,7 @@ def stream_profile(
 FRAME_BOUND_HEADROOM = 4
 
 
-def bound_frame_bytes(src: SourceConfig, uri: str, calibration: CalibrationConfig) -> str:
+def bound_frame_bytes(uri: str, profile: CalibrationProfile | None) -> str:
     """A scanner URI with `max_frame_bytes` set to the largest frame its profile accepts.
 
     The profile fixes the frame shape (a frame of another shape stops the daemon, exit 78), and
@@ -297,24 +297,23 @@ def bound_frame_bytes(src: SourceConfig, uri: str, calibration: CalibrationConfi
     disconnect loop. A URI that sets `max_frame_bytes` itself, or a link without a profile, is
     left as it is.
     """
-    if not is_scanner_uri(uri) or "max_frame_bytes=" in uri:
-        return uri
-    profile = stream_profile(src, calibration).profile
-    if profile is None:
+    if profile is None or not is_scanner_uri(uri) or "max_frame_bytes=" in uri:
         return uri
     widest = max(np.dtype(d).itemsize for d in ALLOWED_DTYPES)
     limit = min(FRAME_BOUND_HEADROOM * int(np.prod(profile.shape)) * widest, MAX_PAYLOAD_BYTES)
     return f"{uri}{'&' if '?' in uri else '?'}max_frame_bytes={limit}"
 
 
-def refuse_uncalibrated(src: SourceConfig, uri: str, calibration: CalibrationConfig) -> None:
+def refuse_uncalibrated(
+    src: SourceConfig, uri: str, calibration: CalibrationConfig, profile: CalibrationProfile | None
+) -> None:
     """R-CAL-1 / R-NEW-10: a live scanner link without a profile does not start (exit 78).
 
-    Frames over tcp:// or ipc:// carry no calibration of their own; without a profile the model
-    would see uncorrected frames and publish confident nonsense. `allow_uncalibrated` publishes
-    them marked `uncalibrated` instead.
+    `profile` is the one `stream_profile` chose for the source. Frames over tcp:// or ipc:// carry
+    no calibration of their own; without a profile the model would see uncorrected frames and
+    publish confident nonsense. `allow_uncalibrated` publishes them marked `uncalibrated` instead.
     """
-    if not is_scanner_uri(uri) or stream_profile(src, calibration).profile is not None:
+    if not is_scanner_uri(uri) or profile is not None:
         return
     if calibration.allow_uncalibrated:
         log.warning("source %s has no calibration profile: results are published `uncalibrated`", uri)
@@ -403,8 +402,11 @@ def run_daemon(
     if opts.calibration is not None:
         src = dataclasses.replace(src, calibration=opts.calibration)
     uri, queue_policy = split_queue_mode(src.uri)  # a bad mode= fails before the model loads
-    refuse_uncalibrated(src, uri, cfg.calibration)  # before the model loads, too
-    uri = bound_frame_bytes(src, uri, cfg.calibration)
+    # A live link's profile, read once here, before the model loads: it must exist (or be waived)
+    # and it bounds the message size. The stream's context reads it again on each (re)load.
+    link_profile = stream_profile(src, cfg.calibration).profile if is_scanner_uri(uri) else None
+    refuse_uncalibrated(src, uri, cfg.calibration, link_profile)
+    uri = bound_frame_bytes(uri, link_profile)
     if opts.max_frames is not None and opts.max_frames < 1:
         raise ConfigError(f"--max-frames {opts.max_frames}: expected a positive number of frames")
     settings = settings_from_config(

@@ -198,7 +198,7 @@ def test_max_frame_bytes_rejects_larger_payloads_and_bad_values(tmp_path: Path) 
 def test_the_daemon_bounds_a_scanner_link_by_its_profile(tmp_path: Path) -> None:
     from calibration.profile import CalibrationProfile
     from edge.config import CalibrationConfig, SourceConfig
-    from edge.pipeline.assemble import bound_frame_bytes
+    from edge.pipeline.assemble import bound_frame_bytes, stream_profile
 
     shape = (64, 64)
     zeros = np.zeros(shape, np.float32)
@@ -207,8 +207,10 @@ def test_the_daemon_bounds_a_scanner_link_by_its_profile(tmp_path: Path) -> None
     src = SourceConfig(uri="ipc:///run/x.sock", calibration=saved, name="s0")
     cal = CalibrationConfig(state_dir=tmp_path / "state")
     # 4 x 64*64*4: frames up to 128x128 still reach the shape check (exit 78, failure 8)
-    assert bound_frame_bytes(src, src.uri, cal) == "ipc:///run/x.sock?max_frame_bytes=65536"
-    assert bound_frame_bytes(src, "ipc:///run/x.sock?hwm=2", cal).endswith("?hwm=2&max_frame_bytes=65536")
-    assert bound_frame_bytes(src, "ipc:///x?max_frame_bytes=9", cal) == "ipc:///x?max_frame_bytes=9"
+    got = stream_profile(src, cal).profile  # the daemon's rule picks the configured profile
+    assert bound_frame_bytes(src.uri, got) == "ipc:///run/x.sock?max_frame_bytes=65536"
+    assert bound_frame_bytes("ipc:///run/x.sock?hwm=2", got).endswith("?hwm=2&max_frame_bytes=65536")
+    assert bound_frame_bytes("ipc:///x?max_frame_bytes=9", got) == "ipc:///x?max_frame_bytes=9"
     bare = SourceConfig(uri="ipc:///run/x.sock", name="s1")
-    assert bound_frame_bytes(bare, bare.uri, cal) == bare.uri  # no profile: the codec's 64 MiB
+    none = stream_profile(bare, cal).profile
+    assert bound_frame_bytes(bare.uri, none) == bare.uri  # no profile: the codec's 64 MiB
