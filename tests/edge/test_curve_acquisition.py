@@ -104,12 +104,17 @@ def test_a_tcp_source_without_curve_keys_needs_insecure_dev(tmp_path: Path, keys
     assert load_config(cfg).sources["scanner0"].curve  # no insecure_dev needed: the link is encrypted
 
 
-def test_the_daemon_streams_from_a_curve_scanner_process(tmp_path: Path, keys, tiny_bundle: Path) -> None:
-    port = free_port()
-    scanner = thzedge(
+def serve_curve_sim(keys, port: int):
+    """`thzedge scanner serve` of the simulator at 60 f/s as a CURVE server admitting keys["allowed"]."""
+    return thzedge(
         "scanner", "serve", "--source", "sim", "--bind", f"tcp://127.0.0.1:{port}", "--rate", "60",
         "--curve-secret", str(keys["scanner_secret"]), "--curve-clients", str(keys["allowed"]),
     )  # fmt: skip
+
+
+def test_the_daemon_streams_from_a_curve_scanner_process(tmp_path: Path, keys, tiny_bundle: Path) -> None:
+    port = free_port()
+    scanner = serve_curve_sim(keys, port)
     cfg = tmp_path / "thzedge.toml"
     cfg.write_text(
         "[metrics]\nenabled = false\n[daemon]\nstop_timeout_s = 3.0\n"
@@ -143,10 +148,7 @@ def test_record_uses_the_configured_sources_curve_keys(tmp_path: Path, keys, cli
     from scanner_io.recording import recording_info
 
     port = free_port()
-    scanner = thzedge(
-        "scanner", "serve", "--source", "sim", "--bind", f"tcp://127.0.0.1:{port}", "--rate", "60",
-        "--curve-secret", str(keys["scanner_secret"]), "--curve-clients", str(keys["allowed"]),
-    )  # fmt: skip
+    scanner = serve_curve_sim(keys, port)
     cfg = tmp_path / "thzedge.toml"
     cfg.write_text(
         f'[sources.scanner0]\nuri = "tcp://127.0.0.1:{port}"\n'
