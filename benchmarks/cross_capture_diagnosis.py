@@ -95,15 +95,15 @@ def same_capture(e: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def cross_capture(e: dict[str, np.ndarray]) -> dict[str, float]:
-    """Concealed vs concealed crops of other samples in the same posture (genuine: same person)."""
+    """Concealed vs concealed crops of other samples in the same posture (genuine: same person).
+
+    A capture has one concealed crop, so two concealed crops of one person and posture are two
+    samples: the pairs `thzedge train --select cross-eer` scores (export.train).
+    """
+    from export.train import cross_capture_distances
+
     ci = np.flatnonzero(e["concealed"])
-    emb = e["emb"][ci]
-    d = np.linalg.norm(emb[:, None] - emb[None], axis=2)
-    same_p = e["posture"][ci][:, None] == e["posture"][ci][None]
-    same_i = e["ident"][ci][:, None] == e["ident"][ci][None]
-    other_s = e["sample"][ci][:, None] != e["sample"][ci][None]
-    upper = np.triu(np.ones_like(d, bool), 1)
-    return _rates(d[same_p & same_i & other_s & upper], d[same_p & ~same_i & upper])
+    return _rates(*cross_capture_distances(e["emb"][ci], e["ident"][ci], e["posture"][ci]))
 
 
 def render_gallery(e: dict[str, np.ndarray], enrolled_samples: int) -> dict[str, float]:
