@@ -71,6 +71,17 @@ def test_metrics_port_in_use_is_retryable_exit_69(tiny_bundle: Path, tmp_path: P
     assert "in use" in err and len([ln for ln in err.splitlines() if ln.startswith("thzedge: error")]) == 1
 
 
+def published_total(port: int) -> float | None:
+    """The daemon's thzedge_results_published_total from its metrics endpoint; None once it is gone."""
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return None
+    return sum(
+        float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith("thzedge_results_published_total{")
+    )
+
+
 def test_the_last_results_before_a_clean_stop_reach_the_subscriber(tiny_bundle: Path, tmp_path: Path) -> None:
     """A subscriber that reads only once everything was published still gets all of it.
 
@@ -90,17 +101,9 @@ def test_the_last_results_before_a_clean_stop_reach_the_subscriber(tiny_bundle: 
     try:
         sub.wait_state(proc=daemon)
         while daemon.poll() is None:  # not reading: the results pile up in the daemon
-            try:
-                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-            except OSError:
-                break  # the daemon is stopping
-            published = sum(
-                float(ln.split()[-1])
-                for ln in text.splitlines()
-                if ln.startswith("thzedge_results_published_total{")
-            )
-            if published >= n:
-                break
+            published = published_total(port)
+            if published is None or published >= n:
+                break  # all published, or the daemon is stopping
             time.sleep(0.02)
         rc, out, err = run_until_exit(daemon, sub, timeout=120)
     finally:
@@ -186,16 +189,22 @@ def test_results_in_flight_at_sigterm_reach_a_subscriber_that_was_not_reading(
     it a tracker that is done at once, so without forcing that message zero-copy the daemon
     closed its socket (linger 0) with the queue still full.
     """
+    port = free_port()
     pub = f"ipc://{tmp_path}/results.sock"
     cfg = write_config(
         tmp_path / "thzedge.toml", "[publisher]\nhwm = 1000\n[privacy]\npublish_reconstruction = true\n"
     )
+    cfg.write_text(cfg.read_text().replace("enabled = false", f'bind = "127.0.0.1:{port}"'))
     sub = Subscriber(pub, rcvhwm=2)
     daemon = thzedge_run("sim?fps=100", tiny_bundle, cfg, pub)
     try:
         sub.wait_state(seconds=90, proc=daemon)
         sub.pump(0.5)  # connected and receiving
-        time.sleep(3.0)  # not reading: ~300 results of 16 KiB pile up in the daemon
+        # Not reading while ~300 results of 16 KiB pile up in the daemon (3 s at 100 f/s on a quiet
+        # machine; a loaded one publishes slower, so count them rather than sleep a fixed time).
+        deadline = time.monotonic() + 60
+        while (published_total(port) or 0) < 300 and time.monotonic() < deadline and daemon.poll() is None:
+            time.sleep(0.1)
         daemon.send_signal(signal.SIGTERM)
         # Slow to drain: ~2 ms a message, so the queue outlasts the daemon's own shutdown.
         quiet_since = time.monotonic()
