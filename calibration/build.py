@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -78,6 +78,82 @@ class BuildSettings:
     line_fraction: float = 0.25  # a column/row with this fraction bad is a defective line
     max_delta_t_c: float = DEFAULT_MAX_DELTA_T_C
     max_age_s: float = DEFAULT_MAX_AGE_S
+    # Temperature-compensated dark (format 3): fit dark(T) per pixel from darks spanning at
+    # least this many °C (header sensor_temp_c of every frame).
+    dark_tc: bool = False
+    min_tc_span_c: float = 1.0
+
+
+@dataclass(frozen=True)
+class DarkTempFit:
+    """Per-pixel dark temperature coefficient fitted from dark frames at several temperatures."""
+
+    tc: np.ndarray  # float32 DN/°C, shrunk towards the population (see fit_dark_tc)
+    ref_temp_c: float  # the frames' mean temperature: where the fitted dark is
+    temps_c: np.ndarray  # [N] float64, one per dark frame
+    qa: dict[str, Any]
+
+
+def frame_temps(captures: Sequence[CaptureSet], what: str) -> np.ndarray:
+    """The header sensor temperature of every frame of `captures`, in order; refuses gaps."""
+    temps = [h.sensor_temp_c for c in captures for h in c.headers]
+    if any(t is None or not np.isfinite(t) for t in temps):
+        missing = sum(t is None or not np.isfinite(t) for t in temps)
+        raise CalibrationError(
+            f"{missing} of {len(temps)} {what} frames carry no sensor temperature; a temperature-"
+            "compensated dark needs sensor_temp_c in every header (build without --dark-tc)"
+        )
+    return np.asarray(temps, np.float64)
+
+
+def fit_dark_tc(dark_frames: np.ndarray, temps_c: np.ndarray, s: BuildSettings) -> DarkTempFit:
+    """Fit dark = d0 + tc·(T − T0) per pixel by least squares over the dark frames.
+
+    One stack rarely pins each pixel's slope well (read noise σ over a temperature spread
+    gives σ/√Σ(T−T̄)² DN/°C per pixel), so each slope is shrunk towards the population's
+    median by its own reliability (an empirical-Bayes weight τ²/(τ²+σ_b²), τ² the spread of
+    the true slopes): few frames or a narrow span give about the common slope, many frames
+    at well-separated temperatures the pixel's own. Refuses a span below `min_tc_span_c`.
+    """
+    t = np.asarray(temps_c, np.float64)
+    span = float(t.max() - t.min()) if t.size else 0.0
+    if t.size < 3 or span < s.min_tc_span_c:
+        raise CalibrationError(
+            f"the dark captures span {span:.2f} °C ({t.min():.2f}–{t.max():.2f} °C over {t.size} frames); "
+            f"a temperature-compensated dark needs at least {s.min_tc_span_c:g} °C: capture darks "
+            "cold and again after warm-up (docs/calibration.md, 'Temperature compensation')"
+        )
+    t0 = float(t.mean())
+    dt = t - t0
+    sxx = float((dt**2).sum())
+    x = dark_frames.astype(np.float64, copy=False)
+    mean = x.mean(axis=0)
+    slope = np.tensordot(dt, x, axes=1) / sxx  # Σdt = 0, so the mean drops out
+    resid = x - mean[None] - slope[None] * dt[:, None, None]
+    var = (resid**2).sum(axis=0) / max(len(t) - 2, 1)
+    slope_var = var / sxx
+    med = float(np.median(slope))
+    mad = float(np.median(np.abs(slope - med))) * 1.4826
+    tau2 = max(mad**2 - float(np.median(slope_var)), 0.0)
+    weight = tau2 / (tau2 + slope_var + 1e-30)
+    tc = (med + weight * (slope - med)).astype(np.float32)
+    qa = {
+        "span_c": round(span, 3),
+        "min_c": round(float(t.min()), 3),
+        "max_c": round(float(t.max()), 3),
+        "frames": int(t.size),
+        "tc_median_dn_per_c": med,
+        "tc_spread_dn_per_c": float(np.sqrt(tau2)),
+        "tc_fit_sigma_dn_per_c": float(np.sqrt(np.median(slope_var))),
+        "shrink_weight_median": float(np.median(weight)),
+    }
+    return DarkTempFit(tc, t0, t, qa)
+
+
+def detrend(frames: np.ndarray, temps_c: np.ndarray, fit: DarkTempFit) -> np.ndarray:
+    """Frames moved to the fit's reference temperature: x − tc·(T − T0), float32."""
+    dt = (np.asarray(temps_c, np.float64) - fit.ref_temp_c).astype(np.float32)
+    return (frames - fit.tc[None] * dt[:, None, None]).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -383,11 +459,25 @@ def build_profile(
     envelope = _consistent_envelope(captures, s)
     full_scale = darks[0].full_scale
     dark_frames = np.concatenate([c.frames for c in darks])
+    tfit = None
+    if s.dark_tc:
+        tfit = fit_dark_tc(dark_frames, frame_temps(darks, "dark"), s)
+        # Everything below sees the stacks as if taken at T0: the noise, the classes and the
+        # gain are not blurred by the warm-up.
+        dark_frames = detrend(dark_frames, tfit.temps_c, tfit)
+        # Valid over the fitted span, widened by the usual excursion.
+        lo, hi = float(tfit.temps_c.min()), float(tfit.temps_c.max())
+        envelope = replace(
+            envelope, sensor_temp_c=round((lo + hi) / 2, 3), max_delta_t_c=(hi - lo) / 2 + s.max_delta_t_c
+        )
     # One stack per flat level (captures of the same level are pooled), lowest level first.
     by_level: dict[float, list[np.ndarray]] = {}
     for c in flats:
         key = float(c.level) if c.level is not None else float(np.median(c.frames))
-        by_level.setdefault(key, []).append(c.frames)
+        frames = c.frames
+        if tfit is not None:  # a flat's dark is the dark at the flat's temperature
+            frames = detrend(frames, frame_temps([c], "flat"), tfit)
+        by_level.setdefault(key, []).append(frames)
     flat_stacks = [np.concatenate(v) for _, v in sorted(by_level.items())]
     if any(len(f) < 2 for f in [dark_frames, *flat_stacks]):
         raise CalibrationError("every capture stack needs at least 2 frames")
@@ -446,6 +536,8 @@ def build_profile(
         "frames": {"dark": int(len(dark_frames)), "flat": [int(len(f)) for f in flat_stacks]},
         "settings": asdict(s),
     }
+    if tfit is not None:
+        qa["dark_tc"] = tfit.qa
     profile_meta = {
         "source": "thzedge calibrate build",
         "captures": [
@@ -472,6 +564,8 @@ def build_profile(
         envelope=envelope,
         qa=_jsonable(qa),
         noise=maps.dark_stats.std,
+        dark_tc=tfit.tc if tfit is not None else None,
+        dark_ref_temp_c=round(tfit.ref_temp_c, 4) if tfit is not None else None,
     )
 
 
@@ -493,6 +587,12 @@ def profile_summary(profile: CalibrationProfile) -> str:
         parts.append(f"temporal dark noise {before['temporal_dark_noise_dn']:.2f} DN")
     if qa.get("nonlinearity_pct") is not None:
         parts.append(f"non-linearity {qa['nonlinearity_pct']:.3f} %")
+    tc = qa.get("dark_tc")
+    if profile.temperature_compensated and tc:
+        parts.append(
+            f"dark temperature-compensated: {tc['tc_median_dn_per_c']:.2f} DN/°C median "
+            f"(fitted over {tc['min_c']:.2f}–{tc['max_c']:.2f} °C, {tc['frames']} frames)"
+        )
     env = profile.envelope
     if env is not None:
         parts.append(

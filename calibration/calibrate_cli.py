@@ -114,6 +114,18 @@ def build_command(
     max_age_days: Annotated[
         float, typer.Option("--max-age-days", min=0.01, help="Maximum profile age.")
     ] = 30.0,
+    dark_tc: Annotated[
+        bool,
+        typer.Option(
+            "--dark-tc",
+            help="Fit the dark's per-pixel temperature coefficient from darks at several temperatures "
+            "(e.g. one capture cold, one after warm-up); the daemon then follows the sensor temperature.",
+        ),
+    ] = False,
+    min_tc_span: Annotated[
+        float,
+        typer.Option("--min-tc-span", min=0.1, max=50.0, help="Temperature span (°C) --dark-tc needs."),
+    ] = 1.0,
 ) -> None:
     """Build a calibration profile (dark, gain, bad pixels by class, EMVA figures, envelope)."""
     as_json = global_options(ctx).json
@@ -127,7 +139,12 @@ def build_command(
         raise CalibrationError(f"{out} exists and is not empty; choose a new --out directory")
     conditioning = CalibrationProfile.load(base).conditioning if base is not None else ConditioningParams()
     sets = [read_capture(f) for f in _capture_files(captures)]
-    settings = BuildSettings(max_delta_t_c=max_delta_t, max_age_s=max_age_days * 86400.0)
+    settings = BuildSettings(
+        max_delta_t_c=max_delta_t,
+        max_age_s=max_age_days * 86400.0,
+        dark_tc=dark_tc,
+        min_tc_span_c=min_tc_span,
+    )
     profile = build_profile(sets, conditioning=conditioning, settings=settings)
     profile.save(out)
     if as_json:

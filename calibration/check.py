@@ -1,6 +1,7 @@
 """Check a sensor against its calibration profile on fresh frames (`thzedge calibrate check`).
 
-On a fresh dark stack: the dark drift (median of fresh dark − profile dark over good pixels),
+On a fresh dark stack: the dark drift (median of fresh dark − profile dark over good pixels; a
+temperature-compensated profile's dark at the capture's mean temperature),
 the residual fixed-pattern non-uniformity after correction (EMVA DSNU of the difference) and new
 bad pixels (hot, flickering, noisy, stuck where the profile had a good pixel). On a fresh flat:
 the gain drift (signal against the profile's signal at the same level), the residual PRNU after
@@ -167,8 +168,10 @@ def check_capture_against(
     prof_noise = float((qa.get("before") or {}).get("temporal_dark_noise_dn") or np.sqrt(np.mean(var[good])))
     prof_frames = float((qa.get("frames") or {}).get("dark") or 1e9)
     new_bad = np.zeros(profile.shape, bool)
+    # What the profile expects at this capture's temperature (its dark, or its dark model's).
+    dark = profile.dark_at(capture.mean_temp_c)
     if capture.kind is CaptureKind.DARK:
-        diff = mean - profile.dark
+        diff = mean - dark
         drift = float(np.median(diff[good]))
         findings.append(
             Finding(
@@ -190,7 +193,7 @@ def check_capture_against(
             )
         )
         pop = float(np.median(std[good]))
-        spikes = (frames > (profile.dark + drift + lim.spike_dn)[None]).any(axis=0)
+        spikes = (frames > (dark + drift + lim.spike_dn)[None]).any(axis=0)
         new_bad |= spikes | (std > lim.noisy_ratio * max(pop, 1e-6))
         findings.append(
             Finding(
@@ -201,7 +204,7 @@ def check_capture_against(
             )
         )
     else:
-        signal = mean - profile.dark
+        signal = mean - dark
         level_dn = float(np.median(signal[good]))
         ref = _flat_reference(profile, capture.level)
         if ref is not None and ref > 0:

@@ -109,8 +109,11 @@ def _check_raw(raw: np.ndarray) -> None:
         raise DataError(f"raw frame {raw.shape} is too small to condition (need at least 2×2)")
 
 
-def calibrate(raw: np.ndarray, profile: CalibrationProfile | None) -> np.ndarray:
+def calibrate(raw: np.ndarray, profile: CalibrationProfile | None, temp_c: float | None = None) -> np.ndarray:
     """Return float32 corrected power: (raw − dark) · gain, bad pixels replaced by neighbours.
+
+    `temp_c` is the frame header's sensor temperature: a temperature-compensated profile
+    (format 3) subtracts the dark at that temperature; other profiles ignore it.
 
     Bad pixels take the median of the valid pixels in their 5×5 neighbourhood (the index
     tables are precomputed once per profile, so this stays vectorised and fast).
@@ -126,7 +129,7 @@ def calibrate(raw: np.ndarray, profile: CalibrationProfile | None) -> np.ndarray
             f"frame shape {tuple(raw.shape)} does not match calibration profile {profile.profile_id} "
             f"for {tuple(profile.shape)} (scanner {profile.scanner}); use the profile made for this scanner"
         )
-    power -= profile.dark
+    power -= profile.dark_at(temp_c)
     power *= profile.gain
     repair = profile.repair_table
     if repair is not None:
@@ -278,12 +281,14 @@ def calibrate_and_condition(
     raw: np.ndarray,
     profile: CalibrationProfile | None,
     params: ConditioningParams | None = None,
+    temp_c: float | None = None,
 ) -> np.ndarray:
     """Return the 64×64 float32 [0,1] model input for one raw frame (THE shared function).
 
     `params` defaults to the profile's conditioning, or to `ConditioningParams()` without a
-    profile (then no dark/gain/bad-pixel correction is applied).
+    profile (then no dark/gain/bad-pixel correction is applied). `temp_c`: the frame's sensor
+    temperature, for a temperature-compensated profile.
     """
     if params is None:
         params = profile.conditioning if profile is not None else ConditioningParams()
-    return condition(calibrate(raw, profile), params)
+    return condition(calibrate(raw, profile, temp_c), params)

@@ -90,12 +90,12 @@ class StreamGuard:
             self._next_envelope_ns = t + int(self.settings.envelope_every_s * 1e9)
         return self._envelope
 
-    def monitor(self, raw: np.ndarray) -> MonitorState | None:
-        """Feed every `monitor_every`-th raw frame to the input monitor; its state, else None."""
+    def monitor(self, raw: np.ndarray, temp_c: float | None = None) -> MonitorState | None:
+        """Feed every `monitor_every`-th raw frame (and its sensor temperature) to the input monitor."""
         if self._monitor is None or raw.shape != self.profile.shape:
             return None
         self._frames += 1
         if (self._frames - 1) % self.settings.monitor_every:
             return None
-        self.drift = self._monitor.update(raw)
+        self.drift = self._monitor.update(raw, temp_c)
         return self.drift

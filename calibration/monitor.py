@@ -125,8 +125,16 @@ class InputMonitor:
         flick = self._good & ~hot & (self._flicker_score >= s.flicker_count)
         return int(hot.sum()), int(flick.sum())
 
-    def update(self, raw: np.ndarray) -> MonitorState:
-        """Take one raw frame (the profile's shape) and return the monitor's state after it."""
+    def update(self, raw: np.ndarray, temp_c: float | None = None) -> MonitorState:
+        """Take one raw frame (the profile's shape) and return the monitor's state after it.
+
+        `temp_c` (the header's sensor temperature) lets a temperature-compensated profile's dark
+        follow the sensor, so a warm-up it corrects is not reported as drift.
+        """
+        dark = self.profile.dark_at(temp_c)
+        if dark is not self._dark:
+            self._dark = dark
+            self._dark_s = dark.reshape(-1)[self._idx]
         s = self.settings
         self.frames += 1
         levels = self._levels(raw)

@@ -8,6 +8,9 @@ profile is a directory holding `profile.json` (metadata, conditioning, id) and `
 Format 2 (written by `thzedge calibrate build`) adds the bad-pixel class map (`defects` in
 arrays.npz), the validity envelope and the QA figures; a profile without them is written, and
 content-addressed, exactly as format 1 was, so old profiles keep loading with their ids.
+Format 3 (`calibrate build --dark-tc`) adds a per-pixel dark temperature coefficient
+(`dark_tc`, DN/°C) and its reference temperature: the dark is then `dark + dark_tc·(T − T0)` at
+the frame header's sensor temperature T. Profiles without it are formats 1 and 2, unchanged.
 """
 
 from __future__ import annotations
@@ -44,12 +47,15 @@ __all__ = [
     "resolve_profile",
 ]
 
-PROFILE_FORMAT = 2
-_FORMATS_READ = (1, 2)
+PROFILE_FORMAT = 3
+_FORMATS_READ = (1, 2, 3)
 _JSON_NAME = "profile.json"
 _ARRAYS_NAME = "arrays.npz"
 # Bad pixels take the median of valid pixels within this radius (5×5 window).
 _REPAIR_RADIUS = 2
+# A temperature-compensated dark is recomputed when the sensor moves by this much (°C): at
+# about 10 DN/°C that is 0.1 DN, far below the read noise, and it saves a map per frame.
+DARK_TEMP_STEP_C = 0.01
 
 
 class BadPixelClass(Choice):
@@ -109,8 +115,13 @@ class CalibrationProfile:
     envelope: ValidityEnvelope | None = None
     qa: Mapping[str, Any] | None = None
     noise: np.ndarray | None = None  # float32 per-pixel temporal dark noise σ (counts), format 2
+    # Format 3: per-pixel dark temperature coefficient (DN/°C) and the temperature `dark` is at.
+    dark_tc: np.ndarray | None = None
+    dark_ref_temp_c: float | None = None
     _repair: RepairTable | None = field(init=False, repr=False, compare=False, default=None)
     _id: str = field(init=False, repr=False, compare=False, default="")
+    # (temperature key, dark at that temperature): the last one `dark_at` made.
+    _dark_cache: tuple[float, np.ndarray] | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         shape = tuple(int(v) for v in self.shape)
@@ -144,6 +155,18 @@ class CalibrationProfile:
                 raise CalibrationError(f"profile noise map must be finite with shape {shape}")
             noise.setflags(write=False)
             object.__setattr__(self, "noise", noise)
+        if (self.dark_tc is None) != (self.dark_ref_temp_c is None):
+            raise CalibrationError("profile dark_tc and dark_ref_temp_c come together (format 3)")
+        if self.dark_tc is not None:
+            tc = np.ascontiguousarray(self.dark_tc, dtype=np.float32)
+            ref = float(self.dark_ref_temp_c)  # type: ignore[arg-type]
+            if tc.shape != shape or not np.isfinite(tc).all() or not np.isfinite(ref):
+                raise CalibrationError(
+                    f"profile dark temperature coefficients must be finite with shape {shape}"
+                )
+            tc.setflags(write=False)
+            object.__setattr__(self, "dark_tc", tc)
+            object.__setattr__(self, "dark_ref_temp_c", ref)
         if self.envelope is not None and tuple(self.envelope.shape) != shape:
             raise CalibrationError(f"profile envelope is for {self.envelope.shape}, the maps are {shape}")
         try:
@@ -160,7 +183,9 @@ class CalibrationProfile:
     # -- identity ---------------------------------------------------------------------------
     @property
     def format(self) -> int:
-        """1 for a profile with maps only, 2 when it has classes, an envelope or QA figures."""
+        """1: maps only; 2: classes, an envelope or QA figures; 3: a temperature-compensated dark."""
+        if self.dark_tc is not None:
+            return 3
         extended = any(v is not None for v in (self.defects, self.envelope, self.qa, self.noise))
         return 2 if extended else 1
 
@@ -176,6 +201,8 @@ class CalibrationProfile:
             doc["envelope"] = self.envelope.to_dict()
         if self.qa is not None:
             doc["qa"] = self.qa
+        if self.dark_ref_temp_c is not None:
+            doc["dark_ref_temp_c"] = self.dark_ref_temp_c
         return doc
 
     def _compute_id(self) -> str:
@@ -187,7 +214,46 @@ class CalibrationProfile:
             h.update(self.defects.tobytes())
         if self.noise is not None:
             h.update(self.noise.tobytes())
+        if self.dark_tc is not None:
+            h.update(self.dark_tc.tobytes())
         return h.hexdigest()[:16]
+
+    @property
+    def temperature_compensated(self) -> bool:
+        """True when the dark follows the sensor temperature (format 3)."""
+        return self.dark_tc is not None
+
+    def dark_model(self) -> str:
+        """How the dark is applied, in words (start-up log, `calibrate` summaries)."""
+        if self.dark_tc is None:
+            return "fixed dark"
+        fit = (self.qa or {}).get("dark_tc") or {}
+        span = f", fitted over {fit['min_c']:.2f}–{fit['max_c']:.2f} °C" if "min_c" in fit else ""
+        return (
+            f"dark temperature-compensated ({float(np.median(self.dark_tc)):.2f} DN/°C median "
+            f"from {float(self.dark_ref_temp_c or 0.0):.2f} °C{span})"
+        )
+
+    def dark_at(self, temp_c: float | None) -> np.ndarray:
+        """The dark offset at sensor temperature `temp_c` (°C); `dark` itself without a model.
+
+        A frame without a temperature (or a profile without `dark_tc`) gets `dark`, the dark at
+        the profile's reference temperature. The map is rounded to DARK_TEMP_STEP_C and the last
+        one kept, so a slowly warming sensor costs one multiply-add per step, not per frame.
+        """
+        if self.dark_tc is None or temp_c is None or not np.isfinite(temp_c):
+            return self.dark
+        key = round(float(temp_c) / DARK_TEMP_STEP_C) * DARK_TEMP_STEP_C
+        cached = self._dark_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        dt = np.float32(key - float(self.dark_ref_temp_c))  # type: ignore[arg-type]
+        dark = self.dark_tc * dt
+        dark += self.dark
+        dark.setflags(write=False)
+        # One tuple assignment: a reader on another thread sees the old pair or the new one.
+        object.__setattr__(self, "_dark_cache", (key, dark))
+        return dark
 
     def class_mask(self, cls: BadPixelClass | str) -> np.ndarray:
         """Return the bool mask of one bad-pixel class (all False in a profile without classes)."""
@@ -252,6 +318,8 @@ class CalibrationProfile:
             self.envelope,
             self.qa,
             self.noise,
+            self.dark_tc,
+            self.dark_ref_temp_c,
         )
 
     # -- persistence ------------------------------------------------------------------------
@@ -265,6 +333,8 @@ class CalibrationProfile:
             arrays["defects"] = self.defects
         if self.noise is not None:
             arrays["noise"] = self.noise
+        if self.dark_tc is not None:
+            arrays["dark_tc"] = self.dark_tc
         _atomic_write(path / _ARRAYS_NAME, lambda f: np.savez_compressed(f, allow_pickle=False, **arrays))
         _atomic_write(path / _JSON_NAME, lambda f: f.write(json.dumps(doc, indent=2).encode() + b"\n"))
         return path
@@ -289,7 +359,7 @@ class CalibrationProfile:
         if not isinstance(doc, dict):
             raise CalibrationError(f"calibration profile {path}: {json_path.name} is not a JSON object")
         try:
-            z = read_npz(arrays_path, ("dark", "gain", "bad_pixels"), ("defects", "noise"))
+            z = read_npz(arrays_path, ("dark", "gain", "bad_pixels"), ("defects", "noise", "dark_tc"))
         except DataError as exc:
             raise CalibrationError(f"cannot read calibration profile {path}: {exc}") from None
         dark, gain, bad = z["dark"], z["gain"], z["bad_pixels"].astype(bool)
@@ -312,6 +382,8 @@ class CalibrationProfile:
                 envelope=ValidityEnvelope.from_dict(doc["envelope"]) if doc.get("envelope") else None,
                 qa=doc.get("qa"),
                 noise=noise,
+                dark_tc=z.get("dark_tc"),
+                dark_ref_temp_c=doc.get("dark_ref_temp_c"),
             )
         except KeyError as exc:
             raise CalibrationError(f"calibration profile {path} lacks field {exc}") from exc

@@ -714,7 +714,7 @@ def enroll_from_source(
             if isinstance(item, MalformedFrame):  # skip it, as the daemon would
                 log.warning("skipped a malformed frame: %s", item.reason)
                 continue
-            power = calibrate(item.data, profile)
+            power = calibrate(item.data, profile, item.header.sensor_temp_c)
             # As the daemon does: the no-head check reads corrected power, so it needs a profile.
             if profile is not None:
                 raw = item.data

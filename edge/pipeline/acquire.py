@@ -322,7 +322,7 @@ class AcquisitionStage(Stage):
             self.stale = stale
             pipe.metrics.calibration(ctx.calibration_id, stale=stale is not None)
             self._announce("envelope", "stale" if stale else "valid", stale, q.frame.header.seq)
-        state = guard.monitor(q.frame.data)
+        state = guard.monitor(q.frame.data, q.frame.header.sensor_temp_c)
         if state is not None:
             drift = "; ".join(state.reasons) if state.drifted else None
             if drift != self.drift:

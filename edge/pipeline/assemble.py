@@ -160,6 +160,13 @@ class ContextLoader:
         if generation > 0:
             self.security.reload()  # SIGHUP: client certificates too (R-SEC-3)
         choice = self.profile(carried)
+        if choice.profile is not None:
+            log.info(
+                "calibration profile %s (%s): %s",
+                choice.calibration_id,
+                choice.origin,
+                choice.profile.dark_model(),
+            )
         gallery = None
         v = self.verification
         if v.gallery is not None and VerificationMode(v.mode) is not VerificationMode.off:

@@ -163,7 +163,7 @@ class QueuedFrame:
             params = ctx.profile.conditioning if ctx.profile is not None else ConditioningParams()
         try:
             raw = self.frame.data
-            power = calibrate(raw, profile)
+            power = calibrate(raw, profile, self.frame.header.sensor_temp_c)
             heads = None
             # The no-head check reads corrected power: on uncorrected frames its verdict means nothing.
             if ctx.quality is not None and self.calibrated and profile is not None:

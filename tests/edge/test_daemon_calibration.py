@@ -280,3 +280,27 @@ def test_conditioning_to_another_size_than_the_model_takes_is_refused_at_start(
     rc, out, err = finish(thzedge_run("s", tiny_bundle, cfg, f"ipc://{tmp_path}/r.sock"), timeout=60)
     assert rc == 78, err
     assert "conditions frames to 48x48, but the model bundle takes 64x64" in err.strip().splitlines()[-1]
+
+
+def test_run_conditions_with_a_temperature_compensated_profile(tiny_bundle: Path, tmp_path: Path) -> None:
+    """A format-3 profile (dark fitted over 35–38 °C) runs, says so in the log and stamps results."""
+    from calibration.build import BuildSettings, build_profile
+    from calibration.capture import capture_set_from_frames
+    from scanner_io.simulator import ScannerSimulator
+
+    def scene(kind: str, start: int = 0) -> object:
+        sim = ScannerSimulator(seed=3, scene=kind)
+        sim.seek(start)
+        return capture_set_from_frames(
+            kind, [sim.next_frame() for _ in range(16)], 1.0 if kind == "flat" else None
+        )
+
+    profile = build_profile(
+        [scene("dark"), scene("dark", 9000), scene("flat")], settings=BuildSettings(dark_tc=True)
+    )
+    cal = profile.save(tmp_path / "cal")
+    rc, out, err, sub = _run_to_end("sim?seed=3&identities=4&frames=12", tiny_bundle, tmp_path, cal)
+    assert rc == 0, err
+    assert f"calibration profile {profile.profile_id}" in err and "dark temperature-compensated" in err
+    assert summary_of(out)["published"] == 12 and sub.results
+    assert {h["provenance"]["calibration"] for h in sub.results} == {profile.profile_id}
