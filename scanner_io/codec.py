@@ -57,7 +57,7 @@ DECODE_REASONS: tuple[str, ...] = (
 )
 
 _REQUIRED = ("v", "scanner", "seq", "t_capture_ns", "shape", "dtype")
-_OPTIONAL = ("settings", "sensor_temp_c", "claimed_identity")
+_OPTIONAL = ("settings", "sensor_temp_c", "claimed_identity", "visit")
 _END_REQUIRED = ("v", "kind", "scanner", "last_seq", "frames")
 
 
@@ -286,6 +286,9 @@ def header_from_dict(obj: dict[str, Any]) -> FrameHeader:
         raise bad(
             "bad_field", f"header field 'claimed_identity' must be a string of at most {MAX_IDENTITY_LEN}"
         )
+    visit = obj.get("visit")
+    if visit is not None and (not _is_int(visit) or not 0 <= visit <= MAX_INT64):
+        raise bad("bad_field", "header field 'visit' must be an integer in [0, 2^63) or null")
     return FrameHeader(
         scanner=scanner,
         seq=obj["seq"],
@@ -296,6 +299,7 @@ def header_from_dict(obj: dict[str, Any]) -> FrameHeader:
         settings=dict(settings),
         sensor_temp_c=temp,
         claimed_identity=ident,
+        visit=visit,
     )
 
 

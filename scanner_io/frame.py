@@ -31,6 +31,9 @@ class FrameHeader:
     settings: dict[str, Any] = field(default_factory=dict)
     sensor_temp_c: float | None = None
     claimed_identity: str | None = None
+    # One passage of one person in front of the scanner, as the acquisition software segments
+    # it (presence detection): frames of one visit share it; the daemon fuses their decisions.
+    visit: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON-ready dict; optional fields are left out when unset."""
@@ -48,6 +51,8 @@ class FrameHeader:
             d["sensor_temp_c"] = self.sensor_temp_c
         if self.claimed_identity is not None:
             d["claimed_identity"] = self.claimed_identity
+        if self.visit is not None:
+            d["visit"] = self.visit
         return d
 
 

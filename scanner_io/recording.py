@@ -160,6 +160,7 @@ HEADER_JSON_SCHEMA: dict[str, Any] = {
         "settings": {"type": "object"},
         "sensor_temp_c": {"type": ["number", "null"]},
         "claimed_identity": {"type": ["string", "null"]},
+        "visit": {"type": ["integer", "null"], "minimum": 0},
     },
 }
 

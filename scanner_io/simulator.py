@@ -595,7 +595,9 @@ class ScannerSimulator:
         self._stream_rng = np.random.default_rng(
             [self.seed, _TAG_STREAM] if self.session == 0 else [self.seed, _TAG_STREAM, self.session]
         )
-        self._visit: tuple[int, int] = (0, 0)  # (position in `people`, frames left in this visit)
+        # The visit under way: its number (-1 before the first), position in `people`, frames
+        # left, and the identity claimed for the whole visit (claims are made per passage).
+        self._visit: tuple[int, int, int, str | None] = (-1, 0, 0, None)
         self._heads: dict[int, HeadParams] = {}
         self._lock = threading.RLock()
         self._geo: OrderedDict[tuple[int, int], _Geometry] = OrderedDict()
@@ -988,24 +990,24 @@ class ScannerSimulator:
         r = self._stream_rng
         people = self.people
         n = len(people)
-        pos, left = self._visit
+        visit, pos, left, claimed = self._visit
         if left <= 0:
-            pos, left = int(r.integers(n)), int(r.integers(8, 40))
-        self._visit = (pos, left - 1)
+            visit, pos, left = visit + 1, int(r.integers(n)), int(r.integers(8, 40))
+            claimed = None
+            if self.claim_identity:
+                claimed_idx = people[pos]
+                # An impostor claims another of the people walking past (the gate's other badges).
+                if n > 1 and r.random() < self.impostor_rate:
+                    claimed_idx = people[(pos + 1 + int(r.integers(n - 1))) % n]
+                claimed = identity_name(claimed_idx)
+        self._visit = (visit, pos, left - 1, claimed)
         ident = people[pos]
         posture = int(r.integers(len(POSTURES)))
         concealed = bool(r.random() < self.concealed_fraction)
-        claimed = None
-        if self.claim_identity:
-            claimed_idx = ident
-            # An impostor claims another of the people walking past (the gate's other badges).
-            if n > 1 and r.random() < self.impostor_rate:
-                claimed_idx = people[(pos + 1 + int(r.integers(n - 1))) % n]
-            claimed = identity_name(claimed_idx)
         k = self._stream_index
         self._stream_index += 1
         sample = _STREAM_SAMPLE_OFFSET + self.session * _SESSION_SAMPLE_STRIDE + k
-        return self._frame(ident, posture, sample, concealed, self.temperature_at(k), k, claimed)
+        return self._frame(ident, posture, sample, concealed, self.temperature_at(k), k, claimed, visit)
 
     def _frame(
         self,
@@ -1016,11 +1018,12 @@ class ScannerSimulator:
         temp_c: float,
         noise_key: int,
         claimed: str | None = None,
+        visit: int | None = None,
     ) -> Frame:
         if not 0 <= identity < self.identities:
             raise ValueError(f"identity must be 0..{self.identities - 1}, got {identity}")
         cap = self.capture(identity, posture, sample, concealed, False, temp_c, noise_key)
-        header = self._header(cap.temp, claimed)
+        header = self._header(cap.temp, claimed, visit)
         dark, gain = cap.dark, cap.gain
         raw = cap.raw
 
@@ -1050,7 +1053,7 @@ class ScannerSimulator:
         )
         return Frame(header=header, data=raw, truth=truth)
 
-    def _header(self, temp_c: float, claimed: str | None = None) -> FrameHeader:
+    def _header(self, temp_c: float, claimed: str | None = None, visit: int | None = None) -> FrameHeader:
         """Return the next frame header (seq counts every frame made, stream or render)."""
         seq = self._seq
         self._seq += 1
@@ -1069,4 +1072,5 @@ class ScannerSimulator:
             settings={"frequency_ghz": 340.0, "looks": self.config.looks, "mode": "sim"},
             sensor_temp_c=round(temp_c, 3),
             claimed_identity=claimed,
+            visit=visit,
         )

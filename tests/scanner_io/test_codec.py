@@ -51,6 +51,7 @@ def test_round_trip_is_bit_exact_with_optional_fields() -> None:
         settings={"freq_ghz": 340.0, "mode": "raster", "avg": 4, "ok": True, "x": None},
         sensor_temp_c=31.25,
         claimed_identity="badge-17",
+        visit=41,
     )
     frame = decode_frame(_parts(h, arr))
     assert frame.header == h
@@ -124,6 +125,11 @@ _DROP = object()
         (lambda: _mutated(settings={"nested": {"a": 1}}), "bad_field"),
         (lambda: _mutated(sensor_temp_c="hot"), "bad_field"),
         (lambda: _mutated(claimed_identity=5), "bad_field"),
+        (lambda: _mutated(visit=-1), "bad_field"),
+        (lambda: _mutated(visit=True), "bad_field"),
+        (lambda: _mutated(visit=2.0), "bad_field"),
+        (lambda: _mutated(visit="v1"), "bad_field"),
+        (lambda: _mutated(visit=2**63), "bad_field"),
         (lambda: _mutated(dtype="float64"), "bad_dtype"),
         (lambda: _mutated(dtype="int16"), "bad_dtype"),
         (lambda: _mutated(shape=[]), "bad_shape"),
@@ -205,6 +211,7 @@ _json = st.recursive(
             "settings",
             "sensor_temp_c",
             "claimed_identity",
+            "visit",
             "extra",
         ]
     ),

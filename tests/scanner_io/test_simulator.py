@@ -125,11 +125,32 @@ def test_concealment_attenuates_and_speckle_is_sparse(sim):
 
 def test_claimed_identity_with_impostors():
     s = ScannerSimulator(seed=4, identities=5, claim_identity=True, impostor_rate=0.5)
-    frames = [s.next_frame() for _ in range(30)]
+    frames = [s.next_frame() for _ in range(300)]
     claims = [(f.header.claimed_identity, f.truth.identity_name) for f in frames]
     assert all(c is not None for c, _ in claims)
     genuine = sum(c == t for c, t in claims)
-    assert 0 < genuine < 30
+    assert 0 < genuine < 300
+
+
+def test_stream_frames_carry_their_visit_and_one_person_and_claim_per_visit():
+    s = ScannerSimulator(seed=4, identities=5, claim_identity=True, impostor_rate=0.5)
+    frames = [s.next_frame() for _ in range(400)]
+    visits = np.array([f.header.visit for f in frames])
+    assert visits[0] == 0 and set(np.diff(visits)) <= {0, 1}  # numbered in order, no gaps
+    runs = np.diff(np.flatnonzero(np.diff(np.r_[-1, visits, visits[-1] + 1])))
+    assert runs[:-1].min() >= 8 and runs.max() < 40  # visits last 8-39 frames (the last is cut)
+    for v in np.unique(visits):
+        mine = [f for f, k in zip(frames, visits, strict=True) if k == v]
+        assert len({f.truth.identity for f in mine}) == 1
+        assert len({f.header.claimed_identity for f in mine}) == 1  # a claim is made per passage
+    claims = {
+        v: (f.header.claimed_identity, f.truth.identity_name) for f, v in zip(frames, visits, strict=True)
+    }
+    genuine = sum(c == t for c, t in claims.values())
+    assert 0 < genuine < len(claims)
+    # Renders and calibration scenes are not visits.
+    assert s.render(0, 0, 1).header.visit is None
+    assert ScannerSimulator(seed=4, scene="dark").next_frame().header.visit is None
 
 
 def test_invalid_arguments():
@@ -255,9 +276,10 @@ def test_sim_uri_people_sessions_and_claims():
     claims = {f.header.claimed_identity for f in frames}
     assert all(f.header.claimed_identity != f.truth.identity_name for f in frames)
     assert claims <= {"id021", "id022", "id023", "id024"}
-    with open_source("sim?seed=2&identities=3&claim=1&impostor_rate=0.5&frames=200") as src:
-        wrong = sum(f.header.claimed_identity != f.truth.identity_name for f in src)
-    assert 60 < wrong < 140
+    with open_source("sim?seed=2&identities=3&claim=1&impostor_rate=0.5&frames=600") as src:
+        # Claims are made per visit: count visits.
+        visits = {f.header.visit: f.header.claimed_identity != f.truth.identity_name for f in src}
+    assert len(visits) > 15 and 0.25 < np.mean(list(visits.values())) < 0.75
     for bad in (
         "sim?identities=abc",
         "sim?identities=5-2",
