@@ -244,6 +244,13 @@ class VerificationConfig:
     # Template key file (`thzedge keys generate --kind template`): references are stored and
     # compared as keyed projections (R-NEW-3); the gallery must have been enrolled under it.
     template_key: Path | None = None
+    # Frames tagged with a `visit` (docs/protocol.md) also get one visit decision, fused from the
+    # visit's first `visit_frames` frames (edge/visits.py); 0 turns fusion off.
+    visit_frames: int = field(default=8, metadata={"min": 0, "max": 1000})
+    # The fused (mean) distance a visit is accepted at, 1:1 and 1:N (identification needs a lower
+    # one: docs/operations.md); unset: the per-frame threshold.
+    visit_threshold: float | None = field(default=None, metadata={"min": 0.0, "max": 2.0})
+    visit_identify_threshold: float | None = field(default=None, metadata={"min": 0.0, "max": 2.0})
 
 
 @dataclass(frozen=True)

@@ -297,7 +297,8 @@ class Gallery:
 
     # -- matching -------------------------------------------------------------------------------
 
-    def _threshold(self) -> float:
+    def decision_threshold(self) -> float:
+        """The distance threshold matches are decided with; ConfigError when there is none."""
         if self.threshold is None:
             raise ConfigError(
                 "no verification threshold: the bundle has none for this precision; "
@@ -329,7 +330,7 @@ class Gallery:
     def match_1to1(self, embedding: np.ndarray, identity: str, posture: int | None = None) -> Match:
         """Verify a claimed identity: accept when the distance to its reference (of the probe's
         posture, else the nearest) is <= threshold."""
-        t = self._threshold()
+        t = self.decision_threshold()
         view = self._view
         try:
             i = view[0].index(identity)
@@ -340,7 +341,7 @@ class Gallery:
 
     def match_1toN(self, embedding: np.ndarray, posture: int | None = None) -> Match:  # noqa: N802 - the contract's name
         """Identify: the closest enrolled identity if within the threshold, else `unknown`."""
-        t = self._threshold()
+        t = self.decision_threshold()
         view = self._view
         d = self._distances(view, embedding, posture)
         if d.size == 0:

@@ -4,7 +4,8 @@ One JSON-schema channel per kind of value, per scanner, so Foxglove / Lichtblick
 over time (log time = publish time):
 
 - `/<scanner>/posture` (`thzedge.Posture`): label, index, confidence
-- `/<scanner>/decision` (`thzedge.Decision`): mode, decision, accepted (0/1), score, threshold
+- `/<scanner>/decision` (`thzedge.Decision`): mode, decision, accepted (0/1), score, threshold;
+  for frames of a visit also visit, visit_decision, visit_score (edge/visits.py)
 - `/<scanner>/latency` (`thzedge.Latency`): queue, condition, encode, verify, reconstruct,
   publish, total (ms)
 - `/<scanner>/status` (`thzedge.ResultStatus`): status, ok (0/1), dropped_since_last, errors
@@ -55,6 +56,10 @@ DECISION_SCHEMA = _schema(
         "score": _NUM,
         "threshold": _NUM,
         "identity": {"type": ["string", "null"], "description": "only with [privacy] record_results"},
+        "visit": {"type": "integer", "description": "the frame's visit (frames tagged with one)"},
+        "visit_decision": {"type": "string", "description": "the visit's fused decision, or pending"},
+        "visit_score": _NUM,
+        "visit_identity": {"type": ["string", "null"], "description": "only with [privacy] record_results"},
     },
 )
 LATENCY_STAGES = ("queue", "condition", "encode", "verify", "reconstruct", "publish", "total")
@@ -130,8 +135,15 @@ class ResultsRecorder:
                 "score": v.get("score"),
                 "threshold": v.get("threshold"),
             }
+            visit = v.get("visit")
+            if visit is not None:  # the visit's fused decision (edge/visits.py), plottable beside
+                body["visit"] = visit.get("id")
+                body["visit_decision"] = visit.get("decision")
+                body["visit_score"] = visit.get("score")
             if self.biometric:
                 body["identity"] = v.get("identity")
+                if visit is not None:
+                    body["visit_identity"] = visit.get("identity")
             put("decision", body)
         if self.biometric and r.reconstruction is not None:
             spec = self._spec(r.scanner, "reconstruction")

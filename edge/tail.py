@@ -1,8 +1,9 @@
 """`thzedge tail`: print a daemon's results and events as they arrive, one line each.
 
-A text line per result (seq, posture and confidence, decision, status, total latency) and per
-event; with the root `--json` one JSON object per line (the header as published, payload parts
-left out). `--filter status=ok,decision=accept` keeps results whose fields match (events pass).
+A text line per result (seq, posture and confidence, decision, status, total latency, and for
+a frame of a visit `visit=N:decision`) and per event; with the root `--json` one JSON object per
+line (the header as published, payload parts left out). `--filter status=ok,decision=accept`
+keeps results whose fields match (events pass).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from edge.results import DecodedMessage
 from edge.subscriber import ResultsSubscriber, SubscriberTarget
 from scanner_io.errors import UsageError
 
-FILTER_KEYS = ("status", "decision", "posture", "scanner")
+FILTER_KEYS = ("status", "decision", "visit", "posture", "scanner")
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,10 @@ class ResultFilter:
 
     @classmethod
     def parse(cls, text: str | None) -> ResultFilter:
-        """Parse `key=value[|value],key=value` (keys: status, decision, posture, scanner)."""
+        """Parse `key=value[|value],key=value` (keys: status, decision, visit, posture, scanner).
+
+        `visit` is the visit decision (`pending`, `accept`, …; `-` for a frame of no visit).
+        """
         if not text:
             return cls()
         wanted: dict[str, set[str]] = {}
@@ -53,8 +57,10 @@ class ResultFilter:
 
 def field_of(header: Mapping[str, Any], key: str) -> str:
     """One filterable field of a result header as text (`-` when absent)."""
-    if key == "decision":
+    if key in ("decision", "visit"):
         v = header.get("verification") or {}
+        if key == "visit":
+            v = v.get("visit") or {}
         return str(v.get("decision") or "-")
     if key == "posture":
         p = header.get("posture") or {}
@@ -74,6 +80,8 @@ def format_message(msg: DecodedMessage) -> str:
         tail = f" errors={errors}" if errors else ""
         dropped = h.get("dropped_since_last", 0)
         drops = f" dropped={dropped}" if dropped else ""
+        visit = ((h.get("verification") or {}).get("visit") or {}).get("id")
+        drops += f" visit={visit}:{field_of(h, 'visit')}" if visit is not None else ""
         return (
             f"{h.get('scanner')} seq={h.get('seq')} posture={pos} decision={field_of(h, 'decision')} "
             f"status={h.get('status')} latency={lat}{drops}{tail}"

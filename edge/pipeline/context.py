@@ -54,6 +54,11 @@ class DaemonSettings:
     verification_mode: VerificationMode = field(
         default=VerificationMode.auto, metadata=_from("verification", "mode")
     )
+    visit_frames: int = field(default=8, metadata=_from("verification", "visit_frames"))
+    visit_threshold: float | None = field(default=None, metadata=_from("verification", "visit_threshold"))
+    visit_identify_threshold: float | None = field(
+        default=None, metadata=_from("verification", "visit_identify_threshold")
+    )
     state_interval_s: float = 0.5
     # systemd STATUS= between state changes (docs/daemon.md): one line every 10 s, not per frame.
     status_interval_s: float = 10.0

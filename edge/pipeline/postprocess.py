@@ -2,7 +2,8 @@
 
 The model work and its per-frame failure isolation are the runner's (`edge.runner.infer_isolated`);
 this module turns each frame's outcome into its `FrameResult`, matches the embedding against the
-gallery with the predicted posture, and records every failure on its own frame: a frame whose
+gallery with the predicted posture (and, for a frame of a visit, adds the visit's fused decision:
+edge/visits.py), and records every failure on its own frame: a frame whose
 conditioning or encoder failed is `error`, one whose verification or reconstruction failed is
 `partial`; the other frames of the batch are unaffected. A frame with no head in it is `no_face`
 (the model does not run on it); one conditioned without a fitting calibration profile is
@@ -21,6 +22,7 @@ from edge.pipeline.queues import Event
 from edge.pipeline.stage import Pipeline
 from edge.results import FrameResult, Provenance
 from edge.runner import FramePrediction, IsolatedBatch, Task
+from edge.visits import VisitFusion
 
 log = logging.getLogger("thzedge.daemon")
 
@@ -33,6 +35,12 @@ class PostProcessor:
         self.postures = postures
         # The provenance is the same for every frame of one context (frozen: safe to share).
         self._provenance: tuple[ProcessingContext, ModelInfo, Provenance] | None = None
+        s = pipe.settings
+        self.visits = (
+            VisitFusion(s.visit_frames, s.visit_threshold, s.visit_identify_threshold)
+            if s.visit_frames > 0
+            else None
+        )
 
     def _provenance_for(self, ctx: ProcessingContext) -> Provenance:
         model = self.pipe.model
@@ -127,6 +135,11 @@ class PostProcessor:
             outcome = match_probe(ctx.gallery, p.embedding, claimed, p.posture, mode)
             assert outcome is not None  # mode is not off
             r.verification = outcome.to_dict()  # its threshold is the gallery's
+            h = q.frame.header
+            if self.visits is not None and h.visit is not None:
+                r.verification["visit"] = self.visits.add(
+                    h.scanner, h.visit, ctx.gallery, p.embedding, p.posture, claimed, mode
+                )
         except Exception as exc:
             self.fail(r, Task.verify, exc)
         r.latency_ms[Stage.verify.value] = (time.perf_counter() - t0) * 1e3

@@ -13,7 +13,9 @@ subscriber. Per published result:
   enrolled one. TAR = genuine claims accepted, FAR = impostor claims accepted;
 - **verification 1:N**: for people enrolled in the gallery, identified correctly / identified as
   someone else (false identification) / left unknown; for people not enrolled, rejected
-  (`unknown`) or falsely accepted.
+  (`unknown`) or falsely accepted;
+- **per visit** (frames tagged with a `visit`, as the simulator tags them): the same rates over
+  visit decisions (edge/visits.py), each visit counted once, when its decision is made.
 
 Rates are computed at the threshold the daemon ran with. A replay of a recording made from the
 simulator carries the truth labels it recorded (`scanner_io.recording.RecordedTruth`: no
@@ -50,11 +52,9 @@ class _Pending:
 
 
 @dataclass
-class _Counts:
-    scored: int = 0
-    unscored: int = 0
-    posture_ok: int = 0
-    ssim: list[float] = field(default_factory=list)
+class _Decisions:
+    """Verification outcomes against truth: of frames, or of visits."""
+
     genuine: int = 0
     genuine_accept: int = 0
     impostor: int = 0
@@ -67,6 +67,64 @@ class _Counts:
     unenrolled: int = 0
     unenrolled_rejected: int = 0
 
+    def count(self, p: _Pending, v: dict[str, Any]) -> None:
+        """Score one decision (`v`: a result's verification object or its visit object)."""
+        decision = v.get("decision")
+        if v.get("mode") == "1:1":
+            if not p.claimed_enrolled:
+                self.claim_unknown += 1
+            elif p.claimed == p.identity:
+                self.genuine += 1
+                self.genuine_accept += decision == "accept"
+            else:
+                self.impostor += 1
+                self.impostor_accept += decision == "accept"
+        elif p.enrolled:
+            self.enrolled += 1
+            if decision == "accept":
+                if v.get("identity") == p.identity:
+                    self.id_correct += 1
+                else:
+                    self.id_wrong += 1
+            else:
+                self.id_unknown += 1
+        else:
+            self.unenrolled += 1
+            self.unenrolled_rejected += decision != "accept"
+
+    def report(self) -> dict[str, Any]:
+        """The 1:1 and 1:N rates (only the modes that were counted)."""
+        out: dict[str, Any] = {}
+        if self.genuine or self.impostor or self.claim_unknown:
+            out["1:1"] = {
+                "genuine": self.genuine,
+                "impostor": self.impostor,
+                "claimed_not_enrolled": self.claim_unknown,
+                "tar": _rate(self.genuine_accept, self.genuine),
+                "far": _rate(self.impostor_accept, self.impostor),
+            }
+        if self.enrolled or self.unenrolled:
+            out["1:N"] = {
+                "enrolled_probes": self.enrolled,
+                "identified": _rate(self.id_correct, self.enrolled),
+                "false_identification": _rate(self.id_wrong, self.enrolled),
+                "left_unknown": _rate(self.id_unknown, self.enrolled),
+                "unenrolled_probes": self.unenrolled,
+                "unenrolled_rejected": _rate(self.unenrolled_rejected, self.unenrolled),
+            }
+        return out
+
+
+@dataclass
+class _Counts:
+    scored: int = 0
+    unscored: int = 0
+    posture_ok: int = 0
+    ssim: list[float] = field(default_factory=list)
+    frames: _Decisions = field(default_factory=_Decisions)
+    visits: _Decisions = field(default_factory=_Decisions)
+    visit_frames: int | None = None  # how many frames a visit decision was fused from
+
 
 def _rate(n: int, d: int) -> float | None:
     return None if d == 0 else n / d
@@ -78,6 +136,7 @@ class TruthScorer:
     def __init__(self) -> None:
         self._pending: dict[tuple[str, int], _Pending] = {}  # by (scanner, seq) of the result
         self._c = _Counts()
+        self._visit_scored: dict[str, int] = {}  # scanner → the last visit whose decision was scored
         self._lock = threading.Lock()
         self.threshold: float | None = None
 
@@ -122,29 +181,16 @@ class TruthScorer:
             if v is None:
                 return
             self.threshold = v.get("threshold")
-            decision = v.get("decision")
-            if v.get("mode") == "1:1":
-                if not p.claimed_enrolled:
-                    c.claim_unknown += 1
-                elif p.claimed == p.identity:
-                    c.genuine += 1
-                    c.genuine_accept += decision == "accept"
-                else:
-                    c.impostor += 1
-                    c.impostor_accept += decision == "accept"
-                return
-            if p.enrolled:
-                c.enrolled += 1
-                if decision == "accept":
-                    if v.get("identity") == p.identity:
-                        c.id_correct += 1
-                    else:
-                        c.id_wrong += 1
-                else:
-                    c.id_unknown += 1
-            else:
-                c.unenrolled += 1
-                c.unenrolled_rejected += decision != "accept"
+            c.frames.count(p, v)
+            fused = v.get("visit")
+            if (
+                fused is not None
+                and fused.get("decision") != "pending"
+                and self._visit_scored.get(result.scanner) != fused.get("id")
+            ):
+                self._visit_scored[result.scanner] = fused.get("id")
+                c.visit_frames = fused.get("decision_frames")
+                c.visits.count(p, fused)
 
     def report(self) -> dict[str, Any]:
         """The figures so far (rates are None where nothing was counted)."""
@@ -159,23 +205,9 @@ class TruthScorer:
                 "ssim_mean": float(np.mean(c.ssim)) if c.ssim else None,
                 "ssim_frames": len(c.ssim),
             }
-            if c.genuine or c.impostor or c.claim_unknown:
-                out["1:1"] = {
-                    "genuine": c.genuine,
-                    "impostor": c.impostor,
-                    "claimed_not_enrolled": c.claim_unknown,
-                    "tar": _rate(c.genuine_accept, c.genuine),
-                    "far": _rate(c.impostor_accept, c.impostor),
-                }
-            if c.enrolled or c.unenrolled:
-                out["1:N"] = {
-                    "enrolled_probes": c.enrolled,
-                    "identified": _rate(c.id_correct, c.enrolled),
-                    "false_identification": _rate(c.id_wrong, c.enrolled),
-                    "left_unknown": _rate(c.id_unknown, c.enrolled),
-                    "unenrolled_probes": c.unenrolled,
-                    "unenrolled_rejected": _rate(c.unenrolled_rejected, c.unenrolled),
-                }
+            out.update(c.frames.report())
+            if c.visit_frames is not None:
+                out["visits"] = {"decision_frames": c.visit_frames, **c.visits.report()}
             return out
 
 
@@ -191,19 +223,33 @@ def render_score(score: dict[str, Any]) -> str:
         f"reconstruction SSIM {f(score['ssim_mean'])} over {score['ssim_frames']} frames; "
         f"threshold {f(score['threshold'], '.4f')}"
     ]
+    lines += _decision_lines(score, "")
+    visits = score.get("visits")
+    if visits:
+        n = visits["decision_frames"]
+        lines.append(f"  per visit (one decision from each visit's first {n} frames):")
+        lines += _decision_lines(visits, "  ", "visits")
+    return "\n".join(lines)
+
+
+def _decision_lines(score: dict[str, Any], indent: str, unit: str = "probes") -> list[str]:
+    def f(v: Any, spec: str = ".3f") -> str:
+        return "n/a" if v is None else format(v, spec)
+
+    lines = []
     one = score.get("1:1")
     if one:
         lines.append(
-            f"  1:1: TAR {f(one['tar'])} ({one['genuine']} genuine claims), FAR {f(one['far'], '.4f')} "
-            f"({one['impostor']} impostor claims), {one['claimed_not_enrolled']} claim(s) of "
-            "people not enrolled"
+            f"{indent}  1:1: TAR {f(one['tar'])} ({one['genuine']} genuine claims), "
+            f"FAR {f(one['far'], '.4f')} ({one['impostor']} impostor claims), "
+            f"{one['claimed_not_enrolled']} claim(s) of people not enrolled"
         )
     many = score.get("1:N")
     if many:
         lines.append(
-            f"  1:N: enrolled people ({many['enrolled_probes']} probes): identified "
+            f"{indent}  1:N: enrolled people ({many['enrolled_probes']} {unit}): identified "
             f"{f(many['identified'])}, false identification {f(many['false_identification'], '.4f')}, "
-            f"unknown {f(many['left_unknown'])}; not enrolled ({many['unenrolled_probes']} probes): "
+            f"unknown {f(many['left_unknown'])}; not enrolled ({many['unenrolled_probes']} {unit}): "
             f"rejected {f(many['unenrolled_rejected'])}"
         )
-    return "\n".join(lines)
+    return lines

@@ -513,7 +513,8 @@ def test_demo_bundle_accepts_most_genuine_probes_and_rejects_impostors():
 
 @pytest.mark.parametrize("claims", [True, False], ids=["1:1", "1:N"])
 def test_run_score_matches_the_published_results_against_truth(tiny_bundle, tmp_path, claims):
-    """`run --score`: the figures equal those recomputed from the published results and the truth."""
+    """`run --score`: the figures equal those recomputed from the published results and the truth,
+    per frame and per visit (one frozen decision from each visit's first 3 frames)."""
     import time
 
     import zmq
@@ -523,16 +524,21 @@ def test_run_score_matches_the_published_results_against_truth(tiny_bundle, tmp_
     from scanner_io.sources import open_source
 
     gpath = tmp_path / "gallery.npz"
-    for k in (0, 1):  # id001 and id002 enrolled (session 1); id003 walks past unenrolled
+    # 1:N: id001 and id002 enrolled (session 1), id003 walks past unenrolled; 1:1: all three
+    # enrolled, so the impostor claims (of id003 by others) are of an enrolled person.
+    for k in (0, 1, 2) if claims else (0, 1):
         enroll_uri = f"sim?seed=7&identity={k}&frames=4"
         enroll_from_source(gpath, tiny_bundle, f"id{k + 1:03d}", enroll_uri, 4, backend="ort")
-    # Seed 7's session-0 stream: a long visit of id002, then id003 (visits last 8-40 frames).
-    uri = "sim?seed=7&identities=0-2&frames=30" + ("&claim=1&impostor_rate=0.5" if claims else "")
+    # Seed 7's session-0 stream (visits last 8-40 frames): id002, id003, id001; with claims
+    # (drawn per visit, so other visits): id002 claiming id003, id002, id001, id001 claiming id003.
+    n = 60
+    uri = f"sim?seed=7&identities=0-2&frames={n}" + ("&claim=1&impostor_rate=0.5" if claims else "")
     endpoint = f"ipc://{tmp_path}/run/results.sock"
     cfg = tmp_path / "thzedge.toml"
     cfg.write_text(
         f'[publisher]\nendpoint = "{endpoint}"\n[metrics]\nenabled = false\n'
-        f'[verification]\ngallery = "{gpath}"\nthreshold = 0.3\n'
+        f'[verification]\ngallery = "{gpath}"\nthreshold = 0.3\nvisit_frames = 3\n'
+        "visit_threshold = 0.35\nvisit_identify_threshold = 0.32\n"
     )
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
@@ -545,7 +551,7 @@ def test_run_score_matches_the_published_results_against_truth(tiny_bundle, tmp_
 
     try:
         summary = run_daemon(
-            RunOptions(source=uri, model=tiny_bundle, config=cfg, backend="ort", max_frames=30, score=True),
+            RunOptions(source=uri, model=tiny_bundle, config=cfg, backend="ort", max_frames=n, score=True),
             on_ready=on_ready,
         )
         results = []
@@ -558,13 +564,13 @@ def test_run_score_matches_the_published_results_against_truth(tiny_bundle, tmp_
         frames = list(src)
     truth = [f.truth for f in frames]
     claimed = [f.header.claimed_identity for f in frames]
-    assert len(results) == 30
+    assert len(results) == n
     s = summary.score
-    assert s is not None and s["scored"] == 30 and s["unscored"] == 0 and s["threshold"] == 0.3
+    assert s is not None and s["scored"] == n and s["unscored"] == 0 and s["threshold"] == 0.3
     post = [r["posture"]["index"] == t.posture for r, t in zip(results, truth, strict=True)]
     assert s["posture_accuracy"] == pytest.approx(np.mean(post))
-    assert s["ssim_frames"] == 30 and -1.0 <= s["ssim_mean"] <= 1.0
-    enrolled = {"id001", "id002"}
+    assert s["ssim_frames"] == n and -1.0 <= s["ssim_mean"] <= 1.0
+    enrolled = {"id001", "id002", "id003"} if claims else {"id001", "id002"}
     if claims:
         one = s["1:1"]
         pairs = [
@@ -589,6 +595,34 @@ def test_run_score_matches_the_published_results_against_truth(tiny_bundle, tmp_
         assert many["unenrolled_rejected"] == pytest.approx(
             np.mean([v["decision"] != "accept" for v in strangers])
         )
+    # Per visit: pending for 2 frames, then one decision repeated to the visit's end.
+    decided: dict[int, tuple[dict, str, str | None]] = {}
+    for r, f in zip(results, frames, strict=True):
+        v = r["verification"]["visit"]
+        assert v["id"] == f.header.visit and v["decision_frames"] == 3
+        if v["frames"] < 3:
+            assert v["decision"] == "pending"
+            continue
+        assert v["threshold"] == (0.35 if claims else 0.32) and v["decision"] != "pending"
+        first = decided.setdefault(v["id"], (v, f.truth.identity_name, f.header.claimed_identity))[0]
+        assert {k: v[k] for k in ("identity", "score", "decision")} == {
+            k: first[k] for k in ("identity", "score", "decision")
+        }
+    assert len(decided) == (4 if claims else 3) and s["visits"]["decision_frames"] == 3
+    if claims:
+        one = s["visits"]["1:1"]
+        gen = [v["decision"] == "accept" for v, name, c in decided.values() if c == name]
+        imp = [v["decision"] == "accept" for v, name, c in decided.values() if c != name]
+        assert (one["genuine"], one["impostor"]) == (len(gen), len(imp)) == (2, 2)
+        assert one["tar"] == pytest.approx(np.mean(gen)) and one["far"] == pytest.approx(np.mean(imp))
+    else:
+        many = s["visits"]["1:N"]
+        known = [(v, name) for v, name, _ in decided.values() if name in enrolled]
+        assert (many["enrolled_probes"], many["unenrolled_probes"]) == (2, 1)
+        ok = [v["decision"] == "accept" and v["identity"] == name for v, name in known]
+        assert many["identified"] == pytest.approx(np.mean(ok))
+        strangers = [v["decision"] != "accept" for v, name, _ in decided.values() if name not in enrolled]
+        assert many["unenrolled_rejected"] == pytest.approx(np.mean(strangers))
 
 
 def test_enrolment_skips_frames_without_a_face_and_refuses_a_capture_of_none(tiny_bundle, tmp_path, capsys):

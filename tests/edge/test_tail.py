@@ -57,6 +57,14 @@ def test_filter_keeps_matching_results_and_every_event() -> None:
         decode_message(encode_result(_result(decision=None), 5))
     )
     assert f.keep(decode_message(encode_event("sim0", "state", {"state": "ready"})))
+    # A frame of a visit: the visit's decision shows, and filters, beside the frame's own.
+    r = _result(decision="unknown")
+    assert r.verification is not None
+    r.verification["visit"] = {"id": 3, "frames": 9, "decision": "accept", "identity": "secret-name"}
+    line = format_message(decode_message(encode_result(r, 5)))
+    assert "decision=unknown" in line and " visit=3:accept" in line and "secret-name" not in line
+    assert ResultFilter.parse("visit=accept").keep(decode_message(encode_result(r, 5)))
+    assert not ResultFilter.parse("visit=accept").keep(decode_message(encode_result(_result(), 5)))
     for bad in ("status", "colour=red", "status="):
         with pytest.raises(UsageError):
             ResultFilter.parse(bad)
