@@ -28,11 +28,21 @@ Protocol (docs/operations.md, "Gallery verification in the field"):
   identification rate, false-identification rate (accepted as someone else) and unenrolled
   rejection rate. Key rotation: templates of epoch 1 against probes protected with epoch 2.
   Cross-precision: references encoded with the int8 variant, probes with fp32.
+- Visits (edge/visits.py, what the daemon decides for frames tagged with a `visit`): probes of
+  `--visit-sessions` more sessions (3, 4, …; `--visit-session-frames` frames each, each session
+  calibrated at its start, templates on). One decision per visit from the mean, over its first
+  m frames (`--visit-frames`, a list), of each frame's distance to every enrolled identity; the
+  same figures over visits: 1:1 TAR/FAR at `--visit-threshold`, 1:N at
+  `--visit-identify-threshold` (each defaults to the stored per-frame threshold), and the
+  thresholds this set would choose (1:1 at FAR 1 %, 1:N rejecting 99 % of unenrolled people).
+  Choose them on one seed and check them on another.
 
 Usage:
     .venv/bin/python benchmarks/gallery_operating_point.py [--model BUNDLE] [--seed 7]
         [--enrolled 32] [--unenrolled 16] [--per-posture 3] [--probes 600]
         [--conditioning session,fixed,oracle] [--roc build/gallery_roc.png] [--json]
+        [--visit-sessions 24] [--visit-session-frames 600] [--visit-frames 1,3,5,8,12]
+        [--visit-threshold T] [--visit-identify-threshold T]
 """
 
 from __future__ import annotations
@@ -110,6 +120,49 @@ def probe_frames(seed: int, n_people: int, probes: int) -> Raw:
         np.array([f.truth.identity for f in frames]),
         np.array([f.truth.posture for f in frames]),
     )
+
+
+@dataclass
+class VisitProbes:
+    """Frames of several probe sessions with their visit numbers (unique across sessions)."""
+
+    raw: Raw
+    visit: np.ndarray
+    session: np.ndarray
+
+
+def visit_probe_frames(seed: int, n_people: int, sessions: range, frames: int) -> VisitProbes:
+    """`frames` stream frames of each session in `sessions` (random visits of all `n_people`)."""
+    all_frames: list[Frame] = []
+    visit, session = [], []
+    offset = 0
+    for s in sessions:
+        sim = ScannerSimulator(seed=seed, identities=n_people, session=s)
+        got = [sim.next_frame() for _ in range(frames)]
+        v = np.array([f.header.visit for f in got])
+        all_frames += got
+        visit.append(v + offset)
+        session.append(np.full(len(got), s))
+        offset += int(v.max()) + 1
+    raw = Raw(
+        all_frames,
+        np.array([f.truth.identity for f in all_frames]),
+        np.array([f.truth.posture for f in all_frames]),
+    )
+    return VisitProbes(raw, np.concatenate(visit), np.concatenate(session))
+
+
+def visit_distances(
+    d: np.ndarray, visit: np.ndarray, identity: np.ndarray, m: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per visit with at least `m` frames: the mean distance row of its first `m` frames, its person."""
+    rows, truth = [], []
+    for v in np.unique(visit):
+        idx = np.flatnonzero(visit == v)[:m]
+        if len(idx) == m:
+            rows.append(d[idx].mean(axis=0))
+            truth.append(identity[idx[0]])
+    return np.stack(rows), np.array(truth)
 
 
 def session_profile(seed: int, session: int, conditioning: Any) -> CalibrationProfile:
@@ -271,6 +324,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     extra["int8_enrol_fp32_probe"] = {
                         k: f8[k] for k in ("tar_at_far1", "tar", "far", "rank1", "false_id", "eer")
                     }
+        if args.visit_sessions:
+            extra["visits"] = visit_figures(args, bundle, runner, enrol_raw, cond, key1, t)
     finally:
         runner.close()
     if args.roc and roc is not None:
@@ -305,6 +360,71 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def visit_figures(
+    args: argparse.Namespace,
+    bundle: Bundle,
+    runner: Runner,
+    enrol_raw: Raw,
+    cond: Any,
+    key: TemplateKey,
+    t_frame: float,
+) -> dict[str, Any]:
+    """Per-frame and per-visit figures over probes of sessions 3.. (session conditioning, templates on)."""
+    n_e = args.enrolled
+    sessions = range(PROBE_SESSION + 1, PROBE_SESSION + 1 + args.visit_sessions)
+    vp = visit_probe_frames(args.seed, n_e + args.unenrolled, sessions, args.visit_session_frames)
+    enrol = embed(
+        runner,
+        conditioned(enrol_raw, "session", session_profile(args.seed, ENROL_SESSION, cond), cond),
+        enrol_raw,
+    )
+    xs = []
+    for s in sessions:
+        m = vp.session == s
+        part = Raw(
+            [f for f, k in zip(vp.raw.frames, m, strict=True) if k], vp.raw.identity[m], vp.raw.posture[m]
+        )
+        xs.append(conditioned(part, "session", session_profile(args.seed, s, cond), cond))
+    probes = embed(runner, np.concatenate(xs), vp.raw)
+    d = gallery_distances(bundle, enrol, probes, n_e, key)
+    t_1to1 = float(args.visit_threshold) if args.visit_threshold is not None else t_frame
+    t_1ton = float(args.visit_identify_threshold) if args.visit_identify_threshold is not None else t_frame
+    per_frame = figures(d, vp.raw.identity, n_e, t_frame)
+    rows = []
+    roc_png = None
+    for m in (int(x) for x in args.visit_frames.split(",")):
+        dv, tv = visit_distances(d, vp.visit, vp.raw.identity, m)
+        f = figures(dv, tv, n_e, t_1ton)
+        f1 = figures(dv, tv, n_e, t_1to1)
+        f["tar"], f["far"] = f1["tar"], f1["far"]
+        if m == args.visit_roc_frames and args.visit_roc:
+            from edge.roc_plot import plot_roc
+
+            roc_png = plot_roc(
+                f["_gen"],
+                f["_imp"],
+                t_1to1,
+                args.visit_roc,
+                title=f"field 1:1 per visit ({m} frames), seed {args.seed}, templates on",
+                method="visit threshold",
+            )
+        # The 1:N threshold that rejects 99 % of these unenrolled visits (their nearest identity).
+        f["threshold_unenrolled99"] = float(np.quantile(dv[tv >= n_e].min(axis=1), 0.01))
+        rows.append(
+            {"frames": m, "visits": int(len(tv)), **{k: v for k, v in f.items() if not k.startswith("_")}}
+        )
+    per_frame = {k: v for k, v in per_frame.items() if not k.startswith("_")}
+    return {
+        "sessions": [sessions.start, sessions.stop - 1],
+        "frames": len(vp.raw.frames),
+        "threshold_1to1": t_1to1,
+        "threshold_1toN": t_1ton,
+        "per_frame": per_frame,
+        "rows": rows,
+        "roc_png": None if roc_png is None else str(roc_png),
+    }
+
+
 def render(res: dict[str, Any]) -> str:
     lines = [
         f"bundle {res['bundle']}  stored threshold {res['threshold']:.4f}  seed {res['seed']}  enrolled "
@@ -335,6 +455,29 @@ def render(res: dict[str, Any]) -> str:
             f"TAR@1% {x['tar_at_far1']:.3f} TAR {x['tar']:.3f} FAR {x['far']:.4f} "
             f"rank-1 {x['rank1']:.3f} false ID {x['false_id']:.4f}"
         )
+    vis = res.get("visits")
+    if vis:
+        pf = vis["per_frame"]
+        lines.append(
+            f"visits: sessions {vis['sessions'][0]}-{vis['sessions'][1]}, {vis['frames']} frames, session "
+            f"conditioning, templates on; visit 1:1 at {vis['threshold_1to1']:.4f}, "
+            f"1:N at {vis['threshold_1toN']:.4f} (frames: both at the stored threshold)"
+        )
+        lines.append(
+            f"  {'decision':16} {'n':>5} {'EER':>6} {'TAR@1%':>7} {'thr@1%':>7} {'TAR':>6} {'FAR':>7} "
+            f"{'rank-1':>6} {'ident':>6} {'falseID':>7} {'unenr rej':>9} {'thr@99%rej':>10}"
+        )
+        first = {"frames": 0, "visits": pf["n_genuine"], **pf, "threshold_unenrolled99": float("nan")}
+        for r in [first, *vis["rows"]]:
+            name = f"visit, {r['frames']} frames" if r["frames"] else "each frame"
+            lines.append(
+                f"  {name:16} {r['visits']:5d} {r['eer']:6.3f} {r['tar_at_far1']:7.3f} "
+                f"{r['threshold_far1']:7.4f} {r['tar']:6.3f} {r['far']:7.4f} {r['rank1']:6.3f} "
+                f"{r['identified']:6.3f} {r['false_id']:7.4f} {r['unenrolled_rejected']:9.3f} "
+                f"{r['threshold_unenrolled99']:10.4f}"
+            )
+        if vis.get("roc_png"):
+            lines.append(f"visit ROC: {vis['roc_png']}")
     if res.get("saved_gallery"):
         lines.append(f"gallery for `thzedge run --score`: {res['saved_gallery']}")
     if res.get("roc_png"):
@@ -354,6 +497,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--conditioning", default=",".join(CONDITIONINGS))
     ap.add_argument("--roc", default="build/gallery_roc.png", help="ROC PNG path ('' for none)")
     ap.add_argument("--save-gallery", help="also write the session-conditioned protected gallery here (.npz)")
+    ap.add_argument(
+        "--visit-sessions", type=int, default=24, help="probe sessions for visit figures (0: none)"
+    )
+    ap.add_argument("--visit-session-frames", type=int, default=600)
+    ap.add_argument("--visit-roc", default="build/gallery_visit_roc.png", help="visit ROC PNG ('' for none)")
+    ap.add_argument("--visit-roc-frames", type=int, default=8, help="the visit decision the ROC shows")
+    ap.add_argument("--visit-frames", default="1,3,5,8,12", help="frames fused per visit decision")
+    ap.add_argument("--visit-threshold", type=float, help="visit (mean distance) threshold, 1:1")
+    ap.add_argument("--visit-identify-threshold", type=float, help="visit (mean distance) threshold, 1:N")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     res = run(args)
