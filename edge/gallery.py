@@ -98,21 +98,42 @@ class VerificationMode(Choice):
     off = "off"
 
 
+def is_one_to_one(mode: VerificationMode, claimed: str | None) -> bool:
+    """Whether the daemon's rule verifies this probe 1:1 (forced, or auto with a claimed identity)."""
+    return mode is VerificationMode.one_to_one or (mode is VerificationMode.auto and claimed is not None)
+
+
 def match_probe(
-    gallery: Gallery, embedding: np.ndarray, claimed: str | None, posture: int, mode: VerificationMode
+    gallery: Gallery,
+    embedding: np.ndarray,
+    claimed: str | None,
+    posture: int,
+    mode: VerificationMode,
+    scores: Scores | None = None,
 ) -> Match | None:
     """Match one probe by the daemon's rule: 1:1 for a claimed identity (auto), else 1:N; None when off.
 
-    The references compared are those of the probe's predicted `posture`. Raises ValueError for
-    1:1 without a claimed identity.
+    The references compared are those of the probe's predicted `posture`; `scores`, when the
+    caller already has them (`gallery.scores`), are used instead of computing them again. Raises
+    ValueError for 1:1 without a claimed identity.
     """
     if mode is VerificationMode.off:
         return None
-    if mode is VerificationMode.one_to_one or (mode is VerificationMode.auto and claimed is not None):
+    if is_one_to_one(mode, claimed):
         if claimed is None:
             raise ValueError("1:1 verification needs claimed_identity in the frame header")
+        if scores is not None:
+            return gallery.decide_1to1(scores, claimed)
         return gallery.match_1to1(embedding, claimed, posture=posture)
-    return gallery.match_1toN(embedding, posture=posture)
+    return gallery.decide_1toN(scores if scores is not None else gallery.scores(embedding, posture))
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One probe's distance to every enrolled identity, with the names in the same order."""
+
+    names: tuple[str, ...]
+    distances: np.ndarray  # [identities] float
 
 
 # names, references [M, D] grouped by identity in name order, their postures [M], first rows
@@ -327,29 +348,43 @@ class Gallery:
         same = np.minimum.reduceat(np.where(post == int(posture), d, np.inf), starts)
         return np.where(np.isfinite(same), same, nearest)
 
+    def scores(self, embedding: np.ndarray, posture: int | None = None) -> Scores:
+        """`distances` with the identity names they belong to (one consistent view of the gallery)."""
+        view = self._view
+        return Scores(tuple(view[0]), self._distances(view, embedding, posture))
+
     def match_1to1(self, embedding: np.ndarray, identity: str, posture: int | None = None) -> Match:
         """Verify a claimed identity: accept when the distance to its reference (of the probe's
         posture, else the nearest) is <= threshold."""
         t = self.decision_threshold()
-        view = self._view
-        try:
-            i = view[0].index(identity)
-        except ValueError:
+        if identity not in self._view[0]:  # no distances needed
             return Match(identity=identity, score=None, decision="unknown", threshold=t, mode="1:1")
-        d = float(self._distances(view, embedding, posture)[i])
-        return Match(identity, d, "accept" if d <= t else "reject", t, "1:1")
+        return self.decide_1to1(self.scores(embedding, posture), identity)
 
     def match_1toN(self, embedding: np.ndarray, posture: int | None = None) -> Match:  # noqa: N802 - the contract's name
         """Identify: the closest enrolled identity if within the threshold, else `unknown`."""
-        t = self.decision_threshold()
-        view = self._view
-        d = self._distances(view, embedding, posture)
+        return self.decide_1toN(self.scores(embedding, posture))
+
+    def decide_1to1(self, scores: Scores, identity: str, threshold: float | None = None) -> Match:
+        """The 1:1 decision for `identity` from a probe's `scores` (at `threshold`, default the gallery's)."""
+        t = self.decision_threshold() if threshold is None else float(threshold)
+        try:
+            i = scores.names.index(identity)
+        except ValueError:
+            return Match(identity=identity, score=None, decision="unknown", threshold=t, mode="1:1")
+        d = float(scores.distances[i])
+        return Match(identity, d, "accept" if d <= t else "reject", t, "1:1")
+
+    def decide_1toN(self, scores: Scores, threshold: float | None = None) -> Match:  # noqa: N802 - the contract's name
+        """The 1:N decision from a probe's `scores`: the closest identity if within the threshold."""
+        t = self.decision_threshold() if threshold is None else float(threshold)
+        d = scores.distances
         if d.size == 0:
             return Match(None, None, "unknown", t, "1:N")
         best = int(np.argmin(d))
         score = float(d[best])
         if score <= t:
-            return Match(view[0][best], score, "accept", t, "1:N")
+            return Match(scores.names[best], score, "accept", t, "1:N")
         return Match(None, score, "unknown", t, "1:N")
 
     # -- files ----------------------------------------------------------------------------------

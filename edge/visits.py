@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.gallery import Gallery, VerificationMode
+from edge.gallery import Gallery, Scores, VerificationMode, is_one_to_one
 
 __all__ = ["VisitFusion"]
 
@@ -32,7 +32,8 @@ class _Visit:
     gallery: Gallery
     mode: str  # "1:1" | "1:N"
     claimed: str | None
-    sums: np.ndarray  # summed distance to every enrolled identity, in `gallery.identities` order
+    names: tuple[str, ...]  # the gallery's identities, in the order of `sums`
+    sums: np.ndarray  # summed distance to every enrolled identity
     frames: int = 0
     decided: dict[str, Any] | None = None
 
@@ -62,33 +63,30 @@ class VisitFusion:
         scanner: str,
         visit: int | None,
         gallery: Gallery,
-        embedding: np.ndarray,
-        posture: int,
+        scores: Scores,
         claimed: str | None,
         mode: VerificationMode,
     ) -> dict[str, Any] | None:
-        """Match one frame of a visit; return the result's `verification.visit` object (None: no visit).
+        """Add one frame's `scores` (`gallery.scores` of its embedding and predicted posture) to its
+        visit; return the result's `verification.visit` object (None: no visit, or matching off).
 
         Before the visit has `frames` frames its decision is `pending`; from then on it is the
         frozen visit decision (`accept`, `reject` (1:1), `unknown`) with the fused score.
         """
         if visit is None or mode is VerificationMode.off:
             return None
-        one_to_one = mode is VerificationMode.one_to_one or (
-            mode is VerificationMode.auto and claimed is not None
-        )
-        kind = "1:1" if one_to_one else "1:N"
+        kind = "1:1" if is_one_to_one(mode, claimed) else "1:N"
         v = self._visits.get(scanner)
         # A new visit, a reloaded gallery or another claim starts the fusion afresh.
         if v is None or (v.visit, v.mode, v.claimed) != (visit, kind, claimed) or v.gallery is not gallery:
-            v = _Visit(visit, gallery, kind, claimed, np.zeros(len(gallery), np.float64))
+            v = _Visit(visit, gallery, kind, claimed, scores.names, np.zeros(len(scores.names), np.float64))
             self._visits[scanner] = v
             while len(self._visits) > self.max_scanners:
                 self._visits.popitem(last=False)
         self._visits.move_to_end(scanner)
         v.frames += 1
         if v.decided is None:
-            v.sums += gallery.distances(embedding, posture)
+            v.sums += scores.distances
             if v.frames >= self.frames:
                 v.decided = self._decide(v)
         out: dict[str, Any] = {"id": visit, "frames": v.frames, "decision_frames": self.frames}
@@ -96,22 +94,8 @@ class VisitFusion:
         return out
 
     def _decide(self, v: _Visit) -> dict[str, Any]:
-        chosen = self.threshold if v.mode == "1:1" else self.identify_threshold
-        t = float(chosen) if chosen is not None else v.gallery.decision_threshold()
-        mean = v.sums / v.frames
-        names = v.gallery.identities
-        identity: str | None = None
-        score: float | None = None
+        fused = Scores(v.names, v.sums / v.frames)
         if v.mode == "1:1":
-            identity = v.claimed
-            if v.claimed in names:
-                score = float(mean[names.index(v.claimed)])
-            decision = "unknown" if score is None else ("accept" if score <= t else "reject")
-        else:
-            decision = "unknown"
-            if mean.size:
-                best = int(np.argmin(mean))
-                score = float(mean[best])
-                if score <= t:
-                    identity, decision = names[best], "accept"
-        return {"mode": v.mode, "identity": identity, "score": score, "decision": decision, "threshold": t}
+            assert v.claimed is not None  # 1:1 is chosen only with a claim, or refused before
+            return v.gallery.decide_1to1(fused, v.claimed, self.threshold).to_dict()
+        return v.gallery.decide_1toN(fused, self.identify_threshold).to_dict()

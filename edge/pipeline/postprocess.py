@@ -132,13 +132,16 @@ class PostProcessor:
         claimed = q.frame.header.claimed_identity
         # The gallery compares with the references of the predicted posture (edge.gallery).
         try:
-            outcome = match_probe(ctx.gallery, p.embedding, claimed, p.posture, mode)
+            h = q.frame.header
+            fuse = self.visits is not None and h.visit is not None
+            # One distance computation per frame serves the frame's decision and its visit's.
+            scores = ctx.gallery.scores(p.embedding, p.posture) if fuse else None
+            outcome = match_probe(ctx.gallery, p.embedding, claimed, p.posture, mode, scores)
             assert outcome is not None  # mode is not off
             r.verification = outcome.to_dict()  # its threshold is the gallery's
-            h = q.frame.header
-            if self.visits is not None and h.visit is not None:
+            if self.visits is not None and scores is not None:
                 r.verification["visit"] = self.visits.add(
-                    h.scanner, h.visit, ctx.gallery, p.embedding, p.posture, claimed, mode
+                    h.scanner, h.visit, ctx.gallery, scores, claimed, mode
                 )
         except Exception as exc:
             self.fail(r, Task.verify, exc)

@@ -34,6 +34,27 @@ def gallery() -> Gallery:
     return g
 
 
+def test_decisions_from_precomputed_scores_equal_the_matches(gallery):
+    from edge.gallery import VerificationMode, match_probe
+
+    for probe in (axis(0), unit(axis(0) + axis(2)), axis(5)):
+        sc = gallery.scores(probe)
+        assert sc.names == gallery.identities
+        np.testing.assert_array_equal(sc.distances, gallery.distances(probe))
+        assert gallery.decide_1toN(sc) == gallery.match_1toN(probe)
+        for who in ("alice", "bob", "carol"):
+            assert gallery.decide_1to1(sc, who) == gallery.match_1to1(probe, who)
+            for mode in VerificationMode:
+                claim = None if mode is VerificationMode.one_to_n else who
+                assert match_probe(gallery, probe, claim, -1, mode, sc) == match_probe(
+                    gallery, probe, claim, -1, mode
+                )
+    # Another threshold decides the same distances differently.
+    sc = gallery.scores(unit(axis(0) + axis(2)))
+    assert gallery.decide_1toN(sc).decision == "unknown"
+    assert gallery.decide_1toN(sc, threshold=1.0).decision == "accept"
+
+
 def test_score_is_euclidean_to_the_nearest_reference_without_postures(gallery):
     probe = unit(axis(0) + 0.1 * axis(3))
     refs = [axis(0), unit(axis(0) + 0.2 * axis(1))]
