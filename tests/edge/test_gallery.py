@@ -79,6 +79,8 @@ def test_threshold_boundary_accepts_at_equality():
     g.enroll("x", np.array([[1.0, 0.0]]))
     probe = unit([1.0, 1.0])
     d = float(np.linalg.norm(np.array([1.0, 0.0]) - probe))
+    assert g.distances(probe)[0] == pytest.approx(d, abs=1e-7)  # the Euclidean distance ...
+    d = float(g.distances(probe)[0])  # ... and exactly the score the decision compares
     g.threshold = d
     assert g.match_1to1(probe, "x").decision == "accept"
     g.threshold = d - 1e-4
