@@ -77,8 +77,13 @@ class VisitFusion:
             return None
         kind = "1:1" if is_one_to_one(mode, claimed) else "1:N"
         v = self._visits.get(scanner)
-        # A new visit, a reloaded gallery or another claim starts the fusion afresh.
-        if v is None or (v.visit, v.mode, v.claimed) != (visit, kind, claimed) or v.gallery is not gallery:
+        # A new visit, a reloaded (or re-enrolled) gallery or another claim starts afresh.
+        if (
+            v is None
+            or (v.visit, v.mode, v.claimed) != (visit, kind, claimed)
+            or v.gallery is not gallery
+            or v.names != scores.names
+        ):
             v = _Visit(visit, gallery, kind, claimed, scores.names, np.zeros(len(scores.names), np.float64))
             self._visits[scanner] = v
             while len(self._visits) > self.max_scanners:

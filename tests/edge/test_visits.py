@@ -109,6 +109,8 @@ def test_a_new_visit_another_scanner_or_a_reloaded_gallery_starts_afresh(gallery
     assert (
         fusion.add("s0", 2, gallery, gallery.scores(axis(2), 0), None, MANY)["frames"] == 1
     )  # the next visit
+    gallery.enroll("carol", axis(4)[None])  # enrolled in place mid-visit: fused afresh too
+    assert fusion.add("s0", 2, gallery, gallery.scores(axis(2), 0), None, MANY)["frames"] == 1
     reloaded = Gallery("a" * 64, DIM, threshold=0.5)
     reloaded.enroll("bob", axis(2)[None])
     # The same visit after SIGHUP swapped the gallery: fused again against the new one only.
