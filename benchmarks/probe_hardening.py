@@ -54,31 +54,24 @@ class Row:
 # -- helpers ------------------------------------------------------------------------------------
 
 
+def _env(extra: dict[str, str] | None) -> dict[str, str]:
+    """The probe's environment for a `thzedge` process: this checkout, no systemd notify socket."""
+    full = {**os.environ, "PYTHONPATH": str(ROOT), **(extra or {})}
+    full.pop("NOTIFY_SOCKET", None)
+    return full
+
+
 def thzedge(
     *args: str, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess:
-    full = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    full.pop("NOTIFY_SOCKET", None)
-    return subprocess.run(
-        [sys.executable, "-m", "edge", *args],
-        cwd=ROOT,
-        env=full,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    cmd = [sys.executable, "-m", "edge", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(env), capture_output=True, text=True, timeout=timeout)
 
 
 def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    full = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    full.pop("NOTIFY_SOCKET", None)
+    cmd = [sys.executable, "-m", "edge", *args]
     return subprocess.Popen(
-        [sys.executable, "-m", "edge", *args],
-        cwd=ROOT,
-        env=full,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        cmd, cwd=ROOT, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 

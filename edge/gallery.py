@@ -138,7 +138,7 @@ class Scores:
 
 # names, references [M, D] (float64) grouped by identity in name order, their squared norms [M],
 # their postures [M], each identity's first row
-_View = tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+_View = tuple[tuple[str, ...], np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -199,7 +199,7 @@ class Gallery:
         # Matching view, swapped in one assignment by _rebuild: names, all references [M, D]
         # grouped by identity in name order, their postures [M] and each identity's first row.
         self._view: _View = (
-            [],
+            (),
             np.zeros((0, self.embedding_dim), np.float64),
             np.zeros(0, np.float64),
             np.zeros(0, np.int8),
@@ -281,7 +281,7 @@ class Gallery:
             refs = np.zeros((0, self.embedding_dim), np.float64)
             post, starts = np.zeros(0, np.int8), np.zeros(0, np.intp)
         # One assignment, so a reader never sees names and references out of step.
-        self._view = (names, refs, np.einsum("ij,ij->i", refs, refs), post, starts)
+        self._view = (tuple(names), refs, np.einsum("ij,ij->i", refs, refs), post, starts)
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -294,7 +294,7 @@ class Gallery:
     @property
     def identities(self) -> tuple[str, ...]:
         """Enrolled identity names (sorted). Personal data: do not log them."""
-        return tuple(self._view[0])
+        return self._view[0]
 
     @property
     def template_description(self) -> dict[str, Any] | None:
@@ -356,7 +356,7 @@ class Gallery:
     def scores(self, embedding: np.ndarray, posture: int | None = None) -> Scores:
         """`distances` with the identity names they belong to (one consistent view of the gallery)."""
         view = self._view
-        return Scores(tuple(view[0]), self._distances(view, embedding, posture))
+        return Scores(view[0], self._distances(view, embedding, posture))
 
     def match_1to1(self, embedding: np.ndarray, identity: str, posture: int | None = None) -> Match:
         """Verify a claimed identity: accept when the distance to its reference (of the probe's

@@ -81,10 +81,10 @@ def format_message(msg: DecodedMessage) -> str:
         dropped = h.get("dropped_since_last", 0)
         drops = f" dropped={dropped}" if dropped else ""
         visit = ((h.get("verification") or {}).get("visit") or {}).get("id")
-        drops += f" visit={visit}:{field_of(h, 'visit')}" if visit is not None else ""
+        fused = f" visit={visit}:{field_of(h, 'visit')}" if visit is not None else ""
         return (
             f"{h.get('scanner')} seq={h.get('seq')} posture={pos} decision={field_of(h, 'decision')} "
-            f"status={h.get('status')} latency={lat}{drops}{tail}"
+            f"status={h.get('status')} latency={lat}{drops}{fused}{tail}"
         )
     kind = h.get("kind")
     if kind == "state":

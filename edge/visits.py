@@ -82,7 +82,7 @@ class VisitFusion:
             v is None
             or (v.visit, v.mode, v.claimed) != (visit, kind, claimed)
             or v.gallery is not gallery
-            or v.names != scores.names
+            or (v.names is not scores.names and v.names != scores.names)  # same view: no compare
         ):
             v = _Visit(visit, gallery, kind, claimed, scores.names, np.zeros(len(scores.names), np.float64))
             self._visits[scanner] = v

@@ -133,16 +133,14 @@ class PostProcessor:
         # The gallery compares with the references of the predicted posture (edge.gallery).
         try:
             h = q.frame.header
-            fuse = self.visits is not None and h.visit is not None
+            fusion = self.visits if h.visit is not None else None
             # One distance computation per frame serves the frame's decision and its visit's.
-            scores = ctx.gallery.scores(p.embedding, p.posture) if fuse else None
+            scores = None if fusion is None else ctx.gallery.scores(p.embedding, p.posture)
             outcome = match_probe(ctx.gallery, p.embedding, claimed, p.posture, mode, scores)
             assert outcome is not None  # mode is not off
             r.verification = outcome.to_dict()  # its threshold is the gallery's
-            if self.visits is not None and scores is not None:
-                r.verification["visit"] = self.visits.add(
-                    h.scanner, h.visit, ctx.gallery, scores, claimed, mode
-                )
+            if fusion is not None and scores is not None:
+                r.verification["visit"] = fusion.add(h.scanner, h.visit, ctx.gallery, scores, claimed, mode)
         except Exception as exc:
             self.fail(r, Task.verify, exc)
         r.latency_ms[Stage.verify.value] = (time.perf_counter() - t0) * 1e3
