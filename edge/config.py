@@ -173,6 +173,9 @@ class PublisherConfig:
     # Mode of `ipc://` socket files (R-NEW-2): 0o600, or 0o660 together with `ipc_group`.
     ipc_mode: int = field(default=0o600, metadata={"file_modes": (0o600, 0o660)})
     ipc_group: str | None = None
+    # A lockstep source starts reading once a first subscriber has joined, or after this long
+    # (0: at once). Messages sent before a subscription arrives are not delivered to it.
+    wait_subscriber_s: float = field(default=0.0, metadata={"min": 0.0, "max": MAX_SECONDS})
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ class DaemonSettings:
     poll_s: float = 0.05
     ipc_mode: int = field(default=0o600, metadata=_from("publisher", "ipc_mode"))
     ipc_group: str | None = field(default=None, metadata=_from("publisher", "ipc_group"))
+    wait_subscriber_s: float = field(default=0.0, metadata=_from("publisher", "wait_subscriber_s"))
     # auto: follow the source (live → drop oldest, lockstep replay → block).
     queue_policy: QueuePolicy = QueuePolicy.auto
     # A live source's frames that do not fit the profile: refused at start-up (exit 78) unless allowed.

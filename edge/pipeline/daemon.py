@@ -230,6 +230,25 @@ class Daemon:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
 
+    def _wait_for_subscriber(self, pub: PublisherStage) -> None:
+        """Hold a lockstep source until a first subscriber joins ([publisher] wait_subscriber_s).
+
+        A lockstep run loses nothing to a subscriber that is connected, but what is sent before a
+        subscription arrives never reaches it; a replay can end before a consumer started with
+        it has joined. Waiting is bounded: after the timeout the run starts anyway (logged).
+        """
+        wait_s = self.settings.wait_subscriber_s
+        if wait_s <= 0:
+            return
+        self.tracker.status(f"waiting up to {wait_s:g} s for a first subscriber")
+        end = time.monotonic() + wait_s
+        while not pub.joined.wait(self.settings.poll_s):
+            if self.stop_event.is_set():
+                return
+            if time.monotonic() >= end:
+                log.warning("no subscriber joined within %g s: starting the lockstep source anyway", wait_s)
+                return
+
     def _run(self, t_start: float) -> RunSummary:
         self.tracker.status("loading calibration and gallery")
         ctx = self._load_context(0, None)
@@ -267,6 +286,9 @@ class Daemon:
             acq.join(timeout=self.settings.stop_timeout_s)
             raise pub.error
         inf.start()
+        if not acq.live:
+            assert isinstance(pub, PublisherStage)
+            self._wait_for_subscriber(pub)
         acq.go.set()
         assert self.publish is not None and self.publish.publisher is not None
         endpoint = self.publish.publisher.bound_endpoint

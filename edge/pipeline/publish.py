@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,9 +30,6 @@ log = logging.getLogger("thzedge.daemon")
 FLUSH_ON_STOP_S = 1.0
 
 
-log = logging.getLogger("thzedge.daemon")
-
-
 class PublisherStage(Stage):
     """Owns the results socket: sends results and events, welcomes joiners with the state."""
 
@@ -45,6 +43,7 @@ class PublisherStage(Stage):
         self._last_state = 0.0
         self._state_version = -1
         self._revocations = getattr(binder, "revocations", 0)
+        self.joined = threading.Event()  # set once a first subscription has arrived
 
     def scanner(self) -> str:
         """The scanner name for event topics: the stream's, else the instance name."""
@@ -102,6 +101,8 @@ class PublisherStage(Stage):
                 pub.rebind()  # a revoked client still connected is cut off here
                 log.info("results socket rebound after a CURVE key was revoked")
             joins = pub.poll_subscriptions()
+            if joins:
+                self.joined.set()
             pub.scanner = self.scanner()
             version = pipe.state_version
             if (

@@ -141,6 +141,7 @@ insecure_dev = true
         ({"verification": {"mode": "1:N"}}, "needs gallery"),
         ({"publisher": {"ipc_mode": 0o644}}, "ipc_mode = 0o644: expected one of 0o600, 0o660"),
         ({"publisher": {"ipc_mode": 0o660}}, "needs ipc_group"),
+        ({"publisher": {"wait_subscriber_s": -1.0}}, "wait_subscriber_s = -1.0: must be >= 0"),
         ({"publisher": {"endpoint": "udp://x"}}, "expected ipc://PATH or tcp://HOST:PORT"),
         ({"metrics": {"bind": "localhost"}}, "expected HOST:PORT"),
         ({"sources": {"s0": {}}}, "missing key 'uri'"),

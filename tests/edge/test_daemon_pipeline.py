@@ -459,3 +459,40 @@ def test_a_stage_that_dies_mid_stream_ends_the_run_as_a_bug_not_a_clean_stop(
     with pytest.raises(InternalError, match="stage publish failed: RuntimeError: publisher bug"):
         daemon.run()
     assert daemon.stats.published == 3
+
+
+def test_a_lockstep_source_waits_for_a_first_subscriber_when_configured(
+    runner: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """[publisher] wait_subscriber_s: a consumer that joins late still gets every result."""
+    from edge.pipeline.daemon import Daemon
+
+    endpoint = f"ipc://{tmp_path}/r.sock"
+    n = 12
+    src = ScriptedSource([make_frame(i) for i in range(n)], live=False)  # no silences: no head start
+    settings = DaemonSettings(endpoint=endpoint, poll_s=0.02, wait_subscriber_s=30.0)
+    daemon = Daemon(settings, runner, lambda: src, identity_context)
+    got: list[dict] = []
+    stop = threading.Event()
+    collectors: list[threading.Thread] = []
+    late = threading.Timer(0.5, lambda: collectors.append(collect(endpoint, stop, got)))
+    late.start()
+    t0 = time.monotonic()
+    summary = daemon.run()
+    waited = time.monotonic() - t0
+    time.sleep(0.3)
+    stop.set()
+    late.join(5)
+    collectors[0].join(5)
+    assert summary.published == n and summary.unaccounted == 0
+    assert waited >= 0.5
+    assert sorted(h["seq"] for h in got) == list(range(n))
+
+    # Nobody joins: the run starts once the wait is over, and says so.
+    src = ScriptedSource([make_frame(i) for i in range(n)], live=False)
+    settings = DaemonSettings(endpoint=f"ipc://{tmp_path}/r2.sock", poll_s=0.02, wait_subscriber_s=0.3)
+    t0 = time.monotonic()
+    with caplog.at_level("WARNING", logger="thzedge.daemon"):
+        summary = Daemon(settings, runner, lambda: src, identity_context).run()
+    assert summary.published == n and time.monotonic() - t0 >= 0.3
+    assert any("no subscriber joined within 0.3 s" in r.getMessage() for r in caplog.records)

@@ -56,7 +56,9 @@ def test_a_replay_with_a_tampered_chunk_counts_it_in_summary_and_events(
     assert (info.tampered_chunks if sealed else info.bad_chunks) == 1
     assert info.frames < N
 
-    extra = f'[storage]\nkey_file = "{tmp_path / "keys" / "storage.key"}"\n' if sealed else ""
+    # The replay ends in a fraction of a second: it starts once this test's subscriber has joined.
+    extra = "[publisher]\nwait_subscriber_s = 60\n"
+    extra += f'[storage]\nkey_file = "{tmp_path / "keys" / "storage.key"}"\n' if sealed else ""
     cfg = write_config(tmp_path / "thzedge.toml", extra, calibration="allow_uncalibrated = true\n")
     pub = f"ipc://{tmp_path}/results.sock"
     sub = Subscriber(pub)
