@@ -176,9 +176,9 @@ def test_a_failing_task_marks_only_its_frame_partial(runner: Any, tmp_path: Path
     endpoint = f"ipc://{tmp_path}/r.sock"
     got: list[dict] = []
     stop = threading.Event()
-    # Lockstep source: the subscriber joins before frames flow (a paced start keeps nothing from it).
-    src = ScriptedSource([None] * 10 + frames, live=False)
-    settings = DaemonSettings(endpoint=endpoint, poll_s=0.02)
+    # Lockstep source: no frame flows before the subscriber has joined.
+    src = ScriptedSource(frames, live=False)
+    settings = DaemonSettings(endpoint=endpoint, poll_s=0.02, wait_subscriber_s=30.0)
     t = collect(endpoint, stop, got)
     daemon = Daemon(
         settings,
