@@ -238,8 +238,6 @@ class Daemon:
         it has joined. Waiting is bounded: after the timeout the run starts anyway (logged).
         """
         wait_s = self.settings.wait_subscriber_s
-        if wait_s <= 0:
-            return
         self.tracker.status(f"waiting up to {wait_s:g} s for a first subscriber")
         end = time.monotonic() + wait_s
         while not pub.joined.wait(self.settings.poll_s):
@@ -286,10 +284,11 @@ class Daemon:
             acq.join(timeout=self.settings.stop_timeout_s)
             raise pub.error
         inf.start()
-        if not acq.live:
-            assert isinstance(pub, PublisherStage)
-            self._wait_for_subscriber(pub)
-        acq.go.set()
+        # A lockstep source may wait for a first subscriber; that wait is after READY: the daemon
+        # is ready to serve it.
+        hold = not acq.live and self.settings.wait_subscriber_s > 0
+        if not hold:
+            acq.go.set()
         assert self.publish is not None and self.publish.publisher is not None
         endpoint = self.publish.publisher.bound_endpoint
         mode = "live" if acq.live else "lockstep"
@@ -306,6 +305,10 @@ class Daemon:
             on_ping=self.metrics.watchdog_ping,
         )
         self.pinger.start()
+        if hold:
+            self._wait_for_subscriber(self.publish)
+            self._ready_at = time.monotonic()  # a source is silent from here on, not while held
+            acq.go.set()
         if self.on_ready is not None:
             self.on_ready(self)
         self._main_loop(pipe)

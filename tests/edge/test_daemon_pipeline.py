@@ -85,14 +85,17 @@ def identity_context(generation: int, source_profile: Any = None) -> ProcessingC
     return ProcessingContext(profile=None, params=None, calibration_id="identity", generation=generation)
 
 
-def collect(endpoint: str, stop: threading.Event, out: list[dict]) -> threading.Thread:
+def collect(
+    endpoint: str, stop: threading.Event, out: list[dict], topics: tuple[bytes, ...] = (b"result/",)
+) -> threading.Thread:
     import json
 
     def run() -> None:
         ctx = zmq.Context()
         sub = ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.SUBSCRIBE, b"result/")
+        for topic in topics:
+            sub.setsockopt(zmq.SUBSCRIBE, topic)
         sub.connect(endpoint)
         while not stop.is_set():
             if sub.poll(50):
@@ -470,12 +473,14 @@ def test_a_lockstep_source_waits_for_a_first_subscriber_when_configured(
     endpoint = f"ipc://{tmp_path}/r.sock"
     n = 12
     src = ScriptedSource([make_frame(i) for i in range(n)], live=False)  # no silences: no head start
-    settings = DaemonSettings(endpoint=endpoint, poll_s=0.02, wait_subscriber_s=30.0)
+    # Held longer than a source may be silent: the wait is not a stall.
+    settings = DaemonSettings(endpoint=endpoint, poll_s=0.02, wait_subscriber_s=30.0, stalled_after_s=0.3)
     daemon = Daemon(settings, runner, lambda: src, identity_context)
     got: list[dict] = []
     stop = threading.Event()
     collectors: list[threading.Thread] = []
-    late = threading.Timer(0.5, lambda: collectors.append(collect(endpoint, stop, got)))
+    both = (b"result/", b"event/")
+    late = threading.Timer(0.5, lambda: collectors.append(collect(endpoint, stop, got, both)))
     late.start()
     t0 = time.monotonic()
     summary = daemon.run()
@@ -486,7 +491,9 @@ def test_a_lockstep_source_waits_for_a_first_subscriber_when_configured(
     collectors[0].join(5)
     assert summary.published == n and summary.unaccounted == 0
     assert waited >= 0.5
-    assert sorted(h["seq"] for h in got) == list(range(n))
+    assert sorted(h["seq"] for h in got if "seq" in h) == list(range(n))
+    states = [h["state"] for h in got if h.get("kind") == "state"]
+    assert states[0] == "ready" and "stalled" not in states, states
 
     # Nobody joins: the run starts once the wait is over, and says so.
     src = ScriptedSource([make_frame(i) for i in range(n)], live=False)
