@@ -200,7 +200,20 @@ def cli_command(app: typer.Typer) -> Any:
     """
     command = typer.main.get_command(app)
     _plain_metavars(command)
+    _literal_brackets(command)
     return command
+
+
+def _literal_brackets(command: Any) -> None:
+    """Show `[section] key` in help as written: typer renders help as Rich markup, which takes
+    `[publisher]` for a style tag and drops it."""
+    from rich.markup import escape
+
+    for item in (command, *command.params):
+        if getattr(item, "help", None):
+            item.help = escape(item.help)
+    for sub in getattr(command, "commands", {}).values():
+        _literal_brackets(sub)
 
 
 def _plain_metavars(command: Any) -> None:

@@ -97,3 +97,26 @@ def test_usage_errors_are_one_line_with_exit_2(args, start):
     assert len(lines) == 1 and lines[0].startswith(start), out.stderr
     assert "--help`" in lines[0]  # says where to look
     assert "╭" not in out.stderr and out.stdout == ""
+
+
+def test_config_sections_named_in_help_are_printed(capsys, monkeypatch):
+    """Help renders as Rich markup, where `[publisher]` would be a style tag and vanish."""
+    monkeypatch.setenv("COLUMNS", "400")  # no wrapping inside a name
+    section = re.compile(r"\[[a-z_.]+\]")
+    named: dict[tuple[str, ...], set[str]] = {}
+
+    def walk(cmd: object, path: tuple[str, ...]) -> None:
+        texts = [getattr(cmd, "help", None) or ""] + [p.help or "" for p in cmd.params]  # type: ignore[attr-defined]
+        found = {m for t in texts for m in section.findall(t)}
+        if found:
+            named[path] = found
+        for name, sub in getattr(cmd, "commands", {}).items():
+            if not sub.hidden:
+                walk(sub, (*path, name))
+
+    walk(typer.main.get_command(build_app()), ())
+    assert len(named) >= 3  # tail, view, export sign, … say which config key they read
+    for path, sections in named.items():
+        assert main([*path, "--help"]) == 0, path
+        out = capsys.readouterr().out
+        assert all(s in out for s in sections), (path, sections, out)
