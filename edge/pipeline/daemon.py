@@ -241,7 +241,7 @@ class Daemon:
         self.tracker.status(f"waiting up to {wait_s:g} s for a first subscriber")
         end = time.monotonic() + wait_s
         while not pub.joined.wait(self.settings.poll_s):
-            if self.stop_event.is_set():
+            if self.stop_event.is_set() or pub.done.is_set():  # stopped, or the publisher failed
                 return
             if time.monotonic() >= end:
                 log.warning("no subscriber joined within %g s: starting the lockstep source anyway", wait_s)
