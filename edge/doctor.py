@@ -317,8 +317,13 @@ def _gallery_checks(cfg: Any, loaded: _Loaded) -> list[CheckResult]:
         return [skip("gallery", "no gallery configured: results carry no verification")]
     if loaded.bundle is None:
         return [skip("gallery", "not checked: the model bundle did not open")]
+    from edge.templates import load_template_key
+
     try:
-        g = Gallery.load(v.gallery, loaded.bundle, threshold=v.threshold, precision=_checked_precision(cfg))
+        # Loaded as `run` loads it: with the configured template key (protected templates need it).
+        key = load_template_key(v.template_key) if v.template_key is not None else None
+        precision = _checked_precision(cfg)
+        g = Gallery.load(v.gallery, loaded.bundle, v.threshold, precision, template_key=key)
     except ThzEdgeError as exc:
         return [fail("gallery", str(exc))]
     rows = [ok("gallery", f"{v.gallery}: {len(g)} identities, bound to bundle {g.bundle_sha256[:12]}")]

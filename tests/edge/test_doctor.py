@@ -114,6 +114,32 @@ def test_config_validate_accepts_a_real_profile_and_refuses_a_foreign_gallery(
     assert rows["gallery file mode"].status is CheckStatus.ok  # written 0600
 
 
+def test_config_validate_loads_a_protected_gallery_with_the_configured_template_key(
+    tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edge.templates import generate_template_key
+
+    key = generate_template_key(tmp_path / "keys", "template", site="gate-1")
+    crops = tmp_path / "crops.npy"
+    np.save(crops, np.random.default_rng(0).random((2, 64, 64), dtype=np.float32))
+    gallery = tmp_path / "g.npz"
+    enroll = ["enroll", str(crops), "--model", str(tiny_bundle), "--gallery", str(gallery)]
+    assert main([*enroll, "--identity", "p1", "--template-key", str(key)]) == 0
+    cfg = tmp_path / "t.toml"
+    head = f'[model]\nbundle = "{tiny_bundle}"\n[verification]\ngallery = "{gallery}"\nthreshold = 0.8\n'
+    cfg.write_text(head + f'template_key = "{key}"\n')
+    capsys.readouterr()
+    assert main(["--config", str(cfg), "config", "validate"]) == 0, capsys.readouterr().err
+    # Another key (a rotation) revokes the templates: validate says so, as run would.
+    other = generate_template_key(tmp_path / "keys2", "template", site="gate-1")
+    cfg.write_text(head + f'template_key = "{other}"\n')
+    assert main(["--config", str(cfg), "config", "validate"]) == EXIT_CONFIG
+    assert "revoked" in capsys.readouterr().err
+    cfg.write_text(head)  # no key at all
+    assert main(["--config", str(cfg), "config", "validate"]) == EXIT_CONFIG
+    assert "set [verification] template_key" in capsys.readouterr().err
+
+
 def test_report_is_ready_unless_a_check_fails_and_renders_a_table() -> None:
     report = DoctorReport(
         [CheckResult("a", CheckStatus.ok, "fine"), CheckResult("jetson clocks", CheckStatus.warn)]
