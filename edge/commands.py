@@ -475,7 +475,7 @@ def gallery_info_command(
     gallery: Annotated[Path, typer.Argument(help="Gallery .npz file.")],
     names: Annotated[bool, typer.Option("--names", help="Also list identity names (personal data).")] = False,
 ) -> None:
-    """Show a gallery's bundle, threshold source and size; names only with --names."""
+    """Show a gallery's bundle and encoder, template protection and size; names only with --names."""
     storage_key_from_config(load_config(global_options(ctx).config))
     g = Gallery.load(gallery, need_key=False)
     info: dict[str, Any] = {
@@ -495,10 +495,20 @@ def gallery_info_command(
         typer.echo(json.dumps(info, indent=2))
         return
     for key, value in info.items():
+        if key == "template":
+            value = _template_line(value)
         if key != "names":
             typer.echo(f"{key}: {value}")
     for n, k in info.get("names", {}).items():
         typer.echo(f"  {n}: {k} reference(s); postures {', '.join(_posture_coverage(g, n)[0])}")
+
+
+def _template_line(template: dict[str, Any] | None) -> str:
+    """`gallery info`'s template line: the scheme and key, or that the references are plaintext."""
+    if template is None:
+        return "none (plaintext embeddings; configure a template key and re-enrol)"
+    rest = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in template.items() if k != "scheme")
+    return f"{template.get('scheme', '?')}" + (f" ({rest})" if rest else "")
 
 
 def gallery_remove_command(

@@ -125,6 +125,8 @@ def test_config_validate_loads_a_protected_gallery_with_the_configured_template_
     gallery = tmp_path / "g.npz"
     enroll = ["enroll", str(crops), "--model", str(tiny_bundle), "--gallery", str(gallery)]
     assert main([*enroll, "--identity", "p1", "--template-key", str(key)]) == 0
+    assert main(["gallery", "info", str(gallery)]) == 0
+    assert "template: orthogonal-projection/v1 (key id " in capsys.readouterr().out
     cfg = tmp_path / "t.toml"
     head = f'[model]\nbundle = "{tiny_bundle}"\n[verification]\ngallery = "{gallery}"\nthreshold = 0.8\n'
     cfg.write_text(head + f'template_key = "{key}"\n')

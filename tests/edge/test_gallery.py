@@ -351,6 +351,7 @@ def test_enroll_cli_then_match_with_the_runner(tiny_bundle, tmp_path, capsys, ca
     assert main(["gallery", "info", str(gallery)]) == 0
     info = capsys.readouterr().out
     assert "identities: 2" in info and "alice" not in info
+    assert "template: none (plaintext embeddings" in info
     assert main(["gallery", "info", "--names", str(gallery)]) == 0
     assert "alice: 3 reference(s); postures " in capsys.readouterr().out
     assert main(["gallery", "remove", str(gallery), "--identity", "bob"]) == 0
