@@ -160,6 +160,22 @@ def activation_history(
     return out
 
 
+def _record(profile: CalibrationProfile, previous: str | None) -> ActivationRecord:
+    qa = profile.qa or {}
+    return ActivationRecord(
+        time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        profile_id=profile.profile_id,
+        previous=previous,
+        scanner_serial=profile.scanner,
+        figures={
+            "bad_pixel_fraction": profile.bad_pixel_fraction,
+            "residual_dsnu_dn": qa.get("residual_dsnu_dn"),
+            "residual_prnu_pct": qa.get("residual_prnu_pct"),
+            "sensor_temp_c": profile.envelope.sensor_temp_c if profile.envelope else None,
+        },
+    )
+
+
 def activate_profile(
     profile_dir: str | os.PathLike[str],
     scanner: str,
@@ -204,6 +220,9 @@ def activate_profile(
             + "; ".join(problems)
             + "; recalibrate (clean the optics, check the reference) or repair the sensor"
         )
+    if current is not None and current.profile_id == profile.profile_id:
+        # Already active: nothing to swap and no history line (`previous` is the profile itself).
+        return _record(profile, previous=profile.profile_id)
     root = _scanner_dir(scanner, state_dir)
     dest = root / "profiles" / profile.profile_id
     if not dest.exists():
@@ -221,19 +240,7 @@ def activate_profile(
     tmp_link = root / f".{_CURRENT}.{os.getpid()}.{time.monotonic_ns()}"
     os.symlink(Path("profiles") / profile.profile_id, tmp_link)
     os.replace(tmp_link, link)
-    qa = profile.qa or {}
-    record = ActivationRecord(
-        time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        profile_id=profile.profile_id,
-        previous=current.profile_id if current is not None else None,
-        scanner_serial=profile.scanner,
-        figures={
-            "bad_pixel_fraction": profile.bad_pixel_fraction,
-            "residual_dsnu_dn": qa.get("residual_dsnu_dn"),
-            "residual_prnu_pct": qa.get("residual_prnu_pct"),
-            "sensor_temp_c": profile.envelope.sensor_temp_c if profile.envelope else None,
-        },
-    )
+    record = _record(profile, previous=current.profile_id if current is not None else None)
     with open(root / _HISTORY, "a") as fh:
         fh.write(json.dumps(record.to_dict(), sort_keys=True) + "\n")
         fh.flush()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -246,8 +246,11 @@ def activate_command(
     header = read_frames(named.uri, 1, 10.0, curve=named.curve)[0].header if named is not None else None
     limits = ActivationLimits(max_bad, max_dsnu, max_prnu)
     record = activate_profile(profile, scanner, state_dir, header=header, limits=limits)
+    unchanged = record.previous == record.profile_id
     if as_json:
-        typer.echo(json.dumps(record.to_dict(), sort_keys=True))
+        typer.echo(json.dumps({**record.to_dict(), "changed": not unchanged}, sort_keys=True))
+    elif unchanged:
+        typer.echo(f"profile {record.profile_id} is already the active one for {scanner}; nothing changed")
     else:
         prev = f" (was {record.previous})" if record.previous else ""
         where = calibration_state_dir(state_dir) / scanner
@@ -278,11 +281,17 @@ def list_command(
     if not history:
         typer.echo(f"no profile was ever activated for {scanner}")
         return
-    for r in history:
-        mark = "*" if r.profile_id == active_id else " "
+    # The active profile may have been activated more than once: its last activation is marked.
+    marked = max((i for i, r in enumerate(history) if r.profile_id == active_id), default=None)
+
+    def figure(value: Any, unit: str, digits: int) -> str:
+        return "–" if value is None else f"{float(value):.{digits}f} {unit}"
+
+    for i, r in enumerate(history):
         f = r.figures
         typer.echo(
-            f"{mark} {r.time_utc}  {r.profile_id}  serial {r.scanner_serial}  "
+            f"{'*' if i == marked else ' '} {r.time_utc}  {r.profile_id}  serial {r.scanner_serial}  "
             f"bad {100 * (f.get('bad_pixel_fraction') or 0):.2f} %  "
-            f"DSNU {f.get('residual_dsnu_dn')}  PRNU {f.get('residual_prnu_pct')}  T {f.get('sensor_temp_c')}"
+            f"DSNU {figure(f.get('residual_dsnu_dn'), 'DN', 2)}  "
+            f"PRNU {figure(f.get('residual_prnu_pct'), '%', 2)}  T {figure(f.get('sensor_temp_c'), '°C', 1)}"
         )

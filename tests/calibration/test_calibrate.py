@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -317,6 +318,27 @@ def test_activate_swaps_atomically_refuses_mismatch_and_limits_and_keeps_history
     assert [h["profile_id"] for h in listing["history"]] == [profile.profile_id, other.profile_id]
     assert listing["history"][1]["previous"] == profile.profile_id
     assert not list((state / "scanner0").glob(".current.*")), "no temporary link left behind"
+    # Activating the active profile again changes nothing and adds no history line.
+    again = [
+        "calibrate",
+        "activate",
+        str(tmp_path / "second"),
+        "--scanner",
+        "scanner0",
+        "--state-dir",
+        str(state),
+    ]
+    assert main(again) == 0
+    assert "already the active one for scanner0; nothing changed" in capsys.readouterr().out
+    assert main(["--json", *again]) == 0
+    assert json.loads(capsys.readouterr().out)["changed"] is False
+    # Back to the first: it is in the history twice, and only its last activation is marked.
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["calibrate", "list", "--scanner", "scanner0", "--state-dir", str(state)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln[0] for ln in lines] == [" ", " ", "*"] and all(profile.profile_id in lines[i] for i in (0, 2))
+    assert re.search(r"DSNU \d+\.\d\d DN  PRNU \d+\.\d\d %  T \d+\.\d °C$", lines[2]), lines[2]
 
 
 def test_activate_refuses_a_profile_without_qa(tmp_path: Path, capsys) -> None:
