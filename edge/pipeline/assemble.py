@@ -150,6 +150,9 @@ class ContextLoader:
         self.precision = precision
         self.security = security
         self.calibration = calibration or CalibrationConfig()
+        # Start-up loads generation 0 twice when the source carries the profile (before and
+        # after the source opens): its gallery is read from disk once. A reload always reads it.
+        self._startup_gallery: tuple[Gallery | None] | None = None
 
     def profile(self, carried: ProfileChoice | None) -> ProfileChoice:
         """The profile that conditions the stream (`stream_profile`)."""
@@ -167,21 +170,29 @@ class ContextLoader:
                 choice.origin,
                 choice.profile.dark_model(),
             )
-        gallery = None
-        v = self.verification
-        if v.gallery is not None and VerificationMode(v.mode) is not VerificationMode.off:
-            key = load_template_key(v.template_key) if v.template_key is not None else None
-            try:
-                gallery = Gallery.load(
-                    v.gallery, self.bundle, threshold=v.threshold, precision=self.precision, template_key=key
-                )
-            except DataError as exc:
-                # A corrupt gallery does not heal on a restart: at start-up it is exit 78.
-                raise ConfigError(f"[verification] gallery: {exc}") from None
+        if generation == 0 and self._startup_gallery is not None:
+            (gallery,) = self._startup_gallery
+        else:
+            gallery = self._load_gallery()
+            if generation == 0:
+                self._startup_gallery = (gallery,)
         ctx = stream_context(choice, self.src, self.calibration, gallery, generation)
         assert ctx.params is not None  # stream_context always sets them
         _check_model_input(ctx.params, self.bundle, choice)
         return ctx
+
+    def _load_gallery(self) -> Gallery | None:
+        v = self.verification
+        if v.gallery is None or VerificationMode(v.mode) is VerificationMode.off:
+            return None
+        key = load_template_key(v.template_key) if v.template_key is not None else None
+        try:
+            return Gallery.load(
+                v.gallery, self.bundle, threshold=v.threshold, precision=self.precision, template_key=key
+            )
+        except DataError as exc:
+            # A corrupt gallery does not heal on a restart: at start-up it is exit 78.
+            raise ConfigError(f"[verification] gallery: {exc}") from None
 
 
 # `auto` leaves the fp32 reference only for a variant at least this much faster per frame, so

@@ -503,3 +503,42 @@ def test_a_lockstep_source_waits_for_a_first_subscriber_when_configured(
         summary = Daemon(settings, runner, lambda: src, identity_context).run()
     assert summary.published == n and time.monotonic() - t0 >= 0.3
     assert any("no subscriber joined within 0.3 s" in r.getMessage() for r in caplog.records)
+
+
+def test_start_up_reads_the_gallery_once_and_each_reload_reads_it_again(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """Generation 0 is loaded twice when the source carries the profile; the file is read once."""
+    from edge.bundle import Bundle
+    from edge.config import SourceConfig, VerificationConfig
+    from edge.gallery import Gallery
+    from edge.pipeline.assemble import ContextLoader
+    from edge.security import EndpointSecurity
+
+    bundle = Bundle.open(tiny_bundle)
+    path = tmp_path / "g.npz"
+
+    def enrol(*names: str) -> None:
+        g = Gallery(bundle.encoder_sha256, 32, bundle_sha256=bundle.sha256)
+        for i, name in enumerate(names):
+            g.enroll(name, np.eye(32, dtype=np.float32)[i : i + 1])
+        g.save(path)
+
+    enrol("alice")
+    ctx = zmq.Context()
+    try:
+        load = ContextLoader(
+            SourceConfig(uri="sim"),
+            VerificationConfig(gallery=path, threshold=0.5),
+            bundle,
+            "fp32",
+            EndpointSecurity(ctx),
+        )
+        first, again = load(0, None), load(0, None)
+        assert first.gallery is again.gallery and first.gallery.identities == ("alice",)
+        enrol("alice", "bob")  # re-enrolled, then SIGHUP
+        assert load(1, None).gallery.identities == ("alice", "bob")
+        enrol("carol")  # a reload of the same generation (the last one failed) reads it again
+        assert load(1, None).gallery.identities == ("carol",)
+    finally:
+        ctx.term()
