@@ -80,18 +80,23 @@ class GateLine:
             self.name,
             f(self.reference),
             f(self.candidate),
-            "-" if self.delta is None else f"{self.delta:+.4f}",
+            "-" if self.delta is None else self._delta_text(),
             self.limit,
             "pass" if self.passed else "FAIL",
         ]
 
+    def _delta_text(self) -> str:
+        """The change in the unit of a Δ limit (pp, dB), else as a plain number."""
+        assert self.delta is not None
+        if self.limit.startswith("Δ") and self.limit.endswith("pp"):
+            return f"{self.delta * 100:+.2f} pp"
+        unit = " dB" if self.limit.startswith("Δ") and self.limit.endswith("dB") else ""
+        return f"{self.delta:+.4f}{unit}"
+
     def limited_value(self) -> str:
         """The value the limit is about: the change for a Δ limit (in its unit), else the candidate."""
         if self.limit.startswith("Δ") and self.delta is not None:
-            if self.limit.endswith("pp"):
-                return f"Δ {self.delta * 100:+.2f} pp"
-            unit = " dB" if self.limit.endswith("dB") else ""
-            return f"Δ {self.delta:+.4f}{unit}"
+            return f"Δ {self._delta_text()}"
         return "-" if self.candidate is None else f"{self.candidate:.4f}"
 
 

@@ -86,6 +86,9 @@ def test_report_verdict_and_tolerances() -> None:
     psnr = GateLine("task", "PSNR dB", 27.9, 27.1, -0.8, "Δ <= 0.5 dB", False)
     cos = GateLine("per-head", "embedding cosine (median)", 1.0, 0.95, -0.05, ">= 0.99", False)
     assert psnr.limited_value() == "Δ -0.8000 dB" and cos.limited_value() == "0.9500"
+    # The table's delta column is in the limit's unit too: -2.00 pp beside "Δ <= 1.0 pp".
+    assert lines[0].row()[4:6] == ["-2.00 pp", "Δ <= 1.0 pp"] and psnr.row()[4] == "-0.8000 dB"
+    assert cos.row()[4] == "-0.0500"
 
 
 def test_gate_refuses_fp32_and_missing_variant(tiny_bundle: Path, dataset: Path) -> None:
