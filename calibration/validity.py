@@ -173,7 +173,13 @@ def check_envelope(
     """
     env = profile.envelope
     if env is None:
-        return EnvelopeVerdict(True, ("the profile has no validity envelope (made before format 2)",))
+        return EnvelopeVerdict(
+            True,
+            (
+                "the profile has no validity envelope (not made by `calibrate build`: the simulator's, "
+                "a hand-made one or one from before format 2)",
+            ),
+        )
     now_ns = time.time_ns() if now_ns is None else now_ns
     reasons = []
     age = (now_ns - env.captured_ns) / 1e9

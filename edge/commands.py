@@ -45,7 +45,9 @@ def register(app: typer.Typer) -> None:
     config_app.command("validate")(config_validate_command)
     app.add_typer(config_app, name="config")
     keys_app = typer.Typer(
-        help="Keys: CURVE (tcp endpoints), storage (data at rest), signing (bundles).", no_args_is_help=True
+        help="Keys: CURVE (tcp endpoints), storage (data at rest), signing (bundles), "
+        "template (gallery templates).",
+        no_args_is_help=True,
     )
     keys_app.command("generate")(keys_generate_command)
     keys_app.command("show")(keys_show_command)
@@ -507,7 +509,8 @@ def _template_line(template: dict[str, Any] | None) -> str:
     """`gallery info`'s template line: the scheme and key, or that the references are plaintext."""
     if template is None:
         return "none (plaintext embeddings; configure a template key and re-enrol)"
-    rest = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in template.items() if k != "scheme")
+    shown = {k: v for k, v in template.items() if k != "scheme" and v not in ("", None)}
+    rest = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in shown.items())
     return f"{template.get('scheme', '?')}" + (f" ({rest})" if rest else "")
 
 

@@ -36,8 +36,8 @@ def tail_command(
         str | None,
         typer.Option(
             "--filter",
-            help="Show only matching results: status=ok|partial, decision=accept, posture=Left, scanner=S "
-            "(comma-separated; events always show).",
+            help="Show only matching results: status=ok|partial, decision=accept, visit=accept|pending, "
+            "posture=Left, scanner=S (comma-separated; events always show).",
         ),
     ] = None,
     count: Annotated[

@@ -207,7 +207,8 @@ def unseal(data: bytes, key: StorageKey | None, what: str, kind: str) -> bytes:
     if key is None:
         raise ConfigError(
             f"{what} is encrypted (key {header.get('key_id')}); give the storage key "
-            f"([storage] key_file, ${KEY_ENV}, or the systemd credential {CREDENTIAL_NAME})"
+            f"(--storage-key FILE where the command has it, [storage] key_file, ${KEY_ENV}, "
+            f"or the systemd credential {CREDENTIAL_NAME})"
         )
     if header.get("key_id") != key.key_id:
         raise IntegrityError(

@@ -297,7 +297,8 @@ def stream_profile(
             active = active_profile_path(src.name, calibration.state_dir)
         return resolve_profile(src.calibration, carried=carried, active=active)
     except CalibrationError as exc:
-        raise ConfigError(f"[sources] calibration: {exc}") from None
+        where = f"[sources.{src.name}] calibration" if src.name is not None else "--calibration"
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 # A scanner link accepts frames up to this many times its profile's (float32) frame bytes.

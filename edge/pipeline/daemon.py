@@ -392,7 +392,8 @@ class Daemon:
         if hung:
             self._set_state("degraded", "inference not responding")
         elif src in ("down", "stalled") or silent > self.settings.stalled_after_s:
-            self._set_state("stalled", f"source {src}, no frame for {silent:.0f} s")
+            since = f"no frame for {silent:.0f} s" if last is not None else "no frame yet"
+            self._set_state("stalled", f"source {src}, {since}")
         elif (alarm := acq.calibration_alarm) is not None:
             # R-CAL-3 / R-NEW-11: still streaming (and ready), but not to be trusted blindly.
             self._set_state("degraded", alarm[:200])
