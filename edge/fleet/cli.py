@@ -129,7 +129,8 @@ def rescore_command(
         typer.echo(json.dumps({**summary.to_dict(), "outputs": written.to_dict()}, indent=2))
     else:
         typer.echo(summary.render())
-        typer.echo(f"wrote {written.rows}, {written.summary}, {written.html}")
+        files = (written.rows, written.summary, written.html, *written.plots)
+        typer.echo(f"wrote {', '.join(str(p) for p in files)}")
 
 
 def replay_command(

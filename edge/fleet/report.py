@@ -59,16 +59,21 @@ def plot_flip_rates(summary: RescoreSummary, path: Path, limit: int = 40) -> Pat
     names = [Path(s.recording).stem for s in recs]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(names) + 2), 3.6), dpi=110)
     xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], [100 * s.posture_flip_rate for s in recs], 0.4, label="posture")
-    ax.bar([x + 0.2 for x in xs], [100 * s.decision_flip_rate for s in recs], 0.4, label="decision")
+    decided = summary.overall.decisions > 0  # without a gallery there are no decisions to flip
+    width = 0.4 if decided else 0.6
+    ax.bar([x - 0.2 * decided for x in xs], [100 * s.posture_flip_rate for s in recs], width, label="posture")
     ax.axhline(100 * summary.overall.posture_flip_rate, color="C0", ls=":", lw=1, label="posture, overall")
-    ax.axhline(100 * summary.overall.decision_flip_rate, color="C1", ls=":", lw=1, label="decision, overall")
+    if decided:
+        ax.bar([x + 0.2 for x in xs], [100 * s.decision_flip_rate for s in recs], 0.4, label="decision")
+        overall = 100 * summary.overall.decision_flip_rate
+        ax.axhline(overall, color="C1", ls=":", lw=1, label="decision, overall")
     ax.set_xticks(list(xs))
     ax.set_xticklabels(names, rotation=70, ha="right", fontsize=7)
     rates = [100 * r for s in recs for r in (s.posture_flip_rate, s.decision_flip_rate)]
     ax.set_ylim(0.0, max(1.0, 1.15 * max(rates, default=0.0)))  # 0 % flips stays on the axis
     ax.set_ylabel("flipped frames (%)")
-    ax.set_title(f"flips per recording: {summary.model} vs {summary.baseline}", fontsize=9)
+    title = f"flips per recording: {summary.model} vs {summary.baseline}"
+    ax.set_title(title + ("" if decided else "\nno decisions to compare (no gallery)"), fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
@@ -110,7 +115,7 @@ def render_html(summary: RescoreSummary, plots: Sequence[Path], job: RescoreJob)
         cells.append(
             f"<tr><td>{html.escape(s.recording)}</td><td>{s.frames}</td><td>{s.posture_flips}</td>"
             f"<td>{100 * s.posture_flip_rate:.2f}%</td><td>{s.decision_flips}/{s.decisions}</td>"
-            f"<td>{100 * s.decision_flip_rate:.2f}%</td><td>{ssim}</td><td>{s.errors}</td></tr>"
+            f"<td>{s.decision_rate_text()}</td><td>{ssim}</td><td>{s.errors}</td></tr>"
         )
     images = "\n".join(_img(p, p.stem) for p in plots)
     ssim_all = f"{o.mean_recon_ssim:.4f}" if o.mean_recon_ssim is not None else "–"
@@ -124,7 +129,7 @@ img{{max-width:100%;margin:1em 0}}</style></head><body>
 {len(summary.recordings)} recordings · {o.frames} frames · {summary.duration_s:.2f} s ·
 rows sha256 <code>{summary.rows_sha256[:16]}</code></p>
 <p><b>posture flips {o.posture_flips}/{o.frames} ({100 * o.posture_flip_rate:.2f}%)</b>,
-<b>decision flips {o.decision_flips}/{o.decisions} ({100 * o.decision_flip_rate:.2f}%)</b>,
+<b>decision flips {o.decision_flips}/{o.decisions} ({o.decision_rate_text()})</b>,
 mean reconstruction SSIM vs baseline {ssim_all}</p>
 {images}
 <h2>Recordings, worst first</h2>

@@ -281,8 +281,13 @@ class RecordingSummary:
         """Return the JSON-ready form, rates included."""
         d = asdict(self)
         d["posture_flip_rate"] = self.posture_flip_rate
-        d["decision_flip_rate"] = self.decision_flip_rate
+        # No frame decided by both models (no gallery): there is no rate, not a rate of 0.
+        d["decision_flip_rate"] = self.decision_flip_rate if self.decisions else None
         return d
+
+    def decision_rate_text(self) -> str:
+        """The decision flip rate as people read it: `n/a` when nothing was decided."""
+        return f"{100 * self.decision_flip_rate:.2f}%" if self.decisions else "n/a"
 
 
 def _summarize_one(recording: str, rows: Sequence[Row]) -> RecordingSummary:
@@ -338,7 +343,7 @@ class RescoreSummary:
             ssim_txt = f"{s.mean_recon_ssim:.4f}" if s.mean_recon_ssim is not None else "-"
             return (
                 f"{name:<40} {s.frames:>7} {s.posture_flips:>6} {100 * s.posture_flip_rate:>7.2f}% "
-                f"{s.decision_flips:>6}/{s.decisions:<6} {100 * s.decision_flip_rate:>7.2f}% "
+                f"{s.decision_flips:>6}/{s.decisions:<6} {s.decision_rate_text():>8} "
                 f"{ssim_txt:>8} {s.errors:>6}"
             )
 

@@ -8,6 +8,7 @@ got worse.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,10 @@ def test_summary_counts_flips_per_recording_and_ranks_the_worst() -> None:
     assert "overall" in s.render() and s.to_dict()["worst"] == ["a", "b"]
     assert rows_digest(rows) == rows_digest(list(reversed(rows)))  # order-free
     assert rows_digest(rows) != rows_digest([*rows[:3], {**rows[3], "posture": "Front"}])
+    # Without a gallery nothing is decided: the decision flip rate is n/a, not 0 %.
+    undecided = summarize([row("c", 0, "Up", "Down", None, None)], job, "local")
+    assert undecided.overall.to_dict()["decision_flip_rate"] is None
+    assert re.search(r"0/0 +n/a ", undecided.render()) and s.overall.decision_rate_text() == "33.33%"
 
 
 def test_a_job_comparing_a_model_with_itself_is_refused() -> None:
