@@ -42,6 +42,7 @@ _CSS = (
     "body{font-family:sans-serif;margin:1.5em;max-width:1100px}"
     "table{border-collapse:collapse;margin:0.5em 2em 1em 0;display:inline-table;vertical-align:top}"
     "td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px;text-align:left}"
+    "td:first-child{white-space:pre}"  # keeps the indent of the bad-pixel classes
     "figure{margin:1em 0}img{max-width:100%}"
 )
 
@@ -83,24 +84,40 @@ def figure_rows(profile: CalibrationProfile) -> list[tuple[str, str, str]]:
     rows.append(("bad pixels (%)", f"{100 * profile.bad_pixel_fraction:.3f}", ""))
     for cls, n in (qa.get("bad_pixels") or {}).items():
         rows.append((f"  {cls}", str(n), ""))
-    rows.append(("clusters / columns", f"{len(qa.get('clusters') or [])} / {qa.get('columns') or []}", ""))
+    columns = ", ".join(str(c) for c in qa.get("columns") or []) or "none"
+    rows.append(("clusters / columns", f"{len(qa.get('clusters') or [])} / {columns}", ""))
     return rows
 
 
 def _envelope_rows(profile: CalibrationProfile) -> list[tuple[str, str]]:
     env = profile.envelope
     rows = [("profile id", profile.profile_id), ("format", str(profile.format))]
+    if profile.dark_tc is None:
+        rows.append(("dark", "fixed (no temperature model)"))
+    else:  # format 3: the dark follows the sensor temperature
+        median = float(np.median(profile.dark_tc))
+        rows.append(("dark", f"compensated, {median:.2f} DN/°C (ref. {profile.dark_ref_temp_c:.2f} °C)"))
     if env is None:
-        return rows + [("validity envelope", "none (format 1 profile)")]
+        return rows + [("validity envelope", "none (not made by calibrate build)")]
     captured = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(env.captured_ns / 1e9))
     return rows + [
         ("scanner (serial)", env.scanner),
         ("resolution", f"{env.shape[1]} × {env.shape[0]} {env.dtype}"),
         ("settings", ", ".join(f"{k}={v}" for k, v in sorted(env.settings.items()))),
-        ("sensor temperature", f"{env.sensor_temp_c} °C ± {env.max_delta_t_c:g} °C"),
+        ("sensor temperature", f"{env.sensor_temp_c:.2f} °C ± {env.max_delta_t_c:.2f} °C"),
         ("captured", captured),
         ("valid for", f"{env.max_age_s / 86400:g} days"),
     ]
+
+
+# What each plot of the page shows (its caption); the file name follows in brackets.
+_CAPTIONS = {
+    "maps": "Dark offset, relative gain and temporal dark noise (bad pixels blank)",
+    "bad_pixels": "Bad pixels by class, clusters and columns boxed",
+    "histograms": "Dark and response non-uniformity over the good pixels",
+    "profiles": "Row and column profiles of the dark offset and the response",
+    "frame": "A raw frame before and after correction",
+}
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -269,8 +286,9 @@ def write_report(
         return f"<table><tr>{th}</tr>{body}</table>"
 
     images = "".join(
-        f'<figure><img alt="{esc(p.stem)}" src="data:image/png;base64,'
-        f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{esc(p.stem)}</figcaption></figure>'
+        f'<figure><img alt="{esc(_CAPTIONS.get(p.stem, p.stem))}" src="data:image/png;base64,'
+        f'{base64.b64encode(p.read_bytes()).decode()}">'
+        f"<figcaption>{esc(_CAPTIONS.get(p.stem, p.stem))} ({esc(p.name)})</figcaption></figure>"
         for p in written
         if p.name != "figures.png"
     )

@@ -394,6 +394,9 @@ def test_report_writes_pngs_and_a_self_contained_page(built, tmp_path: Path, cap
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 5 and 'src="http' not in page
     assert "DSNU total" in page and built[0].profile_id in page
+    # Each plot says what it shows; the dark model is named (this profile: no --dark-tc).
+    assert "<figcaption>A raw frame before and after correction (frame.png)</figcaption>" in page
+    assert "<td>dark</td><td>fixed (no temperature model)</td>" in page
 
 
 def test_a_missing_extra_names_it_and_exits_69(monkeypatch, built, tmp_path: Path, capsys) -> None:
