@@ -10,7 +10,7 @@ over time (log time = publish time):
   publish, total (ms)
 - `/<scanner>/status` (`thzedge.ResultStatus`): status, ok (0/1), dropped_since_last, errors
 
-Every message also has a Foxglove `timestamp` and the frame's `seq`.
+Every message also has a Foxglove `timestamp` (the frame's capture time) and the frame's `seq`.
 
 Biometric parts go in only with `[privacy] record_results = true`: the identity named by a
 decision, and the reconstruction (`/<scanner>/reconstruction`, `foxglove.RawImage` 32FC1).
@@ -107,9 +107,13 @@ class ResultsRecorder:
         return spec
 
     def write(self, r: FrameResult, t_publish_ns: int | None = None) -> None:
-        """Append one result (its publish time as log time)."""
+        """Append one result: its publish time as log time, its frame's capture time as `timestamp`.
+
+        The capture time is what `recording export --foxglove` stamps the raw images with, so a
+        Plot panel of the results and an Image panel of the frames share one time axis.
+        """
         t = time.time_ns() if t_publish_ns is None else t_publish_ns
-        base = {"timestamp": time_of(t), "seq": r.seq}
+        base = {"timestamp": time_of(r.t_capture_ns), "seq": r.seq}
 
         def put(kind: str, body: dict[str, Any]) -> None:
             self._writer.write(self._spec(r.scanner, kind), {**base, **body}, t, r.t_capture_ns, r.seq)
@@ -147,7 +151,8 @@ class ResultsRecorder:
             put("decision", body)
         if self.biometric and r.reconstruction is not None:
             spec = self._spec(r.scanner, "reconstruction")
-            self._writer.write(spec, raw_image(r.reconstruction, t, r.scanner), t, r.t_capture_ns, r.seq)
+            image = raw_image(r.reconstruction, r.t_capture_ns, r.scanner)
+            self._writer.write(spec, image, t, r.t_capture_ns, r.seq)
         self.results += 1
 
     def close(self) -> Path:
