@@ -446,7 +446,7 @@ class ProfileChoice(NamedTuple):
 
 
 CONFIGURED = "the configured calibration profile"
-ACTIVE = "the scanner's active calibration profile (thzedge calibrate activate)"
+ACTIVE = "the scanner's active calibration profile, set by thzedge calibrate activate"
 NO_PROFILE = "no calibration profile (identity calibration)"
 
 
