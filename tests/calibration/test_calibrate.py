@@ -296,20 +296,9 @@ def test_activate_swaps_atomically_refuses_mismatch_and_limits_and_keeps_history
         profile.noise,
     )
     other.save(tmp_path / "second")
-    assert (
-        main(
-            [
-                "calibrate",
-                "activate",
-                str(tmp_path / "second"),
-                "--scanner",
-                "scanner0",
-                "--state-dir",
-                str(state),
-            ]
-        )
-        == 0
-    )
+    second = ["calibrate", "activate", str(tmp_path / "second"), "--scanner", "scanner0"]
+    second += ["--state-dir", str(state)]
+    assert main(second) == 0
     assert resolve_active_profile("scanner0", state).profile_id == other.profile_id
     capsys.readouterr()
     assert main(["--json", "calibrate", "list", "--scanner", "scanner0", "--state-dir", str(state)]) == 0
@@ -319,18 +308,9 @@ def test_activate_swaps_atomically_refuses_mismatch_and_limits_and_keeps_history
     assert listing["history"][1]["previous"] == profile.profile_id
     assert not list((state / "scanner0").glob(".current.*")), "no temporary link left behind"
     # Activating the active profile again changes nothing and adds no history line.
-    again = [
-        "calibrate",
-        "activate",
-        str(tmp_path / "second"),
-        "--scanner",
-        "scanner0",
-        "--state-dir",
-        str(state),
-    ]
-    assert main(again) == 0
+    assert main(second) == 0
     assert "already the active one for scanner0; nothing changed" in capsys.readouterr().out
-    assert main(["--json", *again]) == 0
+    assert main(["--json", *second]) == 0
     assert json.loads(capsys.readouterr().out)["changed"] is False
     # Back to the first: it is in the history twice, and only its last activation is marked.
     assert main(args) == 0
